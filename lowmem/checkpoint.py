@@ -1,0 +1,176 @@
+"""Checkpoints that a crash or a full disk cannot destroy, and exact resume.
+
+A checkpoint is written into `checkpoints/.tmp-step-N-*`, each file fsynced,
+and only then renamed to `checkpoints/step-N`; the `latest` pointer is
+replaced atomically after that. So at any instant the previous checkpoint is
+whole. `manifest.json` (written last) lists every file's size and SHA-256;
+a checkpoint whose files do not match it is reported and skipped on resume.
+
+Contents: trainable weights (`trainable.safetensors`), optimizer state
+(`optimizer.pt`, 8-bit states stored as they are), every RNG state (`rng.pt`),
+`state.json` (step, data position, anything else the loop needs), and the
+resolved `config.yaml` and `plan.yaml`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from lowmem.errors import CheckpointError
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+
+
+def save_checkpoint(run_dir: Path, step: int, *, trainable: dict[str, torch.Tensor],
+                    optimizer: dict, state: dict, config: dict, plan: dict, keep: int,
+                    extra_dirs: dict[str, callable] | None = None) -> Path:
+    """Write `checkpoints/step-{step}` atomically and keep the newest `keep`.
+
+    `extra_dirs` maps a folder name to a function that writes into that folder
+    (e.g. the adapter in PEFT layout); they are covered by the manifest too.
+    """
+    from safetensors.torch import save_file
+
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step}-", dir=root))
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()},
+                  str(tmp / "trainable.safetensors"))
+        torch.save(optimizer, tmp / "optimizer.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        _fsync_write(tmp / "state.json", json.dumps({"step": step, **state}, indent=2).encode())
+        _fsync_write(tmp / "config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
+        _fsync_write(tmp / "plan.yaml", yaml.safe_dump(plan, sort_keys=False).encode())
+        for name, write in (extra_dirs or {}).items():
+            write(tmp / name)
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                    for p in files}
+        _fsync_write(tmp / MANIFEST, json.dumps({"step": step, "files": manifest}, indent=2).encode())
+        if final.exists():  # a re-save of the same step (e.g. `s` pressed right at the end)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    pointer = root / f".{LATEST}.tmp"
+    _fsync_write(pointer, final.name.encode())
+    os.replace(pointer, root / LATEST)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Completed checkpoint folders, oldest first (temporary folders excluded)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def verify(folder: Path) -> str | None:
+    """None when the checkpoint matches its manifest, else what is wrong."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest (the write did not finish)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError:
+        return "manifest is not valid JSON"
+    for name, entry in manifest["files"].items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != entry["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, expected {entry['bytes']}"
+        if _sha256(path) != entry["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def find_resumable(run_dir: Path, warn=print) -> Path:
+    """The newest checkpoint that verifies, starting from `latest`; warns about bad ones."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory {run_dir} does not exist")
+    candidates = list_checkpoints(run_dir)
+    pointer = run_dir / CHECKPOINTS / LATEST
+    if pointer.is_file():
+        named = run_dir / CHECKPOINTS / pointer.read_text().strip()
+        if named in candidates:  # newer leftovers after the pointer are not trusted first
+            candidates = [c for c in candidates if c != named] + [named]
+    for folder in reversed(candidates):
+        problem = verify(folder)
+        if problem is None:
+            return folder
+        warn(f"checkpoint {folder} is damaged ({problem}); trying the previous one")
+    raise CheckpointError(f"{run_dir} has no valid checkpoint to resume from")
+
+
+def load_checkpoint(folder: Path) -> dict[str, Any]:
+    """trainable, optimizer, rng, state, config, plan of a verified checkpoint."""
+    from safetensors.torch import load_file
+
+    return {
+        "trainable": load_file(str(folder / "trainable.safetensors")),
+        "optimizer": torch.load(folder / "optimizer.pt", weights_only=True),
+        "rng": torch.load(folder / "rng.pt", weights_only=False),
+        "state": json.loads((folder / "state.json").read_text()),
+        "config": yaml.safe_load((folder / "config.yaml").read_text()),
+        "plan": yaml.safe_load((folder / "plan.yaml").read_text()),
+    }

@@ -1,0 +1,29 @@
+"""`lowmem presets`: list the shipped presets, or print one."""
+
+from __future__ import annotations
+
+from lowmem.config import find_preset, list_presets, preset_summary
+
+
+def register(sub) -> None:
+    p = sub.add_parser("presets", help="list presets, or show one",
+                       description="List the shipped presets (a model family x budget x goal), "
+                                   "or print one with `lowmem presets show NAME`.")
+    p.add_argument("action", nargs="?", choices=("list", "show"), default="list")
+    p.add_argument("name", nargs="?", help="preset to show")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    if args.action == "show":
+        if not args.name:
+            print("usage: lowmem presets show NAME")
+            return 2
+        print(find_preset(args.name).read_text(), end="")
+        return 0
+    presets = list_presets()
+    width = max(map(len, presets), default=0)
+    for name, path in presets.items():
+        print(f"{name:<{width}}  {preset_summary(path)}")
+    print("\nuse one with: lowmem train --preset NAME   (show it: lowmem presets show NAME)")
+    return 0

@@ -1,0 +1,340 @@
+"""RunConfig: every choice of a run, validated once and frozen.
+
+Sources, later ones win: the defaults below (which are the embedded demo),
+a preset YAML (`--preset NAME` or a path), command-line flags, then
+`key=value` overrides. Every field is a key; nested sections use dots
+(`lora.rank=16`) in YAML and overrides, dashes in flags (`--lora-rank 16`).
+Errors name the file, line or key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from lowmem.errors import ConfigError
+
+# Methods this build can train. The planner issue adds qlora, l4q, galore, loram
+# here as each lands; an unknown method is refused by validation, never ignored.
+METHODS = ("lora", "full")
+
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_size(text: str | int | float) -> int:
+    """Bytes from `24G`, `24GB`, `24GiB`, `500M`, `0.5T` or a plain number.
+
+    G, GB and GiB all mean 2^30 bytes: a "24 GB" card reports 24 GiB to CUDA.
+    """
+    if isinstance(text, bool):
+        raise ValueError(f"expected a size like 24G, got {text!r}")
+    if isinstance(text, (int, float)):
+        return int(text)
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise ValueError(f"expected a size like 24G, 24GB, 24GiB, 500M or 0.5T, got {text!r}")
+    number, unit, _ = m.groups()
+    return int(float(number) * _UNITS[unit.upper()])
+
+
+def format_size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("T", 2**40), ("G", 2**30), ("M", 2**20), ("K", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}iB"
+    return f"{n}B"
+
+
+def _key(help: str, *, min: float | None = None, max: float | None = None,
+         choices: tuple | None = None, unit: str = "", size: bool = False) -> dict:
+    return {"help": help, "min": min, "max": max, "choices": choices, "unit": unit, "size": size}
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters: y = x Wᵀ + s · dropout(x) Aᵀ Bᵀ, s = alpha/rank (or alpha/√rank)."""
+
+    rank: int = field(default=16, metadata=_key("adapter rank r", min=1, max=4096))
+    alpha: float = field(default=32.0, metadata=_key("scaling numerator alpha", min=0))
+    dropout: float = field(default=0.0, metadata=_key("dropout on the adapter input", min=0, max=0.99))
+    targets: tuple[str, ...] = field(
+        default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        metadata=_key("linear layers that get adapters (module name suffixes)"))
+    rslora: bool = field(default=False, metadata=_key("scale by alpha/sqrt(rank) (rsLoRA) instead of alpha/rank"))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that decides a run. Defaults are the embedded CPU demo."""
+
+    model: str = field(default="smollm2-135m", metadata=_key(
+        "local HF model directory, .gguf file, or built-in name (smollm2-135m is embedded)"))
+    data: str = field(default="embedded", metadata=_key(
+        "training data: .jsonl (chat messages / instruction / text) or .txt; 'embedded' = built-in tasks"))
+    eval_data: str = field(default="", metadata=_key(
+        "held-out data file; empty = the embedded held-out split, or eval_fraction of --data"))
+    eval_fraction: float = field(default=0.05, metadata=_key(
+        "share of --data held out when no eval_data is given", min=0.0, max=0.5))
+    runs_dir: str = field(default="runs", metadata=_key("folder that holds run directories"))
+    name: str = field(default="", metadata=_key("run name (folder under runs_dir); empty = timestamp"))
+    method: str = field(default="lora", metadata=_key("training method", choices=METHODS))
+    vram: int | None = field(default=None, metadata=_key(
+        "memory budget of the device (24G, 24GB, 24GiB, 500M, 0.5T; G = 2^30 bytes)", min=1, size=True))
+    seq_len: int = field(default=192, metadata=_key("tokens per sequence (longer ones are truncated)", min=8, unit="tokens"))
+    micro_batch: int = field(default=8, metadata=_key("sequences per forward/backward", min=1))
+    grad_accum: int = field(default=1, metadata=_key("micro-batches per optimizer step", min=1))
+    steps: int = field(default=50, metadata=_key("optimizer steps", min=1))
+    lr: float = field(default=2e-3, metadata=_key("peak learning rate", min=0.0))
+    schedule: str = field(default="cosine", metadata=_key(
+        "learning-rate decay after warmup", choices=("cosine", "linear", "constant")))
+    warmup_steps: int = field(default=5, metadata=_key("linear warmup steps", min=0))
+    min_lr_ratio: float = field(default=0.1, metadata=_key("final lr as a share of lr", min=0.0, max=1.0))
+    weight_decay: float = field(default=0.0, metadata=_key("AdamW weight decay", min=0.0))
+    adam_betas: tuple[float, ...] = field(default=(0.9, 0.999), metadata=_key("AdamW betas (two numbers)"))
+    max_grad_norm: float = field(default=1.0, metadata=_key("clip gradient norm to this; 0 = no clipping", min=0.0))
+    grad_checkpointing: bool = field(default=False, metadata=_key("recompute layer activations in backward"))
+    packing: bool = field(default=False, metadata=_key("pack several examples into each sequence"))
+    eval_every: int = field(default=0, metadata=_key("held-out eval every N steps; 0 = only before and after", min=0))
+    eval_max_examples: int = field(default=0, metadata=_key("cap on held-out examples; 0 = all", min=0))
+    eval_generate: bool = field(default=True, metadata=_key("also generate answers and score exact match"))
+    max_new_tokens: int = field(default=16, metadata=_key("generation length for eval and generate", min=1))
+    save_every: int = field(default=0, metadata=_key("checkpoint every N steps; 0 = only at the end", min=0))
+    keep_checkpoints: int = field(default=2, metadata=_key("checkpoints kept (older ones are deleted)", min=1))
+    log_every: int = field(default=1, metadata=_key("progress line every N steps", min=1))
+    seed: int = field(default=0, metadata=_key("seed for data order, adapter init and dropout"))
+    device: str = field(default="auto", metadata=_key("where to train", choices=("auto", "cpu", "cuda")))
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, tuple):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+# ---------------------------------------------------------------- key catalogue
+
+def _sections(cls: type = RunConfig, prefix: str = "") -> Iterable[tuple[str, dataclasses.Field]]:
+    for f in fields(cls):
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            yield from _sections(f.default_factory, prefix + f.name + ".")
+        else:
+            yield prefix + f.name, f
+
+
+def all_keys() -> dict[str, dataclasses.Field]:
+    """Dotted key -> dataclass field, for every leaf key of RunConfig."""
+    return dict(_sections())
+
+
+def _did_you_mean(key: str) -> str:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(key: str, f: dataclasses.Field, value: Any, where: str) -> Any:
+    """Convert `value` to the field's type and check its range, or raise ConfigError."""
+    meta, ftype = f.metadata, str(f.type)
+
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{where}key '{key}': expected {expected}, got {value!r}")
+
+    if meta.get("size"):
+        if value is None or value == "":
+            return None
+        try:
+            value = parse_size(value)
+        except ValueError as e:
+            raise ConfigError(f"{where}key '{key}': {e}") from None
+    elif ftype.startswith("tuple[str"):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value) or not value:
+            raise bad("a non-empty list of names")
+        value = tuple(value)
+    elif ftype.startswith("tuple[float"):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",")]
+        try:
+            value = tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            raise bad("a list of numbers") from None
+        if key == "adam_betas" and (len(value) != 2 or not all(0 <= b < 1 for b in value)):
+            raise bad("two numbers in [0, 1)")
+    elif ftype == "bool":
+        if isinstance(value, str) and value.lower() in ("true", "false", "on", "off", "yes", "no", "1", "0"):
+            value = value.lower() in ("true", "on", "yes", "1")
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif ftype == "int":
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                raise bad("a whole number") from None
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("a whole number")
+    elif ftype == "float":
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad("a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        value = float(value)
+    elif ftype == "str":
+        if value is None:
+            value = ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise bad("text")
+        value = str(value)
+
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{where}key '{key}': expected one of {', '.join(meta['choices'])}, got {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        lo, hi = meta.get("min"), meta.get("max")
+        if lo is not None and value < lo:
+            raise ConfigError(f"{where}key '{key}': {value} is below the minimum {lo}")
+        if hi is not None and value > hi:
+            raise ConfigError(f"{where}key '{key}': {value} is above the maximum {hi}")
+    return value
+
+
+def build_config(layers: Iterable[tuple[dict[str, Any], dict[str, str]]]) -> RunConfig:
+    """Merge flat `{dotted_key: value}` layers onto the defaults and validate.
+
+    Each layer comes with `{dotted_key: where}` telling where a value came from
+    (`presets/x.yaml: line 7: ` or `override: `), used in error messages.
+    """
+    keys = all_keys()
+    merged: dict[str, Any] = {}
+    for values, origins in layers:
+        for key, value in values.items():
+            where = origins.get(key, "")
+            if key not in keys:
+                raise ConfigError(f"{where}unknown key '{key}'{_did_you_mean(key)}")
+            merged[key] = _coerce(key, keys[key], value, where)
+    lora = {k.split(".", 1)[1]: v for k, v in merged.items() if k.startswith("lora.")}
+    top = {k: v for k, v in merged.items() if "." not in k}
+    return RunConfig(**top, lora=LoraConfig(**lora))
+
+
+# ---------------------------------------------------------------- YAML with line numbers
+
+def _flatten_node(node: yaml.Node, source: str, prefix: str = "") -> tuple[dict, dict]:
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    if not isinstance(node, yaml.MappingNode):
+        raise ConfigError(f"{source}: line {node.start_mark.line + 1}: expected a mapping of key: value")
+    for key_node, value_node in node.value:
+        key = prefix + str(key_node.value)
+        where = f"{source}: line {key_node.start_mark.line + 1}: "
+        if isinstance(value_node, yaml.MappingNode):
+            sub_values, sub_origins = _flatten_node(value_node, source, key + ".")
+            values.update(sub_values)
+            origins.update(sub_origins)
+        else:
+            values[key] = yaml.safe_load(yaml.serialize(value_node))
+            origins[key] = where
+    return values, origins
+
+
+def read_yaml_layer(text: str, source: str) -> tuple[dict, dict]:
+    """Flat `{dotted_key: value}` and `{dotted_key: 'file: line N: '}` from YAML text."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f"line {mark.line + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{source}: {line}bad YAML: {problem}") from None
+    if node is None:
+        return {}, {}
+    return _flatten_node(node, source)
+
+
+def parse_overrides(items: Iterable[str]) -> tuple[dict, dict]:
+    """`['lora.rank=16', 'lr=1e-4']` -> flat values; the value is read as YAML."""
+    values, origins = {}, {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key=value, e.g. lora.rank=16")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            values[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            values[key] = raw
+        origins[key] = f"override '{item}': "
+    return values, origins
+
+
+# ---------------------------------------------------------------- presets
+
+def preset_dir() -> Path:
+    """The shipped presets (found through the package, so non-editable installs work)."""
+    return Path(str(resources.files("lowmem.presets")))
+
+
+def list_presets() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(preset_dir().glob("*.yaml"))}
+
+
+def find_preset(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"preset file {path} does not exist")
+        return path
+    presets = list_presets()
+    if name_or_path not in presets:
+        close = difflib.get_close_matches(name_or_path, presets, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"unknown preset '{name_or_path}'{hint}; `lowmem presets` lists them")
+    return presets[name_or_path]
+
+
+def preset_summary(path: Path) -> str:
+    """The first comment line of a preset, shown by `lowmem presets`."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def load_config(preset: str | None = None, flags: dict[str, Any] | None = None,
+                overrides: Iterable[str] = ()) -> RunConfig:
+    """Defaults <- preset <- flags <- key=value overrides, validated."""
+    layers = []
+    if preset:
+        path = find_preset(preset)
+        layers.append(read_yaml_layer(path.read_text(), str(path)))
+    if flags:
+        layers.append((flags, {k: f"--{k.replace('.', '-').replace('_', '-')}: " for k in flags}))
+    layers.append(parse_overrides(overrides))
+    return build_config(layers)
+
+
+def config_from_dict(data: dict[str, Any], source: str) -> RunConfig:
+    """Rebuild a RunConfig written by `to_dict()` (e.g. a run's config.yaml)."""
+    return build_config([read_yaml_layer(yaml.safe_dump(data), source)])

@@ -1,0 +1,264 @@
+"""Data files to token batches, with loss only where the model should learn.
+
+Accepted inputs, one record per JSONL line:
+  - chat:        {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+  - instruction: {"instruction": "...", "input": "..." (optional), "output": "..."}
+  - text:        {"text": "..."}
+and plain `.txt` files (the whole file is text, cut into seq_len pieces).
+Chat and instruction records train on assistant/output tokens only (labels
+are -100 elsewhere); text trains on every token. `embedded` is the shipped
+task dataset with its fixed held-out split.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from lowmem.errors import DataError
+
+IGNORE = -100
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+    prompt: tuple[dict, ...] | None = None   # chat messages before the final answer (for generation)
+    answer: str | None = None                # the final assistant message (for exact match)
+
+
+# ---------------------------------------------------------------- reading records
+
+def embedded_paths() -> tuple[Path, Path]:
+    folder = Path(str(resources.files("lowmem.datasets")))
+    return folder / "tasks-train.jsonl", folder / "tasks-heldout.jsonl"
+
+
+def _as_messages(record: dict, where: str) -> list[dict] | None:
+    """Chat messages for chat/instruction records, None for text records."""
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: 'messages' must be a non-empty list")
+        for m in messages:
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise DataError(f"{where}: each message needs a role ({', '.join(ROLES)}) "
+                                f"and a text content, got {json.dumps(m)[:80]}")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError(f"{where}: no assistant message, so nothing to learn from")
+        return messages
+    if "instruction" in record:
+        if not isinstance(record.get("output"), str):
+            raise DataError(f"{where}: an instruction record needs an 'output' text")
+        prompt = str(record["instruction"])
+        if record.get("input"):
+            prompt += "\n\n" + str(record["input"])
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
+    if "text" in record:
+        if not isinstance(record["text"], str):
+            raise DataError(f"{where}: 'text' must be a string")
+        return None
+    raise DataError(f"{where}: expected a record with 'messages', 'instruction'/'output' or 'text', "
+                    f"got keys {sorted(record)}")
+
+
+def read_records(path: Path) -> list[tuple[list[dict] | None, str | None]]:
+    """(messages, None) or (None, text) per record; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    if path.suffix == ".txt":
+        text = path.read_text(encoding="utf-8")
+        if not text.strip():
+            raise DataError(f"{path}: the file is empty")
+        return [(None, text)]
+    if path.suffix not in (".jsonl", ".json"):
+        raise DataError(f"{path}: expected a .jsonl or .txt file")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}: line {number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected a JSON object")
+            messages = _as_messages(record, where)
+            records.append((messages, None) if messages is not None else (None, record["text"]))
+    if not records:
+        raise DataError(f"{path}: no records; the dataset is empty")
+    return records
+
+
+# ---------------------------------------------------------------- tokenizing
+
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    # A base model without a template: a plain, stable layout.
+    text = "".join(f"### {m['role'].capitalize()}:\n{m['content']}\n\n" for m in messages)
+    return text + ("### Assistant:\n" if add_generation_prompt else "")
+
+
+def tokenize_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids and labels; labels are the ids inside assistant turns, -100 elsewhere.
+
+    An assistant turn's span is the text between the rendering of the messages
+    before it (with the generation prompt) and the rendering including it, so
+    the end-of-turn marker is learned too.
+    """
+    full = render_chat(tokenizer, messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            start = len(render_chat(tokenizer, messages[:i], add_generation_prompt=True))
+            end = len(render_chat(tokenizer, messages[: i + 1]))
+            spans.append((start, end))
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    labels = [tok if any(s <= a < e for s, e in spans) else IGNORE
+              for tok, (a, _) in zip(ids, enc["offset_mapping"])]
+    return ids, labels
+
+
+def build_examples(records, tokenizer, seq_len: int) -> tuple[list[Example], int]:
+    """Examples and the number of truncated sequences."""
+    examples, truncated = [], 0
+    for messages, text in records:
+        if messages is not None:
+            ids, labels = tokenize_chat(tokenizer, messages)
+            prompt = answer = None
+            if messages[-1]["role"] == "assistant":
+                prompt, answer = tuple(messages[:-1]), messages[-1]["content"]
+            if len(ids) > seq_len:
+                truncated += 1
+                ids, labels = ids[:seq_len], labels[:seq_len]
+            if any(l != IGNORE for l in labels):
+                examples.append(Example(tuple(ids), tuple(labels), prompt, answer))
+        else:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if tokenizer.eos_token_id is not None:
+                ids = ids + [tokenizer.eos_token_id]
+            # Long text is cut into seq_len pieces rather than truncated: it is all data.
+            for i in range(0, len(ids), seq_len):
+                piece = ids[i:i + seq_len]
+                if len(piece) > 1:
+                    examples.append(Example(tuple(piece), tuple(piece)))
+    return examples, truncated
+
+
+def pack(examples: list[Example], seq_len: int) -> list[Example]:
+    """Concatenate examples into sequences of at most seq_len tokens (greedy, in order).
+
+    Packed examples attend across their boundaries; that is the usual trade for
+    fewer padding tokens, and is why packing is off by default.
+    """
+    packed, ids, labels = [], [], []
+    for ex in examples:
+        if ids and len(ids) + len(ex.input_ids) > seq_len:
+            packed.append(Example(tuple(ids), tuple(labels)))
+            ids, labels = [], []
+        ids += ex.input_ids
+        labels += ex.labels
+    if ids:
+        packed.append(Example(tuple(ids), tuple(labels)))
+    return packed
+
+
+@dataclass
+class Datasets:
+    train: list[Example]
+    heldout: list[Example]
+    truncated: int
+    source: str
+
+
+def load_datasets(config, tokenizer) -> Datasets:
+    """Train and held-out examples for a RunConfig."""
+    if config.data == "embedded":
+        train_path, heldout_path = embedded_paths()
+        train_records = read_records(train_path)
+        heldout_records = read_records(Path(config.eval_data) if config.eval_data else heldout_path)
+    else:
+        train_records = read_records(Path(config.data))
+        if config.eval_data:
+            heldout_records = read_records(Path(config.eval_data))
+        else:
+            # A fixed split: the same records are held out on every run with this seed.
+            order = list(range(len(train_records)))
+            random.Random(config.seed).shuffle(order)
+            n_held = int(len(order) * config.eval_fraction)
+            held = set(order[:n_held])
+            heldout_records = [r for i, r in enumerate(train_records) if i in held]
+            train_records = [r for i, r in enumerate(train_records) if i not in held]
+    train, truncated = build_examples(train_records, tokenizer, config.seq_len)
+    heldout, held_truncated = build_examples(heldout_records, tokenizer, config.seq_len)
+    if not train:
+        raise DataError(f"{config.data}: no example has tokens to learn from")
+    if config.packing:
+        train = pack(train, config.seq_len)
+    if config.eval_max_examples:
+        heldout = heldout[: config.eval_max_examples]
+    return Datasets(train, heldout, truncated + held_truncated, config.data)
+
+
+# ---------------------------------------------------------------- batching
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, attention_mask and labels."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class BatchStream:
+    """Micro-batches in a seeded order that can be saved and resumed exactly.
+
+    The order of epoch e is a permutation drawn from `seed + e`, so the
+    position (epoch, cursor) is all a checkpoint needs to continue it.
+    """
+
+    def __init__(self, examples: list[Example], micro_batch: int, seed: int, pad_id: int):
+        self.examples, self.micro_batch, self.seed, self.pad_id = examples, micro_batch, seed, pad_id
+        self.epoch, self.cursor = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(len(self.examples), generator=g).tolist()
+
+    def next(self) -> dict[str, torch.Tensor]:
+        if self.cursor >= len(self._order):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._order = self._permutation(self.epoch)
+        take = self._order[self.cursor:self.cursor + self.micro_batch]
+        self.cursor += len(take)
+        return collate([self.examples[i] for i in take], self.pad_id)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "examples": len(self.examples)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["examples"] != len(self.examples):
+            raise DataError(f"the data has {len(self.examples)} examples but the checkpoint was "
+                            f"made with {state['examples']}; resume needs the same data")
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self._order = self._permutation(self.epoch)

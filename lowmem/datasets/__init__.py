@@ -1,0 +1,1 @@
+"""The embedded instruction dataset (see make_tasks.py for how it is written)."""

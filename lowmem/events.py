@@ -1,0 +1,132 @@
+"""The run directory's two message streams.
+
+`events.jsonl` — written by the trainer only, append-only, one JSON object per
+line, each with `t` (unix seconds) and `kind`:
+
+    start       run, model, method, device, steps, seq_len, tokens_per_step, pid
+    step        step, steps, loss, lr, grad_norm, tokens, tokens_per_s, elapsed_s, eta_s,
+                mem: {allocated, reserved, peak, rss, device_free, device_total} (bytes; absent
+                fields are unknown on this device)
+    eval        step, loss, exact_match (may be null), examples
+    checkpoint  step, path
+    control     request, id, status ("done" | "ignored"), detail — the acknowledgement of a
+                request read from `control`
+    paused / resumed   step
+    warning     message
+    error       message
+    done        step, reason ("finished" | "stopped" | "interrupted"), resume (command or null)
+
+`control` — written by the dashboard (or anyone), read by the trainer between
+steps: one JSON object per line `{"id": "...", "request": "pause" | "resume" |
+"save" | "stop", "t": ...}`. The trainer remembers how far it has read.
+
+Readers must tolerate a partial last line (the writer may be mid-write).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+EVENTS_FILE = "events.jsonl"
+CONTROL_FILE = "control"
+CONTROL_REQUESTS = ("pause", "resume", "save", "stop")
+
+
+class EventLog:
+    """Appends events to `events.jsonl`; every line is flushed when written."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / EVENTS_FILE
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def emit(self, kind: str, **fields: Any) -> dict:
+        event = {"t": round(time.time(), 3), "kind": kind, **fields}
+        self._file.write(json.dumps(event, default=_jsonable) + "\n")
+        self._file.flush()
+        return event
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def read_jsonl_tail(path: Path, offset: int = 0) -> tuple[list[dict], int]:
+    """Complete JSON lines of `path` from byte `offset`; returns them and the new offset.
+
+    A last line without its newline is left for the next call; a complete line
+    that is not valid JSON is skipped (it cannot become valid later).
+    """
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    records = []
+    for line in data[:end].splitlines():
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records, offset + end
+
+
+def read_events(run_dir: Path) -> list[dict]:
+    """Every complete event of a run so far."""
+    events, _ = read_jsonl_tail(Path(run_dir) / EVENTS_FILE)
+    return events
+
+
+def follow_events(run_dir: Path, poll_s: float = 0.2) -> Iterator[dict]:
+    """Yields events as they are written, until a `done` or `error` event."""
+    offset = 0
+    while True:
+        events, offset = read_jsonl_tail(Path(run_dir) / EVENTS_FILE, offset)
+        for event in events:
+            yield event
+            if event.get("kind") in ("done", "error"):
+                return
+        time.sleep(poll_s)
+
+
+def send_control(run_dir: Path, request: str) -> str:
+    """Append a control request for the trainer; returns its id."""
+    if request not in CONTROL_REQUESTS:
+        raise ValueError(f"unknown control request {request!r}; expected one of {CONTROL_REQUESTS}")
+    request_id = uuid.uuid4().hex[:12]
+    line = json.dumps({"id": request_id, "request": request, "t": round(time.time(), 3)}) + "\n"
+    # One write() of a short line in append mode lands whole, even with several writers.
+    fd = os.open(Path(run_dir) / CONTROL_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+    return request_id
+
+
+class ControlReader:
+    """The trainer's side of the control channel: new requests since the last poll."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / CONTROL_FILE
+        # Requests written before this run (or before a resume) are history, not orders.
+        self.offset = self.path.stat().st_size if self.path.exists() else 0
+
+    def poll(self) -> list[dict]:
+        records, self.offset = read_jsonl_tail(self.path, self.offset)
+        return [r for r in records if r.get("request") in CONTROL_REQUESTS]

@@ -1,0 +1,163 @@
+"""Low-rank adapters (LoRA: Hu et al., 2021; rsLoRA scaling: Kalajdzievski, 2023).
+
+A frozen linear layer W (out × in) gets a trainable update of rank r:
+
+    y = x Wᵀ + s · dropout(x) Aᵀ Bᵀ        A: (r × in), B: (out × r), s = α/r  (rsLoRA: α/√r)
+
+B starts at zero so the adapted model starts equal to the base. Adapters are
+saved in the Hugging Face PEFT layout (`adapter_config.json` +
+`adapter_model.safetensors`, keys `base_model.model.<module>.lora_A.weight`),
+which PEFT, transformers and vLLM load.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+class LoRALinear(nn.Module):
+    """A frozen `base` linear plus a rank-r update; `merge()` folds it into the base."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
+                 rslora: bool = False):
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank = rank
+        self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
+        # Adapters live in fp32 even over a bf16 or 4-bit base: their updates are
+        # small relative to their values, and bf16 would round many of them away.
+        device = next(base.parameters()).device
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default for A
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        a = self.lora_A.to(x.dtype)
+        b = self.lora_B.to(x.dtype)
+        return y + (self.dropout(x) @ a.T @ b.T) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = s · B A, shape (out × in)."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scaling={self.scaling:g}"
+
+
+def apply_lora(model: nn.Module, rank: int, alpha: float, targets: tuple[str, ...],
+               dropout: float = 0.0, rslora: bool = False) -> list[str]:
+    """Wrap every nn.Linear whose name ends with a target in a LoRALinear, in place.
+
+    Freezes all other parameters. Returns the wrapped module names; raises
+    ValueError when no module matches (a typo in `lora.targets` must not
+    silently train nothing).
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, nn.Linear) and name.split(".")[-1] in targets]
+    if not names:
+        linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"lora.targets {list(targets)} match no linear layer; this model has {linear}")
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout, rslora))
+    return names
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter weights under PEFT's key names."""
+    state = {}
+    for name, m in lora_modules(model).items():
+        state[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.detach().contiguous()
+        state[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.detach().contiguous()
+    return state
+
+
+def save_adapter(model: nn.Module, folder: Path, *, rank: int, alpha: float, targets: tuple[str, ...],
+                 dropout: float, rslora: bool, base_model: str) -> Path:
+    """Write `adapter_config.json` + `adapter_model.safetensors` (PEFT layout) into `folder`."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(adapter_state_dict(model), str(folder / ADAPTER_WEIGHTS))
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "use_rslora": rslora,
+        "target_modules": sorted(targets),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+    }
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return folder
+
+
+def read_adapter_config(folder: Path) -> dict:
+    path = Path(folder) / ADAPTER_CONFIG
+    if not path.is_file():
+        from lowmem.errors import ModelError
+
+        raise ModelError(f"{folder}: no {ADAPTER_CONFIG} here; expected an adapter folder (PEFT layout)")
+    return json.loads(path.read_text())
+
+
+def load_adapter(model: nn.Module, folder: Path) -> list[str]:
+    """Apply the adapter saved in `folder` (PEFT layout) to `model`; returns wrapped names."""
+    from safetensors.torch import load_file
+
+    from lowmem.errors import ModelError
+
+    cfg = read_adapter_config(folder)
+    names = apply_lora(model, cfg["r"], cfg["lora_alpha"], tuple(cfg["target_modules"]),
+                       0.0, cfg.get("use_rslora", False))
+    state = load_file(str(Path(folder) / ADAPTER_WEIGHTS))
+    modules = lora_modules(model)
+    for key, tensor in state.items():
+        module_name, _, param = key.removeprefix("base_model.model.").rpartition(".lora_")
+        module = modules.get(module_name)
+        target = None if module is None else (module.lora_A if param == "A.weight" else module.lora_B)
+        if target is None or target.shape != tensor.shape:
+            raise ModelError(f"{folder}: adapter tensor {key} {tuple(tensor.shape)} does not fit this model")
+        with torch.no_grad():
+            target.copy_(tensor)
+    return names

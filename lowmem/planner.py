@@ -1,0 +1,563 @@
+"""The Plan: every choice that decides memory and speed, as plain data.
+
+`lowmem train` writes it to the run directory as `plan.yaml`; the model
+builder and the training loop read their choices from it and from nowhere
+else. `plan_from_config` gives the plan that does exactly what the config
+says; `make_plan` fits a plan to a memory budget (`vram`):
+
+1. Candidates in quality order: full > galore > lora (dense base) > qlora
+   (NF4 base) > loram (least pruning first; dense base before NF4). Only
+   methods in `lowmem.config.METHODS` (what this build can train) are
+   considered, read at call time so methods appear as they land. L4Q is
+   planned only when asked for (`method=l4q`): it exists to export a low-bit
+   model, not to save training memory.
+2. Within a method, variants from fastest to slowest: fewer and cheaper
+   memory savers first (chunked loss < checkpointing < offloading, see
+   SAVER_COST), then larger micro-batches. Offloading and chunked loss are
+   tried only when `lowmem.config.FEATURES` lists them.
+3. The first candidate whose predicted peak (lowmem.memory) fits
+   `vram · (1 − safety_margin)` wins. Better candidates that did not fit are
+   kept in `rejected`, each with the term that crossed the budget and by how
+   much. A field the user set (`pinned`) is never changed.
+4. If nothing fits: a `BudgetError` naming the smallest plan's total, the gap,
+   and changes that would fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from lowmem.config import RunConfig, format_size
+from lowmem.errors import LowmemError
+from lowmem.memory import MemoryBreakdown, predict
+from lowmem.spec import ModelSpec
+
+#: Default share of the budget kept free for what the model does not predict.
+DEFAULT_SAFETY_MARGIN = 0.05
+
+#: Quality order of the methods the search may pick (best first). l4q is absent on purpose.
+QUALITY_ORDER = ("full", "galore", "lora", "qlora", "loram")
+
+#: LoRAM prune ratios, least pruning first.
+PRUNE_RATIOS = tuple(round(0.05 * k, 2) for k in range(1, 20))
+
+#: Optional techniques; a build lists the ones it has in `lowmem.config.FEATURES`.
+FEATURE_OFFLOAD = "offload"
+FEATURE_CHUNKED_LOSS = "chunked_loss"
+FEATURE_ADAMW8BIT = "adamw8bit"
+
+#: Tokens per loss chunk when the plan chunks the loss: 256 tokens of a 128k
+#: vocabulary hold ~0.5 GiB of loss buffers; fewer tokens gain little more.
+DEFAULT_LOSS_CHUNK = 256
+
+
+class BudgetError(LowmemError):
+    """No plan fits the memory budget (or the pinned fields make none fit)."""
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A better candidate that did not fit, and why."""
+
+    candidate: str        # e.g. "full", "lora", "loram 40% nf4"
+    total: int            # its smallest predicted peak, bytes
+    over: int             # bytes above the usable budget
+    term: str             # the term that crossed the budget (adding terms largest first)
+    term_bytes: int
+
+    def describe(self) -> str:
+        return (f"{self.candidate}: needs {format_size(self.total)}, {format_size(self.over)} over; "
+                f"{self.term} ({format_size(self.term_bytes)}) broke the budget")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the run will do. Serialises to YAML through `to_dict()`."""
+
+    method: str                      # full | lora (| galore | qlora | l4q | loram as they land)
+    base_format: str                 # weight format of the frozen base: fp32 | bf16 | nf4
+    lora_rank: int | None
+    lora_alpha: float | None
+    lora_targets: tuple[str, ...]
+    lora_dropout: float
+    lora_rslora: bool
+    optimizer: str                   # adamw | adamw8bit | galore-adamw8bit
+    optimizer_state_bits: int        # 32 | 16 (bf16 moments of bf16 parameters) | 8
+    grad_checkpointing: bool
+    micro_batch: int
+    grad_accum: int
+    seq_len: int
+    device: str                      # cpu | cuda
+    compute_dtype: str               # float32 | bfloat16
+    vram: int | None = None          # the budget, bytes
+    reasons: tuple[str, ...] = ()    # why the choices were made
+    extra: dict[str, Any] = field(default_factory=dict)
+    # ---- added by the planner; defaults keep older plan.yaml files readable
+    model: str = ""                  # the spec the plan was made for
+    double_quant: bool = True        # NF4 base: 8-bit absmaxes (QLoRA double quantization)
+    quant_bits: int | None = None    # L4Q: bits of the exported weights
+    quant_group: int | None = None   # L4Q: weights per step size
+    prune_ratio: float = 0.0         # LoRAM: share of heads / MLP channels pruned in middle blocks
+    prune_keep_first: int = 1        # LoRAM: blocks kept whole at the start
+    prune_keep_last: int = 1         # LoRAM: ... and at the end
+    galore_rank: int | None = None   # GaLore: projection rank
+    galore_per_layer: bool = False   # GaLore: update each weight in backward, free its gradient
+    offload_activations: bool = False  # saved activations to pinned CPU memory
+    loss_chunk: int = 0              # tokens per loss chunk; 0 = whole logits at once
+    safety_margin: float = 0.0       # share of vram kept free
+    breakdown: MemoryBreakdown | None = None   # predicted peak (lowmem.memory)
+    rejected: tuple[Rejection, ...] = ()       # better candidates that did not fit
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro_batch * self.grad_accum * self.seq_len
+
+    @property
+    def usable(self) -> int | None:
+        """The part of the budget a plan may fill: vram · (1 − safety_margin)."""
+        return None if self.vram is None else int(self.vram * (1 - self.safety_margin))
+
+    @property
+    def label(self) -> str:
+        """Short name: "lora", "qlora", "loram 40% nf4", "full (8-bit AdamW)"."""
+        if self.method == "loram":
+            return f"loram {self.prune_ratio:.0%} {self.base_format}"
+        if self.method == "full" and self.optimizer_state_bits == 8:
+            return "full (8-bit AdamW)"
+        return self.method
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name == "breakdown":
+                v = None if v is None else v.to_dict()
+            elif f.name == "rejected":
+                v = [r.to_dict() for r in v]
+            elif isinstance(v, tuple):
+                v = list(v)
+            out[f.name] = v
+        out["tokens_per_step"] = self.tokens_per_step
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in names}
+        if isinstance(kwargs.get("breakdown"), dict):
+            kwargs["breakdown"] = MemoryBreakdown.from_dict(kwargs["breakdown"])
+        if "rejected" in kwargs:
+            kwargs["rejected"] = tuple(r if isinstance(r, Rejection) else Rejection(**r)
+                                       for r in kwargs["rejected"])
+        return cls(**kwargs)
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        from lowmem.errors import ConfigError
+
+        raise ConfigError("device=cuda was asked for but torch sees no CUDA device "
+                          "(is the CPU build of torch installed?)")
+    return requested
+
+
+def plan_from_config(config: RunConfig) -> Plan:
+    """The plan that does exactly what the config pins."""
+    device = resolve_device(config.device)
+    lora = config.method == "lora"
+    return Plan(
+        method=config.method,
+        base_format="bf16" if device == "cuda" else "fp32",
+        lora_rank=config.lora.rank if lora else None,
+        lora_alpha=config.lora.alpha if lora else None,
+        lora_targets=config.lora.targets if lora else (),
+        lora_dropout=config.lora.dropout if lora else 0.0,
+        lora_rslora=config.lora.rslora if lora else False,
+        optimizer="adamw",
+        optimizer_state_bits=32,
+        grad_checkpointing=config.grad_checkpointing,
+        micro_batch=config.micro_batch,
+        grad_accum=config.grad_accum,
+        seq_len=config.seq_len,
+        device=device,
+        compute_dtype="bfloat16" if device == "cuda" else "float32",
+        vram=config.vram,
+        reasons=("every choice pinned by the config",),
+    )
+
+
+# ---------------------------------------------------------------- reading the config
+
+def _config_value(config: Any, dotted: str, default: Any = None) -> Any:
+    """A config value by dotted key, or `default` when this build has no such key."""
+    obj = config
+    for part in dotted.split("."):
+        if not hasattr(obj, part):
+            return default
+        obj = getattr(obj, part)
+    return default if obj is None else obj
+
+
+def available_methods() -> tuple[str, ...]:
+    """Methods this build can train (lowmem.config.METHODS, read now, not at import)."""
+    import lowmem.config
+
+    return tuple(lowmem.config.METHODS)
+
+
+def available_features() -> tuple[str, ...]:
+    """Optional techniques this build has (lowmem.config.FEATURES; none until they land)."""
+    import lowmem.config
+
+    return tuple(getattr(lowmem.config, "FEATURES", ()))
+
+
+def safety_margin(config: Any) -> float:
+    return float(_config_value(config, "safety_margin", DEFAULT_SAFETY_MARGIN))
+
+
+def target_tokens(config: Any) -> int:
+    """Tokens per optimizer step to aim for: `target_tokens_per_step`, else the config's own."""
+    return int(_config_value(config, "target_tokens_per_step", 0)
+               or config.micro_batch * config.grad_accum * config.seq_len)
+
+
+# ---------------------------------------------------------------- candidates
+
+@dataclass(frozen=True)
+class _Level:
+    """One rung of the quality ladder: a method with its quality-deciding settings."""
+
+    method: str
+    base: str                      # "dense" | "nf4"
+    prune_ratio: float = 0.0
+    state_bits: int = 32
+
+    @property
+    def label(self) -> str:
+        if self.method == "loram":
+            return f"loram {self.prune_ratio:.0%} {'nf4' if self.base == 'nf4' else 'dense'}"
+        if self.method == "full" and self.state_bits == 8:
+            return "full (8-bit AdamW)"
+        return self.method
+
+
+def _levels(config: Any, pinned: set[str]) -> list[_Level]:
+    methods = available_methods()
+    features = available_features()
+    if "method" in pinned:
+        wanted = [config.method]
+    else:
+        wanted = [m for m in QUALITY_ORDER if m in methods]
+    levels: list[_Level] = []
+    for m in wanted:
+        if m == "full":
+            levels.append(_Level("full", "dense"))
+            if FEATURE_ADAMW8BIT in features:
+                levels.append(_Level("full", "dense", state_bits=8))
+        elif m == "galore":
+            levels.append(_Level("galore", "dense", state_bits=8))
+        elif m in ("lora", "l4q"):
+            levels.append(_Level(m, "dense"))
+        elif m == "qlora":
+            levels.append(_Level("qlora", "nf4"))
+        elif m == "loram":
+            fixed = _config_value(config, "loram.ratio", None)
+            ratios = [fixed] if fixed is not None and "loram.ratio" in pinned else PRUNE_RATIOS
+            bases = ["dense"] + (["nf4"] if "qlora" in methods else [])
+            levels += [_Level("loram", b, r) for r in ratios for b in bases]
+    return levels
+
+
+def _variants(config: Any, pinned: set[str]) -> list[dict[str, Any]]:
+    """Speed-side settings, fastest first."""
+    features = available_features()
+    seq = config.seq_len
+    if "micro_batch" in pinned:
+        batches = [config.micro_batch]
+    else:
+        top = max(1, target_tokens(config) // seq)
+        batches = sorted({top} | {2**k for k in range(top.bit_length()) if 2**k <= top}, reverse=True)
+    ckpts = [config.grad_checkpointing] if "grad_checkpointing" in pinned else [False, True]
+    offload_value = bool(_config_value(config, "offload", False))
+    if "offload" in pinned:
+        offloads = [offload_value]
+    else:
+        offloads = [False, True] if FEATURE_OFFLOAD in features else [False]
+    chunk_value = int(_config_value(config, "loss_chunk", 0))
+    if "loss_chunk" in pinned:
+        chunks = [chunk_value]
+    else:
+        chunks = [0, DEFAULT_LOSS_CHUNK] if FEATURE_CHUNKED_LOSS in features else [0]
+    out = []
+    for ckpt in ckpts:
+        for off in offloads:
+            for chunk in chunks:
+                for mb in batches:
+                    if "grad_accum" in pinned:
+                        accum = config.grad_accum
+                    else:
+                        accum = max(1, -(-target_tokens(config) // (mb * seq)))
+                    out.append(dict(grad_checkpointing=ckpt, offload_activations=off,
+                                    loss_chunk=chunk, micro_batch=mb, grad_accum=accum))
+    return sorted(out, key=_slowness)
+
+
+#: Relative cost of each memory saver, for ordering variants: a chunked loss
+#: recomputes only the logits; checkpointing recomputes every block's forward
+#: (~+30% step time); offloading moves activations over PCIe and can stall on
+#: it, so it comes after checkpointing, as torchtune's memory guide advises.
+SAVER_COST = {"loss_chunk": 1, "grad_checkpointing": 2, "offload_activations": 4}
+
+
+def _slowness(variant: dict[str, Any]) -> tuple[int, int]:
+    """Sort key, fastest first: fewer / cheaper memory savers, then larger micro-batches."""
+    cost = sum(c for key, c in SAVER_COST.items() if variant[key])
+    return cost, -variant["micro_batch"]
+
+
+def _build(config: Any, spec: ModelSpec, device: str, level: _Level, variant: dict[str, Any],
+           vram: int | None, margin: float) -> Plan:
+    dense = "bf16" if device == "cuda" else "fp32"
+    adapter = level.method in ("lora", "qlora", "loram", "l4q")
+    galore = level.method == "galore"
+    if galore:
+        optimizer, bits = "galore-adamw8bit", 8
+    elif level.state_bits == 8:
+        optimizer, bits = "adamw8bit", 8
+    elif adapter:
+        optimizer, bits = "adamw", 32          # adapters are fp32, so are their moments
+    else:
+        # torch.optim.AdamW keeps its moments in the parameters' dtype.
+        optimizer, bits = "adamw", 16 if dense == "bf16" else 32
+    return Plan(
+        method=level.method,
+        base_format="nf4" if level.base == "nf4" else dense,
+        lora_rank=config.lora.rank if adapter else None,
+        lora_alpha=config.lora.alpha if adapter else None,
+        lora_targets=config.lora.targets if adapter else (),
+        lora_dropout=config.lora.dropout if adapter else 0.0,
+        lora_rslora=config.lora.rslora if adapter else False,
+        optimizer=optimizer,
+        optimizer_state_bits=bits,
+        seq_len=config.seq_len,
+        device=device,
+        compute_dtype="bfloat16" if device == "cuda" else "float32",
+        vram=vram,
+        model=spec.name,
+        quant_bits=int(_config_value(config, "l4q.bits", 4)) if level.method == "l4q" else None,
+        quant_group=int(_config_value(config, "l4q.group", 128)) if level.method == "l4q" else None,
+        prune_ratio=level.prune_ratio,
+        prune_keep_first=int(_config_value(config, "loram.keep_first", 1)),
+        prune_keep_last=int(_config_value(config, "loram.keep_last", 1)),
+        galore_rank=int(_config_value(config, "galore.rank", 0) or max(1, spec.hidden // 4)) if galore else None,
+        galore_per_layer=bool(_config_value(config, "galore.per_layer", True)) if galore else False,
+        safety_margin=margin,
+        **variant,
+    )
+
+
+def _with_breakdown(plan: Plan, spec: ModelSpec) -> Plan:
+    return dataclasses.replace(plan, breakdown=predict(spec, plan))
+
+
+def _breaking_term(b: MemoryBreakdown, usable: int) -> tuple[str, int]:
+    """The term that crosses `usable` when the terms are added largest first."""
+    running = 0
+    terms = sorted(((getattr(b, t), t) for t in MemoryBreakdown.TERMS), reverse=True)
+    for size, name in terms:
+        running += size
+        if running > usable:
+            return name, size
+    return terms[0][1], terms[0][0]
+
+
+def quality(plan: Plan) -> tuple:
+    """Sort key of a plan's expected quality; smaller is better."""
+    order = QUALITY_ORDER + ("l4q",)
+    rank = order.index(plan.method) if plan.method in order else len(order)
+    return (rank, plan.prune_ratio, plan.base_format == "nf4", plan.optimizer_state_bits == 8)
+
+
+# ---------------------------------------------------------------- the search
+
+@dataclass(frozen=True)
+class _Outcome:
+    plan: Plan | None                 # the chosen plan, or None
+    rejected: tuple[Rejection, ...]   # better levels that did not fit
+    smallest: Plan | None             # the smallest candidate seen (for the error)
+
+
+def _search(config: Any, spec: ModelSpec, pinned: set[str], device: str) -> _Outcome:
+    margin = safety_margin(config)
+    usable = int(config.vram * (1 - margin))
+    variants = _variants(config, pinned)
+    rejected: list[Rejection] = []
+    smallest: Plan | None = None
+    loram_failed: set[str] = set()
+    for level in _levels(config, pinned):
+        level_smallest: Plan | None = None
+        for variant in variants:
+            plan = _with_breakdown(_build(config, spec, device, level, variant, config.vram, margin), spec)
+            if plan.breakdown.total <= usable:
+                plan = dataclasses.replace(plan, rejected=tuple(rejected),
+                                           reasons=_reasons(plan, spec, config, pinned))
+                return _Outcome(plan, tuple(rejected), smallest)
+            if level_smallest is None or plan.breakdown.total < level_smallest.breakdown.total:
+                level_smallest = plan
+        assert level_smallest is not None
+        if smallest is None or level_smallest.breakdown.total < smallest.breakdown.total:
+            smallest = level_smallest
+        # LoRAM has a rung per prune ratio; record only the least-pruned failure of
+        # each base format, or the table would list nineteen of them.
+        if level.method == "loram":
+            if level.base in loram_failed:
+                continue
+            loram_failed.add(level.base)
+        rejected.append(_rejection(level_smallest, level.label, usable))
+    return _Outcome(None, tuple(rejected), smallest)
+
+
+def _rejection(plan: Plan, label: str, usable: int) -> Rejection:
+    term, size = _breaking_term(plan.breakdown, usable)
+    return Rejection(label, plan.breakdown.total, plan.breakdown.total - usable, term, size)
+
+
+def _reasons(plan: Plan, spec: ModelSpec, config: Any, pinned: set[str]) -> tuple[str, ...]:
+    """Why each choice: the method, and what each slower setting saves."""
+    b = plan.breakdown
+    reasons = [f"{plan.label}: the best method of this build that fits "
+               f"{format_size(plan.vram)} ({format_size(plan.usable)} usable after the "
+               f"{plan.safety_margin:.0%} safety margin); predicted peak {format_size(b.total)}"]
+    if plan.method == "loram":
+        pruned = spec.pruned(plan.prune_ratio, plan.prune_keep_first, plan.prune_keep_last)
+        reasons.append(f"nothing unpruned fits, so the base is pruned by {plan.prune_ratio:.0%} "
+                       f"(the least pruning that fits): {spec.params:,} -> {pruned.params:,} parameters")
+    faster = (("grad_checkpointing", "grad_checkpointing", False, "activation checkpointing"),
+              ("offload", "offload_activations", False, "activation offloading"),
+              ("loss_chunk", "loss_chunk", 0, "chunked loss"))
+    for key, attr, off, text in faster:
+        value = getattr(plan, attr)
+        if key in pinned:
+            reasons.append(f"{text} {_show(value)}: pinned")
+        elif value:
+            without = predict(spec, dataclasses.replace(plan, **{attr: off})).total
+            reasons.append(f"{text} on: without it the peak would be {format_size(without)}")
+    if "micro_batch" in pinned:
+        reasons.append(f"micro_batch {plan.micro_batch}: pinned")
+    else:
+        reasons.append(f"micro_batch {plan.micro_batch} x grad_accum {plan.grad_accum} x seq_len "
+                       f"{plan.seq_len} = {plan.tokens_per_step} tokens per optimizer step "
+                       f"(target {target_tokens(config)})")
+    return tuple(reasons)
+
+
+def make_plan(config: RunConfig, spec: ModelSpec, pinned: Iterable[str] | None = None,
+              device: str | None = None) -> Plan:
+    """The plan for `config` on a model of shapes `spec`.
+
+    Without a budget (`config.vram` is None) it is the config's own plan with
+    its predicted memory. With one, the best-quality, then fastest plan whose
+    predicted peak fits `vram · (1 − safety_margin)`; `pinned` holds the dotted
+    config keys the user set, which the search never changes. `device` is
+    where the plan will run (default: `config.device` resolved on this machine).
+    """
+    pinned = set(pinned or ())
+    if config.vram is None:
+        # With an explicit device, don't ask torch: planning for a GPU works without one.
+        plan = plan_from_config(config if device is None else config.replace(device="cpu"))
+        if device is not None and device != plan.device:
+            plan = dataclasses.replace(plan, device=device,
+                                       base_format="bf16" if device == "cuda" else "fp32",
+                                       compute_dtype="bfloat16" if device == "cuda" else "float32")
+        return _with_breakdown(dataclasses.replace(plan, model=spec.name), spec)
+    device = device or resolve_device(config.device)
+    if "method" in pinned and config.method not in available_methods():
+        raise BudgetError(f"method '{config.method}' is not in this build "
+                          f"(available: {', '.join(available_methods())})")
+    outcome = _search(config, spec, pinned, device)
+    if outcome.plan is not None:
+        return outcome.plan
+    raise BudgetError(_failure_message(config, spec, pinned, device, outcome))
+
+
+# ---------------------------------------------------------------- when nothing fits
+
+def _fits(config: Any, spec: ModelSpec, pinned: set[str], device: str) -> Plan | None:
+    return _search(config, spec, pinned, device).plan
+
+
+def _largest_fitting_seq_len(config: RunConfig, spec: ModelSpec, pinned: set[str], device: str) -> Plan | None:
+    lo, hi, best = 8, config.seq_len - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        plan = _fits(config.replace(seq_len=mid), spec, pinned | {"seq_len"}, device)
+        if plan is not None:
+            best, lo = plan, mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
+def _failure_message(config: RunConfig, spec: ModelSpec, pinned: set[str], device: str,
+                     outcome: _Outcome) -> str:
+    margin = safety_margin(config)
+    usable = int(config.vram * (1 - margin))
+    small = outcome.smallest
+    assert small is not None and small.breakdown is not None
+    gap = small.breakdown.total - usable
+    size, term = max((getattr(small.breakdown, t), t) for t in MemoryBreakdown.TERMS)
+    knobs = [f"checkpointing {'on' if small.grad_checkpointing else 'off'}",
+             f"micro_batch {small.micro_batch}"]
+    if small.offload_activations:
+        knobs.append("offload on")
+    if small.loss_chunk:
+        knobs.append(f"loss_chunk {small.loss_chunk}")
+    head = (f"nothing fits {format_size(config.vram)} ({format_size(usable)} usable after the "
+            f"{margin:.0%} safety margin) for {spec.name} at seq_len {config.seq_len}: the smallest "
+            f"plan ({small.label}, {', '.join(knobs)}) needs {format_size(small.breakdown.total)}, "
+            f"{format_size(gap)} over; its largest term is {term} ({format_size(size)})")
+
+    fixes: list[str] = []
+    shorter = _largest_fitting_seq_len(config, spec, pinned, device)
+    if shorter is not None:
+        fixes.append(f"seq_len={shorter.seq_len} ({shorter.label}, {format_size(shorter.breakdown.total)})")
+    if small.lora_rank and small.lora_rank > 1:
+        rank = small.lora_rank // 2
+        while rank >= 1:
+            cfg = config.replace(lora=dataclasses.replace(config.lora, rank=rank))
+            plan = _fits(cfg, spec, pinned | {"lora.rank"}, device)
+            if plan is not None:
+                fixes.append(f"lora.rank={rank} ({plan.label}, {format_size(plan.breakdown.total)})")
+                break
+            rank //= 2
+    for key in sorted(pinned & {"method", "micro_batch", "grad_checkpointing", "offload",
+                                "loss_chunk", "grad_accum", "loram.ratio"}):
+        plan = _fits(config, spec, pinned - {key}, device)
+        if plan is not None:
+            value = getattr(plan, {"offload": "offload_activations", "loram.ratio": "prune_ratio"}.get(key, key))
+            fixes.append(f"unpin {key} ({plan.label} with {key}={_show(value)} fits, "
+                         f"{format_size(plan.breakdown.total)})")
+    needed_gib = math.ceil(small.breakdown.total / (1 - margin) / 2**30 * 10) / 10
+    fixes.append(f"--vram {needed_gib:g}G or more")
+    if "loram" not in available_methods():
+        fixes.append("(LoRAM pruning is not in this build yet)")
+    return head + ". Changes that fit: " + "; ".join(fixes)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)

@@ -1,0 +1,327 @@
+"""The one training loop. The Plan decides; this file only carries it out.
+
+A run, in order: make or reopen the run directory, load the model and apply
+the plan's method, read the data, evaluate before, then for each optimizer
+step: take `grad_accum` micro-batches, forward, token-weighted loss, backward,
+clip, AdamW step at the scheduled lr; log, obey control requests, checkpoint.
+Evaluate after, save the adapter (PEFT layout), write `done`.
+
+Loss of a step = Σ token losses over all its micro-batches / their token
+count, so accumulation gives the same gradient as one large batch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import yaml
+
+from lowmem import memstats
+from lowmem.checkpoint import (find_resumable, load_checkpoint, save_checkpoint, set_rng_state)
+from lowmem.config import RunConfig, format_size
+from lowmem.data import BatchStream, load_datasets
+from lowmem.errors import CheckpointError, ConfigError
+from lowmem.evaluate import autocast_for, evaluate
+from lowmem.events import ControlReader, EventLog
+from lowmem.loss import causal_lm_loss, count_targets
+from lowmem.lora import save_adapter
+from lowmem.optim import build_optimizer
+from lowmem.model import load_model, prepare_for_training, trainable_parameters
+from lowmem.planner import Plan
+
+# Keys a resumed run may change: they decide when to log, save and evaluate,
+# not what is computed, so the loss sequence stays the same.
+RESUMABLE_CHANGES = {"steps", "eval_every", "eval_max_examples", "eval_generate", "max_new_tokens",
+                     "save_every", "keep_checkpoints", "log_every"}
+
+
+def lr_at(step: int, config: RunConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then decay to min_lr_ratio·lr."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return config.lr
+    span = max(config.steps - config.warmup_steps, 1)
+    progress = min((step - config.warmup_steps) / span, 1.0)
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if config.schedule == "cosine" else 1 - progress
+    floor = config.min_lr_ratio
+    return config.lr * (floor + (1 - floor) * shape)
+
+
+def new_run_dir(config: RunConfig) -> Path:
+    name = config.name or datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(config.runs_dir) / name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"run directory {run_dir} already exists; resume it with "
+                          f"`lowmem train --resume {run_dir}` or choose another --name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def write_run_files(run_dir: Path, config: RunConfig, plan: Plan) -> None:
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    (run_dir / "plan.yaml").write_text(yaml.safe_dump(plan.to_dict(), sort_keys=False))
+
+
+def resumed_config(run_dir: Path, requested: dict) -> RunConfig:
+    """The run's own config, with the few keys a resume may change applied on top."""
+    from lowmem.config import read_yaml_layer, build_config
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
+    base_values, origins = read_yaml_layer(path.read_text(), str(path))
+    for key, value in requested.items():
+        if key not in RESUMABLE_CHANGES and base_values.get(key) != value:
+            raise ConfigError(f"cannot change '{key}' when resuming {run_dir}: the run would not "
+                              f"continue exactly; keys you may change: {', '.join(sorted(RESUMABLE_CHANGES))}")
+    return build_config([(base_values, origins), (requested, {k: "resume: " for k in requested})])
+
+
+class StopRequest:
+    """Set by SIGINT/SIGTERM: the current step finishes, then a checkpoint is written."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a test runner thread)
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C means now
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class Progress:
+    """Throughput and ETA from the steps taken in this process."""
+
+    total_steps: int
+    start_step: int
+    started: float = field(default_factory=time.perf_counter)
+    tokens: int = 0
+
+    def line(self, step: int, loss: float, lr: float, grad_norm: float) -> tuple[str, dict]:
+        elapsed = time.perf_counter() - self.started
+        done = step - self.start_step
+        tok_s = self.tokens / elapsed if elapsed > 0 else 0.0
+        eta = elapsed / done * (self.total_steps - step) if done else 0.0
+        fields = {"tokens": self.tokens, "tokens_per_s": round(tok_s, 1),
+                  "elapsed_s": round(elapsed, 2), "eta_s": round(eta, 1)}
+        text = (f"step {step:>{len(str(self.total_steps))}}/{self.total_steps}  loss {loss:.4f}  "
+                f"lr {lr:.2e}  grad {grad_norm:.3f}  {tok_s:,.0f} tok/s  "
+                f"{_clock(elapsed)} elapsed  ETA {_clock(eta)}")
+        return text, fields
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def train(config: RunConfig, plan: Plan, run_dir: Path, *, resume: bool = False, out=print) -> dict:
+    """Run (or continue) training in `run_dir`; returns the `done` event."""
+    run_dir = Path(run_dir)
+    device = plan.device
+    torch.manual_seed(config.seed)
+    if device == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    checkpoint, damaged = None, []
+    if resume:
+        folder = find_resumable(run_dir, warn=damaged.append)
+        checkpoint = load_checkpoint(folder)
+        out(f"resuming {run_dir} from {folder.name}")
+    events = EventLog(run_dir)
+    for problem in damaged:
+        out(f"warning: {problem}")
+        events.emit("warning", message=problem)
+
+    weight_dtype = torch.bfloat16 if plan.base_format == "bf16" else torch.float32
+    model, tokenizer, model_dir = load_model(config.model, device, weight_dtype, log=out)
+    adapted = prepare_for_training(model, plan)
+    params = trainable_parameters(model)
+    n_trainable = sum(p.numel() for _, p in params)
+    n_total = sum(p.numel() for p in model.parameters())
+
+    data = load_datasets(config, tokenizer)
+    if data.truncated:
+        message = f"{data.truncated} sequences were longer than seq_len={config.seq_len} and were truncated"
+        out(f"warning: {message}")
+        events.emit("warning", message=message)
+    stream = BatchStream(data.train, config.micro_batch, config.seed, tokenizer.pad_token_id)
+
+    optimizer = build_optimizer(params, plan, config)
+
+    step = 0
+    if checkpoint is not None:
+        named = dict(params)
+        missing = set(named) - set(checkpoint["trainable"])
+        if missing:
+            raise CheckpointError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}")
+        with torch.no_grad():
+            for name, tensor in checkpoint["trainable"].items():
+                named[name].copy_(tensor)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        stream.load_state_dict(checkpoint["state"]["data"])
+        step = checkpoint["state"]["step"]
+        set_rng_state(checkpoint["rng"])
+
+    events.emit("start", run=run_dir.name, model=config.model, method=plan.method, device=device,
+                steps=config.steps, start_step=step, seq_len=config.seq_len,
+                tokens_per_step=plan.tokens_per_step, trainable_params=n_trainable,
+                total_params=n_total, train_examples=len(data.train),
+                heldout_examples=len(data.heldout), pid=os.getpid(), resumed=resume)
+    out(f"{config.model}: {n_total / 1e6:.1f}M parameters, {n_trainable / 1e6:.2f}M trainable "
+        f"({plan.method}{f', rank {plan.lora_rank}' if plan.method == 'lora' else ''}) on {device}; "
+        f"{len(data.train)} training and {len(data.heldout)} held-out examples")
+
+    def run_eval(label: str) -> dict:
+        result = evaluate(model, tokenizer, data.heldout, device, generate_answers=config.eval_generate,
+                          max_new_tokens=config.max_new_tokens)
+        em = result["exact_match"]
+        out(f"eval ({label}, step {step}): held-out loss {result['loss']:.4f}"
+            + (f", exact match {em:.1%} of {result['examples']}" if em is not None else ""))
+        events.emit("eval", step=step, label=label, **result)
+        return result
+
+    def checkpoint_now() -> Path:
+        folder = save_checkpoint(
+            run_dir, step, trainable={n: p for n, p in params}, optimizer=optimizer.state_dict(),
+            state={"data": stream.state_dict()}, config=config.to_dict(), plan=plan.to_dict(),
+            keep=config.keep_checkpoints,
+            extra_dirs={"adapter": lambda d: save_adapter_for(model, plan, config, d)} if adapted else None)
+        events.emit("checkpoint", step=step, path=str(folder))
+        return folder
+
+    before = run_eval("before") if not resume else None
+    control = ControlReader(run_dir)
+    progress = Progress(config.steps, step)
+    reason = "finished"
+    model.train()
+    with StopRequest() as stop:
+        while step < config.steps:
+            loss, grad_norm, tokens = train_step(model, optimizer, stream, config, lr_at(step, config), device)
+            step += 1
+            progress.tokens += tokens
+            text, fields = progress.line(step, loss, lr_at(step - 1, config), grad_norm)
+            events.emit("step", step=step, steps=config.steps, loss=loss, lr=lr_at(step - 1, config),
+                        grad_norm=grad_norm, mem=memstats.measure(device), **fields)
+            if step % config.log_every == 0 or step == config.steps:
+                out(text)
+            if config.eval_every and step % config.eval_every == 0 and step < config.steps:
+                run_eval("periodic")
+            if config.save_every and step % config.save_every == 0 and step < config.steps:
+                checkpoint_now()
+            reason = obey_control(control, events, checkpoint_now, step, stop, out) or reason
+            if stop.signal:
+                reason = "interrupted" if reason == "finished" else reason
+                break
+            if reason == "stopped":
+                break
+
+    folder = checkpoint_now()
+    resume_cmd = None
+    if step < config.steps:
+        resume_cmd = f"lowmem train --resume {run_dir}"
+        out(f"{'stopped' if reason == 'stopped' else 'interrupted'} at step {step}/{config.steps}; "
+            f"checkpoint {folder}; continue with: {resume_cmd}")
+    else:
+        after = run_eval("after")
+        if adapted:
+            save_adapter_for(model, plan, config, run_dir / "adapter")
+            out(f"adapter saved to {run_dir / 'adapter'} (PEFT layout)")
+        else:
+            model.save_pretrained(run_dir / "model")
+            tokenizer.save_pretrained(run_dir / "model")
+            out(f"model saved to {run_dir / 'model'}")
+        if before is not None:
+            summary = f"held-out loss {before['loss']:.4f} -> {after['loss']:.4f}"
+            if after["exact_match"] is not None:
+                summary += f", exact match {before['exact_match']:.1%} -> {after['exact_match']:.1%}"
+            out(summary)
+    done = events.emit("done", step=step, reason=reason, resume=resume_cmd,
+                       peak_rss=memstats.measure(device)["peak_rss"])
+    events.close()
+    out(f"run directory: {run_dir}  (peak memory {format_size(done['peak_rss'])} RSS)")
+    return done
+
+
+def train_step(model, optimizer, stream: BatchStream, config: RunConfig, lr: float,
+               device: str) -> tuple[float, float, int]:
+    """One optimizer step over `grad_accum` micro-batches; returns (loss, grad norm, tokens)."""
+    batches = [stream.next() for _ in range(config.grad_accum)]
+    targets = sum(count_targets(b["labels"]) for b in batches)
+    total_loss, tokens = 0.0, 0
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast_for(device):
+            hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            loss = causal_lm_loss(hidden, head.weight, batch["labels"], reduction="sum") / max(targets, 1)
+        loss.backward()
+        total_loss += float(loss.detach())
+        tokens += int(batch["attention_mask"].sum())
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total_loss, grad_norm, tokens
+
+
+def obey_control(control: ControlReader, events: EventLog, checkpoint_now, step: int,
+                 stop: StopRequest, out) -> str | None:
+    """Carry out pause/resume/save/stop requests; returns "stopped" when asked to stop."""
+    paused = False
+    while True:
+        for request in control.poll():
+            kind = request["request"]
+            if kind == "save":
+                folder = checkpoint_now()
+                events.emit("control", request=kind, id=request.get("id"), status="done", detail=str(folder))
+            elif kind == "pause" and not paused:
+                paused = True
+                events.emit("control", request=kind, id=request.get("id"), status="done")
+                events.emit("paused", step=step)
+                out(f"paused at step {step} (resume from the dashboard, or send 'resume')")
+            elif kind == "resume" and paused:
+                paused = False
+                events.emit("control", request=kind, id=request.get("id"), status="done")
+                events.emit("resumed", step=step)
+                out("resumed")
+            elif kind == "stop":
+                events.emit("control", request=kind, id=request.get("id"), status="done")
+                return "stopped"
+            else:
+                events.emit("control", request=kind, id=request.get("id"), status="ignored",
+                            detail="already " + ("paused" if paused else "running"))
+        if not paused or stop.signal:
+            return None
+        time.sleep(0.2)
+
+
+def save_adapter_for(model, plan: Plan, config: RunConfig, folder: Path) -> Path:
+    return save_adapter(model, folder, rank=plan.lora_rank, alpha=plan.lora_alpha,
+                        targets=plan.lora_targets, dropout=plan.lora_dropout,
+                        rslora=plan.lora_rslora, base_model=config.model)

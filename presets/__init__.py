@@ -1,0 +1,1 @@
+"""Shipped YAML presets (data only); `lowmem presets` lists them."""

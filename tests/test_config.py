@@ -1,0 +1,91 @@
+import pytest
+
+from lowmem.config import (RunConfig, all_keys, list_presets, load_config, parse_size,
+                           read_yaml_layer)
+from lowmem.errors import ConfigError
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("24G", 24 * 2**30), ("24GB", 24 * 2**30), ("24GiB", 24 * 2**30), ("24gib", 24 * 2**30),
+    ("500M", 500 * 2**20), ("0.5T", 2**39), ("1024", 1024), (" 12 G ", 12 * 2**30),
+])
+def test_sizes_accept_the_usual_spellings(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["24X", "G", "", "-3G", "24 GiBs"])
+def test_sizes_reject_what_is_not_a_size(text):
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+def test_vram_is_stored_in_bytes():
+    assert load_config(overrides=["vram=12GB"]).vram == 12 * 2**30
+
+
+def test_preset_then_flags_then_overrides(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("steps: 10\nlr: 1.0e-4\nlora:\n  rank: 4\n")
+    config = load_config(str(preset), {"steps": 20, "lora.rank": 8}, ["lora.rank=32", "lr=3e-4"])
+    assert (config.steps, config.lora.rank, config.lr) == (20, 32, 3e-4)
+    assert load_config(str(preset)).steps == 10
+
+
+def test_unknown_yaml_key_names_the_file_the_line_and_the_fix(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("steps: 10\nlora:\n  rnak: 4\n")
+    with pytest.raises(ConfigError, match=r"p\.yaml: line 3: unknown key 'lora\.rnak' \(did you mean 'lora\.rank'\?\)"):
+        load_config(str(preset))
+
+
+def test_bad_yaml_names_the_line(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("steps: 10\nlr: [1,\n")
+    with pytest.raises(ConfigError, match=r"p\.yaml: line \d+: bad YAML"):
+        load_config(str(preset))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("steps=ten", "expected a whole number"),
+    ("steps=0", "below the minimum 1"),
+    ("lora.dropout=1.5", "above the maximum"),
+    ("method=magic", "expected one of"),
+    ("grad_checkpointing=maybe", "expected true or false"),
+    ("adam_betas=0.9", "a list of numbers"),
+    ("adam_betas=0.9,1.5", "two numbers in"),
+    ("lr", "expected key=value"),
+])
+def test_bad_values_are_refused_with_the_key_and_what_was_expected(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
+
+
+def test_missing_preset_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_every_shipped_preset_is_valid():
+    presets = list_presets()
+    assert "demo-cpu" in presets
+    for name in presets:
+        assert isinstance(load_config(name), RunConfig)
+
+
+def test_defaults_are_the_demo_preset():
+    """`lowmem train` with no options and `--preset demo-cpu` run the same job."""
+    assert load_config("demo-cpu") == RunConfig()
+
+
+def test_yaml_layer_records_lines():
+    values, origins = read_yaml_layer("a: 1\nlora:\n  rank: 4\n", "x.yaml")
+    assert values == {"a": 1, "lora.rank": 4}
+    assert origins["lora.rank"] == "x.yaml: line 3: "
+
+
+def test_every_key_is_a_flag():
+    from lowmem.cli import build_parser
+
+    help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    for key in all_keys():
+        assert "--" + key.replace(".", "-").replace("_", "-") in help_text

@@ -1,0 +1,112 @@
+import json
+
+import pytest
+
+from lowmem.config import RunConfig
+from lowmem.data import (IGNORE, BatchStream, build_examples, load_datasets, pack, read_records,
+                         tokenize_chat)
+from lowmem.errors import DataError
+from tests.conftest import write_jsonl
+
+
+def _learned_text(tokenizer, ids, labels):
+    return tokenizer.decode([i for i, l in zip(ids, labels) if l != IGNORE])
+
+
+def test_chat_loss_is_only_on_assistant_turns(tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
+                {"role": "assistant", "content": "Paris"}, {"role": "user", "content": "And Italy?"},
+                {"role": "assistant", "content": "Rome"}]
+    ids, labels = tokenize_chat(tokenizer, messages)
+    assert len(ids) == len(labels)
+    assert _learned_text(tokenizer, ids, labels) == "Paris<|im_end|>\nRome<|im_end|>\n"
+
+
+def test_instruction_records_become_a_user_turn_and_an_answer(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "i.jsonl", [{"instruction": "Add", "input": "2 and 3", "output": "5"}])
+    (examples, _) = build_examples(read_records(path), tokenizer, 256)
+    ex = examples[0]
+    assert _learned_text(tokenizer, ex.input_ids, ex.labels) == "5<|im_end|>\n"
+    assert ex.prompt[-1] == {"role": "user", "content": "Add\n\n2 and 3"} and ex.answer == "5"
+
+
+def test_text_is_learned_everywhere_and_long_text_is_cut_not_dropped(tmp_path, tokenizer):
+    path = tmp_path / "t.txt"
+    path.write_text("word " * 100)
+    examples, truncated = build_examples(read_records(path), tokenizer, 32)
+    assert truncated == 0
+    assert all(len(e.input_ids) <= 32 and e.labels == e.input_ids for e in examples)
+    assert sum(len(e.input_ids) for e in examples) == len(tokenizer("word " * 100)["input_ids"]) + 1
+
+
+def test_long_chat_is_truncated_and_counted(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "c.jsonl", [
+        {"messages": [{"role": "user", "content": "x " * 200}, {"role": "assistant", "content": "ok " * 50}]},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}])
+    examples, truncated = build_examples(read_records(path), tokenizer, 64)
+    assert truncated == 1
+    assert max(len(e.input_ids) for e in examples) <= 64
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"messages": [}', r"line 2: malformed JSON"),
+    ('[1, 2]', r"line 2: expected a JSON object"),
+    ('{"prompt": "x"}', r"line 2: expected a record with 'messages'"),
+    ('{"messages": [{"role": "robot", "content": "x"}]}', r"line 2: each message needs a role"),
+    ('{"messages": [{"role": "user", "content": "x"}]}', r"line 2: no assistant message"),
+])
+def test_malformed_jsonl_names_the_file_and_line(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine"}\n' + line + "\n")
+    with pytest.raises(DataError, match=rf"bad\.jsonl: {message}"):
+        read_records(path)
+
+
+def test_empty_and_missing_files_are_refused(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match="empty"):
+        read_records(tmp_path / "empty.jsonl")
+    with pytest.raises(DataError, match="does not exist"):
+        read_records(tmp_path / "nope.jsonl")
+
+
+def test_embedded_dataset_has_a_fixed_disjoint_heldout_split(tokenizer):
+    data = load_datasets(RunConfig(), tokenizer)
+    assert len(data.train) == 1200 and len(data.heldout) == 80
+    train_prompts = {e.prompt[-1]["content"] for e in data.train}
+    assert not train_prompts & {e.prompt[-1]["content"] for e in data.heldout}
+    assert all(e.answer for e in data.heldout)
+
+
+def test_user_data_without_eval_file_holds_out_a_fixed_share(tmp_path, tokenizer, tiny_chat_data):
+    config = RunConfig(data=str(tiny_chat_data), eval_fraction=0.25)
+    a, b = load_datasets(config, tokenizer), load_datasets(config, tokenizer)
+    assert len(a.heldout) == 6 and len(a.train) == 18
+    assert [e.input_ids for e in a.heldout] == [e.input_ids for e in b.heldout]
+
+
+def test_packing_fills_sequences_without_exceeding_seq_len(tokenizer, tiny_chat_data):
+    examples, _ = build_examples(read_records(tiny_chat_data), tokenizer, 128)
+    packed = pack(examples, 128)
+    assert len(packed) < len(examples)
+    assert all(len(p.input_ids) <= 128 for p in packed)
+    assert sum(len(p.input_ids) for p in packed) == sum(len(e.input_ids) for e in examples)
+
+
+def test_batch_stream_resumes_at_the_same_position(tokenizer, tiny_chat_data):
+    examples, _ = build_examples(read_records(tiny_chat_data), tokenizer, 64)
+    first = BatchStream(examples, 5, seed=3, pad_id=0)
+    for _ in range(7):  # crosses an epoch boundary (24 examples, 5 per batch)
+        first.next()
+    state = json.loads(json.dumps(first.state_dict()))
+    second = BatchStream(examples, 5, seed=3, pad_id=0)
+    second.load_state_dict(state)
+    for _ in range(4):
+        assert first.next()["input_ids"].tolist() == second.next()["input_ids"].tolist()
+
+
+def test_resume_with_different_data_is_refused(tokenizer, tiny_chat_data):
+    examples, _ = build_examples(read_records(tiny_chat_data), tokenizer, 64)
+    state = BatchStream(examples, 4, 0, 0).state_dict()
+    with pytest.raises(DataError, match="same data"):
+        BatchStream(examples[:-1], 4, 0, 0).load_state_dict(state)

@@ -1,0 +1,173 @@
+"""The training loop on a tiny model: exact resume, control requests, signals, outputs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from lowmem.checkpoint import list_checkpoints
+from lowmem.config import load_config
+from lowmem.events import read_events, send_control
+from lowmem.planner import plan_from_config
+from lowmem.trainer import lr_at, new_run_dir, train, write_run_files
+
+
+def _config(model_dir, data, tmp_path, **overrides):
+    base = {"model": str(model_dir), "data": str(data), "runs_dir": str(tmp_path / "runs"),
+            "steps": 6, "micro_batch": 4, "seq_len": 64, "lr": 1e-2, "warmup_steps": 1,
+            "eval_fraction": 0.2, "eval_generate": False, "lora.rank": 4, "lora.dropout": 0.1}
+    base.update(overrides)
+    return load_config(overrides=[f"{k}={v}" for k, v in base.items()])
+
+
+def _start(config, name):
+    config = config.replace(name=name)
+    plan = plan_from_config(config)
+    run_dir = new_run_dir(config)
+    write_run_files(run_dir, config, plan)
+    return config, plan, run_dir
+
+
+def _losses(run_dir):
+    return [e["loss"] for e in read_events(run_dir) if e["kind"] == "step"]
+
+
+def test_resume_continues_the_loss_sequence_exactly(tmp_path, tiny_model_dir, tiny_chat_data):
+    config = _config(tiny_model_dir, tiny_chat_data, tmp_path)
+    train(*_start(config, "straight"), out=lambda m: None)
+
+    config_b, plan_b, run_b = _start(config, "stopped")
+
+    def stop_after_step_3(message):
+        if message.startswith("step 3/"):
+            send_control(run_b, "stop")
+
+    done = train(config_b, plan_b, run_b, out=stop_after_step_3)
+    assert done["reason"] == "stopped" and done["step"] == 3
+    done = train(config_b, plan_b, run_b, resume=True, out=lambda m: None)
+    assert done["reason"] == "finished"
+
+    straight = _losses(tmp_path / "runs" / "straight")
+    assert len(straight) == 6
+    assert _losses(run_b) == straight  # bit for bit: same floats in the same order
+
+
+def test_a_run_writes_its_contract_files_and_improves(tmp_path, tiny_model_dir, tiny_chat_data):
+    config = _config(tiny_model_dir, tiny_chat_data, tmp_path, steps=8)
+    config, plan, run_dir = _start(config, "r")
+    train(config, plan, run_dir, out=lambda m: None)
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["steps"] == 8
+    assert yaml.safe_load((run_dir / "plan.yaml").read_text())["lora_rank"] == 4
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    events = read_events(run_dir)
+    kinds = [e["kind"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("step") == 8
+    evals = [e for e in events if e["kind"] == "eval"]
+    assert [e["label"] for e in evals] == ["before", "after"]
+    assert evals[1]["loss"] < evals[0]["loss"]
+    step = next(e for e in events if e["kind"] == "step")
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "eta_s", "mem"} <= set(step)
+    assert step["mem"]["rss"] > 0
+
+
+def test_accumulation_gives_the_same_step_as_one_large_batch(tmp_path, tiny_model_dir, tiny_chat_data):
+    results = []
+    for name, mb, accum in (("one", 4, 1), ("two", 2, 2)):
+        config = _config(tiny_model_dir, tiny_chat_data, tmp_path, steps=2, micro_batch=mb,
+                         grad_accum=accum, **{"lora.dropout": 0.0})
+        config, plan, run_dir = _start(config, name)
+        train(config, plan, run_dir, out=lambda m: None)
+        results.append([(e["loss"], e["grad_norm"]) for e in read_events(run_dir) if e["kind"] == "step"])
+    for (loss_a, norm_a), (loss_b, norm_b) in zip(*results):
+        assert loss_a == pytest.approx(loss_b, rel=1e-5)
+        assert norm_a == pytest.approx(norm_b, rel=1e-4)
+
+
+def test_control_requests_are_obeyed_and_acknowledged(tmp_path, tiny_model_dir, tiny_chat_data):
+    config, plan, run_dir = _start(_config(tiny_model_dir, tiny_chat_data, tmp_path, steps=4), "c")
+
+    def drive(message):
+        if message.startswith("step 1/"):
+            send_control(run_dir, "save")
+            send_control(run_dir, "pause")
+            send_control(run_dir, "resume")
+
+    train(config, plan, run_dir, out=drive)
+    acks = [(e["request"], e["status"]) for e in read_events(run_dir) if e["kind"] == "control"]
+    assert acks == [("save", "done"), ("pause", "done"), ("resume", "done")]
+    saved = [e["step"] for e in read_events(run_dir) if e["kind"] == "checkpoint"]
+    assert saved == [1, 4]
+
+
+def test_resume_skips_a_corrupted_latest_checkpoint(tmp_path, tiny_model_dir, tiny_chat_data):
+    config = _config(tiny_model_dir, tiny_chat_data, tmp_path, save_every=2, keep_checkpoints=3)
+    config, plan, run_dir = _start(config, "k")
+
+    def stop_after_4(message):
+        if message.startswith("step 4/"):
+            send_control(run_dir, "stop")
+
+    train(config, plan, run_dir, out=stop_after_4)
+    latest = list_checkpoints(run_dir)[-1]
+    assert latest.name == "step-4"
+    (latest / "optimizer.pt").write_bytes(b"garbage")
+    lines = []
+    done = train(config, plan, run_dir, resume=True, out=lines.append)
+    assert any("step-4 is damaged" in line for line in lines)
+    assert "resuming" in "\n".join(lines) and "step-2" in "\n".join(lines)
+    steps = [e["step"] for e in read_events(run_dir) if e["kind"] == "step"]
+    assert steps == [1, 2, 3, 4, 3, 4, 5, 6] and done["reason"] == "finished"
+    assert any(e["kind"] == "warning" and "damaged" in e["message"] for e in read_events(run_dir))
+
+
+def test_full_training_updates_every_weight_and_saves_the_model(tmp_path, tiny_model_dir, tiny_chat_data):
+    config = _config(tiny_model_dir, tiny_chat_data, tmp_path, steps=2, method="full", lr=1e-3)
+    config, plan, run_dir = _start(config, "f")
+    train(config, plan, run_dir, out=lambda m: None)
+    start = next(e for e in read_events(run_dir) if e["kind"] == "start")
+    assert start["trainable_params"] == start["total_params"]
+    assert (run_dir / "model" / "config.json").is_file()
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    config = load_config(overrides=["lr=1.0", "steps=10", "warmup_steps=2", "min_lr_ratio=0.1"])
+    lrs = [lr_at(s, config) for s in range(10)]
+    assert lrs[:2] == [0.5, 1.0]
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+    assert lr_at(10, config) == pytest.approx(0.1)
+    linear = config.replace(schedule="linear")
+    assert lr_at(6, linear) == pytest.approx(0.1 + 0.9 * (1 - 4 / 8))
+
+
+def test_an_existing_run_directory_is_never_reused(tmp_path, tiny_model_dir, tiny_chat_data):
+    from lowmem.errors import ConfigError
+
+    config, _, _ = _start(_config(tiny_model_dir, tiny_chat_data, tmp_path), "same")
+    with pytest.raises(ConfigError, match="already exists"):
+        new_run_dir(config)
+
+
+def test_sigint_finishes_the_step_checkpoints_and_says_how_to_resume(tmp_path, tiny_model_dir, tiny_chat_data):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "lowmem", "train", "--model", str(tiny_model_dir), "--data",
+           str(tiny_chat_data), "--runs-dir", str(tmp_path), "--name", "sig", "--steps", "500",
+           "--micro-batch", "2", "--no-eval-generate"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.split("/")[0].split() == ["step", "2"]:
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    output = "".join(lines) + rest
+    assert proc.returncode == 130, output
+    assert f"lowmem train --resume {tmp_path / 'sig'}" in output
+    done = read_events(tmp_path / "sig")[-1]
+    assert done["kind"] == "done" and done["reason"] == "interrupted"
+    assert list_checkpoints(tmp_path / "sig")[-1].name == f"step-{done['step']}"
