@@ -138,8 +138,26 @@ def _clock(seconds: float) -> str:
 
 
 def train(config: RunConfig, plan: Plan, run_dir: Path, *, resume: bool = False, out=print) -> dict:
-    """Run (or continue) training in `run_dir`; returns the `done` event."""
+    """Run (or continue) training in `run_dir`; returns the `done` event.
+
+    Any failure is written to events.jsonl as an `error` event before it
+    propagates, so a dashboard shows why the run ended.
+    """
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory {run_dir} does not exist")
+    events = EventLog(run_dir)
+    try:
+        return _train(config, plan, run_dir, events, resume, out)
+    except BaseException as e:
+        if not isinstance(e, KeyboardInterrupt):
+            events.emit("error", message=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        events.close()
+
+
+def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resume: bool, out) -> dict:
     device = plan.device
     torch.manual_seed(config.seed)
     if device == "cpu":
@@ -150,7 +168,6 @@ def train(config: RunConfig, plan: Plan, run_dir: Path, *, resume: bool = False,
         folder = find_resumable(run_dir, warn=damaged.append)
         checkpoint = load_checkpoint(folder)
         out(f"resuming {run_dir} from {folder.name}")
-    events = EventLog(run_dir)
     for problem in damaged:
         out(f"warning: {problem}")
         events.emit("warning", message=problem)
@@ -185,6 +202,9 @@ def train(config: RunConfig, plan: Plan, run_dir: Path, *, resume: bool = False,
         step = checkpoint["state"]["step"]
         set_rng_state(checkpoint["rng"])
 
+    # Opened before `start` is written: the dashboard sends requests only after it
+    # sees `start`, and requests older than the reader are history.
+    control = ControlReader(run_dir)
     events.emit("start", run=run_dir.name, model=config.model, method=plan.method, device=device,
                 steps=config.steps, start_step=step, seq_len=config.seq_len,
                 tokens_per_step=plan.tokens_per_step, trainable_params=n_trainable,
@@ -213,7 +233,6 @@ def train(config: RunConfig, plan: Plan, run_dir: Path, *, resume: bool = False,
         return folder
 
     before = run_eval("before") if not resume else None
-    control = ControlReader(run_dir)
     progress = Progress(config.steps, step)
     reason = "finished"
     model.train()
@@ -260,7 +279,6 @@ def train(config: RunConfig, plan: Plan, run_dir: Path, *, resume: bool = False,
             out(summary)
     done = events.emit("done", step=step, reason=reason, resume=resume_cmd,
                        peak_rss=memstats.measure(device)["peak_rss"])
-    events.close()
     out(f"run directory: {run_dir}  (peak memory {format_size(done['peak_rss'])} RSS)")
     return done
 

@@ -1,7 +1,14 @@
-"""`lowmem train`: plan, then fine-tune, writing a run directory; or resume one."""
+"""`lowmem train`: plan, then fine-tune, writing a run directory; or resume one.
+
+On a terminal the trainer runs in its own process and the dashboard watches
+its run directory; closing the dashboard asks whether to stop (checkpoint
+first) or detach. `--no-tui`, a stdout that is not a terminal, or CI keep the
+training in this process with plain progress lines.
+"""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,8 +29,18 @@ def register(sub) -> None:
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a stopped run exactly from its newest valid checkpoint")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--no-tui", action="store_true",
+                   help="plain progress lines instead of the dashboard (the default when stdout "
+                        "is not a terminal, or CI is set)")
     add_config_flags(p)
     p.set_defaults(func=run)
+
+    # The trainer process behind the dashboard: runs a prepared run directory.
+    # Without help= argparse leaves it out of `lowmem --help`.
+    w = sub.add_parser("worker")
+    w.add_argument("run_dir")
+    w.add_argument("--resume", action="store_true")
+    w.set_defaults(func=run_worker)
 
 
 def _requested(args) -> dict:
@@ -43,9 +60,19 @@ def preflight(config) -> None:
     resolve_model_dir(config.model)
 
 
+def run_files(run_dir: Path):
+    from lowmem.config import read_yaml_layer, build_config
+    from lowmem.planner import Plan
+
+    config_path = run_dir / "config.yaml"
+    config = build_config([read_yaml_layer(config_path.read_text(), str(config_path))])
+    plan = Plan.from_dict(yaml.safe_load((run_dir / "plan.yaml").read_text()))
+    return config, plan
+
+
 def run(args) -> int:
-    from lowmem.planner import Plan, plan_from_config
-    from lowmem.trainer import new_run_dir, resumed_config, train, write_run_files
+    from lowmem.planner import plan_from_config
+    from lowmem.trainer import new_run_dir, resumed_config, write_run_files
 
     if args.resume:
         if args.preset:
@@ -55,20 +82,55 @@ def run(args) -> int:
         if args.print_config:
             print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
             return 0
-        plan_path = run_dir / "plan.yaml"
-        plan = Plan.from_dict(yaml.safe_load(plan_path.read_text()))
+        from lowmem.checkpoint import find_resumable
+
+        find_resumable(run_dir, warn=lambda m: None)  # fail here, not in a background process
         # Extending the run (steps=...) is recorded so the run directory stays the truth.
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        done = train(config, plan, run_dir, resume=True)
-    else:
-        config = config_from_args(args)
-        if args.print_config:
-            print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
-            return 0
-        preflight(config)
-        plan = plan_from_config(config)
-        run_dir = new_run_dir(config)
-        write_run_files(run_dir, config, plan)
-        print(f"run directory: {run_dir}", file=sys.stderr)
-        done = train(config, plan, run_dir)
+        return launch(run_dir, resume=True, no_tui=args.no_tui)
+
+    config = config_from_args(args)
+    if args.print_config:
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        return 0
+    preflight(config)
+    plan = plan_from_config(config)
+    run_dir = new_run_dir(config)
+    write_run_files(run_dir, config, plan)
+    print(f"run directory: {run_dir}", file=sys.stderr)
+    return launch(run_dir, resume=False, no_tui=args.no_tui)
+
+
+def launch(run_dir: Path, *, resume: bool, no_tui: bool) -> int:
+    from lowmem.commands.monitor import OUTCOMES, use_dashboard
+
+    if not use_dashboard(no_tui):
+        return train_here(run_dir, resume)
+    from lowmem.tui import run_dashboard
+
+    log = open(run_dir / "trainer.log", "a")
+    cmd = [sys.executable, "-m", "lowmem", "worker", str(run_dir)] + (["--resume"] if resume else [])
+    # Its own session: a detached run must survive the terminal that started it.
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    outcome = run_dashboard(run_dir)
+    if outcome == "detach":
+        print(OUTCOMES["detach"].format(run_dir=run_dir))
+        return 0
+    if outcome == "stop":
+        print(OUTCOMES["stop"])
+    code = proc.wait()
+    print(f"trainer output: {run_dir / 'trainer.log'}")
+    return code
+
+
+def train_here(run_dir: Path, resume: bool) -> int:
+    from lowmem.trainer import train
+
+    config, plan = run_files(run_dir)
+    done = train(config, plan, run_dir, resume=resume)
     return 130 if done["reason"] == "interrupted" else 0
+
+
+def run_worker(args) -> int:
+    return train_here(Path(args.run_dir), args.resume)

@@ -1,0 +1,554 @@
+"""The dashboard (lowmem.tui) and `lowmem monitor`, driven through Textual's Pilot.
+
+Recorded runs are built with `EventLog` and fixed timestamps, so what the
+dashboard shows (elapsed, ETA, the log's times) derives from the data alone
+and snapshots are stable. `write_recorded_run` and `wait_until` are meant for
+reuse by the live-training test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import yaml
+from rich.console import Console
+
+from lowmem.errors import LowmemError
+from lowmem.events import CONTROL_FILE, EVENTS_FILE, EventLog
+
+from lowmem.tui import DashboardApp, check_run_dir, run_dashboard
+from lowmem.tui.chart import LineChart
+from lowmem.tui.panels import Banner, EventLogPanel, MemoryPanel, PlanPanel, ProgressStrip, TitleBar
+from lowmem.tui.reader import RunReader
+
+GiB = 2**30
+T0 = 1_750_000_000.0          # fixed clock for recorded runs
+STEP_S = 2.5                  # seconds per step in recorded runs
+RECORDED = Path(__file__).parent / "data" / "recorded_run"
+
+# ---------------------------------------------------------------- a recorded run
+
+CONFIG = {
+    "model": "Qwen/Qwen2.5-7B", "data": "alpaca.jsonl", "runs_dir": "runs", "name": "qwen7b-alpaca",
+    "method": "qlora", "vram": 24 * GiB, "seq_len": 2048, "micro_batch": 4, "grad_accum": 8,
+    "steps": 60, "lr": 2e-4, "schedule": "cosine", "warmup_steps": 5, "eval_every": 20,
+    "save_every": 20, "device": "cuda", "seed": 0,
+    "lora": {"rank": 64, "alpha": 16.0, "dropout": 0.05, "rslora": False,
+             "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+}
+
+BREAKDOWN = {"weights": int(4.6 * GiB), "adapters": int(0.16 * GiB), "grads": int(0.16 * GiB),
+             "optimizer": int(0.16 * GiB), "activations": int(9.8 * GiB), "logits": int(1.2 * GiB),
+             "overhead": int(2.0 * GiB)}
+BREAKDOWN["total"] = sum(BREAKDOWN.values())
+
+PLAN = {
+    "method": "qlora", "base_format": "nf4", "lora_rank": 64, "lora_alpha": 16.0,
+    "lora_targets": CONFIG["lora"]["targets"], "lora_dropout": 0.05, "lora_rslora": False,
+    "optimizer": "adamw", "optimizer_state_bits": 8, "grad_checkpointing": True,
+    "micro_batch": 4, "grad_accum": 8, "seq_len": 2048, "device": "cuda",
+    "compute_dtype": "bfloat16", "vram": 24 * GiB,
+    "reasons": ["bf16 weights (15.2GiB) leave no room for activations at seq 2048"],
+    "extra": {"activation_offload": True, "chunked_loss": True},
+    "tokens_per_step": 4 * 8 * 2048, "breakdown": BREAKDOWN,
+}
+
+
+def recorded_loss(step: int) -> float:
+    return round(0.9 + 1.9 * math.exp(-step / 18) + 0.04 * math.sin(step * 1.7), 4)
+
+
+def recorded_lr(step: int, steps: int, peak: float = 2e-4, warmup: int = 5) -> float:
+    if step <= warmup:
+        return peak * step / warmup
+    progress = (step - warmup) / max(steps - warmup, 1)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def recorded_events(*, steps: int = 60, upto: int | None = None, finished: bool = True,
+                    crash_at: int | None = None, pid: int = 4242, t0: float = T0,
+                    device: str = "cuda") -> list[dict]:
+    """The events of a QLoRA run: steps, evals and checkpoints every 20, a pause, a warning, done."""
+    upto = steps if upto is None else upto
+    events = [dict(t=t0, kind="start", run="qwen7b-alpaca", model="Qwen/Qwen2.5-7B", method="qlora",
+                   device=device, steps=steps, seq_len=2048, tokens_per_step=65536, pid=pid)]
+    t = t0 + 20.0                                   # model load
+    for step in range(1, upto + 1):
+        t += STEP_S
+        if device == "cuda":
+            mem = {"allocated": int((16.9 + 0.002 * step) * GiB), "reserved": int(18.6 * GiB),
+                   "peak": int(min(19.5 + 0.05 * step, 21.9) * GiB), "rss": int(3.2 * GiB),
+                   "device_free": int(61.0 * GiB), "device_total": 80 * GiB}
+        else:
+            mem = {"rss": int((1.1 + 0.001 * step) * GiB)}
+        events.append(dict(t=round(t, 3), kind="step", step=step, steps=steps, loss=recorded_loss(step),
+                           lr=recorded_lr(step, steps), grad_norm=round(0.8 + 0.3 * math.cos(step), 3),
+                           tokens=65536 * step, tokens_per_s=26214.4, elapsed_s=round(t - t0, 3),
+                           eta_s=(steps - step) * STEP_S, mem=mem))
+        if step == crash_at:
+            events.append(dict(t=round(t + 0.5, 3), kind="error", step=step,
+                               message="CUDA out of memory: tried to allocate 2.00 GiB"))
+            return events
+        if step == 12:
+            events += [dict(t=round(t + 0.1, 3), kind="control", request="pause", id="a1", status="done", detail=""),
+                       dict(t=round(t + 0.1, 3), kind="paused", step=step)]
+            t += 30.0
+            events += [dict(t=round(t, 3), kind="control", request="resume", id="a2", status="done", detail=""),
+                       dict(t=round(t, 3), kind="resumed", step=step)]
+        if step == 33:
+            events.append(dict(t=round(t + 0.2, 3), kind="warning",
+                               message="peak memory 91% of the 24.00GiB budget"))
+        if step % 20 == 0:
+            t += 4.0
+            events.append(dict(t=round(t, 3), kind="eval", step=step, loss=round(recorded_loss(step) + 0.12, 4),
+                               exact_match=round(0.2 + step / 200, 3), examples=64))
+            t += 1.0
+            events.append(dict(t=round(t, 3), kind="checkpoint", step=step, path=f"checkpoints/step-{step}"))
+    if finished and upto == steps:
+        events.append(dict(t=round(t + 0.5, 3), kind="done", step=steps, reason="finished", resume=None))
+    return events
+
+
+def write_recorded_run(run_dir: Path, events: list[dict] | None = None, *,
+                       config: dict | None = CONFIG, plan: dict | None = PLAN) -> Path:
+    """A run directory as `lowmem train` leaves it: config.yaml, plan.yaml, events.jsonl."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if config is not None:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    if plan is not None:
+        (run_dir / "plan.yaml").write_text(yaml.safe_dump(plan, sort_keys=False))
+    log = EventLog(run_dir)
+    for event in recorded_events() if events is None else events:
+        log.emit(event["kind"], **{k: v for k, v in event.items() if k != "kind"})
+    log.close()
+    return run_dir
+
+
+async def wait_until(pilot, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Let the app run until `predicate()` holds; fail after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError("timed out waiting for the dashboard")
+        await pilot.pause(0.05)
+    await pilot.pause()               # let the layout and the panels catch up with the state
+
+
+def screen_text(app) -> str:
+    """The whole screen as plain text, as a terminal would show it."""
+    console = Console(width=app.size.width, height=app.size.height, file=io.StringIO(),
+                      force_terminal=True, record=True, legacy_windows=False, safe_box=False)
+    console.print(app.screen._compositor.render_update(full=True, screen_stack=app._background_screens))
+    return console.export_text()
+
+
+def panel_text(app, selector: str) -> str:
+    """What a panel draws for its current size, without its border."""
+    return app.query_one(selector).render().plain
+
+
+def control_requests(run_dir: Path) -> list[str]:
+    path = run_dir / CONTROL_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line)["request"] for line in path.read_text().splitlines()]
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.fixture
+def finished_run(tmp_path: Path) -> Path:
+    return write_recorded_run(tmp_path / "run")
+
+
+@pytest.fixture
+def live_run(tmp_path: Path) -> Path:
+    """A run at step 25 whose trainer (this test process) is alive."""
+    import time
+
+    events = recorded_events(upto=25, finished=False, pid=os.getpid(), t0=time.time())
+    return write_recorded_run(tmp_path / "run", events)
+
+
+def synchronous(test):
+    """Run an async test in its own event loop (no pytest-asyncio needed)."""
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        return asyncio.run(test(*args, **kwargs))
+    return run
+
+
+def loaded(app) -> Callable[[], bool]:
+    return lambda: app.state.updates > 0 and app.query_one(EventLogPanel).lines_written > 0
+
+
+# ---------------------------------------------------------------- errors for people
+
+def test_a_missing_run_directory_is_a_one_line_error_before_any_screen(tmp_path):
+    with pytest.raises(LowmemError, match=r"run directory .*nope does not exist"):
+        run_dashboard(tmp_path / "nope")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(LowmemError, match="is not a directory"):
+        check_run_dir(tmp_path / "file")
+    with pytest.raises(LowmemError, match="not a run directory"):
+        check_run_dir(tmp_path, require_run_files=True)
+
+
+# ---------------------------------------------------------------- what the panels show
+
+@synchronous
+async def test_panels_show_the_values_of_a_recorded_run(finished_run):
+    app = DashboardApp(finished_run, poll_s=0.05)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, loaded(app))
+        assert "qwen7b-alpaca" in panel_text(app, TitleBar) and "FINISHED" in panel_text(app, TitleBar)
+        progress = panel_text(app, ProgressStrip)
+        # elapsed comes from the last step's elapsed_s: 20 s load + 60 × 2.5 s + 30 s paused + 2 × 5 s eval.
+        for expected in ("step 60/60", "100%", "elapsed 3:30", "eta -", "26,214 tok/s",
+                         f"loss {recorded_loss(60):.4g}", "eval 1.128", "exact 0.5", "lr 2.0e-05"):
+            assert expected in progress
+        plan = panel_text(app, PlanPanel)
+        for expected in ("Qwen/Qwen2.5-7B", "qlora", "nf4", "r64 α16 · 7 targets", "4×8 · seq 2048",
+                         "adamw 8-bit", "grad ckpt, offload, chunked loss"):
+            assert expected in plan
+        memory = panel_text(app, MemoryPanel)
+        for expected in ("budget      24.00GiB", "activations", "9.80GiB", "total", "18.08GiB",
+                         "peak", "21.90GiB", "reserved", "18.60GiB", "61.00GiB of 80.00GiB", "host rss    3.20GiB"):
+            assert expected in memory
+        loss = app.query_one("#loss", LineChart)
+        assert [len(s.points) for s in loss.series] == [60, 3]
+        assert loss.series[0].points[0] == (1, recorded_loss(1))
+        assert app.query_one("#lr", LineChart).point_count == 60
+        log = app.query_one(EventLogPanel)
+        text = "\n".join(line.text for line in log.lines)
+        assert "checkpoint @ step 60: checkpoints/step-60" in text
+        assert "warning: peak memory 91%" in text and "pause request done" in text
+        assert "done @ step 60: finished" in text
+        assert "step 59" not in text                   # steps are charted, not logged
+
+
+@synchronous
+async def test_memory_bars_turn_to_the_warning_colour_near_the_budget_and_red_past_it(finished_run):
+    app = DashboardApp(finished_run, poll_s=0.05)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, loaded(app))
+        panel = app.query_one(MemoryPanel)
+        style = panel.get_component_rich_style
+        budget = 24 * GiB
+        assert panel._bar(int(0.5 * budget), budget, budget, 20).spans[0].style == style("memory--ok")
+        # The recorded peak, 21.9 GiB of 24, is 91%: warning.
+        assert panel._bar(int(21.9 * GiB), budget, budget, 20).spans[0].style == style("memory--warn")
+        over = panel._bar(int(1.2 * budget), int(1.2 * budget), budget, 20)
+        assert over.spans[0].style == style("memory--over")
+        assert over.plain.index("┃") == 16             # the budget line sits at 24/28.8 of the bar
+
+
+@synchronous
+async def test_panels_degrade_when_the_plan_has_no_breakdown_and_config_is_missing(tmp_path):
+    plan = {k: v for k, v in PLAN.items() if k not in ("breakdown", "vram", "extra")}
+    run = write_recorded_run(tmp_path / "run", recorded_events(device="cpu"), config=None, plan=plan)
+    app = DashboardApp(run, poll_s=0.05)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, loaded(app))
+        memory = panel_text(app, MemoryPanel)
+        assert "budget      none set" in memory and "planned" not in memory
+        assert "measured · cpu · step 60" in memory and "rss" in memory and "1.16GiB" in memory
+        assert "on        grad ckpt" in panel_text(app, PlanPanel)
+
+
+# ---------------------------------------------------------------- keys and the control channel
+
+@synchronous
+async def test_p_toggles_pause_and_resume_and_s_asks_for_a_checkpoint(live_run):
+    app = DashboardApp(live_run, poll_s=0.05)
+    async with app.run_test() as pilot:
+        await wait_until(pilot, loaded(app))
+        assert app.state.status == "running"
+        await pilot.press("p")
+        assert control_requests(live_run) == ["pause"]
+        assert "sent: pause" in panel_text(app, ProgressStrip)
+        await pilot.press("p")                     # before any acknowledgement: undo the pause
+        await pilot.press("s")
+        assert control_requests(live_run) == ["pause", "resume", "save"]
+
+
+@synchronous
+async def test_p_resumes_a_run_the_trainer_reports_paused_and_acks_clear_the_pending_line(live_run):
+    app = DashboardApp(live_run, poll_s=0.05)
+    async with app.run_test() as pilot:
+        await wait_until(pilot, loaded(app))
+        await pilot.press("s")
+        save_id = next(iter(app.pending))
+        log = EventLog(live_run)
+        log.emit("control", request="save", id=save_id, status="done", detail="")
+        log.emit("checkpoint", step=25, path="checkpoints/step-25")
+        log.emit("paused", step=25)
+        log.close()
+        await wait_until(pilot, lambda: app.state.paused)
+        assert "PAUSED" in panel_text(app, TitleBar)
+        assert "sent:" not in panel_text(app, ProgressStrip)
+        await pilot.press("p")
+        assert control_requests(live_run) == ["save", "resume"]
+
+
+@synchronous
+async def test_q_on_a_live_run_asks_and_stop_sends_a_stop_request(live_run):
+    app = DashboardApp(live_run, poll_s=0.05)
+    async with app.run_test() as pilot:
+        await wait_until(pilot, loaded(app))
+        await pilot.press("q")
+        assert type(app.screen).__name__ == "QuitScreen"
+        await pilot.press("escape")                # cancel: still here, nothing sent
+        assert type(app.screen).__name__ == "DashboardScreen"
+        await pilot.press("q", "s")
+    assert app.return_value == "stop"
+    assert control_requests(live_run) == ["stop"]
+
+
+@synchronous
+async def test_q_then_detach_leaves_the_trainer_alone(live_run):
+    app = DashboardApp(live_run, poll_s=0.05)
+    async with app.run_test() as pilot:
+        await wait_until(pilot, loaded(app))
+        await pilot.press("q", "d")
+    assert app.return_value == "detach"
+    assert control_requests(live_run) == []
+
+
+@synchronous
+async def test_keys_send_nothing_to_a_finished_run_and_q_just_exits(finished_run):
+    app = DashboardApp(finished_run, poll_s=0.05)
+    async with app.run_test() as pilot:
+        await wait_until(pilot, loaded(app))
+        await pilot.press("p", "s", "question_mark")
+        assert type(app.screen).__name__ == "HelpScreen"
+        await pilot.press("escape", "q")
+    assert app.return_value == "finished"
+    assert not (finished_run / CONTROL_FILE).exists()
+
+
+# ---------------------------------------------------------------- what a real run throws at it
+
+@synchronous
+async def test_before_the_trainer_starts_it_waits_and_sends_nothing(tmp_path):
+    run = write_recorded_run(tmp_path / "run", [])
+    app = DashboardApp(run, poll_s=0.05)
+    async with app.run_test() as pilot:
+        await wait_until(pilot, lambda: app.state.updates > 0)
+        assert "WAITING FOR TRAINER" in panel_text(app, TitleBar)
+        assert "waiting for the first step" in screen_text(app)
+        await pilot.press("p", "s")
+        assert control_requests(run) == []     # the trainer would treat them as history
+
+
+
+@synchronous
+async def test_a_partial_last_line_waits_for_its_newline(tmp_path):
+    run = write_recorded_run(tmp_path / "run", recorded_events(upto=10, finished=False))
+    step_11 = json.dumps(recorded_events(upto=11, finished=False)[-1]) + "\n"
+    with open(run / EVENTS_FILE, "a") as f:
+        f.write(step_11[:40])                       # the trainer is mid-write
+    app = DashboardApp(run, poll_s=0.05, check_trainer=False)
+    async with app.run_test() as pilot:
+        await wait_until(pilot, loaded(app))
+        await pilot.pause(0.2)
+        assert app.state.step == 10 and "step 10/60" in panel_text(app, ProgressStrip)
+        with open(run / EVENTS_FILE, "a") as f:
+            f.write(step_11[40:])
+        await wait_until(pilot, lambda: app.state.step == 11)
+        assert "step 11/60" in panel_text(app, ProgressStrip)
+
+
+@synchronous
+async def test_a_crashed_trainer_shows_its_error_prominently(tmp_path):
+    run = write_recorded_run(tmp_path / "run", recorded_events(crash_at=37, pid=dead_pid()))
+    app = DashboardApp(run, poll_s=0.05)
+    async with app.run_test() as pilot:
+        await wait_until(pilot, loaded(app))
+        banner = app.query_one(Banner)
+        assert banner.display and banner.region.height >= 1
+        assert "The trainer failed at step 37: CUDA out of memory" in panel_text(app, Banner)
+        assert "CRASHED" in panel_text(app, TitleBar)
+        await pilot.press("q")
+    assert app.return_value == "closed"
+
+
+@synchronous
+async def test_a_trainer_gone_without_done_is_called_out(tmp_path):
+    run = write_recorded_run(tmp_path / "run", recorded_events(upto=30, finished=False, pid=dead_pid()))
+    app = DashboardApp(run, poll_s=0.05)
+    async with app.run_test() as pilot:
+        await wait_until(pilot, lambda: app.state.trainer_gone)
+        assert "trainer process ended without finishing after step 30" in panel_text(app, Banner)
+        assert "TRAINER GONE" in panel_text(app, TitleBar)
+        await pilot.press("p")
+        assert not (run / CONTROL_FILE).exists()
+
+
+@synchronous
+async def test_events_appended_while_it_runs_update_the_loss_chart_and_labels(live_run):
+    app = DashboardApp(live_run, poll_s=0.05)
+    async with app.run_test() as pilot:
+        await wait_until(pilot, loaded(app))
+        chart = app.query_one("#loss", LineChart)
+        assert chart.point_count == 25 + 1             # 25 steps, 1 eval
+        await pilot.press("question_mark")             # updates keep flowing under a dialog
+        log = EventLog(live_run)
+        for event in recorded_events(upto=30, finished=False, pid=os.getpid())[-5:]:
+            log.emit(event.pop("kind"), **event)
+        log.close()
+        await wait_until(pilot, lambda: app.state.step == 30)
+        await pilot.press("escape")
+        assert len(chart.series[0].points) == 30
+        assert "step 30/60" in panel_text(app, ProgressStrip)
+        assert f"train {recorded_loss(30):.4g}" in app.query_one("#loss").border_subtitle
+
+
+# ---------------------------------------------------------------- sizes
+
+@synchronous
+async def test_80x24_keeps_every_essential_figure_and_resizes_both_ways(finished_run):
+    app = DashboardApp(finished_run, poll_s=0.05)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, loaded(app))
+        assert app.screen.has_class("-compact")
+        screen = screen_text(app)
+        for expected in ("FINISHED", "step 60/60", "elapsed 3:30", "eta", "loss 1.008", "eval 1.128",
+                         "lr 2.0e-05", "qlora · nf4", "r64 · batch 4×8 · seq 2048", "on: grad ckpt",
+                         "budget      24.00GiB", "plan total", "18.08GiB", "peak", "21.90GiB",
+                         "step 60 ", "done @ step 60", "p Pause/resume", "q Quit", "? Help"):
+            assert expected in screen, expected
+        assert all(line.rstrip() == line.rstrip()[:80] for line in screen.splitlines())
+
+        await pilot.resize_terminal(120, 40)
+        await pilot.pause(0.1)
+        assert not app.screen.has_class("-compact") and app.query_one("#lr").display
+        assert "activations" in screen_text(app)
+        await pilot.resize_terminal(80, 24)
+        await pilot.pause(0.1)
+        assert app.screen.has_class("-compact") and not app.query_one("#lr").display
+        assert "plan total" in screen_text(app)
+
+
+def test_snapshot_of_a_finished_run_at_120x40(snap_compare):
+    app = DashboardApp(RECORDED, poll_s=0.05)
+
+    async def loaded_run(pilot):
+        await wait_until(pilot, loaded(app))
+
+    assert snap_compare(app, terminal_size=(120, 40), run_before=loaded_run)
+
+
+def test_the_checked_in_recorded_run_is_what_the_builder_writes(tmp_path):
+    fresh = write_recorded_run(tmp_path / "run")
+    for name in ("config.yaml", "plan.yaml", EVENTS_FILE):
+        assert (RECORDED / name).read_text() == (fresh / name).read_text(), name
+
+
+# ---------------------------------------------------------------- lowmem monitor
+
+def parse_monitor(*argv: str):
+    import argparse
+
+    from lowmem.commands import monitor
+
+    parser = argparse.ArgumentParser(prog="lowmem")
+    monitor.register(parser.add_subparsers())
+    return parser.parse_args(["monitor", *argv])
+
+
+def test_monitor_without_a_terminal_prints_progress_lines_and_returns_0_for_a_finished_run(finished_run, capsys):
+    args = parse_monitor(str(finished_run), "--no-tui", "--poll", "0.01")
+    assert args.func(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "started qwen7b-alpaca: Qwen/Qwen2.5-7B · qlora · cuda, 60 steps (pid 4242)"
+    assert lines[1].startswith("step 1/60  loss 2.737  lr 4.0e-05  |g| 0.962  26,214 tok/s  peak 19.55GiB")
+    assert "checkpoint @ step 20: checkpoints/step-20" in lines
+    assert lines[-1] == "done @ step 60: finished"
+
+
+def test_monitor_returns_1_and_prints_the_error_of_a_crashed_run(tmp_path, capsys):
+    from lowmem.commands.monitor import print_progress
+
+    run = write_recorded_run(tmp_path / "run", recorded_events(crash_at=5, pid=dead_pid()))
+    out = io.StringIO()
+    assert print_progress(run, poll_s=0.01, out=out) == 1
+    assert out.getvalue().splitlines()[-1] == "error: CUDA out of memory: tried to allocate 2.00 GiB"
+
+    gone = write_recorded_run(tmp_path / "gone", recorded_events(upto=3, finished=False, pid=dead_pid()))
+    out = io.StringIO()
+    assert print_progress(gone, poll_s=0.01, out=out) == 1
+    assert out.getvalue().splitlines()[-1] == "error: trainer process ended without finishing (no `done` event)"
+
+
+def test_monitor_opens_the_dashboard_only_on_an_interactive_terminal_outside_ci(monkeypatch):
+    from lowmem.commands.monitor import use_dashboard
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv("CI", raising=False)
+    assert use_dashboard(False, Tty()) and not use_dashboard(True, Tty())
+    assert not use_dashboard(False, io.StringIO())
+    monkeypatch.setenv("CI", "true")
+    assert not use_dashboard(False, Tty())
+
+
+def test_monitor_refuses_a_directory_that_is_not_a_run(tmp_path):
+    args = parse_monitor(str(tmp_path / "missing"))
+    with pytest.raises(LowmemError, match="does not exist"):
+        args.func(args)
+
+
+def test_reader_follows_the_run_directory_incrementally(tmp_path):
+    run = write_recorded_run(tmp_path / "run", recorded_events(upto=3, finished=False))
+    reader = RunReader(run, check_trainer=False)
+    first = reader.poll()
+    assert [e["kind"] for e in first.events] == ["start", "step", "step", "step"]
+    assert first.plan["method"] == "qlora" and first.config["steps"] == 60
+    assert not reader.poll()                         # nothing new: an empty update
+    (run / "plan.yaml").write_text("method: [unclosed\n")
+    os.utime(run / "plan.yaml", (T0, T0))
+    assert "plan.yaml could not be read" in reader.poll().problems[0]
+
+
+# ---------------------------------------------------------------- regenerate the fixture and the docs
+
+def write_docs_screenshots() -> None:
+    """`python tests/test_tui.py`: rewrite tests/data/recorded_run and docs/dashboard-*.svg."""
+    import shutil
+
+    from textual._doc import take_svg_screenshot
+
+    shutil.rmtree(RECORDED, ignore_errors=True)
+    write_recorded_run(RECORDED)
+    docs = Path(__file__).parent.parent / "docs"
+    for width, height in ((120, 40), (80, 24)):
+        app = DashboardApp(RECORDED, poll_s=0.05)
+
+        async def loaded_run(pilot, app=app):
+            await wait_until(pilot, loaded(app))
+
+        svg = take_svg_screenshot(app, terminal_size=(width, height), run_before=loaded_run,
+                                  title=f"lowmem monitor {RECORDED.relative_to(docs.parent)}")
+        (docs / f"dashboard-{width}x{height}.svg").write_text(svg)
+
+
+if __name__ == "__main__":
+    write_docs_screenshots()

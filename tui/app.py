@@ -1,0 +1,196 @@
+"""DashboardApp: watches one run directory and sends control requests to its trainer.
+
+Data flows one way: a worker thread polls the run directory (`RunReader`) and
+posts each `Update` as a message; the app folds it into a `RunState` on the UI
+thread and hands that to the panels. Keys write to the run's `control` file and
+nothing else: the trainer's acknowledgement arrives later, as an event.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from textual import events, work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.geometry import Size
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import Footer
+from textual.worker import get_current_worker
+
+from lowmem.events import send_control
+
+from .chart import LineChart, Series
+from .describe import fmt_number
+from .panels import Banner, EventLogPanel, MemoryPanel, PlanPanel, ProgressStrip, TitleBar
+from .reader import RunReader, Update
+from .screens import HelpScreen, QuitScreen
+from .state import RunState
+
+# Below either size the layout goes compact: the lr chart folds into the progress
+# line and the plan into three lines, so 80×24 keeps every essential figure.
+COMPACT_WIDTH = 100
+COMPACT_HEIGHT = 32
+
+
+class RunUpdated(Message):
+    """The reader found something new in the run directory."""
+
+    def __init__(self, update: Update) -> None:
+        super().__init__()
+        self.update = update
+
+
+class DashboardScreen(Screen):
+    """The panels. It folds to its compact layout whenever it is resized below 100×32."""
+
+    def compose(self) -> ComposeResult:
+        yield TitleBar(id="title")
+        yield Banner(id="banner")
+        yield ProgressStrip(id="progress")
+        with Horizontal(id="main"):
+            with Vertical(id="left"):
+                yield PlanPanel(id="plan")
+                yield MemoryPanel(id="memory")
+            with Vertical(id="right"):
+                yield LineChart("waiting for the first step", id="loss")
+                yield LineChart("no learning rate yet", id="lr", y_format=lambda y: fmt_number(y, 2))
+        yield EventLogPanel(id="log")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        for panel_id, title in (("plan", "plan"), ("memory", "memory"), ("loss", "loss"),
+                                ("lr", "learning rate"), ("log", "events")):
+            self.query_one(f"#{panel_id}").border_title = title
+        self._fit(self.app.size)
+
+    def on_resize(self, event: events.Resize) -> None:
+        self._fit(event.size)
+
+    def _fit(self, size: Size) -> None:
+        self.set_class(size.width < COMPACT_WIDTH or size.height < COMPACT_HEIGHT, "-compact")
+
+    def show(self, state: RunState, pending: list[str], new_events: list[dict]) -> None:
+        for panel in self.query("TitleBar, Banner, ProgressStrip, PlanPanel, MemoryPanel"):
+            panel.show(state)
+        self.query_one(ProgressStrip).pending = pending
+        self.query_one(EventLogPanel).add_events(new_events)
+        loss = self.query_one("#loss", LineChart)
+        loss.set_series([Series("train", sorted(state.loss.items())),
+                         Series("eval", sorted(state.eval_loss.items()), marker=True)])
+        loss.border_subtitle = " · ".join(
+            f"{name} {fmt_number(series[max(series)])}"
+            for name, series in (("train", state.loss), ("eval", state.eval_loss)) if series)
+        self.query_one("#lr", LineChart).set_series([Series("lr", sorted(state.lr.items()))])
+
+
+class DashboardApp(App[str]):
+    """The live view of a run directory. Its return value is what the user chose on exit."""
+
+    CSS_PATH = "dashboard.tcss"
+    TITLE = "lowmem dashboard"
+    ENABLE_COMMAND_PALETTE = False
+    BINDINGS = [
+        Binding("p", "toggle_pause", "Pause/resume"),
+        Binding("s", "save", "Save now"),
+        Binding("q", "quit_prompt", "Quit"),
+        Binding("question_mark", "help", "Help", key_display="?"),
+    ]
+
+    def __init__(self, run_dir: str | Path, *, poll_s: float = 0.5, check_trainer: bool = True):
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.poll_s = poll_s
+        self.check_trainer = check_trainer
+        self.state = RunState()
+        self.pending: dict[str, str] = {}        # control request id -> request, until acknowledged
+        self.pause_wanted: bool | None = None    # what `p` last asked for, until the trainer says
+        self.dashboard = DashboardScreen(id="dashboard")
+
+    def get_default_screen(self) -> Screen:
+        return self.dashboard
+
+    def on_ready(self) -> None:
+        # Ready comes once the dashboard screen has its panels; reading starts then.
+        self._show()
+        self.read_run()
+
+    # ------------------------------------------------------------ reading
+
+    @work(thread=True, exclusive=True, group="reader")
+    def read_run(self) -> None:
+        """Polls the run directory until the app closes; never touches widgets."""
+        worker = get_current_worker()
+        reader = RunReader(self.run_dir, check_trainer=self.check_trainer)
+        while not worker.is_cancelled:
+            update = reader.poll()
+            if update:
+                self.post_message(RunUpdated(update))
+            deadline = time.monotonic() + self.poll_s
+            while not worker.is_cancelled and time.monotonic() < deadline:
+                time.sleep(min(0.05, self.poll_s))
+
+    def on_run_updated(self, message: RunUpdated) -> None:
+        update = message.update
+        self.state.apply(update)
+        for event in update.events:
+            kind = event.get("kind")
+            if kind == "control":
+                self.pending.pop(str(event.get("id")), None)
+            elif kind in ("paused", "resumed", "start", "done"):
+                self.pause_wanted = None
+        if self.state.over:
+            self.pending.clear()
+        self._show(update.events)
+
+    def _show(self, new_events: list[dict] = ()) -> None:
+        # The dashboard screen, not `self.screen`: a help or quit dialog may be on top.
+        self.dashboard.show(self.state, list(self.pending.values()), list(new_events))
+
+    # ------------------------------------------------------------ keys
+
+    def _send(self, request: str) -> str | None:
+        if self.state.over:
+            self.notify(f"the run is {self.state.status}: nothing to {request}", severity="warning")
+            return None
+        if self.state.start is None:
+            # The trainer only reads requests written after it opened the control channel.
+            self.notify(f"the trainer has not started yet: {request} not sent", severity="warning")
+            return None
+        request_id = send_control(self.run_dir, request)
+        self.pending[request_id] = request
+        self._show()
+        return request_id
+
+    def action_toggle_pause(self) -> None:
+        paused = self.state.paused if self.pause_wanted is None else self.pause_wanted
+        if self._send("resume" if paused else "pause"):
+            self.pause_wanted = not paused
+
+    def action_save(self) -> None:
+        self._send("save")
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    def action_quit_prompt(self) -> None:
+        if self.state.over:
+            self.exit(self.closing_result())
+            return
+
+        def chosen(choice: str | None) -> None:
+            if choice == "stop":
+                send_control(self.run_dir, "stop")
+            if choice in ("detach", "stop"):
+                self.exit(choice)
+
+        self.push_screen(QuitScreen(), chosen)
+
+    def closing_result(self) -> str:
+        """What closing means when no choice was asked: 'finished', 'closed' or 'detach'."""
+        if self.state.done is not None:
+            return "finished"
+        return "closed" if self.state.over else "detach"

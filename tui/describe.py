@@ -1,0 +1,108 @@
+"""Events as one line of text each, for the dashboard's event log and `lowmem monitor --no-tui`.
+
+Every figure comes from the event itself (never the wall clock), so a finished
+run reads the same whenever it is replayed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from lowmem.config import format_size
+
+
+def fmt_duration(seconds: float | None) -> str:
+    """`1:02:03` or `2:03`; `-` when unknown."""
+    if seconds is None or not isinstance(seconds, (int, float)) or math.isnan(seconds) or seconds < 0:
+        return "-"
+    s = int(round(seconds))
+    h, rest = divmod(s, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def fmt_number(x: Any, digits: int = 4) -> str:
+    """A loss, norm or rate in a few significant digits; `-` when absent."""
+    if x is None or isinstance(x, bool) or not isinstance(x, (int, float)):
+        return "-"
+    if math.isnan(x) or math.isinf(x):
+        return str(x)
+    if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e5):
+        return f"{x:.{max(digits - 2, 1)}e}"
+    return f"{x:.{digits}g}"
+
+
+def fmt_rate(x: Any) -> str:
+    """Tokens per second with a thousands separator."""
+    if x is None or isinstance(x, bool) or not isinstance(x, (int, float)):
+        return "-"
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
+
+
+def fmt_bytes(n: Any) -> str:
+    if n is None or isinstance(n, bool) or not isinstance(n, (int, float)):
+        return "-"
+    return format_size(int(n))
+
+
+def progress_line(event: dict) -> str:
+    """A `step` event as a plain progress line."""
+    mem = event.get("mem") or {}
+    parts = [f"step {event.get('step', '?')}/{event.get('steps', '?')}",
+             f"loss {fmt_number(event.get('loss'))}",
+             f"lr {fmt_number(event.get('lr'), 3)}"]
+    if event.get("grad_norm") is not None:
+        parts.append(f"|g| {fmt_number(event.get('grad_norm'), 3)}")
+    if event.get("tokens_per_s") is not None:
+        parts.append(f"{fmt_rate(event.get('tokens_per_s'))} tok/s")
+    if mem.get("peak") is not None:
+        parts.append(f"peak {fmt_bytes(mem['peak'])}")
+    elif mem.get("rss") is not None:
+        parts.append(f"rss {fmt_bytes(mem['rss'])}")
+    parts.append(f"elapsed {fmt_duration(event.get('elapsed_s'))}")
+    if event.get("eta_s") is not None:
+        parts.append(f"eta {fmt_duration(event.get('eta_s'))}")
+    return "  ".join(parts)
+
+
+def describe_event(event: dict) -> str | None:
+    """One line for an event worth logging; None for `step` (the charts show those)."""
+    kind = event.get("kind")
+    at = f"step {event['step']}" if event.get("step") is not None else ""
+    if kind == "start":
+        steps = f", {event['steps']} steps" if event.get("steps") else ""
+        pid = f" (pid {event['pid']})" if event.get("pid") else ""
+        what = " · ".join(str(event[k]) for k in ("model", "method", "device") if event.get(k))
+        return f"started {event.get('run', '')}: {what}{steps}{pid}".replace("  ", " ")
+    if kind == "step":
+        return None
+    if kind == "eval":
+        text = f"eval @ {at}: loss {fmt_number(event.get('loss'))}"
+        if event.get("exact_match") is not None:
+            text += f", exact match {fmt_number(event['exact_match'], 3)}"
+        if event.get("examples"):
+            text += f" ({event['examples']} examples)"
+        return text
+    if kind == "checkpoint":
+        return f"checkpoint @ {at}: {event.get('path', '')}"
+    if kind == "control":
+        text = f"{event.get('request', '?')} request {event.get('status', 'acknowledged')}"
+        return text + (f": {event['detail']}" if event.get("detail") else "")
+    if kind in ("paused", "resumed"):
+        return f"{kind} @ {at}" if at else kind
+    if kind == "warning":
+        return f"warning: {event.get('message', '')}"
+    if kind == "error":
+        return f"error: {event.get('message', '')}"
+    if kind == "done":
+        text = f"done @ {at}: {event.get('reason', 'finished')}"
+        return text + (f"; resume with: {event['resume']}" if event.get("resume") else "")
+    return f"{kind}: " + ", ".join(f"{k}={v}" for k, v in event.items() if k not in ("t", "kind"))
+
+
+def plain_line(event: dict) -> str | None:
+    """What `lowmem monitor --no-tui` prints for an event."""
+    if event.get("kind") == "step":
+        return progress_line(event)
+    return describe_event(event)

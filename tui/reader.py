@@ -1,0 +1,147 @@
+"""Reads a run directory incrementally: new events, config and plan, trainer liveness.
+
+`RunReader.poll()` does file I/O only and returns plain data, so the dashboard
+calls it from a worker thread and `lowmem monitor --no-tui` from a loop.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+
+from lowmem.errors import LowmemError
+from lowmem.events import EVENTS_FILE, read_jsonl_tail
+
+CONFIG_FILE = "config.yaml"
+PLAN_FILE = "plan.yaml"
+
+# A process whose creation time is later than this after the `start` event is a
+# different process that reused the pid, not our trainer.
+_PID_REUSE_SLACK_S = 5.0
+
+
+def check_run_dir(run_dir: str | Path, *, require_run_files: bool = False) -> Path:
+    """The run directory as a Path, or a LowmemError that says what is wrong with it."""
+    path = Path(run_dir)
+    if not path.exists():
+        raise LowmemError(f"run directory {path} does not exist")
+    if not path.is_dir():
+        raise LowmemError(f"{path} is not a directory (expected a run directory such as runs/NAME)")
+    if require_run_files and not any((path / f).exists() for f in (EVENTS_FILE, CONFIG_FILE, PLAN_FILE)):
+        raise LowmemError(f"{path} is not a run directory: it has no {EVENTS_FILE}, "
+                          f"{CONFIG_FILE} or {PLAN_FILE}")
+    return path
+
+
+def trainer_alive(pid: int, started_t: float | None) -> bool:
+    """Whether the trainer that wrote a `start` event with this pid still runs on this host."""
+    try:
+        proc = psutil.Process(int(pid))
+        if proc.status() == psutil.STATUS_ZOMBIE:   # exited, not yet reaped by `lowmem train`
+            return False
+        if started_t is not None and proc.create_time() > started_t + _PID_REUSE_SLACK_S:
+            return False
+        return True
+    except (psutil.NoSuchProcess, ValueError, TypeError):
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
+@dataclass
+class Update:
+    """What changed in the run directory since the last poll."""
+
+    events: list[dict] = field(default_factory=list)
+    config: dict | None = None        # set when config.yaml was (re)read
+    plan: dict | None = None          # set when plan.yaml was (re)read
+    trainer_gone: bool = False        # the trainer exited without `done` or `error`
+    problems: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.events or self.config is not None or self.plan is not None
+                    or self.trainer_gone or self.problems)
+
+
+class RunReader:
+    """Follows one run directory. Not thread-safe: one reader per thread."""
+
+    def __init__(self, run_dir: str | Path, *, check_trainer: bool = True):
+        self.run_dir = Path(run_dir)
+        self.check_trainer = check_trainer
+        self.offset = 0
+        self._mtimes: dict[str, float] = {}
+        self._pid: int | None = None
+        self._start_t: float | None = None
+        self._done = False            # `done` seen after the last `start`
+        self._error = False           # `error` seen after the last `start`
+        self._gone = False            # the trainer's pid is gone without `done`
+
+    def poll(self) -> Update:
+        update = Update()
+        update.config = self._read_yaml(CONFIG_FILE, update)
+        update.plan = self._read_yaml(PLAN_FILE, update)
+        self._read_events(update)
+        if self.check_trainer and self._pid is not None and not self._done and not self._gone:
+            if not trainer_alive(self._pid, self._start_t):
+                # The trainer may have written its last events just before exiting.
+                self._read_events(update)
+                if not self._done:
+                    update.trainer_gone = self._gone = True
+        return update
+
+    @property
+    def over(self) -> bool:
+        """Nothing more will be written: `done`, the trainer gone, or an `error` with no pid to watch."""
+        watching = self.check_trainer and self._pid is not None
+        return self._done or self._gone or (self._error and not watching)
+
+    def _read_events(self, update: Update) -> None:
+        events, self.offset = read_jsonl_tail(self.run_dir / EVENTS_FILE, self.offset)
+        for event in events:
+            kind = event.get("kind")
+            if kind == "start":
+                self._pid = event.get("pid")
+                self._start_t = event.get("t")
+                self._done = self._error = self._gone = False
+            elif kind == "done":
+                self._done = True
+            elif kind == "error":
+                self._error = True
+        update.events.extend(events)
+
+    def _read_yaml(self, name: str, update: Update) -> dict | None:
+        path = self.run_dir / name
+        try:
+            mtime = path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        if self._mtimes.get(name) == mtime:
+            return None
+        self._mtimes[name] = mtime
+        try:
+            data: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as e:
+            update.problems.append(f"{name} could not be read: {str(e).splitlines()[0]}")
+            return None
+        if not isinstance(data, dict):
+            update.problems.append(f"{name} is not a mapping of key: value")
+            return None
+        return data
+
+
+def follow(run_dir: str | Path, poll_s: float = 0.5, *, check_trainer: bool = True):
+    """Yields Updates until the run is over (done, error, or the trainer gone)."""
+    reader = RunReader(run_dir, check_trainer=check_trainer)
+    while True:
+        update = reader.poll()
+        if update:
+            yield update
+        if reader.over:
+            return
+        time.sleep(poll_s)

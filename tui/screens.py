@@ -1,0 +1,70 @@
+"""The dashboard's modal screens: the quit question and the help page."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Button, Static
+
+HELP = """\
+[b]Keys[/b]
+  [b]p[/b]  pause the trainer between steps, or resume it
+  [b]s[/b]  save a checkpoint now
+  [b]q[/b]  quit: detach (the run goes on) or stop (checkpoint, then stop)
+  [b]?[/b]  this help
+
+Requests go to the run directory's [i]control[/i] file; the trainer acknowledges
+each one in events.jsonl and the event log shows it.
+
+[b]Panels[/b]
+  [b]plan[/b]     the planner's choices: method, precision, rank, batch, techniques
+  [b]memory[/b]   planned bytes per term beside the measured ones; ┃ is the budget,
+           bars turn yellow at 90% of it and red beyond it
+  [b]loss[/b]     training loss per step, eval loss on top of it
+  [b]lr[/b]       the learning-rate schedule so far
+  [b]events[/b]   checkpoints, evals, control acknowledgements, warnings, errors
+
+Reattach to a detached run with [b]lowmem monitor RUN_DIR[/b].
+"""
+
+
+QUIT_QUESTION = """\
+[b]The run is still training.[/b] Close the dashboard and…
+  [b]d[/b]    detach: the run goes on; reattach with lowmem monitor RUN_DIR
+  [b]s[/b]    stop: the trainer saves a checkpoint, then stops
+  [b]esc[/b]  cancel: stay here"""
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS = [Binding("escape,q,question_mark", "dismiss", "Close")]
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="help-dialog"):
+            yield Static(HELP, id="help-text")
+            yield Static("press esc to close", id="help-hint")
+
+
+class QuitScreen(ModalScreen[str | None]):
+    """Asks what happens to a live run: 'detach', 'stop', or None to stay."""
+
+    BINDINGS = [
+        Binding("d", "choose('detach')", "Detach"),
+        Binding("s", "choose('stop')", "Stop and save"),
+        Binding("escape,c", "choose(None)", "Cancel"),
+    ]
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="quit-dialog"):
+            yield Static(QUIT_QUESTION, id="quit-question")
+            with Horizontal(id="quit-buttons"):
+                yield Button("Detach", variant="primary", id="detach")
+                yield Button("Stop & save", variant="error", id="stop")
+                yield Button("Cancel", id="cancel")
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(None if event.button.id == "cancel" else event.button.id)
+
+    def action_choose(self, choice: str | None) -> None:
+        self.dismiss(choice)

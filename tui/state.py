@@ -1,0 +1,183 @@
+"""RunState: what the dashboard knows about a run, folded from the run directory's updates.
+
+Plain data with no Textual in it: the app applies each `Update` on the UI
+thread and its panels read from here. Every figure derives from the events
+(not the wall clock), so a finished run replays identically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .reader import Update
+
+# The log keeps this many lines; older ones scroll out of memory, not just off screen.
+MAX_LOG = 500
+
+
+@dataclass
+class RunState:
+    config: dict = field(default_factory=dict)
+    plan: dict = field(default_factory=dict)
+    start: dict | None = None
+    last_step: dict | None = None
+    loss: dict[int, float] = field(default_factory=dict)        # step -> training loss
+    eval_loss: dict[int, float] = field(default_factory=dict)   # step -> held-out loss
+    lr: dict[int, float] = field(default_factory=dict)          # step -> learning rate
+    last_eval: dict | None = None
+    paused: bool = False
+    done: dict | None = None
+    error: dict | None = None
+    trainer_gone: bool = False
+    log: list[dict] = field(default_factory=list)                # events for the event log
+    problems: list[str] = field(default_factory=list)
+    events_read: int = 0
+    updates: int = 0
+
+    def apply(self, update: Update) -> None:
+        if update.config is not None:
+            self.config = update.config
+        if update.plan is not None:
+            self.plan = update.plan
+        self.problems.extend(update.problems)
+        for event in update.events:
+            self.apply_event(event)
+        if update.trainer_gone:
+            self.trainer_gone = True
+        self.updates += 1
+
+    def apply_event(self, event: dict) -> None:
+        self.events_read += 1
+        kind = event.get("kind")
+        if kind == "step":
+            step = event.get("step")
+            self.last_step = event
+            if isinstance(step, int):
+                # A dict keyed by step: a resumed run that repeats a step overwrites it.
+                if _is_number(event.get("loss")):
+                    self.loss[step] = float(event["loss"])
+                if _is_number(event.get("lr")):
+                    self.lr[step] = float(event["lr"])
+            return
+        if kind == "start":
+            # A resume appends a new `start`: the run is live again.
+            self.start = event
+            self.done = self.error = None
+            self.trainer_gone = self.paused = False
+        elif kind == "eval":
+            self.last_eval = event
+            if isinstance(event.get("step"), int) and _is_number(event.get("loss")):
+                self.eval_loss[event["step"]] = float(event["loss"])
+        elif kind == "paused":
+            self.paused = True
+        elif kind == "resumed":
+            self.paused = False
+        elif kind == "error":
+            self.error = event
+        elif kind == "done":
+            self.done = event
+            self.paused = False
+        self.log.append(event)
+        del self.log[:-MAX_LOG]
+
+    # ------------------------------------------------------------ derived figures
+
+    @property
+    def status(self) -> str:
+        """waiting | running | paused | finished | stopped | interrupted | crashed | ended"""
+        if self.error is not None:
+            return "crashed"
+        if self.done is not None:
+            return str(self.done.get("reason") or "finished")
+        if self.trainer_gone:
+            return "ended"
+        if self.start is None and self.last_step is None:
+            return "waiting"
+        return "paused" if self.paused else "running"
+
+    @property
+    def over(self) -> bool:
+        """The trainer will write nothing more: there is nothing to control."""
+        return self.done is not None or self.error is not None or self.trainer_gone
+
+    @property
+    def step(self) -> int | None:
+        if self.last_step is not None:
+            return self.last_step.get("step")
+        return None if self.done is None else self.done.get("step")
+
+    @property
+    def total_steps(self) -> int | None:
+        for source, key in ((self.last_step, "steps"), (self.start, "steps"), (self.config, "steps")):
+            if source and isinstance(source.get(key), int):
+                return source[key]
+        return None
+
+    @property
+    def elapsed_s(self) -> float | None:
+        if self.last_step and _is_number(self.last_step.get("elapsed_s")):
+            return float(self.last_step["elapsed_s"])
+        if self.last_step and self.start and _is_number(self.last_step.get("t")) and _is_number(self.start.get("t")):
+            return float(self.last_step["t"]) - float(self.start["t"])
+        return None
+
+    @property
+    def eta_s(self) -> float | None:
+        if self.over:
+            return None
+        if self.last_step and _is_number(self.last_step.get("eta_s")):
+            return float(self.last_step["eta_s"])
+        step, total, elapsed = self.step, self.total_steps, self.elapsed_s
+        if step and total and elapsed is not None:
+            return elapsed / step * max(total - step, 0)
+        return None
+
+    @property
+    def mem(self) -> dict:
+        return (self.last_step or {}).get("mem") or {}
+
+    @property
+    def device(self) -> str:
+        for source in (self.start, self.plan, self.config):
+            if source and source.get("device") in ("cpu", "cuda"):
+                return source["device"]
+        return "cuda" if "allocated" in self.mem or "device_total" in self.mem else "cpu"
+
+    @property
+    def budget(self) -> int | None:
+        """The memory budget in bytes: the plan's, else the config's, else the device's size."""
+        for source in (self.plan, self.config):
+            if _is_number(source.get("vram")) and source["vram"] > 0:
+                return int(source["vram"])
+        if self.device == "cuda" and _is_number(self.mem.get("device_total")):
+            return int(self.mem["device_total"])
+        return None
+
+    @property
+    def breakdown(self) -> dict[str, int]:
+        """The planner's predicted bytes per term (may be empty)."""
+        raw = self.plan.get("breakdown")
+        if not isinstance(raw, dict):
+            return {}
+        return {str(k): int(v) for k, v in raw.items() if _is_number(v)}
+
+    @property
+    def run_name(self) -> str:
+        for source, key in ((self.start, "run"), (self.config, "name")):
+            if source and source.get(key):
+                return str(source[key])
+        return ""
+
+    def lookup(self, *keys: str) -> Any:
+        """The first of `keys` found in the plan, its `extra`, the start event or the config."""
+        extra = self.plan.get("extra") if isinstance(self.plan.get("extra"), dict) else {}
+        for source in (self.plan, extra, self.start or {}, self.config):
+            for key in keys:
+                if source.get(key) not in (None, ""):
+                    return source[key]
+        return None
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
