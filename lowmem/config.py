@@ -25,6 +25,9 @@ from lowmem.errors import ConfigError
 # here as each lands; an unknown method is refused by validation, never ignored.
 METHODS = ("lora", "full")
 
+# Optional memory techniques this build has; the planner only tries these.
+FEATURES: tuple[str, ...] = ()
+
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
@@ -89,6 +92,11 @@ class RunConfig:
     method: str = field(default="lora", metadata=_key("training method", choices=METHODS))
     vram: int | None = field(default=None, metadata=_key(
         "memory budget of the device (24G, 24GB, 24GiB, 500M, 0.5T; G = 2^30 bytes)", min=1, size=True))
+    safety_margin: float = field(default=0.05, metadata=_key(
+        "share of --vram the planner keeps free for what it cannot predict", min=0.0, max=0.5))
+    target_tokens_per_step: int = field(default=0, metadata=_key(
+        "tokens per optimizer step the planner keeps while it changes micro_batch; "
+        "0 = micro_batch x grad_accum x seq_len", min=0, unit="tokens"))
     seq_len: int = field(default=192, metadata=_key("tokens per sequence (longer ones are truncated)", min=8, unit="tokens"))
     micro_batch: int = field(default=8, metadata=_key("sequences per forward/backward", min=1))
     grad_accum: int = field(default=1, metadata=_key("micro-batches per optimizer step", min=1))

@@ -28,15 +28,17 @@ def autocast_for(device: str):
 
 @torch.no_grad()
 def heldout_loss(model, examples: list[Example], pad_id: int, device: str, batch_size: int = 16) -> float:
-    """Mean next-token loss over every labelled token of the held-out examples."""
+    """Mean next-token loss over every labelled token of the held-out examples.
+
+    Batches are right-padded, so no attention mask is needed (see trainer.train_step).
+    """
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
         with autocast_for(device):
-            hidden = model.get_decoder()(input_ids=batch["input_ids"],
-                                         attention_mask=batch["attention_mask"]).last_hidden_state
+            hidden = model.get_decoder()(input_ids=batch["input_ids"]).last_hidden_state
             total += float(causal_lm_loss(hidden, model.get_output_embeddings().weight,
                                           batch["labels"], reduction="sum"))
         count += count_targets(batch["labels"])

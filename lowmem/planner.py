@@ -5,8 +5,9 @@ builder and the training loop read their choices from it and from nowhere
 else. `plan_from_config` gives the plan that does exactly what the config
 says; `make_plan` fits a plan to a memory budget (`vram`):
 
-1. Candidates in quality order: full > galore > lora (dense base) > qlora
-   (NF4 base) > loram (least pruning first; dense base before NF4). Only
+1. Candidates in quality order: full (fp32/bf16 AdamW states, then 8-bit)
+   > galore > lora (dense base) > qlora (NF4 base) > loram (least pruning
+   first; dense base before NF4). Only
    methods in `lowmem.config.METHODS` (what this build can train) are
    considered, read at call time so methods appear as they land. L4Q is
    planned only when asked for (`method=l4q`): it exists to export a low-bit
@@ -17,8 +18,9 @@ says; `make_plan` fits a plan to a memory budget (`vram`):
    tried only when `lowmem.config.FEATURES` lists them.
 3. The first candidate whose predicted peak (lowmem.memory) fits
    `vram · (1 − safety_margin)` wins. Better candidates that did not fit are
-   kept in `rejected`, each with the term that crossed the budget and by how
-   much. A field the user set (`pinned`) is never changed.
+   kept in `rejected`, each with how far over the budget it was and the term
+   that broke it (the one that grew most against the chosen plan). A field
+   the user set (`pinned`) is never changed; seq_len is never changed at all.
 4. If nothing fits: a `BudgetError` naming the smallest plan's total, the gap,
    and changes that would fit.
 """
@@ -60,17 +62,23 @@ class BudgetError(LowmemError):
 
 @dataclass(frozen=True)
 class Rejection:
-    """A better candidate that did not fit, and why."""
+    """A better candidate that did not fit, and why.
+
+    `term` is the term that broke the budget: the one that grew most against
+    the chosen plan (when a plan was chosen), else the largest.
+    """
 
     candidate: str        # e.g. "full", "lora", "loram 40% nf4"
     total: int            # its smallest predicted peak, bytes
     over: int             # bytes above the usable budget
-    term: str             # the term that crossed the budget (adding terms largest first)
-    term_bytes: int
+    term: str             # the term that broke the budget
+    term_bytes: int       # that term in the candidate
+    chosen_bytes: int | None = None   # the same term in the chosen plan
 
     def describe(self) -> str:
+        versus = "" if self.chosen_bytes is None else f" vs {format_size(self.chosen_bytes)} in the chosen plan"
         return (f"{self.candidate}: needs {format_size(self.total)}, {format_size(self.over)} over; "
-                f"{self.term} ({format_size(self.term_bytes)}) broke the budget")
+                f"{self.term} {format_size(self.term_bytes)}{versus}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -110,6 +118,8 @@ class Plan:
     galore_per_layer: bool = False   # GaLore: update each weight in backward, free its gradient
     offload_activations: bool = False  # saved activations to pinned CPU memory
     loss_chunk: int = 0              # tokens per loss chunk; 0 = whole logits at once
+    padding_mask: bool = False       # batches carry a padding mask into attention (the trainer's are
+                                     # right-padded and need none; see memory.mask_saved_bytes)
     safety_margin: float = 0.0       # share of vram kept free
     breakdown: MemoryBreakdown | None = None   # predicted peak (lowmem.memory)
     rejected: tuple[Rejection, ...] = ()       # better candidates that did not fit
@@ -243,14 +253,6 @@ class _Level:
     prune_ratio: float = 0.0
     state_bits: int = 32
 
-    @property
-    def label(self) -> str:
-        if self.method == "loram":
-            return f"loram {self.prune_ratio:.0%} {'nf4' if self.base == 'nf4' else 'dense'}"
-        if self.method == "full" and self.state_bits == 8:
-            return "full (8-bit AdamW)"
-        return self.method
-
 
 def _levels(config: Any, pinned: set[str]) -> list[_Level]:
     methods = available_methods()
@@ -371,15 +373,11 @@ def _with_breakdown(plan: Plan, spec: ModelSpec) -> Plan:
     return dataclasses.replace(plan, breakdown=predict(spec, plan))
 
 
-def _breaking_term(b: MemoryBreakdown, usable: int) -> tuple[str, int]:
-    """The term that crosses `usable` when the terms are added largest first."""
-    running = 0
-    terms = sorted(((getattr(b, t), t) for t in MemoryBreakdown.TERMS), reverse=True)
-    for size, name in terms:
-        running += size
-        if running > usable:
-            return name, size
-    return terms[0][1], terms[0][0]
+def _breaking_term(b: MemoryBreakdown, chosen: MemoryBreakdown | None) -> str:
+    """The term that grew most against the chosen plan's; without one, the largest."""
+    if chosen is None:
+        return max(MemoryBreakdown.TERMS, key=lambda t: getattr(b, t))
+    return max(MemoryBreakdown.TERMS, key=lambda t: getattr(b, t) - getattr(chosen, t))
 
 
 def quality(plan: Plan) -> tuple:
@@ -402,35 +400,43 @@ def _search(config: Any, spec: ModelSpec, pinned: set[str], device: str) -> _Out
     margin = safety_margin(config)
     usable = int(config.vram * (1 - margin))
     variants = _variants(config, pinned)
-    rejected: list[Rejection] = []
+    failed: list[tuple[str, Plan]] = []     # better levels that did not fit: (label, smallest variant)
+    loram_failed: dict[str, tuple[str, Plan]] = {}
     smallest: Plan | None = None
-    loram_failed: set[str] = set()
+    chosen: Plan | None = None
     for level in _levels(config, pinned):
         level_smallest: Plan | None = None
         for variant in variants:
             plan = _with_breakdown(_build(config, spec, device, level, variant, config.vram, margin), spec)
             if plan.breakdown.total <= usable:
-                plan = dataclasses.replace(plan, rejected=tuple(rejected),
-                                           reasons=_reasons(plan, spec, config, pinned))
-                return _Outcome(plan, tuple(rejected), smallest)
+                chosen = plan
+                break
             if level_smallest is None or plan.breakdown.total < level_smallest.breakdown.total:
                 level_smallest = plan
+        if chosen is not None:
+            break
         assert level_smallest is not None
         if smallest is None or level_smallest.breakdown.total < smallest.breakdown.total:
             smallest = level_smallest
-        # LoRAM has a rung per prune ratio; record only the least-pruned failure of
-        # each base format, or the table would list nineteen of them.
+        # LoRAM has a rung per prune ratio: keep only the last failure of each base
+        # format, the rung just better than the one chosen (or, if none fits, the
+        # most pruned), or the table would list nineteen of them.
         if level.method == "loram":
-            if level.base in loram_failed:
-                continue
-            loram_failed.add(level.base)
-        rejected.append(_rejection(level_smallest, level.label, usable))
-    return _Outcome(None, tuple(rejected), smallest)
-
-
-def _rejection(plan: Plan, label: str, usable: int) -> Rejection:
-    term, size = _breaking_term(plan.breakdown, usable)
-    return Rejection(label, plan.breakdown.total, plan.breakdown.total - usable, term, size)
+            loram_failed[level.base] = (level_smallest.label, level_smallest)
+        else:
+            failed.append((level_smallest.label, level_smallest))
+    failed += loram_failed.values()
+    reference = chosen.breakdown if chosen is not None else None
+    rejected = []
+    for label, plan in failed:
+        term = _breaking_term(plan.breakdown, reference)
+        rejected.append(Rejection(label, plan.breakdown.total, plan.breakdown.total - usable, term,
+                                  getattr(plan.breakdown, term),
+                                  None if reference is None else getattr(reference, term)))
+    if chosen is not None:
+        chosen = dataclasses.replace(chosen, rejected=tuple(rejected),
+                                     reasons=_reasons(chosen, spec, config, pinned))
+    return _Outcome(chosen, tuple(rejected), smallest)
 
 
 def _reasons(plan: Plan, spec: ModelSpec, config: Any, pinned: set[str]) -> tuple[str, ...]:
@@ -550,9 +556,11 @@ def _failure_message(config: RunConfig, spec: ModelSpec, pinned: set[str], devic
                          f"{format_size(plan.breakdown.total)})")
     needed_gib = math.ceil(small.breakdown.total / (1 - margin) / 2**30 * 10) / 10
     fixes.append(f"--vram {needed_gib:g}G or more")
-    if "loram" not in available_methods():
-        fixes.append("(LoRAM pruning is not in this build yet)")
-    return head + ". Changes that fit: " + "; ".join(fixes)
+    message = head + ". Changes that fit: " + "; ".join(fixes)
+    missing = [m for m in ("qlora", "loram") if m not in available_methods()]
+    if missing and "method" not in pinned:
+        message += f". Not in this build yet, and smaller: {', '.join(missing)}"
+    return message
 
 
 def _show(value: Any) -> str:

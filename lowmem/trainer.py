@@ -184,7 +184,7 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
         message = f"{data.truncated} sequences were longer than seq_len={config.seq_len} and were truncated"
         out(f"warning: {message}")
         events.emit("warning", message=message)
-    stream = BatchStream(data.train, config.micro_batch, config.seed, tokenizer.pad_token_id)
+    stream = BatchStream(data.train, plan.micro_batch, config.seed, tokenizer.pad_token_id)
 
     optimizer = build_optimizer(params, plan, config)
 
@@ -238,7 +238,7 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
     model.train()
     with StopRequest() as stop:
         while step < config.steps:
-            loss, grad_norm, tokens = train_step(model, optimizer, stream, config, lr_at(step, config), device)
+            loss, grad_norm, tokens = train_step(model, optimizer, stream, plan, config, lr_at(step, config))
             step += 1
             progress.tokens += tokens
             text, fields = progress.line(step, loss, lr_at(step - 1, config), grad_norm)
@@ -283,17 +283,24 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
     return done
 
 
-def train_step(model, optimizer, stream: BatchStream, config: RunConfig, lr: float,
-               device: str) -> tuple[float, float, int]:
-    """One optimizer step over `grad_accum` micro-batches; returns (loss, grad norm, tokens)."""
-    batches = [stream.next() for _ in range(config.grad_accum)]
+def train_step(model, optimizer, stream: BatchStream, plan: Plan, config: RunConfig,
+               lr: float) -> tuple[float, float, int]:
+    """One optimizer step over `plan.grad_accum` micro-batches; returns (loss, grad norm, tokens).
+
+    No attention mask goes into the model: batches are right-padded, so a real
+    token never sees a pad (pads only follow it) and positions are 0..n either
+    way; without a mask SDPA takes its causal path and no batch × seq² mask is
+    built and saved for backward in every block.
+    """
+    device = plan.device
+    batches = [stream.next() for _ in range(plan.grad_accum)]
     targets = sum(count_targets(b["labels"]) for b in batches)
     total_loss, tokens = 0.0, 0
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast_for(device):
-            hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            hidden = decoder(input_ids=batch["input_ids"]).last_hidden_state
             loss = causal_lm_loss(hidden, head.weight, batch["labels"], reduction="sum") / max(targets, 1)
         loss.backward()
         total_loss += float(loss.detach())

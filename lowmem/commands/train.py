@@ -71,7 +71,9 @@ def run_files(run_dir: Path):
 
 
 def run(args) -> int:
-    from lowmem.planner import plan_from_config
+    from lowmem.commands.plan import pinned_keys
+    from lowmem.planner import make_plan
+    from lowmem.spec import spec_for
     from lowmem.trainer import new_run_dir, resumed_config, write_run_files
 
     if args.resume:
@@ -94,7 +96,7 @@ def run(args) -> int:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
     preflight(config)
-    plan = plan_from_config(config)
+    plan = make_plan(config, spec_for(config.model), pinned_keys(args))
     run_dir = new_run_dir(config)
     write_run_files(run_dir, config, plan)
     print(f"run directory: {run_dir}", file=sys.stderr)

@@ -1,0 +1,167 @@
+"""`lowmem plan`: the plan that fits a memory budget, with its predicted memory.
+
+    lowmem plan --model llama-3.1-70b --vram 24G
+    lowmem plan --model ./my-model --vram 12G --method qlora seq_len=4096
+    lowmem plan --model llama-3.1-8b --vram 24G --json
+
+No weights are read: the model's shapes come from a built-in entry, a
+config.json or GGUF metadata. Every config key can be pinned as a flag, in a
+preset or as key=value; the planner fills in the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from lowmem.commands import add_config_flags, config_from_args
+from lowmem.config import format_size, parse_overrides, read_yaml_layer, find_preset
+from lowmem.memory import MemoryBreakdown
+from lowmem.planner import BudgetError, Plan, make_plan, safety_margin
+from lowmem.spec import ModelSpec, builtin_entries, builtin_spec, spec_for
+
+_TERM_NOTES = {
+    "weights": "the model's parameters",
+    "adapters": "LoRA matrices (fp32)",
+    "grads": "gradients alive at the peak",
+    "optimizer": "optimizer states",
+    "activations": "saved for backward",
+    "logits": "loss: logits, log-probs, grads",
+    "temporaries": "dequant, block backward, cuBLAS",
+    "overhead": "CUDA context + fragmentation",
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "plan", help="choose the plan that fits a memory budget and show its predicted memory",
+        description="Choose the best plan that fits --vram (quality first, then speed) and show "
+                    "its predicted memory, term by term. Reads no weights.")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--list-models", action="store_true",
+                        help="list the built-in model names and exit")
+    add_config_flags(parser)
+    parser.set_defaults(func=run)
+
+
+def pinned_keys(args: argparse.Namespace) -> set[str]:
+    """Config keys the user set: by flag, by key=value, or in the preset."""
+    keys = {k[4:] for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
+    keys |= set(parse_overrides(args.overrides or ())[0])
+    if getattr(args, "preset", None):
+        path = find_preset(args.preset)
+        keys |= set(read_yaml_layer(path.read_text(), str(path))[0])
+    return keys
+
+
+def planning_device(requested: str) -> str:
+    """A budget is a GPU's unless the config says cpu: plan for CUDA even on a CPU-only machine."""
+    return "cpu" if requested == "cpu" else "cuda"
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list_models:
+        print(list_models())
+        return 0
+    config = config_from_args(args)
+    spec = spec_for(config.model)
+    device = planning_device(config.device)
+    try:
+        plan = make_plan(config, spec, pinned_keys(args), device=device)
+    except BudgetError as e:
+        if args.json:
+            print(json.dumps({"model": spec.to_dict(), "error": str(e)}, indent=2))
+            return 1
+        raise
+    if args.json:
+        print(json.dumps(plan_json(plan, spec), indent=2))
+    else:
+        print(render(plan, spec, margin=safety_margin(config)))
+    return 0
+
+
+def plan_json(plan: Plan, spec: ModelSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {"model": spec.to_dict(), "plan": plan.to_dict()}
+    if plan.vram is not None and plan.breakdown is not None:
+        out["budget"] = {"vram": plan.vram, "safety_margin": plan.safety_margin,
+                         "usable": plan.usable, "total": plan.breakdown.total,
+                         "spare": plan.usable - plan.breakdown.total}
+    return out
+
+
+# ---------------------------------------------------------------- text
+
+def render(plan: Plan, spec: ModelSpec, margin: float | None = None) -> str:
+    """The plan, its breakdown table, the budget line and the rejected candidates."""
+    b = plan.breakdown
+    assert b is not None
+    lines = [f"model     {spec.name}: {spec.params:,} parameters, {spec.layers} layers, hidden "
+             f"{spec.hidden}, vocab {spec.vocab} ({spec.source or 'built-in'})",
+             f"device    {plan.device} ({plan.compute_dtype} compute)", ""]
+    lines.append(f"plan      {plan.label}")
+    for key, value in _plan_rows(plan, spec):
+        lines.append(f"  {key:<18}{value}")
+    lines += ["", f"predicted peak ({b.phase} phase)"]
+    width = max(len(format_size(getattr(b, t))) for t in MemoryBreakdown.TERMS)
+    for term in MemoryBreakdown.TERMS:
+        size = getattr(b, term)
+        share = 100 * size / b.total if b.total else 0.0
+        lines.append(f"  {term:<13}{format_size(size):>{width}}  {share:5.1f}%  {_TERM_NOTES[term]}")
+    lines.append(f"  {'total':<13}{format_size(b.total):>{width}}")
+    if b.host:
+        lines.append(f"  (host: {format_size(b.host)} of activations in pinned CPU memory)")
+    lines.append("")
+    if plan.vram is None:
+        lines.append("budget    none given (--vram): this is the plan the config pins, unchecked")
+    else:
+        usable = plan.usable or 0
+        lines.append(f"budget    {format_size(b.total)} of {format_size(usable)} usable "
+                     f"({format_size(plan.vram)} - {plan.safety_margin:.0%} safety margin): fits, "
+                     f"{format_size(usable - b.total)} spare")
+    if plan.rejected:
+        lines += ["", "rejected  (better candidates that did not fit)"]
+        lines += [f"  {r.describe()}" for r in plan.rejected]
+    if plan.reasons:
+        lines += ["", "why"]
+        lines += [f"  - {r}" for r in plan.reasons]
+    return "\n".join(lines)
+
+
+def _plan_rows(plan: Plan, spec: ModelSpec) -> list[tuple[str, str]]:
+    rows = [("method", plan.method)]
+    base = plan.base_format + (" (double quantization)" if plan.base_format == "nf4" and plan.double_quant else "")
+    rows.append(("base weights", base))
+    if plan.prune_ratio:
+        pruned = spec.pruned(plan.prune_ratio, plan.prune_keep_first, plan.prune_keep_last)
+        bits = 4 if plan.base_format == "nf4" else 16
+        factor = spec.params / pruned.params * 16 / bits
+        rows.append(("pruning", f"{plan.prune_ratio:.0%} of heads and MLP channels in blocks "
+                                f"{plan.prune_keep_first}..{spec.layers - plan.prune_keep_last - 1}: "
+                                f"{pruned.params:,} parameters; reduction {factor:.2f}x "
+                                f"(params ratio x 16/{bits} bits, as the LoRAM paper counts)"))
+    if plan.lora_rank:
+        rows.append(("adapters", f"LoRA rank {plan.lora_rank}, alpha {plan.lora_alpha:g}, "
+                                 f"on {','.join(plan.lora_targets)}"))
+    if plan.quant_bits:
+        rows.append(("export", f"{plan.quant_bits}-bit, group {plan.quant_group}"))
+    opt = plan.optimizer + f" ({plan.optimizer_state_bits}-bit states)"
+    if plan.galore_rank:
+        opt += f", GaLore rank {plan.galore_rank}" + (", per-layer updates" if plan.galore_per_layer else "")
+    rows.append(("optimizer", opt))
+    rows.append(("batch", f"micro_batch {plan.micro_batch} x grad_accum {plan.grad_accum} x seq_len "
+                          f"{plan.seq_len} = {plan.tokens_per_step:,} tokens per step"))
+    rows.append(("memory savers", f"checkpointing {'on' if plan.grad_checkpointing else 'off'}, "
+                                  f"offload {'on' if plan.offload_activations else 'off'}, "
+                                  f"loss {'chunks of ' + str(plan.loss_chunk) if plan.loss_chunk else 'whole'}"))
+    return rows
+
+
+def list_models() -> str:
+    lines = [f"{'name':<18}{'params':>16}  {'layers':>6} {'hidden':>6} {'heads':>5} {'kv':>3} "
+             f"{'vocab':>7}  aliases"]
+    for name, entry in builtin_entries().items():
+        spec = builtin_spec(name)
+        lines.append(f"{name:<18}{spec.params:>16,}  {spec.layers:>6} {spec.hidden:>6} {spec.heads:>5} "
+                     f"{spec.kv_heads:>3} {spec.vocab:>7}  {', '.join(entry.get('aliases', []))}")
+    return "\n".join(lines)

@@ -1,0 +1,795 @@
+"""The memory model: bytes of a training step, from shapes and dtypes only.
+
+`predict(spec, plan)` returns a `MemoryBreakdown` of the peak of one training
+step. Each term has its own function below whose docstring states the formula;
+the symbols are
+
+    N = micro_batch · seq_len   tokens in one forward/backward
+    S = seq_len, h = hidden, I = intermediate, H = heads, K = kv_heads,
+    d = head_dim, V = vocab, L = layers, r = LoRA rank, c = bytes of the
+    compute dtype (4 on the CPU, which trains in fp32; 2 on CUDA: bf16
+    base + bf16 autocast).
+
+Where the numbers come from:
+
+* Parameters, gradients and optimizer states are exact byte counts of the
+  tensors PyTorch, bitsandbytes and our LoRA create (tests compare them with
+  the real tensors).
+* Activations are the tensors autograd saves for backward in a Hugging Face
+  Llama block with SDPA attention (flash / memory-efficient kernels: they save
+  q, k, v, the output and a log-sum-exp per head and token, never the S×S
+  score matrix). The per-op list below was read off
+  `torch.autograd.graph.saved_tensors_hooks` on the CPU and is checked against
+  it in tests/test_memory.py. It assumes no attention mask tensor is passed
+  (causal, right-padded batches); a padding mask makes PyTorch fall back to the
+  math kernel, which does materialise B·H·S² scores.
+* Transient buffers (loss backward, dequantized weights, one block's
+  backward) are upper estimates from the ops involved, stated per function.
+* CUDA context and allocator overhead are constants from the literature, NOT
+  measured on this project's hardware yet; see `CUDA_CONTEXT_BYTES`.
+
+The step's peak is the largest of four moments: the loss (all activations
+alive, plus the logits), the last block's backward (activations, a recomputed
+block, its gradient buffers), the first block's backward (all gradients alive)
+and the optimizer step. The breakdown reports the terms alive at that moment
+and names it in `phase`.
+
+Papers: QLoRA (Dettmers et al., 2023) for NF4 and double quantization; GaLore
+(Zhao et al., 2024) for projected optimizer states; LoRAM (Zhang et al., 2025)
+for pruned shapes; L4Q (Jeon et al., 2024) for low-bit weights with group scales.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable
+
+from lowmem.spec import BlockShape, ModelSpec
+
+if TYPE_CHECKING:  # the planner imports this module, never the other way round
+    from lowmem.planner import Plan
+
+MiB = 2**20
+
+# ---------------------------------------------------------------- constants
+#
+# Not measurable on a CPU-only machine: assumed from public reports until a GPU
+# run measures them (benchmarks/ records how). How to measure each:
+#   CUDA_CONTEXT_BYTES: in a fresh process, torch.cuda.init(); allocate 1 byte;
+#     context = (total - free from torch.cuda.mem_get_info()) - torch.cuda.memory_reserved().
+#   CUBLAS_WORKSPACE_BYTES: torch.cuda.memory_allocated() after the first bf16
+#     matmul minus before it, less the matmul's output.
+#   ALLOCATOR_FRAGMENTATION: torch.cuda.max_memory_reserved() /
+#     torch.cuda.max_memory_allocated() - 1 over a few training steps.
+
+#: CUDA context + loaded kernels (torch, cuBLAS, cuDNN) with lazy module loading,
+#: outside the caching allocator. Reports range 300-600 MiB on A100/H100 with CUDA 12.
+CUDA_CONTEXT_BYTES = 512 * MiB
+#: cuBLAS workspace allocated through the caching allocator (Hopper default ~32 MiB).
+CUBLAS_WORKSPACE_BYTES = 32 * MiB
+#: Reserved-but-unused share of the caching allocator at peak (block rounding,
+#: fragmentation). 5% is typical with `expandable_segments`; 10-15% without.
+ALLOCATOR_FRAGMENTATION = 0.05
+
+#: NF4 (QLoRA): 64 weights per absmax block; the absmaxes are themselves
+#: quantized to 8 bits in blocks of 256 under double quantization.
+NF4_BLOCK = 64
+NF4_NESTED_BLOCK = 256
+#: bitsandbytes 8-bit optimizers: states quantized blockwise in blocks of 256;
+#: tensors under 4096 elements keep 32-bit states.
+ADAM8_BLOCK = 256
+ADAM8_MIN_NUMEL = 4096
+ADAM8_CODE_BYTES = 2 * 4 * 256
+
+_DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "int8": 1}
+
+ADAPTER_METHODS = ("lora", "qlora", "loram", "l4q")
+FULL_METHODS = ("full", "galore")
+
+
+def dtype_bytes(name: str) -> int:
+    try:
+        return _DTYPE_BYTES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype '{name}'") from None
+
+
+# ---------------------------------------------------------------- the breakdown
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Bytes alive at the peak of a training step, by what holds them."""
+
+    weights: int        # the model's own parameters (frozen or trained), in their storage format
+    adapters: int       # LoRA matrices (and L4Q step sizes)
+    grads: int          # gradients alive at the peak
+    optimizer: int      # optimizer states (and GaLore projections)
+    activations: int    # tensors saved for backward (and a recomputed block, with checkpointing)
+    logits: int         # the loss: logits, log-probabilities and their gradients
+    temporaries: int    # dequantized weights, one block's backward buffers, cuBLAS workspace
+    overhead: int       # CUDA context + allocator fragmentation (0 on the CPU)
+    phase: str = "forward"   # when the peak happens: forward | backward | backward-end | optimizer
+    host: int = 0       # activations offloaded to pinned CPU memory; not in total
+
+    TERMS = ("weights", "adapters", "grads", "optimizer", "activations", "logits",
+             "temporaries", "overhead")
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, t) for t in self.TERMS)
+
+    @property
+    def allocated(self) -> int:
+        """What `torch.cuda.max_memory_allocated()` should report: total less overhead."""
+        return self.total - self.overhead
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {t: getattr(self, t) for t in self.TERMS}
+        out.update(total=self.total, phase=self.phase, host=self.host)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MemoryBreakdown":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# ---------------------------------------------------------------- weight formats
+
+def dense_bytes(numel: int, dtype: str) -> int:
+    """numel · bytes(dtype): fp32 4, bf16/fp16 2."""
+    return numel * dtype_bytes(dtype)
+
+
+def int8_bytes(out_features: int, in_features: int) -> int:
+    """LLM.int8 (bitsandbytes Int8Params): out·in int8 + one fp32 scale per output row.
+
+        bytes = out·in + 4·out
+    """
+    return out_features * in_features + 4 * out_features
+
+
+def nf4_bytes(numel: int, double_quant: bool = True) -> int:
+    """NF4 (QLoRA) storage of one weight: packed 4-bit codes plus block absmaxes.
+
+        codes        ⌈n/2⌉                                    (two 4-bit codes per byte)
+        absmax       4·⌈n/64⌉                                 without double quantization
+                     ⌈n/64⌉ + 4·⌈⌈n/64⌉/256⌉ + 4·256 + 4      with it: 8-bit absmaxes, an
+                                                              fp32 absmax per 256 of them,
+                                                              their 256-entry code and offset
+        code         4·16                                     the NF4 code book
+
+    ≈ 0.5 + 4/64 = 0.5625 B/param plain, ≈ 0.5 + 1/64 + 4/16384 = 0.5159 B/param
+    double-quantized. Matches `bitsandbytes.functional.quantize_4bit` (tested).
+    """
+    blocks = math.ceil(numel / NF4_BLOCK)
+    codes = math.ceil(numel / 2)
+    if double_quant:
+        absmax = blocks + 4 * math.ceil(blocks / NF4_NESTED_BLOCK) + 4 * 256 + 4
+    else:
+        absmax = 4 * blocks
+    return codes + absmax + 4 * 16
+
+
+def intk_bytes(out_features: int, in_features: int, bits: int, group: int,
+               symmetric: bool = False, scale_bytes: int = 2) -> int:
+    """Low-bit integer weights with a step size (and offset) per group of `group`
+    weights along each row: the L4Q export (lowmem.quant.intk's packed layout).
+
+        bytes = out·⌈in·bits/8⌉ + (1 if symmetric else 2)·out·⌈in/group⌉·scale_bytes
+
+    Rows are padded to whole bytes; steps and offsets in fp16/bf16.
+    4-bit, group 128, asymmetric: 0.5 + 4/128 = 0.53 B/param.
+    """
+    groups = out_features * math.ceil(in_features / group)
+    return out_features * math.ceil(in_features * bits / 8) + (1 if symmetric else 2) * groups * scale_bytes
+
+
+def linear_weight_bytes(out_features: int, in_features: int, fmt: str, *,
+                        double_quant: bool = True, bits: int | None = None,
+                        group: int | None = None) -> int:
+    """One frozen or trained linear weight in format `fmt` (fp32 | bf16 | int8 | nf4 | intK)."""
+    n = out_features * in_features
+    if fmt in ("fp32", "bf16", "fp16"):
+        return dense_bytes(n, fmt)
+    if fmt == "int8":
+        return int8_bytes(out_features, in_features)
+    if fmt == "nf4":
+        return nf4_bytes(n, double_quant)
+    if fmt == "int":
+        return intk_bytes(out_features, in_features, bits or 4, group or 128)
+    raise ValueError(f"unknown weight format '{fmt}'")
+
+
+# ---------------------------------------------------------------- plan accessors
+
+def _get(plan: Any, name: str, default: Any) -> Any:
+    value = getattr(plan, name, default)
+    return default if value is None else value
+
+
+def compute_bytes(plan: Any) -> int:
+    """c: 4 for float32 compute (the CPU), 2 for bfloat16 autocast (CUDA)."""
+    return dtype_bytes(_get(plan, "compute_dtype", "float32"))
+
+
+def dense_dtype(plan: Any) -> str:
+    """The dtype of parameters that are not quantized (embeddings, norms, biases, head)."""
+    fmt = _get(plan, "base_format", "fp32")
+    if fmt in ("fp32", "bf16", "fp16"):
+        return fmt
+    return "fp32" if compute_bytes(plan) == 4 else "bf16"
+
+
+def model_spec_for_plan(spec: ModelSpec, plan: Any) -> ModelSpec:
+    """The shapes the run trains on: pruned by the plan's LoRAM ratio, if any."""
+    ratio = _get(plan, "prune_ratio", 0.0)
+    if ratio and not spec.blocks:
+        return spec.pruned(ratio, _get(plan, "prune_keep_first", 1), _get(plan, "prune_keep_last", 1))
+    return spec
+
+
+def _targets(plan: Any) -> tuple[str, ...]:
+    return tuple(_get(plan, "lora_targets", ()))
+
+
+def _is_adapter(plan: Any) -> bool:
+    return plan.method in ADAPTER_METHODS
+
+
+def _is_full(plan: Any) -> bool:
+    return plan.method in FULL_METHODS
+
+
+# ---------------------------------------------------------------- parameters
+
+def weight_bytes(spec: ModelSpec, plan: Any) -> int:
+    """The model's own parameters in their storage format.
+
+        Σ_blocks Σ_linears linear_weight_bytes(out, in, base_format)
+        + (embeddings V·h + untied head V·h + norms (2L+1)·h + q/k/v biases) · bytes(dense dtype)
+
+    NF4 and int-k quantize only the block linears; embeddings, head, norms and
+    biases stay in the dense dtype (bf16 on CUDA, fp32 on the CPU), as in QLoRA.
+    L4Q trains on a dense base (the low-bit weights exist only after export).
+    """
+    fmt = _get(plan, "base_format", "fp32")
+    if plan.method == "l4q":
+        fmt = dense_dtype(plan)
+    dq = _get(plan, "double_quant", True)
+    bits, group = getattr(plan, "quant_bits", None), getattr(plan, "quant_group", None)
+    total = 0
+    for count, block in spec.block_groups():
+        for out_f, in_f in spec.linear_shapes(block).values():
+            total += count * linear_weight_bytes(out_f, in_f, fmt, double_quant=dq, bits=bits, group=group)
+    dense = spec.params - spec.linear_params
+    return total + dense_bytes(dense, dense_dtype(plan))
+
+
+Tensors = list[tuple[tuple[int, ...], int]]   # (shape, how many tensors have it)
+
+
+def lora_shapes(spec: ModelSpec, targets: Iterable[str], rank: int) -> Tensors:
+    """Every adapter tensor: A (r × in) and B (out × r) per targeted linear, with counts."""
+    targets = set(targets)
+    shapes: Tensors = []
+    for count, block in spec.block_groups():
+        for name, (out_f, in_f) in spec.linear_shapes(block).items():
+            if name in targets:
+                shapes += [((rank, in_f), count), ((out_f, rank), count)]
+    return shapes
+
+
+def lora_params(spec: ModelSpec, targets: Iterable[str], rank: int) -> int:
+    """Σ over targeted linears of r·(in + out)."""
+    return _total_numel(lora_shapes(spec, targets, rank))
+
+
+def l4q_scale_shapes(spec: ModelSpec, targets: Iterable[str], group: int) -> Tensors:
+    """L4Q's learned step sizes and offsets: (out, ⌈in/group⌉) each, per targeted linear."""
+    targets = set(targets)
+    return [((o, math.ceil(i / group)), 2 * count)
+            for count, block in spec.block_groups()
+            for name, (o, i) in spec.linear_shapes(block).items() if name in targets]
+
+
+def l4q_grad_scale_bytes(spec: ModelSpec, plan: Any) -> int:
+    """L4Q's per-group LSQ gradient scales γ (a buffer, read in backward): 4·Σ ⌈in/group⌉."""
+    if plan.method != "l4q":
+        return 0
+    group, targets = _get(plan, "quant_group", 128), set(_targets(plan))
+    return 4 * sum(count * math.ceil(i / group) for count, block in spec.block_groups()
+                   for name, (_, i) in spec.linear_shapes(block).items() if name in targets)
+
+
+def adapter_bytes(spec: ModelSpec, plan: Any) -> int:
+    """LoRA matrices in fp32 (lowmem.lora keeps them fp32 over any base): 4·Σ r·(in+out).
+
+    L4Q adds its fp32 step sizes and offsets, 4·Σ 2·out·⌈in/group⌉, and the
+    LSQ gradient scales (l4q_grad_scale_bytes).
+    """
+    if not _is_adapter(plan):
+        return 0
+    return 4 * _total_numel(trainable_tensors(spec, plan)) + l4q_grad_scale_bytes(spec, plan)
+
+
+def trainable_tensors(spec: ModelSpec, plan: Any) -> Tensors:
+    """The tensors the optimizer updates, as (shape, count)."""
+    if _is_adapter(plan):
+        shapes = lora_shapes(spec, _targets(plan), plan.lora_rank)
+        if plan.method == "l4q":
+            shapes += l4q_scale_shapes(spec, _targets(plan), _get(plan, "quant_group", 128))
+        return shapes
+    shapes = []
+    for count, block in spec.block_groups():
+        shapes += [(shape, count) for shape in spec.linear_shapes(block).values()]
+        shapes.append(((spec.hidden,), 2 * count))
+        if spec.attention_bias:
+            d = spec.head_dim
+            shapes += [((block.heads * d,), count), ((block.kv_heads * d,), 2 * count)]
+    shapes += [((spec.vocab, spec.hidden), 1), ((spec.hidden,), 1)]
+    if not spec.tied_embeddings:
+        shapes.append(((spec.vocab, spec.hidden), 1))
+    return shapes
+
+
+def _total_numel(tensors: Tensors) -> int:
+    return sum(math.prod(shape) * count for shape, count in tensors)
+
+
+def _max_numel(tensors: Tensors) -> int:
+    return max(math.prod(shape) for shape, _ in tensors)
+
+
+def trainable_dtype_bytes(plan: Any) -> int:
+    """Adapters are fp32; fully trained parameters keep the dense dtype."""
+    return 4 if _is_adapter(plan) else dtype_bytes(dense_dtype(plan))
+
+
+# ---------------------------------------------------------------- gradients
+
+def galore_targets(spec: ModelSpec) -> Tensors:
+    """2-D weights GaLore projects: every block linear (embeddings and head use 8-bit AdamW)."""
+    return [(shape, count) for count, block in spec.block_groups()
+            for shape in spec.linear_shapes(block).values()]
+
+
+def galore_rank(spec: ModelSpec, plan: Any) -> int:
+    """The projection rank: the plan's, else h/4 (the GaLore paper's r/d for 7B: 1024/4096)."""
+    return int(_get(plan, "galore_rank", 0) or max(1, spec.hidden // 4))
+
+
+def gradient_bytes(spec: ModelSpec, plan: Any) -> int:
+    """Gradients alive after a full backward.
+
+        Σ trainable numel · bytes(param dtype)          (all gradients coexist)
+
+    GaLore with per-layer updates applies and frees each weight's gradient in
+    its post-accumulate hook, so only the largest one is alive at a time:
+
+        max numel · bytes   [+ with grad_accum > 1: accumulated projected
+                             gradients 4·Σ r·max(m, n) and the other
+                             parameters' full gradients]
+    """
+    b = trainable_dtype_bytes(plan)
+    tensors = trainable_tensors(spec, plan)
+    if plan.method == "galore" and _get(plan, "galore_per_layer", True):
+        peak = _max_numel(tensors) * b
+        if _get(plan, "grad_accum", 1) > 1:
+            r = galore_rank(spec, plan)
+            two_d = galore_targets(spec)
+            projected = sum(min(r, o, i) * max(o, i) * n for (o, i), n in two_d)
+            others = _total_numel(tensors) - _total_numel(two_d)
+            peak += 4 * projected + b * others
+        return peak
+    return _total_numel(tensors) * b
+
+
+# ---------------------------------------------------------------- optimizer states
+
+def adamw_state_bytes(numel: int, bits: int = 32, state_bytes: int = 4) -> int:
+    """AdamW moments (exp_avg, exp_avg_sq) and step for one tensor.
+
+        32/16-bit (torch.optim.AdamW, whose moments take the parameter's dtype):
+                                    2·numel·state_bytes + 4   (state_bytes 4 for fp32,
+                                    2 for bf16 parameters; the step is a 4-byte
+                                    scalar tensor)
+        8-bit (bitsandbytes AdamW8bit, blockwise): numel ≥ 4096:
+                                    2·numel + 2·4·⌈numel/256⌉
+                                    (uint8 states, an fp32 absmax per block of 256);
+                                    smaller tensors keep 32-bit states. The two
+                                    256-entry fp32 code maps are shared by all
+                                    tensors: ADAM8_CODE_BYTES once per optimizer.
+    """
+    if bits == 8 and numel >= ADAM8_MIN_NUMEL:
+        return 2 * numel + 8 * math.ceil(numel / ADAM8_BLOCK)
+    if bits == 8:
+        return 2 * numel * 4
+    return 2 * numel * state_bytes + 4
+
+
+def galore_state_bytes(out_features: int, in_features: int, rank: int, projection_bytes: int = 2) -> int:
+    """8-bit GaLore states of one m×n weight (rank r, projection on the shorter side).
+
+        moments     2·r·max(m,n) + 8·⌈r·max(m,n)/256⌉   8-bit Adam on the projected gradient
+        projection  p·r·min(m,n)                        P from the gradient's SVD, kept in the
+                                                        parameters' dtype (p = 2 for bf16, 4 for
+                                                        fp32), as galore-torch does
+    """
+    r = min(rank, out_features, in_features)
+    projected = r * max(out_features, in_features)
+    return adamw_state_bytes(projected, 8) + projection_bytes * r * min(out_features, in_features)
+
+
+def optimizer_bytes(spec: ModelSpec, plan: Any) -> int:
+    """Optimizer states of every trainable tensor (see adamw_state_bytes / galore_state_bytes).
+
+    GaLore: block linears get galore_state_bytes; embeddings, head and norms
+    get 8-bit AdamW. Others: AdamW at the plan's `optimizer_state_bits`
+    (32: fp32 moments; 16: bf16 moments, what torch.optim.AdamW keeps for bf16
+    parameters; 8: bitsandbytes blockwise 8-bit).
+    """
+    tensors = trainable_tensors(spec, plan)
+    if plan.method == "galore":
+        r = galore_rank(spec, plan)
+        two_d = galore_targets(spec)
+        p = trainable_dtype_bytes(plan)
+        total = sum(galore_state_bytes(o, i, r, p) * n for (o, i), n in two_d)
+        # The rest (norms, biases, embeddings, head): the linears are the block's
+        # 2-D tensors, listed first per block group by trainable_tensors.
+        rest = [t for t in tensors if t not in two_d]
+        return total + sum(adamw_state_bytes(math.prod(s), 8) * n for s, n in rest) + ADAM8_CODE_BYTES
+    bits = _get(plan, "optimizer_state_bits", 32)
+    state = 2 if bits == 16 else 4
+    total = sum(adamw_state_bytes(math.prod(s), bits, state) * n for s, n in tensors)
+    if bits == 8 and _max_numel(tensors) >= ADAM8_MIN_NUMEL:
+        total += ADAM8_CODE_BYTES
+    return total
+
+
+# ---------------------------------------------------------------- activations
+
+def norm_saved_bytes(hidden: int, c: int, weight_trainable: bool) -> int:
+    """Per token, what one RMSNorm saves (its output is saved by the next linear).
+
+        4·h + 4     the input upcast to fp32 (pow, mul) and rsqrt(mean(x²)+ε)
+        + c·h       the normalised x, when the norm weight is trained (weight·x)
+    """
+    return 4 * hidden + 4 + (c * hidden if weight_trainable else 0)
+
+
+def attention_saved_bytes(block: BlockShape, head_dim: int, c: int, padding_mask: bool = False) -> int:
+    """Per token, what SDPA attention saves (flash / memory-efficient kernel).
+
+        c·(2·H·d + 2·K·d) + 4·H     q and output (H heads), k and v (K heads: GQA is
+                                    passed to the kernel unexpanded), an fp32
+                                    log-sum-exp per head
+        with a padding mask:        k and v are expanded to H heads first
+                                    (transformers only uses SDPA's GQA without a
+                                    mask): c·4·H·d + 4·H
+
+    q and k are the rotated copies (RoPE makes new tensors); o_proj's input is
+    the attention output itself. No S×S matrix (see mask_saved_bytes for the mask).
+    """
+    kv_heads = block.heads if padding_mask else block.kv_heads
+    return c * (2 * block.heads * head_dim + 2 * kv_heads * head_dim) + 4 * block.heads
+
+
+def mask_saved_bytes(plan: Any) -> int:
+    """Per block, with a padding mask: SDPA converts the boolean (B, 1, S, S) mask
+    into an additive one in the compute dtype and saves it, c·B·S².
+    0 without a mask (causal, right-padded batches need none)."""
+    if not _get(plan, "padding_mask", False):
+        return 0
+    return compute_bytes(plan) * plan.micro_batch * plan.seq_len ** 2
+
+
+def mlp_saved_bytes(block: BlockShape, c: int, product_saved: bool = True) -> int:
+    """Per token, what the gated MLP saves: gate (silu's input), silu(gate) and up
+    (the product's operands), and the product itself when down_proj reads it for
+    a gradient.
+
+        3·c·I [+ c·I]
+    """
+    return (4 if product_saved else 3) * c * block.intermediate
+
+
+def lora_saved_bytes(in_features: int, rank: int, c: int, dropout: float,
+                     mask_bytes: int = 1, input_needs_grad: bool = True) -> int:
+    """Per token, what one LoRA linear adds.
+
+        c·r                          x·Aᵀ, read by B's gradient
+        + c·in + m·in                with dropout > 0: the dropped input (read by A's
+                                     gradient) and the dropout mask (only when the
+                                     input itself needs a gradient); m = 1 byte for
+                                     CUDA's bool mask, c on the CPU, whose dropout
+                                     multiplies by a mask in the input's dtype
+    """
+    extra = 0
+    if dropout > 0:
+        extra = c * in_features + (mask_bytes * in_features if input_needs_grad else 0)
+    return c * rank + extra
+
+
+def block_saved_bytes(spec: ModelSpec, block: BlockShape, plan: Any, first: bool = False) -> int:
+    """Per token, everything one Llama block saves for backward.
+
+        n1 + [c·h] + attention + n2 + [c·h] + mlp + Σ_targets lora
+
+    The bracketed c·h are the norms' outputs, saved when a linear reading them
+    needs them for a gradient: always in full training; with LoRA when one of
+    q/k/v (resp. gate/up) has an adapter and no dropout (with dropout the
+    adapters save their dropped copies instead). With adapters the embeddings
+    are frozen, so the first block's n1 sees an input that needs no gradient:
+    it saves nothing, and neither do the dropout masks of q/k/v.
+    """
+    c = compute_bytes(plan)
+    h = spec.hidden
+    full = _is_full(plan)
+    targets = set(_targets(plan)) if _is_adapter(plan) else set()
+    dropout = _get(plan, "lora_dropout", 0.0) if targets else 0.0
+
+    def read_for_grad(names: set[str]) -> bool:
+        return full or (bool(targets & names) and dropout == 0)
+
+    n1 = 0 if (first and not full) else norm_saved_bytes(h, c, full)
+    total = n1 + (c * h if read_for_grad({"q_proj", "k_proj", "v_proj"}) else 0)
+    total += attention_saved_bytes(block, spec.head_dim, c, _get(plan, "padding_mask", False))
+    total += norm_saved_bytes(h, c, full) + (c * h if read_for_grad({"gate_proj", "up_proj"}) else 0)
+    total += mlp_saved_bytes(block, c, product_saved=read_for_grad({"down_proj"}))
+    if targets and plan.method != "l4q":  # L4Q merges B·A into the weight: no x·Aᵀ to keep
+        mask = c if _get(plan, "device", "cpu") == "cpu" else 1
+        for name, (_, in_f) in spec.linear_shapes(block).items():
+            if name in targets:
+                needs_grad = not (first and name in ("q_proj", "k_proj", "v_proj"))
+                total += lora_saved_bytes(in_f, plan.lora_rank, c, dropout, mask, needs_grad)
+    return total
+
+
+def saved_layer_bytes(spec: ModelSpec, plan: Any) -> int:
+    """Bytes the blocks, embeddings and final norm save for backward in one micro-batch.
+
+    Without checkpointing:
+        N · Σ_blocks block_saved_bytes
+        + L · mask_saved_bytes      with a padding mask
+        + 2·S·d·c                   RoPE cos and sin (shared by all blocks)
+        + 8·N                       token ids (embedding gradient, full training only)
+        + N·final                   final norm: 4h + 4 [+ c·h trained weight] [+ c·h its
+                                    output, saved by a trained LM head; by the loss
+                                    itself when chunked]
+    With checkpointing only each block's input survives the forward:
+        N · L · c·h + 8·N + N·final
+    Under bf16 compute LoRA also saves its bf16 copies of A and B (lora_copy_bytes);
+    L4Q saves its gradient scales (l4q_grad_scale_bytes).
+    """
+    c = compute_bytes(plan)
+    n = plan.micro_batch * plan.seq_len
+    h = spec.hidden
+    full = _is_full(plan)
+    # The final norm's output is saved by a trained head's matmul; a chunked loss
+    # saves it itself (counted in saved_loss_bytes), trained head or not.
+    final = norm_saved_bytes(h, c, full) + (c * h if full and not _get(plan, "loss_chunk", 0) else 0)
+    total = n * final + (8 * n if full else 0)
+    if _get(plan, "grad_checkpointing", False):
+        return total + n * spec.layers * c * h
+    for i, (count, block) in enumerate(spec.block_groups()):
+        per_block = block_saved_bytes(spec, block, plan)
+        total += n * count * per_block
+        if i == 0:  # the first block sees the embeddings' output
+            total += n * (block_saved_bytes(spec, block, plan, first=True) - per_block)
+    total += spec.layers * mask_saved_bytes(plan)
+    total += 2 * plan.seq_len * spec.head_dim * c
+    if _is_adapter(plan) and c != 4:
+        total += lora_copy_bytes(spec, plan)
+    return total + l4q_grad_scale_bytes(spec, plan)   # saved by each L4Q linear's backward
+
+
+def lora_copy_bytes(spec: ModelSpec, plan: Any) -> int:
+    """The compute-dtype copies of A and B that LoRA's matmuls save under bf16 compute.
+
+        c · (Σ r·(in+out) − Σ_first block's q/k/v r·in)
+
+    (A is saved to give x its gradient, so not where x needs none: the first
+    block's q/k/v read the frozen embeddings.) 0 when c = 4: `.to(float32)` of
+    an fp32 parameter is the parameter itself.
+    """
+    c = compute_bytes(plan)
+    if c == 4 or not _is_adapter(plan) or plan.method == "l4q":  # L4Q reads A and B as they are
+        return 0
+    targets = set(_targets(plan))
+    first = spec.block_groups()[0][1]
+    skipped = sum(plan.lora_rank * i for name, (_, i) in spec.linear_shapes(first).items()
+                  if name in targets and name in ("q_proj", "k_proj", "v_proj"))
+    return c * (lora_params(spec, targets, plan.lora_rank) - skipped)
+
+
+def saved_loss_bytes(spec: ModelSpec, plan: Any) -> int:
+    """Bytes the loss saves for backward.
+
+        full loss:     4·N·V + 8·N + 4     fp32 log-probabilities (log_softmax output),
+                                           int64 labels, the loss's weight scalar
+        chunked loss:  c·N·h + 8·N         only the final hidden states and labels;
+                                           each chunk's logits are recomputed in backward
+    """
+    n = plan.micro_batch * plan.seq_len
+    if _get(plan, "loss_chunk", 0):
+        return compute_bytes(plan) * n * spec.hidden + 8 * n
+    return 4 * n * spec.vocab + 8 * n + 4
+
+
+def saved_activation_bytes(spec: ModelSpec, plan: Any) -> int:
+    """Everything autograd holds for backward at the end of the forward pass
+    (what `saved_tensors_hooks` counts, storages deduplicated, parameters excluded)."""
+    return saved_layer_bytes(spec, plan) + saved_loss_bytes(spec, plan)
+
+
+def activation_bytes(spec: ModelSpec, plan: Any, recompute: bool = False) -> tuple[int, int]:
+    """(on the device, offloaded to the host) activation bytes, the loss excluded.
+
+        saved_layer_bytes                     at the end of the forward pass
+        + N·max block_saved_bytes             `recompute`: at the first block's backward
+                                              under checkpointing, which rebuilds that
+                                              block's saved tensors
+    Offloading moves saved block tensors to pinned CPU memory; two blocks' worth
+    stay on the device (the one in use and the one being prefetched).
+    """
+    n = plan.micro_batch * plan.seq_len
+    c = compute_bytes(plan)
+    saved = saved_layer_bytes(spec, plan)
+    widest = n * max(block_saved_bytes(spec, b, plan) for _, b in spec.block_groups()) + mask_saved_bytes(plan)
+    ckpt = _get(plan, "grad_checkpointing", False)
+    per_block = n * c * spec.hidden if ckpt else widest
+    device = saved + (widest if ckpt and recompute else 0)
+    host = 0
+    if _get(plan, "offload_activations", False) and spec.layers > 2:
+        host = (spec.layers - 2) * per_block
+        device -= host
+    return device, host
+
+
+# ---------------------------------------------------------------- loss and temporaries
+
+def logits_bytes(spec: ModelSpec, plan: Any) -> int:
+    """Peak bytes of the loss computation (its saved log-probs included).
+
+        full:     12·N·V      backward of cross-entropy holds the saved fp32
+                              log-probs, their gradient and the logits' gradient
+                              (3 × 4 bytes); the forward peak (c + 4 + 4)·N·V is lower
+        chunked:  (12 + c)·C·V + c·N·h + saved_loss_bytes
+                              one chunk of C tokens at a time (its logits in the
+                              compute dtype and the three fp32 buffers), the
+                              gradient of the hidden states, and the saved hidden
+    """
+    n = plan.micro_batch * plan.seq_len
+    chunk = _get(plan, "loss_chunk", 0)
+    if chunk:
+        chunk = min(chunk, n)
+        c = compute_bytes(plan)
+        return (12 + c) * chunk * spec.vocab + c * n * spec.hidden + saved_loss_bytes(spec, plan)
+    return 12 * n * spec.vocab + 8 * n + 4
+
+
+def block_backward_bytes(spec: ModelSpec, plan: Any) -> int:
+    """Gradient buffers alive inside one block's backward (an upper estimate).
+
+        N·(3·I + 2·h)·c    in the MLP's backward the gradients of the product,
+                           of silu(gate) and of up coexist (3·I), plus the
+                           residual stream's gradient and the block input's (2·h)
+    """
+    n = plan.micro_batch * plan.seq_len
+    inter = max(b.intermediate for _, b in spec.block_groups())
+    return n * (3 * inter + 2 * spec.hidden) * compute_bytes(plan)
+
+
+def dequant_bytes(spec: ModelSpec, plan: Any) -> int:
+    """Temporary full-precision weights.
+
+        NF4 / int8 base:  max(out·in)·c          one linear dequantized at a time
+        L4Q:              max(out·in)·(12 + c)   W = W0 + c·BA and its fake-quantized Ŵ in
+                                                 fp32, Ŵ in the compute dtype for the matmul,
+                                                 and in backward the fp32 weight gradient
+                                                 G = gradᵀx the STE passes to A, B, s and β
+                                                 (an upper estimate: one linear at a time)
+    """
+    fmt = _get(plan, "base_format", "fp32")
+    c = compute_bytes(plan)
+    if plan.method == "l4q":
+        return spec.max_linear_numel() * (12 + c)
+    if fmt in ("nf4", "int8", "int"):
+        return spec.max_linear_numel() * c
+    return 0
+
+
+def galore_workspace_bytes(spec: ModelSpec, plan: Any) -> int:
+    """GaLore's per-weight update buffers (one weight at a time): 12·max(out·in).
+
+    The fp32 copy of the gradient the SVD refresh factorises, the SVD factors
+    (at most the same size), and the back-projected full-rank update.
+    """
+    return 12 * spec.max_linear_numel() if plan.method == "galore" else 0
+
+
+def optimizer_step_bytes(spec: ModelSpec, plan: Any) -> int:
+    """Temporaries of the optimizer step.
+
+        CUDA: 0 (fused AdamW works in place); GaLore: galore_workspace_bytes.
+        CPU:  2·max numel·4 (the single-tensor AdamW makes two temporaries per tensor).
+    """
+    if plan.method == "galore":
+        return galore_workspace_bytes(spec, plan)
+    if _get(plan, "device", "cpu") == "cuda":
+        return 0
+    return 2 * 4 * _max_numel(trainable_tensors(spec, plan))
+
+
+def overhead_bytes(allocated: int, plan: Any) -> int:
+    """CUDA context + allocator fragmentation: CUDA_CONTEXT_BYTES + 5% of the allocated peak.
+
+    0 on the CPU, where the budget is taken to cover tensors only.
+    """
+    if _get(plan, "device", "cpu") != "cuda":
+        return 0
+    return CUDA_CONTEXT_BYTES + int(ALLOCATOR_FRAGMENTATION * allocated)
+
+
+# ---------------------------------------------------------------- the step's peak
+
+def predict(spec: ModelSpec, plan: "Plan") -> MemoryBreakdown:
+    """The peak of one training step of `plan` on a model of shapes `spec`.
+
+    The step's memory peaks at one of four moments; each is the sum of the
+    terms alive then, and the largest is the step's peak:
+
+    static      = weights + adapters + optimizer
+    kept        = gradients kept from earlier micro-batches (grad_accum > 1), else 0
+    forward     = static + kept + saved activations + loss peak (logits_bytes)
+                  + dequant + cuBLAS                         (the loss and its backward)
+    backward    = static + kept + saved activations [+ the recomputed block]
+                  + one block's backward buffers + dequant + cuBLAS
+                  + the head's gradient (full training)      (the last block's backward)
+    backward-end= static + all gradients + one block's backward buffers + dequant
+                  + cuBLAS [+ GaLore's update workspace]     (the first block's backward)
+    optimizer   = static + all gradients + the step's temporaries
+    peak        = the largest, plus overhead (CUDA context + fragmentation)
+
+    Between `backward` and `backward-end` gradients grow as activations are
+    freed, both linearly in the blocks done, so the largest value lies at one
+    of the two ends.
+    """
+    spec = model_spec_for_plan(spec, plan)
+    cuda = _get(plan, "device", "cpu") == "cuda"
+    workspace = CUBLAS_WORKSPACE_BYTES if cuda else 0
+    weights = weight_bytes(spec, plan)
+    adapters = adapter_bytes(spec, plan)
+    optimizer = optimizer_bytes(spec, plan)
+    grads = gradient_bytes(spec, plan)
+    saved, host = activation_bytes(spec, plan)
+    rebuilt, _ = activation_bytes(spec, plan, recompute=True)
+    dequant = dequant_bytes(spec, plan)
+    block_bwd = block_backward_bytes(spec, plan)
+
+    kept = grads if _get(plan, "grad_accum", 1) > 1 else 0
+    head_grad = spec.vocab * spec.hidden * trainable_dtype_bytes(plan) if _is_full(plan) else 0
+    if plan.method == "galore" and _get(plan, "galore_per_layer", True):
+        head_grad = 0  # the per-layer update frees it at once; gradient_bytes holds the largest
+    phases = [
+        ("forward", dict(grads=kept, activations=saved, logits=logits_bytes(spec, plan),
+                         temporaries=dequant + workspace)),
+        ("backward", dict(grads=max(kept, head_grad), activations=rebuilt, logits=0,
+                          temporaries=block_bwd + dequant + workspace)),
+        ("backward-end", dict(grads=grads, activations=0, logits=0,
+                              temporaries=block_bwd + dequant + workspace
+                              + galore_workspace_bytes(spec, plan))),
+        ("optimizer", dict(grads=grads, activations=0, logits=0,
+                           temporaries=optimizer_step_bytes(spec, plan))),
+    ]
+    best = None
+    for phase, terms in phases:
+        allocated = weights + adapters + optimizer + sum(terms.values())
+        if best is None or allocated > best[1]:
+            best = (phase, allocated, terms)
+    phase, allocated, terms = best
+    return MemoryBreakdown(weights=weights, adapters=adapters, optimizer=optimizer,
+                           overhead=overhead_bytes(allocated, plan), phase=phase, host=host, **terms)
