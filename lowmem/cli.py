@@ -10,7 +10,7 @@ import sys
 from lowmem import __version__
 from lowmem.errors import LowmemError
 
-COMMANDS = ("train", "plan", "monitor", "presets", "generate")
+COMMANDS = ("train", "plan", "monitor", "presets", "generate", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,7 +23,7 @@ from lowmem.errors import ConfigError
 
 # Methods this build can train. The planner issue adds qlora, l4q, galore, loram
 # here as each lands; an unknown method is refused by validation, never ignored.
-METHODS = ("lora", "full")
+METHODS = ("lora", "full", "qlora", "l4q", "loram")
 
 # Optional memory techniques this build has; the planner only tries these.
 FEATURES: tuple[str, ...] = ()
@@ -76,6 +76,38 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class L4QConfig:
+    """L4Q: LoRA trained through fake quantization Q(W0 + s·BA) with learned per-group step sizes."""
+
+    bits: int = field(default=4, metadata=_key("bits of the quantized weights", choices=(2, 3, 4, 8)))
+    group: int = field(default=128, metadata=_key(
+        "weights per step size, along the input dimension", min=1, unit="weights"))
+
+
+@dataclass(frozen=True)
+class LoramConfig:
+    """LoRAM: LoRA trained on a structurally pruned base, saved recovered to the full shapes."""
+
+    ratio: float = field(default=0.5, metadata=_key(
+        "share of KV groups / query heads / MLP channels pruned in the middle blocks", min=0.0, max=0.95))
+    criterion: str = field(default="taylor", metadata=_key(
+        "importance: taylor = |w*dL/dw| on calibration batches, magnitude = |w| (no data)",
+        choices=("taylor", "magnitude")))
+    calibration_batches: int = field(default=4, metadata=_key(
+        "training micro-batches scored for taylor importance", min=1))
+    keep_first: int = field(default=1, metadata=_key("blocks kept whole at the start", min=0))
+    keep_last: int = field(default=1, metadata=_key("blocks kept whole at the end", min=0))
+    layer_ratios: tuple[float, ...] = field(default=(), metadata=_key(
+        "one prune ratio per block (overrides ratio, keep_first, keep_last); empty = uniform"))
+    quantize: bool = field(default=False, metadata=_key("NF4-quantize the pruned base (QLoRAM)"))
+    align_steps: int = field(default=0, metadata=_key(
+        "continual pre-training steps of the pruned model on the training text before LoRA; 0 = none", min=0))
+    align_lr: float = field(default=1e-5, metadata=_key("alignment learning rate", min=0.0))
+    align_subset: str = field(default="all", metadata=_key(
+        "weights the alignment trains", choices=("all", "attention", "mlp")))
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything that decides a run. Defaults are the embedded CPU demo."""
 
@@ -121,6 +153,8 @@ class RunConfig:
     seed: int = field(default=0, metadata=_key("seed for data order, adapter init and dropout"))
     device: str = field(default="auto", metadata=_key("where to train", choices=("auto", "cpu", "cuda")))
     lora: LoraConfig = field(default_factory=LoraConfig)
+    l4q: L4QConfig = field(default_factory=L4QConfig)
+    loram: LoramConfig = field(default_factory=LoramConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
@@ -218,7 +252,8 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, where: str) -> Any:
         value = str(value)
 
     if meta.get("choices") and value not in meta["choices"]:
-        raise ConfigError(f"{where}key '{key}': expected one of {', '.join(meta['choices'])}, got {value!r}")
+        raise ConfigError(f"{where}key '{key}': expected one of {', '.join(map(str, meta['choices']))}, "
+                          f"got {value!r}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         lo, hi = meta.get("min"), meta.get("max")
         if lo is not None and value < lo:
@@ -242,9 +277,13 @@ def build_config(layers: Iterable[tuple[dict[str, Any], dict[str, str]]]) -> Run
             if key not in keys:
                 raise ConfigError(f"{where}unknown key '{key}'{_did_you_mean(key)}")
             merged[key] = _coerce(key, keys[key], value, where)
-    lora = {k.split(".", 1)[1]: v for k, v in merged.items() if k.startswith("lora.")}
+
+    def section(name: str) -> dict[str, Any]:
+        return {k.split(".", 1)[1]: v for k, v in merged.items() if k.startswith(name + ".")}
+
     top = {k: v for k, v in merged.items() if "." not in k}
-    return RunConfig(**top, lora=LoraConfig(**lora))
+    return RunConfig(**top, lora=LoraConfig(**section("lora")), l4q=L4QConfig(**section("l4q")),
+                     loram=LoramConfig(**section("loram")))
 
 
 # ---------------------------------------------------------------- YAML with line numbers

@@ -113,11 +113,21 @@ def load_tokenizer(model_dir: Path):
     return tokenizer
 
 
-def load_model(ref: str, device: str = "cpu", dtype: torch.dtype = torch.float32, log=print):
-    """(model, tokenizer, model_dir) for a reference; weights in `dtype` on `device`."""
+def load_model(ref: str, device: str = "cpu", dtype: torch.dtype = torch.float32, log=print, *,
+               nf4_targets: tuple[str, ...] = (), double_quant: bool = True):
+    """(model, tokenizer, model_dir) for a reference; weights in `dtype` on `device`.
+
+    With `nf4_targets` those linears are NF4 (QLoRA), quantized as they are read
+    so the full-precision model never exists (lowmem.quant.nf4); the rest is in `dtype`.
+    """
     from transformers import AutoModelForCausalLM
 
     model_dir = resolve_model_dir(ref, log)
+    if nf4_targets:
+        from lowmem.quant.nf4 import load_nf4_model
+
+        model = load_nf4_model(model_dir, device, dtype, nf4_targets, double_quant=double_quant)
+        return model, load_tokenizer(model_dir), model_dir
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(model_dir), dtype=dtype, local_files_only=True, attn_implementation="sdpa")
@@ -149,10 +159,19 @@ def prepare_for_training(model: nn.Module, plan) -> list[str]:
 
     model.config.use_cache = False
     names: list[str] = []
-    if plan.method == "lora":
+    if plan.method in ("lora", "qlora", "loram"):   # qlora: the NF4 base came from load_model(nf4_targets=...)
         try:
             names = apply_lora(model, plan.lora_rank, plan.lora_alpha, plan.lora_targets,
                                plan.lora_dropout, plan.lora_rslora)
+        except ValueError as e:
+            raise ModelError(str(e)) from None
+    elif plan.method == "l4q":
+        from lowmem.quant.l4q import apply_l4q
+
+        try:
+            names = apply_l4q(model, plan.lora_rank, plan.lora_alpha, plan.lora_targets,
+                              plan.quant_bits or 4, plan.quant_group or 128, plan.lora_dropout,
+                              plan.lora_rslora)
         except ValueError as e:
             raise ModelError(str(e)) from None
     elif plan.method == "full":

@@ -184,10 +184,14 @@ def resolve_device(requested: str) -> str:
 def plan_from_config(config: RunConfig) -> Plan:
     """The plan that does exactly what the config pins."""
     device = resolve_device(config.device)
-    lora = config.method == "lora"
+    lora = config.method in ("lora", "qlora", "l4q", "loram")
+    l4q = config.method == "l4q"
+    loram = config.method == "loram"
+    dense = "bf16" if device == "cuda" else "fp32"
+    nf4 = config.method == "qlora" or (loram and config.loram.quantize)
     return Plan(
         method=config.method,
-        base_format="bf16" if device == "cuda" else "fp32",
+        base_format="nf4" if nf4 else dense,
         lora_rank=config.lora.rank if lora else None,
         lora_alpha=config.lora.alpha if lora else None,
         lora_targets=config.lora.targets if lora else (),
@@ -203,6 +207,11 @@ def plan_from_config(config: RunConfig) -> Plan:
         compute_dtype="bfloat16" if device == "cuda" else "float32",
         vram=config.vram,
         reasons=("every choice pinned by the config",),
+        quant_bits=config.l4q.bits if l4q else None,
+        quant_group=config.l4q.group if l4q else None,
+        prune_ratio=config.loram.ratio if loram else 0.0,
+        prune_keep_first=config.loram.keep_first,
+        prune_keep_last=config.loram.keep_last,
     )
 
 
@@ -276,7 +285,10 @@ def _levels(config: Any, pinned: set[str]) -> list[_Level]:
         elif m == "loram":
             fixed = _config_value(config, "loram.ratio", None)
             ratios = [fixed] if fixed is not None and "loram.ratio" in pinned else PRUNE_RATIOS
-            bases = ["dense"] + (["nf4"] if "qlora" in methods else [])
+            if "loram.quantize" in pinned:
+                bases = ["nf4" if _config_value(config, "loram.quantize", False) else "dense"]
+            else:
+                bases = ["dense"] + (["nf4"] if "qlora" in methods else [])
             levels += [_Level("loram", b, r) for r in ratios for b in bases]
     return levels
 

@@ -172,18 +172,32 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
         out(f"warning: {problem}")
         events.emit("warning", message=problem)
 
-    weight_dtype = torch.bfloat16 if plan.base_format == "bf16" else torch.float32
-    model, tokenizer, model_dir = load_model(config.model, device, weight_dtype, log=out)
-    adapted = prepare_for_training(model, plan)
-    params = trainable_parameters(model)
-    n_trainable = sum(p.numel() for _, p in params)
-    n_total = sum(p.numel() for p in model.parameters())
-
+    # An NF4 base keeps its other tensors (embeddings, norms, head) in the compute dtype.
+    dense = plan.compute_dtype if plan.base_format == "nf4" else plan.base_format
+    weight_dtype = torch.bfloat16 if dense in ("bf16", "bfloat16") else torch.float32
+    nf4_targets = plan.lora_targets if plan.base_format == "nf4" else ()
+    loram = plan.method == "loram"
+    # LoRAM prunes float weights, so its base is quantized (QLoRAM) only after pruning.
+    model, tokenizer, model_dir = load_model(config.model, device, weight_dtype, log=out,
+                                             nf4_targets=() if loram else nf4_targets,
+                                             double_quant=plan.double_quant)
     data = load_datasets(config, tokenizer)
     if data.truncated:
         message = f"{data.truncated} sequences were longer than seq_len={config.seq_len} and were truncated"
         out(f"warning: {message}")
         events.emit("warning", message=message)
+    if loram:
+        from lowmem.loram import prepare_loram_run
+
+        prepare_loram_run(model, plan, config, data.train, tokenizer.pad_token_id, run_dir, resume, log=out)
+        if nf4_targets:
+            from lowmem.quant.nf4 import quantize_linears
+
+            quantize_linears(model, nf4_targets, weight_dtype, double_quant=plan.double_quant)
+    adapted = prepare_for_training(model, plan)
+    params = trainable_parameters(model)
+    n_trainable = sum(p.numel() for _, p in params)
+    n_total = sum(p.numel() for p in model.parameters())
     stream = BatchStream(data.train, plan.micro_batch, config.seed, tokenizer.pad_token_id)
 
     optimizer = build_optimizer(params, plan, config)
@@ -211,7 +225,7 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
                 total_params=n_total, train_examples=len(data.train),
                 heldout_examples=len(data.heldout), pid=os.getpid(), resumed=resume)
     out(f"{config.model}: {n_total / 1e6:.1f}M parameters, {n_trainable / 1e6:.2f}M trainable "
-        f"({plan.method}{f', rank {plan.lora_rank}' if plan.method == 'lora' else ''}) on {device}; "
+        f"({plan.method}{f', rank {plan.lora_rank}' if plan.lora_rank else ''}) on {device}; "
         f"{len(data.train)} training and {len(data.heldout)} held-out examples")
 
     def run_eval(label: str) -> dict:
@@ -267,7 +281,11 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
         after = run_eval("after")
         if adapted:
             save_adapter_for(model, plan, config, run_dir / "adapter")
-            out(f"adapter saved to {run_dir / 'adapter'} (PEFT layout)")
+            if plan.method == "l4q":
+                out(f"L4Q state saved to {run_dir / 'adapter'}; write the low-bit model with: "
+                    f"lowmem export {run_dir} --quantized OUT")
+            else:
+                out(f"adapter saved to {run_dir / 'adapter'} (PEFT layout)")
         else:
             model.save_pretrained(run_dir / "model")
             tokenizer.save_pretrained(run_dir / "model")
@@ -347,6 +365,16 @@ def obey_control(control: ControlReader, events: EventLog, checkpoint_now, step:
 
 
 def save_adapter_for(model, plan: Plan, config: RunConfig, folder: Path) -> Path:
+    if plan.method == "loram":  # recovered to the full model's shapes, PEFT layout
+        from lowmem.loram import save_recovered_adapter
+
+        return save_recovered_adapter(model, folder, rank=plan.lora_rank, alpha=plan.lora_alpha,
+                                      targets=plan.lora_targets, dropout=plan.lora_dropout,
+                                      rslora=plan.lora_rslora, base_model=config.model)
+    if plan.method == "l4q":   # LoRA + step sizes + offsets; `lowmem export` reads them
+        from lowmem.quant.l4q import save_l4q_state
+
+        return save_l4q_state(model, folder, base_model=config.model)
     return save_adapter(model, folder, rank=plan.lora_rank, alpha=plan.lora_alpha,
                         targets=plan.lora_targets, dropout=plan.lora_dropout,
                         rslora=plan.lora_rslora, base_model=config.model)

@@ -171,3 +171,38 @@ def test_sigint_finishes_the_step_checkpoints_and_says_how_to_resume(tmp_path, t
     done = read_events(tmp_path / "sig")[-1]
     assert done["kind"] == "done" and done["reason"] == "interrupted"
     assert list_checkpoints(tmp_path / "sig")[-1].name == f"step-{done['step']}"
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("qlora", {}),
+    ("l4q", {"lora.dropout": 0.0, "l4q.group": 16}),
+    ("loram", {"loram.ratio": 0.5, "loram.keep_first": 0, "loram.keep_last": 0}),
+    ("loram", {"loram.ratio": 0.5, "loram.keep_first": 0, "loram.keep_last": 0, "loram.quantize": True,
+               "loram.criterion": "magnitude", "loram.align_steps": 2}),
+])
+def test_every_adapter_method_trains_and_resumes_exactly(tmp_path, tiny_model_dir, tiny_chat_data, method, extra):
+    config = _config(tiny_model_dir, tiny_chat_data, tmp_path, steps=4, method=method, **extra)
+    train(*_start(config, "straight"), out=lambda m: None)
+    config_b, plan_b, run_b = _start(config, "stopped")
+
+    def stop_after_step_2(message):
+        if message.startswith("step 2/"):
+            send_control(run_b, "stop")
+
+    train(config_b, plan_b, run_b, out=stop_after_step_2)
+    train(config_b, plan_b, run_b, resume=True, out=lambda m: None)
+    straight = _losses(tmp_path / "runs" / "straight")
+    assert len(straight) == 4 and _losses(run_b) == straight
+
+
+def test_a_loram_run_saves_an_adapter_for_the_full_model(tmp_path, tiny_model_dir, tiny_chat_data):
+    from lowmem.lora import load_adapter
+    from lowmem.model import load_model
+
+    config = _config(tiny_model_dir, tiny_chat_data, tmp_path, steps=2, method="loram",
+                     **{"loram.ratio": 0.5, "loram.keep_first": 0, "loram.keep_last": 0})
+    config, plan, run_dir = _start(config, "r")
+    train(config, plan, run_dir, out=lambda m: None)
+    full, _, _ = load_model(str(tiny_model_dir))
+    load_adapter(full, run_dir / "adapter")  # raises if any shape is the pruned one
+    assert (run_dir / "loram_index.json").is_file()

@@ -39,7 +39,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         meta = f.metadata
         text = meta["help"]
         if meta.get("choices"):
-            text += f" [{'|'.join(meta['choices'])}]"
+            text += f" [{'|'.join(map(str, meta['choices']))}]"
         if meta.get("unit"):
             text += f" ({meta['unit']})"
         text += f" (default: {_default_text(key)})"

@@ -14,8 +14,8 @@ def register(sub) -> None:
                                    "newest checkpoint's).")
     p.add_argument("prompt", help="the user message")
     p.add_argument("--model", default=None,
-                   help="base model: local directory, .gguf, or smollm2-135m "
-                        "(default: the adapter's run model, else smollm2-135m)")
+                   help="base model: local directory, .gguf, smollm2-135m, or a folder written by "
+                        "`lowmem export --quantized` (default: the adapter's run model, else smollm2-135m)")
     p.add_argument("--adapter", help="adapter folder or run directory")
     p.add_argument("--system", default=None, help="system message (default: none)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="answer length cap (default: 128)")
@@ -52,8 +52,18 @@ def run(args) -> int:
     adapter, base = (find_adapter(Path(args.adapter)) if args.adapter else (None, None))
     import torch
 
-    model, tokenizer, _ = load_model(args.model or base or "smollm2-135m", device,
-                                     torch.bfloat16 if device == "cuda" else torch.float32)
+    from lowmem.quant.export import is_quantized_export, load_quantized_export
+
+    ref = args.model or base or "smollm2-135m"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if is_quantized_export(ref):
+        if adapter is not None:
+            raise ModelError(f"{ref} is a quantized export with its adapter merged in; drop --adapter")
+        model, tokenizer = load_quantized_export(ref, device, dtype)
+        if tokenizer is None:
+            raise ModelError(f"{ref} has no tokenizer files; export from a run whose model has them")
+    else:
+        model, tokenizer, _ = load_model(ref, device, dtype)
     if adapter is not None:
         load_adapter(model, adapter)
     messages = ([{"role": "system", "content": args.system}] if args.system else [])

@@ -1,0 +1,250 @@
+"""LoRAM: train LoRA on a pruned model, infer with the full one (Zhang et al., 2025,
+"Train Small, Infer Large: Memory-Efficient LoRA Training for Large Language Models").
+
+The run, in order:
+
+1. prune the frozen float base (`lowmem.prune`: whole KV groups / query heads /
+   MLP channels by importance), optionally NF4-quantize it (QLoRAM);
+2. optionally align the pruned model to the full one by a short continual
+   pre-training on plain text (`align`);
+3. train LoRA on the pruned model with the one training loop;
+4. recover: scatter the pruned adapter into the full shapes, zeros where the
+   pruned model had no neuron, and save it in the PEFT layout of the full model.
+
+Recovery of one linear W (out × in) with kept rows R ⊆ [out], kept columns C ⊆ [in]
+(one of them is "all"): the pruned adapter has A' (r × |C|), B' (|R| × r), and
+
+    A = 0 (r × in),  A[:, C] = A'          B = 0 (out × r),  B[R, :] = B'
+
+so ΔW = s·B A is s·B'A' on the kept block and 0 elsewhere: the full model gets
+exactly the update the pruned model learned, and the pruned neurons get none.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from lowmem.prune import ATTENTION, MLP, PRUNED_IN, IndexMap
+
+INDEX_MAP_FILE = "loram_index.json"
+ALIGN_SUBSETS = ("all", "attention", "mlp")
+
+
+def _parse_key(key: str) -> tuple[int, str, str] | None:
+    """(layer, projection, "A"|"B") for a PEFT key of a block's projection, else None."""
+    parts = key.split(".")
+    try:
+        at = parts.index("layers")
+        layer, proj = int(parts[at + 1]), parts[-3]
+    except (ValueError, IndexError):
+        return None
+    if proj not in ATTENTION + MLP or parts[-2] not in ("lora_A", "lora_B"):
+        return None
+    return layer, proj, parts[-2][-1]
+
+
+def recover_state(pruned: dict[str, torch.Tensor], index_map: IndexMap) -> dict[str, torch.Tensor]:
+    """PEFT adapter tensors of the pruned model → the same keys in the full model's shapes."""
+    full = {}
+    for key, t in pruned.items():
+        parsed = _parse_key(key)
+        if parsed is None or not index_map.is_pruned(parsed[0]):
+            full[key] = t.clone()
+            continue
+        layer, proj, which = parsed
+        out, inp = index_map.full_shape(proj)
+        idx = index_map.kept_indices(layer, proj).to(t.device)
+        if which == "A" and proj in PRUNED_IN:      # A: (r × in), pruned columns
+            full[key] = t.new_zeros(t.shape[0], inp).index_copy_(1, idx, t)
+        elif which == "B" and proj not in PRUNED_IN:  # B: (out × r), pruned rows
+            full[key] = t.new_zeros(out, t.shape[1]).index_copy_(0, idx, t)
+        else:                                         # the side that pruning left whole
+            full[key] = t.clone()
+    return full
+
+
+def prune_state(full: dict[str, torch.Tensor], index_map: IndexMap) -> dict[str, torch.Tensor]:
+    """The inverse of `recover_state`: gather the kept rows/columns of a full-shape adapter."""
+    pruned = {}
+    for key, t in full.items():
+        parsed = _parse_key(key)
+        if parsed is None or not index_map.is_pruned(parsed[0]):
+            pruned[key] = t.clone()
+            continue
+        layer, proj, which = parsed
+        idx = index_map.kept_indices(layer, proj).to(t.device)
+        if which == "A" and proj in PRUNED_IN:
+            pruned[key] = t.index_select(1, idx)
+        elif which == "B" and proj not in PRUNED_IN:
+            pruned[key] = t.index_select(0, idx)
+        else:
+            pruned[key] = t.clone()
+    return pruned
+
+
+def save_recovered_adapter(model: nn.Module, folder: Path, index_map: IndexMap | None = None, *,
+                           rank: int, alpha: float, targets: tuple[str, ...], dropout: float,
+                           rslora: bool, base_model: str) -> Path:
+    """Save the adapter of a pruned `model` recovered to the full shapes, in the PEFT layout.
+
+    Keys and `adapter_config.json` are those `lowmem.lora.save_adapter` writes
+    (a pruned model keeps its module names); the tensors are recovered. The
+    index map is kept beside them as `loram_index.json`, which PEFT ignores.
+    """
+    from safetensors.torch import save_file
+
+    from lowmem.lora import ADAPTER_WEIGHTS, adapter_state_dict, save_adapter
+
+    index_map = index_map or getattr(model, "loram_index_map", None)
+    if index_map is None:
+        raise ValueError("this model carries no LoRAM index map; was it pruned with lowmem.prune?")
+    folder = save_adapter(model, folder, rank=rank, alpha=alpha, targets=targets, dropout=dropout,
+                          rslora=rslora, base_model=base_model)
+    save_file(recover_state(adapter_state_dict(model), index_map), str(folder / ADAPTER_WEIGHTS))
+    index_map.save(folder / INDEX_MAP_FILE)
+    return folder
+
+
+def align(model: nn.Module, batches: Iterable[dict[str, torch.Tensor] | torch.Tensor], steps: int, *,
+          lr: float = 1e-5, subset: str = "all", weight_decay: float = 0.0, max_grad_norm: float = 1.0,
+          log=None) -> list[float]:
+    """Continual pre-training of the pruned model on plain text, before LoRA; returns the losses.
+
+    Trains the block weights (`subset`: all of them, or only attention or MLP
+    projections; embeddings, final norm and head stay frozen) with AdamW for
+    `steps` steps, cycling through `batches` (token tensors B × T, or dicts with
+    input_ids / attention_mask / labels; a tensor trains on every token). The
+    paper aligns once, offline, so that the small model's knowledge matches the
+    large one it stands in for. Leaves every parameter frozen afterwards.
+    """
+    from lowmem.loss import causal_lm_loss
+
+    if subset not in ALIGN_SUBSETS:
+        raise ValueError(f"unknown alignment subset {subset!r}; choose one of {', '.join(ALIGN_SUBSETS)}")
+    batches = list(batches)
+    if not batches or steps < 1:
+        raise ValueError("alignment needs at least one batch and one step")
+    names = {"all": ATTENTION + MLP, "attention": ATTENTION, "mlp": MLP}[subset]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = []
+    for block in model.get_decoder().layers:
+        if subset == "all":
+            params += list(block.parameters())
+        else:
+            for owner in (block.self_attn, block.mlp):
+                params += [p for n, m in owner.named_children() if n in names for p in m.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                   {"params": rest, "weight_decay": 0.0}], lr=lr)
+    device = params[0].device
+    was_training = model.training
+    model.train()
+    losses = []
+    try:
+        for step in range(steps):
+            batch = batches[step % len(batches)]
+            if isinstance(batch, torch.Tensor):
+                batch = {"input_ids": batch, "attention_mask": torch.ones_like(batch), "labels": batch}
+            batch = {k: v.to(device) for k, v in batch.items()}
+            hidden = model.get_decoder()(input_ids=batch["input_ids"],
+                                         attention_mask=batch["attention_mask"]).last_hidden_state
+            loss = causal_lm_loss(hidden, model.get_output_embeddings().weight, batch["labels"])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            if log is not None:
+                log(f"align step {step + 1}/{steps}  loss {losses[-1]:.4f}")
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+        model.train(was_training)
+    return losses
+
+
+def prepare_pruned(model: nn.Module, *, ratio: float, criterion: str = "taylor",
+                   keep_first: int = 1, keep_last: int = 1, layer_ratios: dict[int, float] | None = None,
+                   calibration: Iterable[dict[str, torch.Tensor]] | None = None,
+                   index_map: IndexMap | None = None,
+                   align_batches: Iterable[dict[str, torch.Tensor] | torch.Tensor] | None = None,
+                   align_steps: int = 0, align_lr: float = 1e-5, align_subset: str = "all",
+                   log=print) -> IndexMap:
+    """Steps 1–2 of a LoRAM run on a float model, in place: prune (or re-apply a saved
+    `index_map`, as a resumed run must), then align when `align_steps` > 0.
+
+    Call it before quantizing (QLoRAM) and before adding adapters.
+    """
+    from lowmem.prune import apply_index_map, prune
+
+    before = sum(p.numel() for p in model.parameters())
+    if index_map is not None:
+        apply_index_map(model, index_map)
+    else:
+        index_map = prune(model, ratio, criterion=criterion, batches=calibration, keep_first=keep_first,
+                          keep_last=keep_last, layer_ratios=layer_ratios)
+    after = sum(p.numel() for p in model.parameters())
+    pruned_blocks = sum(index_map.is_pruned(i) for i in range(index_map.layers))
+    log(f"LoRAM: pruned {pruned_blocks} of {index_map.layers} blocks ({index_map.criterion}, ratio "
+        f"{index_map.ratio:.0%}): {before:,} -> {after:,} parameters ({before / after:.2f}x)")
+    if align_steps > 0:
+        losses = align(model, align_batches or [], align_steps, lr=align_lr, subset=align_subset)
+        log(f"LoRAM: aligned {align_steps} steps on plain text: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    return index_map
+
+
+ALIGNED_BASE_FILE = "loram_aligned.safetensors"
+
+
+def prepare_loram_run(model: nn.Module, plan, config, train_examples, pad_id: int, run_dir: Path,
+                      resume: bool, log=print) -> IndexMap:
+    """Prune (and align) a freshly loaded dense model for a LoRAM run, in place.
+
+    A new run scores importance on calibration batches drawn with their own
+    seed (so the training order is untouched), saves the index map as
+    `loram_index.json` and, when aligned, the aligned base as
+    `loram_aligned.safetensors`; a resumed run re-applies both, so it trains
+    on the very model the first part trained on.
+    """
+    from safetensors.torch import load_model, save_model
+
+    from lowmem.data import BatchStream
+    from lowmem.prune import IndexMap, apply_index_map
+
+    cfg = config.loram
+    run_dir = Path(run_dir)
+    index_path, aligned_path = run_dir / INDEX_MAP_FILE, run_dir / ALIGNED_BASE_FILE
+    if resume:
+        index_map = IndexMap.load(index_path)
+        apply_index_map(model, index_map)
+        if aligned_path.is_file():
+            load_model(model, str(aligned_path))
+        model.loram_index_map = index_map
+        return index_map
+    calibration = None
+    if cfg.criterion == "taylor":
+        stream = BatchStream(train_examples, plan.micro_batch, config.seed + 1, pad_id)
+        calibration = [stream.next() for _ in range(cfg.calibration_batches)]
+    align_batches = None
+    if cfg.align_steps:
+        stream = BatchStream(train_examples, plan.micro_batch, config.seed + 2, pad_id)
+        align_batches = [stream.next() for _ in range(cfg.align_steps)]
+    layer_ratios = {i: r for i, r in enumerate(cfg.layer_ratios)} or None
+    index_map = prepare_pruned(model, ratio=plan.prune_ratio, criterion=cfg.criterion,
+                               keep_first=plan.prune_keep_first, keep_last=plan.prune_keep_last,
+                               layer_ratios=layer_ratios, calibration=calibration,
+                               align_batches=align_batches, align_steps=cfg.align_steps,
+                               align_lr=cfg.align_lr, align_subset=cfg.align_subset, log=log)
+    index_map.save(index_path)
+    if cfg.align_steps:
+        save_model(model, str(aligned_path))
+    model.loram_index_map = index_map
+    return index_map

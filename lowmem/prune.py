@@ -1,0 +1,355 @@
+"""Structured pruning of a Llama-style decoder (for LoRAM; scores after LLM-Pruner, Ma et al., 2023).
+
+A block loses whole units, never single weights, so the pruned model is a
+physically smaller dense model:
+
+- attention: KV groups (one key/value head and the query heads that read it),
+  then, inside each kept group, query heads, so that every kept group keeps
+  the same number g' of query heads (transformers requires uniform groups);
+- MLP: intermediate channels (a row of gate_proj and up_proj, a column of
+  down_proj).
+
+Kept counts per pruned block follow `lowmem.spec.ModelSpec.pruned`, so the
+planner's predicted shapes and the real ones agree:
+
+    K' = max(1, round(K·(1−p)))     H' = K'·max(1, round(H·(1−p)/K'))     I' = max(1, round(I·(1−p)))
+
+Importance of a unit is the sum over its weights w (in every linear it owns)
+of a per-weight score:
+
+    magnitude:  |w|                                  (no data needed)
+    taylor:     |w · ∂L/∂w|   ≈ |ΔL| when w is set to 0   (first-order Taylor, LLM-Pruner's
+                                                          element-wise criterion, sum aggregation)
+
+with ∂L/∂w accumulated over a few calibration batches. Query heads are ranked
+within their group by their q_proj rows and o_proj columns; a KV group's score
+adds its k/v rows to its query heads' scores.
+
+Pruning works on float weights (fp32/bf16): QLoRAM prunes first, then quantizes
+the smaller model. The `IndexMap` records which original rows and columns
+every pruned linear kept; LoRAM recovery (`lowmem.loram`) scatters the adapter
+back through it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+CRITERIA = ("taylor", "magnitude")
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+# Which side of each linear's weight (out × in) a pruned unit removes.
+PRUNED_OUT = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")   # rows
+PRUNED_IN = ("o_proj", "down_proj")                                     # columns
+
+
+def _round(x: float) -> int:
+    return int(x + 0.5)  # round half up, as lowmem.spec does
+
+
+def kept_counts(heads: int, kv_heads: int, intermediate: int, ratio: float) -> tuple[int, int, int]:
+    """(H', K', I') kept in a block pruned by `ratio` (the formula of ModelSpec.pruned)."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"prune ratio must be in [0, 1), got {ratio}")
+    if ratio == 0.0:
+        return heads, kv_heads, intermediate
+    keep = 1.0 - ratio
+    kv = max(1, _round(kv_heads * keep))
+    per_group = min(heads // kv_heads, max(1, _round(heads * keep / kv)))
+    return kv * per_group, kv, max(1, _round(intermediate * keep))
+
+
+# ---------------------------------------------------------------- the index map
+
+@dataclass(frozen=True)
+class LayerKeep:
+    """What one block kept, as indices into the original model (sorted)."""
+
+    layer: int
+    heads: tuple[int, ...]       # query heads, grouped: kept group j owns heads[j·g' : (j+1)·g']
+    kv_heads: tuple[int, ...]
+    channels: tuple[int, ...]    # MLP intermediate channels
+
+
+@dataclass(frozen=True)
+class IndexMap:
+    """The original shapes and, per block, the kept heads / KV heads / channels."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    ratio: float
+    criterion: str
+    keep: tuple[LayerKeep, ...] = field(default=())
+
+    def layer(self, i: int) -> LayerKeep:
+        return self.keep[i]
+
+    def is_pruned(self, i: int) -> bool:
+        k = self.keep[i]
+        return (len(k.heads), len(k.kv_heads), len(k.channels)) != (self.heads, self.kv_heads, self.intermediate)
+
+    def kept_indices(self, i: int, proj: str) -> torch.Tensor:
+        """Original indices kept along the pruned side of block i's `proj` (rows or columns)."""
+        k, d = self.keep[i], self.head_dim
+        if proj in ("q_proj", "o_proj"):
+            units = k.heads
+        elif proj in ("k_proj", "v_proj"):
+            units = k.kv_heads
+        elif proj in MLP:
+            return torch.tensor(k.channels, dtype=torch.long)
+        else:
+            raise KeyError(f"{proj} is not a prunable projection ({', '.join(ATTENTION + MLP)})")
+        return (torch.tensor(units, dtype=torch.long)[:, None] * d + torch.arange(d)).reshape(-1)
+
+    def full_shape(self, proj: str) -> tuple[int, int]:
+        """(out, in) of `proj` in the original model."""
+        h, d = self.hidden, self.head_dim
+        return {"q_proj": (self.heads * d, h), "k_proj": (self.kv_heads * d, h),
+                "v_proj": (self.kv_heads * d, h), "o_proj": (h, self.heads * d),
+                "gate_proj": (self.intermediate, h), "up_proj": (self.intermediate, h),
+                "down_proj": (h, self.intermediate)}[proj]
+
+    def params_removed(self) -> int:
+        """Weights the pruning removed from the linear layers (biases not counted)."""
+        total = 0
+        for i in range(self.layers):
+            for proj in ATTENTION + MLP:
+                out, inp = self.full_shape(proj)
+                kept = len(self.kept_indices(i, proj))
+                total += (out if proj in PRUNED_IN else inp) * ((inp if proj in PRUNED_IN else out) - kept)
+        return total
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "IndexMap":
+        raw = json.loads(text)
+        keep = tuple(LayerKeep(k["layer"], tuple(k["heads"]), tuple(k["kv_heads"]), tuple(k["channels"]))
+                     for k in raw.pop("keep"))
+        return cls(**raw, keep=keep)
+
+    def save(self, path: Path) -> Path:
+        Path(path).write_text(self.to_json() + "\n")
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "IndexMap":
+        return cls.from_json(Path(path).read_text())
+
+
+# ---------------------------------------------------------------- importance
+
+def _blocks(model: nn.Module) -> nn.ModuleList:
+    return model.get_decoder().layers
+
+
+def _check_prunable(model: nn.Module) -> None:
+    for i, block in enumerate(_blocks(model)):
+        for owner, names in ((block.self_attn, ATTENTION), (block.mlp, MLP)):
+            for name in names:
+                layer = getattr(owner, name, None)
+                if type(layer) is not nn.Linear:
+                    raise TypeError(
+                        f"layer {i} {name} is {type(layer).__name__}, not a plain nn.Linear: prune the "
+                        f"float model before quantizing it or adding adapters (QLoRAM = prune, then NF4)")
+
+
+@torch.no_grad()
+def _unit_scores(block: nn.Module, per_weight, n_heads: int, n_kv: int, head_dim: int) -> dict[str, torch.Tensor]:
+    """Scores of every query head, KV group and MLP channel of one block.
+
+    `per_weight(linear)` gives an (out × in) score per weight.
+    """
+    attn, mlp = block.self_attn, block.mlp
+    d = head_dim
+    q = per_weight(attn.q_proj).sum(1).view(n_heads, d).sum(1)
+    o = per_weight(attn.o_proj).sum(0).view(n_heads, d).sum(1)
+    k = per_weight(attn.k_proj).sum(1).view(n_kv, d).sum(1)
+    v = per_weight(attn.v_proj).sum(1).view(n_kv, d).sum(1)
+    head = q + o
+    group = k + v + head.view(n_kv, n_heads // n_kv).sum(1)
+    channel = (per_weight(mlp.gate_proj).sum(1) + per_weight(mlp.up_proj).sum(1)
+               + per_weight(mlp.down_proj).sum(0))
+    return {"head": head.float(), "group": group.float(), "channel": channel.float()}
+
+
+def importance(model: nn.Module, criterion: str = "taylor",
+               batches: Iterable[dict[str, torch.Tensor]] | None = None) -> list[dict[str, torch.Tensor]]:
+    """Per block: {"head": (H,), "group": (K,), "channel": (I,)} importance scores.
+
+    `taylor` needs calibration `batches` (dicts with input_ids, attention_mask,
+    labels, as `lowmem.data.collate` makes); gradients of the summed token loss
+    are accumulated over all of them, then scored as |w · g|. Parameters'
+    `requires_grad` flags are restored afterwards.
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown pruning criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    config = model.config
+    n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    blocks = _blocks(model)
+    if criterion == "magnitude":
+        return [_unit_scores(b, lambda lin: lin.weight.abs(), n_heads, n_kv, head_dim) for b in blocks]
+
+    batches = list(batches or [])
+    if not batches:
+        raise ValueError("the taylor criterion needs calibration batches; pass some, or use 'magnitude'")
+    from lowmem.loss import causal_lm_loss
+
+    linears = [getattr(owner, n) for b in blocks for owner, names in ((b.self_attn, ATTENTION), (b.mlp, MLP))
+               for n in names]
+    flags = {p: p.requires_grad for p in model.parameters()}
+    grads = {lin: torch.zeros_like(lin.weight, dtype=torch.float32) for lin in linears}
+    was_training = model.training
+    model.eval()  # no dropout: the score describes the model as it will be used
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for lin in linears:
+            lin.weight.requires_grad_(True)
+        device = linears[0].weight.device
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            hidden = model.get_decoder()(input_ids=batch["input_ids"],
+                                         attention_mask=batch["attention_mask"]).last_hidden_state
+            labels = batch.get("labels", batch["input_ids"])
+            loss = causal_lm_loss(hidden, model.get_output_embeddings().weight, labels, reduction="sum")
+            loss.backward()
+            for lin in linears:
+                # Summed over batches before |w·g|, as one large calibration batch would be.
+                grads[lin] += lin.weight.grad.float()
+                lin.weight.grad = None
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return [_unit_scores(b, lambda lin: (lin.weight.float() * grads[lin]).abs(), n_heads, n_kv, head_dim)
+            for b in blocks]
+
+
+# ---------------------------------------------------------------- choosing and cutting
+
+def layer_ratio_list(layers: int, ratio: float, keep_first: int = 1, keep_last: int = 1,
+                     layer_ratios: dict[int, float] | None = None) -> list[float]:
+    """The prune ratio of every block: `ratio` in the middle, 0 for the outer blocks kept whole,
+    and `layer_ratios[i]` wherever it is given (it wins over both)."""
+    first = min(keep_first, layers)
+    last = min(keep_last, layers - first)
+    ratios = [0.0 if i < first or i >= layers - last else ratio for i in range(layers)]
+    for i, r in (layer_ratios or {}).items():
+        if not 0 <= int(i) < layers:
+            raise ValueError(f"layer_ratios names layer {i}; this model has layers 0..{layers - 1}")
+        ratios[int(i)] = float(r)
+    return ratios
+
+
+def _top(scores: torch.Tensor, n: int) -> list[int]:
+    # Ties broken by the lower index, so equal scores choose deterministically.
+    order = sorted(range(len(scores)), key=lambda j: (-float(scores[j]), j))
+    return sorted(order[:n])
+
+
+def select(model: nn.Module, scores: list[dict[str, torch.Tensor]], ratios: list[float],
+           criterion: str = "") -> IndexMap:
+    """The IndexMap keeping the highest-scoring units at each block's ratio."""
+    c = model.config
+    n_heads, n_kv, inter = c.num_attention_heads, c.num_key_value_heads, c.intermediate_size
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // n_heads
+    group = n_heads // n_kv
+    keep = []
+    for i, (s, r) in enumerate(zip(scores, ratios)):
+        h_keep, kv_keep, i_keep = kept_counts(n_heads, n_kv, inter, r)
+        per_group = h_keep // kv_keep
+        kv = _top(s["group"], kv_keep)
+        heads = [kvh * group + j for kvh in kv for j in _top(s["head"][kvh * group:(kvh + 1) * group], per_group)]
+        keep.append(LayerKeep(i, tuple(heads), tuple(kv), tuple(_top(s["channel"], i_keep))))
+    global_ratio = max(ratios) if ratios else 0.0
+    return IndexMap(layers=len(ratios), hidden=c.hidden_size, heads=n_heads, kv_heads=n_kv,
+                    head_dim=head_dim, intermediate=inter, ratio=global_ratio, criterion=criterion,
+                    keep=tuple(keep))
+
+
+def _cut(linear: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None) -> nn.Linear:
+    w = linear.weight.detach()
+    if rows is not None:
+        w = w.index_select(0, rows.to(w.device))
+    if cols is not None:
+        w = w.index_select(1, cols.to(w.device))
+    new = nn.Linear(w.shape[1], w.shape[0], bias=linear.bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if linear.bias is not None:
+            b = linear.bias.detach()
+            new.bias.copy_(b.index_select(0, rows.to(b.device)) if rows is not None else b)
+    new.weight.requires_grad_(linear.weight.requires_grad)
+    return new
+
+
+@torch.no_grad()
+def apply_index_map(model: nn.Module, index_map: IndexMap) -> nn.Module:
+    """Cut `model` down to the units `index_map` keeps, in place; returns the model.
+
+    transformers' Llama attention reshapes with -1 heads and reads only
+    `num_key_value_groups` (and `head_dim`) from the module, so those are the
+    attributes updated per block; `config.num_attention_heads` etc. keep
+    describing the original model (the rotary embedding and the recovered
+    adapter need its shapes). The map is attached as `model.loram_index_map`.
+    """
+    _check_prunable(model)
+    for i, block in enumerate(_blocks(model)):
+        if not index_map.is_pruned(i):
+            continue
+        attn, mlp, k = block.self_attn, block.mlp, index_map.layer(i)
+        for name in PRUNED_OUT:
+            owner = attn if name in ATTENTION else mlp
+            setattr(owner, name, _cut(getattr(owner, name), index_map.kept_indices(i, name), None))
+        for name in PRUNED_IN:
+            owner = attn if name in ATTENTION else mlp
+            setattr(owner, name, _cut(getattr(owner, name), None, index_map.kept_indices(i, name)))
+        attn.num_key_value_groups = len(k.heads) // len(k.kv_heads)
+        for attr, value in (("num_heads", len(k.heads)), ("num_key_value_heads", len(k.kv_heads))):
+            if hasattr(attn, attr):  # older transformers kept these on the module
+                setattr(attn, attr, value)
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = len(k.channels)
+    model.loram_index_map = index_map
+    return model
+
+
+def prune(model: nn.Module, ratio: float, *, criterion: str = "taylor",
+          batches: Iterable[dict[str, torch.Tensor]] | None = None, keep_first: int = 1,
+          keep_last: int = 1, layer_ratios: dict[int, float] | None = None) -> IndexMap:
+    """Score, choose and cut `model` in place; returns the IndexMap (also at `model.loram_index_map`)."""
+    _check_prunable(model)
+    ratios = layer_ratio_list(model.config.num_hidden_layers, ratio, keep_first, keep_last, layer_ratios)
+    scores = importance(model, criterion, batches)
+    index_map = select(model, scores, ratios, criterion)
+    apply_index_map(model, index_map)
+    return index_map
+
+
+def masked_copy_reference(model: nn.Module, index_map: IndexMap) -> nn.Module:
+    """The full model with every pruned unit's output contribution zeroed (o_proj / down_proj
+    columns): the reference the pruned model must equal. For tests and checks."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for i, block in enumerate(_blocks(ref)):
+            for owner, name in ((block.self_attn, "o_proj"), (block.mlp, "down_proj")):
+                w = getattr(owner, name).weight
+                mask = torch.zeros(w.shape[1], dtype=torch.bool, device=w.device)
+                mask[index_map.kept_indices(i, name).to(w.device)] = True
+                w[:, ~mask] = 0
+    return ref

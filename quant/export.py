@@ -1,0 +1,412 @@
+"""Exporting a fine-tuned model: low-bit packed, dequantized, or merged.
+
+Three outputs, each a folder that holds `config.json` (+ the tokenizer files
+when known):
+
+* **quantized** (`lowmem-intk`, version 1): the adapter merged into the
+  weights, written as packed integer codes with a step size and an offset per
+  group (lowmem.quant.intk). An L4Q layer uses its learned step sizes and
+  offsets; a LoRA/QLoRA layer is merged (W0 + c·BA) and then round-to-nearest
+  quantized with each group's min–max range (`bits`, `group`). Files:
+
+      quantization.json   {"format": "lowmem-intk", "version": 1, "bits": b,
+                           "group_size": g, "symmetric": false,
+                           "scale_dtype": "float16", "modules": [names], "source": {...}}
+      model.safetensors   for each quantized linear <m> (out × in, G = ⌈in/g⌉):
+                            <m>.qweight  uint8 (out, ⌈in·b/8⌉)   codes u = q − Qn, little-endian
+                                                                bit stream per row, rows padded
+                                                                to whole bytes
+                            <m>.scales   float16 (out, G)        step sizes s
+                            <m>.offsets  float16 (out, G)        offsets β (absent if symmetric)
+                            <m>.bias     (out,)                   if the layer has one
+                          every other tensor under its Hugging Face name, in the dense
+                          dtype (tied weights once, as save_pretrained does)
+
+      a weight reads back as  ŵ[o, i] = (u[o, i] + Qn) · s[o, ⌊i/g⌋] + β[o, ⌊i/g⌋]
+
+  The codes are computed with the scales already rounded to the stored dtype,
+  so the file is self-consistent; with `scale_dtype=float32` and fp32 dense
+  tensors it reproduces an L4Q model's training-time forward exactly.
+  `load_quantized_export` loads it (`lowmem generate --model OUT`).
+
+* **dequantized**: the same quantized weights, dequantized, as an ordinary
+  Hugging Face model folder (bf16 by default) that transformers loads.
+
+* **merged**: a LoRA/QLoRA adapter merged into the base weights (W0 + c·BA,
+  no quantization), as a Hugging Face model folder. For a QLoRA run W0 is the
+  original full-precision weight, not its NF4 version (PEFT's
+  `merge_and_unload` on a reloaded full-precision base does the same).
+
+`export_run` does this for a run directory (`lowmem export RUN_DIR ...`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from lowmem.errors import ModelError
+from lowmem.lora import LoRALinear
+from lowmem.quant import intk
+from lowmem.quant.l4q import L4QLinear, merged_weight
+
+QUANT_CONFIG = "quantization.json"
+FORMAT = "lowmem-intk"
+VERSION = 1
+WEIGHTS = "model.safetensors"
+
+
+@dataclass
+class QuantizedWeight:
+    """One exported linear: packed codes, per-group step sizes and offsets, and its bias."""
+
+    qweight: torch.Tensor            # uint8 (out, ⌈in·bits/8⌉)
+    scales: torch.Tensor             # (out, G)
+    offsets: torch.Tensor | None     # (out, G), None when symmetric
+    bias: torch.Tensor | None
+    in_features: int
+    bits: int
+    group: int
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        q = intk.unpack(self.qweight, self.bits, self.in_features)
+        return intk.dequantize(q, self.scales, self.offsets, self.group, dtype)
+
+
+def _dense_weight(layer: nn.Module) -> torch.Tensor:
+    """A copy of a (base) layer's weight in fp32: dense as is, NF4 dequantized."""
+    if hasattr(layer, "dequantized_weight"):
+        return layer.dequantized_weight().to(torch.float32, copy=True)
+    return layer.weight.detach().to(torch.float32, copy=True)
+
+
+def _quantize(w: torch.Tensor, step: torch.Tensor, offset: torch.Tensor | None, bias, bits: int,
+              group: int, scale_dtype: torch.dtype) -> QuantizedWeight:
+    step = step.detach().to(scale_dtype)
+    offset = None if offset is None else offset.detach().to(scale_dtype)
+    q = intk.codes(w, step, offset, bits, group)
+    return QuantizedWeight(intk.pack(q, bits).cpu(), step.cpu(), None if offset is None else offset.cpu(),
+                           None if bias is None else bias.detach().cpu(), w.shape[1], bits, group)
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, *, bits: int | None = None, group: int | None = None,
+                   targets: tuple[str, ...] = (), scale_dtype: torch.dtype = torch.float16
+                   ) -> dict[str, QuantizedWeight]:
+    """Low-bit weights for every adapter layer of `model` (and plain linears named in `targets`).
+
+    L4Q layers: Q(W0 + c·BA) with their learned step sizes and offsets (their own
+    bits and group; `bits`/`group`, if given, must agree). LoRA layers, and plain
+    nn.Linear whose name ends with a target: W0 + c·BA (or W0) quantized
+    round-to-nearest with min–max groups at `bits` / `group`.
+    """
+    out: dict[str, QuantizedWeight] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, L4QLinear):
+            if m.merged:
+                raise ValueError(f"{name}: the L4Q layer is merged already; export it before merging")
+            if (bits or m.bits) != m.bits or (group or m.group) != m.group:
+                asked = ", ".join(f"{k}={v}" for k, v in (("bits", bits), ("group", group)) if v)
+                raise ValueError(f"{name}: an L4Q layer trained with bits={m.bits}, group={m.group} exports "
+                                 f"only that way (asked for {asked})")
+            w = merged_weight(m.base.weight, m.lora_A, m.lora_B, m.scaling)
+            out[name] = _quantize(w, m.quant_step, m.quant_offset, m.base.bias, m.bits, m.group, scale_dtype)
+        elif isinstance(m, LoRALinear) or (isinstance(m, nn.Linear) and targets
+                                           and name.split(".")[-1] in targets and not _inside(name, out)):
+            if bits is None or group is None:
+                raise ValueError("round-to-nearest export of LoRA layers needs bits and group")
+            if isinstance(m, LoRALinear):
+                w = _dense_weight(m.base)
+                if not m.merged:
+                    w += m.delta_weight().float()
+                bias = m.base.bias
+            else:
+                w, bias = _dense_weight(m), m.bias
+            step, offset = intk.minmax_params(w, bits, group)
+            out[name] = _quantize(w, step, offset, bias, bits, group, scale_dtype)
+    if not out:
+        raise ValueError("nothing to quantize: the model has no adapter layers and no linear matches the targets")
+    return out
+
+
+def _inside(name: str, done: dict) -> bool:
+    """True when `name` is a submodule of a layer already quantized (e.g. a LoRA layer's base)."""
+    return any(name.startswith(prefix + ".") for prefix in done)
+
+
+@torch.no_grad()
+def merged_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """W0 + c·BA (fp32) for every LoRA layer; NF4 bases are dequantized first."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, L4QLinear):
+            raise ValueError("an L4Q model is exported quantized or dequantized, not merged unquantized")
+        if isinstance(m, LoRALinear):
+            w = _dense_weight(m.base)
+            out[name] = w if m.merged else w + m.delta_weight().float()
+    if not out:
+        raise ValueError("nothing to merge: the model has no LoRA layers")
+    return out
+
+
+# ---------------------------------------------------------------- writing
+
+def _dense_tensors(model: nn.Module, replaced: set[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of `model`'s state dict outside the `replaced` layers, tied ones once."""
+    out, seen = {}, set()
+    for key, t in model.state_dict().items():
+        if any(key.startswith(name + ".") for name in replaced):
+            continue
+        if t.device.type != "meta" and t.untyped_storage().data_ptr() in seen:
+            continue   # a tied weight (lm_head = embed_tokens): written once, like save_pretrained
+        seen.add(t.untyped_storage().data_ptr())
+        if t.dtype == torch.uint8 or not t.is_floating_point():
+            raise ValueError(f"{key}: a {t.dtype} tensor outside the exported layers (a quantized "
+                             "base without an adapter?) cannot be written as a dense weight")
+        out[key] = t.detach().to("cpu", dtype).contiguous()
+    return out
+
+
+def _write_folder(out: Path, write: Callable[[Path], None]) -> Path:
+    """Write into a temporary folder beside `out`, then rename: a failed export leaves nothing."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ModelError(f"{out} already exists and is not empty; choose another output folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    try:
+        write(tmp)
+        # mkdtemp and safetensors make owner-only files; an exported model is for sharing.
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in [tmp, *tmp.rglob("*")]:
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+        if out.exists():
+            out.rmdir()
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _save_config(model: nn.Module, folder: Path, dtype: torch.dtype, tokenizer) -> None:
+    config = copy.deepcopy(model.config)
+    config.use_cache = True          # training switched it off; an exported model generates
+    config.dtype = _name(dtype)
+    config.save_pretrained(folder)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def save_quantized(model: nn.Module, quantized: dict[str, QuantizedWeight], out: Path, *,
+                   tokenizer=None, dense_dtype: torch.dtype = torch.bfloat16,
+                   source: dict | None = None) -> Path:
+    """Write the `lowmem-intk` folder (layout in the module docstring)."""
+    from safetensors.torch import save_file
+
+    first = next(iter(quantized.values()))
+    if any((q.bits, q.group, q.offsets is None) != (first.bits, first.group, first.offsets is None)
+           for q in quantized.values()):
+        raise ValueError("all exported layers must share bits, group size and symmetry")
+
+    def write(folder: Path) -> None:
+        tensors = _dense_tensors(model, set(quantized), dense_dtype)
+        for name, q in quantized.items():
+            tensors[f"{name}.qweight"] = q.qweight.contiguous()
+            tensors[f"{name}.scales"] = q.scales.contiguous()
+            if q.offsets is not None:
+                tensors[f"{name}.offsets"] = q.offsets.contiguous()
+            if q.bias is not None:
+                tensors[f"{name}.bias"] = q.bias.to(dense_dtype).contiguous()
+        save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})
+        _save_config(model, folder, dense_dtype, tokenizer)
+        meta = {"format": FORMAT, "version": VERSION, "bits": first.bits, "group_size": first.group,
+                "symmetric": first.offsets is None,
+                "scale_dtype": _name(first.scales.dtype),
+                "packing": "u = q - Qn, little-endian bit stream per row, rows padded to whole bytes",
+                "modules": sorted(quantized), "source": source or {}}
+        (folder / QUANT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+
+    return _write_folder(out, write)
+
+
+def save_hf(model: nn.Module, weights: dict[str, torch.Tensor], out: Path, *, tokenizer=None,
+            dtype: torch.dtype = torch.bfloat16) -> Path:
+    """A Hugging Face model folder with `weights` ({layer: (out × in)}) in place of those layers."""
+    from safetensors.torch import save_file
+
+    def write(folder: Path) -> None:
+        tensors = _dense_tensors(model, set(weights), dtype)
+        for name, w in weights.items():
+            tensors[f"{name}.weight"] = w.to("cpu", dtype).contiguous()
+            layer = model.get_submodule(name)
+            bias = getattr(getattr(layer, "base", layer), "bias", None)
+            if bias is not None:
+                tensors[f"{name}.bias"] = bias.detach().to("cpu", dtype).contiguous()
+        save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})
+        _save_config(model, folder, dtype, tokenizer)
+
+    return _write_folder(out, write)
+
+
+def save_dequantized(model: nn.Module, quantized: dict[str, QuantizedWeight], out: Path, *,
+                     tokenizer=None, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """The quantized weights, dequantized, as a Hugging Face model folder in `dtype`."""
+    return save_hf(model, {n: q.dequantized() for n, q in quantized.items()}, out,
+                   tokenizer=tokenizer, dtype=dtype)
+
+
+def save_merged(model: nn.Module, out: Path, *, tokenizer=None, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """LoRA merged into the base (no quantization) as a Hugging Face model folder in `dtype`."""
+    return save_hf(model, merged_weights(model), out, tokenizer=tokenizer, dtype=dtype)
+
+
+# ---------------------------------------------------------------- loading
+
+def is_quantized_export(path: str | Path) -> bool:
+    return (Path(path) / QUANT_CONFIG).is_file()
+
+
+def read_quant_config(folder: Path) -> dict:
+    path = Path(folder) / QUANT_CONFIG
+    if not path.is_file():
+        raise ModelError(f"{folder}: no {QUANT_CONFIG}; expected a folder written by `lowmem export --quantized`")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT or meta.get("version", 0) > VERSION:
+        raise ModelError(f"{path}: format {meta.get('format')} v{meta.get('version')} is not "
+                         f"{FORMAT} v{VERSION} or older; upgrade lowmem")
+    return meta
+
+
+def load_quantized_export(folder: str | Path, device: str = "cpu",
+                          compute_dtype: torch.dtype = torch.float32, *, materialize: bool = False):
+    """(model, tokenizer or None) from a `lowmem-intk` folder, quantized layers as IntKLinear.
+
+    The layers keep only their packed codes and dequantize at each forward;
+    `materialize=True` dequantizes once instead (same numbers, more memory, faster).
+    """
+    from lowmem.quant.skeleton import empty_model, finish, read_tensors, set_tensor, shard_files
+
+    folder = Path(folder)
+    meta = read_quant_config(folder)
+    bits, group = meta["bits"], meta["group_size"]
+    modules = set(meta["modules"])
+    parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in modules}
+    model = empty_model(folder, compute_dtype)
+    for key, tensor in read_tensors(shard_files(folder)):
+        name, _, part = key.rpartition(".")
+        if name in modules and part in ("qweight", "scales", "offsets", "bias"):
+            parts[name][part] = tensor
+        else:
+            set_tensor(model, key, tensor.to(compute_dtype) if tensor.is_floating_point() else tensor)
+    for name, p in parts.items():
+        old = model.get_submodule(name)
+        if "qweight" not in p or "scales" not in p or (not meta["symmetric"] and "offsets" not in p):
+            raise ModelError(f"{folder}: layer {name} is incomplete in {WEIGHTS}")
+        parent_name, _, child = name.rpartition(".")
+        layer = intk.IntKLinear(old.in_features, old.out_features, bits, group, p["qweight"], p["scales"],
+                                p.get("offsets"), p.get("bias"), compute_dtype)
+        setattr(model.get_submodule(parent_name), child, layer)
+    finish(model, device)
+    if materialize:
+        for m in model.modules():
+            if isinstance(m, intk.IntKLinear):
+                m.materialize()
+    tokenizer = None
+    if (folder / "tokenizer_config.json").is_file():
+        from lowmem.model import load_tokenizer
+
+        tokenizer = load_tokenizer(folder)
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------- a run directory
+
+def _run_folder(run_dir: Path, marker: str) -> Path | None:
+    """run_dir/adapter if it holds `marker`, else the newest valid checkpoint's adapter folder."""
+    from lowmem.checkpoint import find_resumable
+    from lowmem.errors import CheckpointError
+
+    if (run_dir / "adapter" / marker).is_file():
+        return run_dir / "adapter"
+    try:
+        folder = find_resumable(run_dir, warn=lambda m: None) / "adapter"
+    except CheckpointError:
+        return None
+    return folder if (folder / marker).is_file() else None
+
+
+def load_run(run_dir: Path, log=print):
+    """(model on the CPU in fp32 with the run's adapter or L4Q layers, tokenizer, method)."""
+    import yaml
+
+    from lowmem.lora import ADAPTER_CONFIG, load_adapter
+    from lowmem.model import load_model
+    from lowmem.quant.l4q import L4Q_CONFIG, load_l4q_state
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "plan.yaml").is_file():
+        raise ModelError(f"{run_dir} is not a run directory (no config.yaml / plan.yaml)")
+    model_ref = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
+    method = yaml.safe_load((run_dir / "plan.yaml").read_text())["method"]
+    if method not in ("lora", "qlora", "l4q"):
+        raise ModelError(f"{run_dir}: a '{method}' run has no adapter to export; its model is in {run_dir / 'model'}")
+    marker = L4Q_CONFIG if method == "l4q" else ADAPTER_CONFIG
+    folder = _run_folder(run_dir, marker)
+    if folder is None:
+        raise ModelError(f"{run_dir}: no {marker} in adapter/ or in a checkpoint; has the run saved one yet?")
+    # The export starts from the original full-precision weights, whatever the run trained on.
+    model, tokenizer, _ = load_model(model_ref, "cpu", torch.float32, log=log)
+    if method == "l4q":
+        load_l4q_state(model, folder)
+    else:
+        load_adapter(model, folder)
+    model.eval()
+    return model, tokenizer, method
+
+
+def export_run(run_dir: Path, *, quantized: Path | None = None, dequantized: Path | None = None,
+               merged: Path | None = None, bits: int | None = None, group: int | None = None,
+               dtype: torch.dtype = torch.bfloat16, log=print) -> list[Path]:
+    """Write the asked-for outputs of a LoRA, QLoRA or L4Q run; returns their folders.
+
+    `bits`/`group` choose the round-to-nearest quantization of a LoRA/QLoRA run
+    (default 4 / 128); an L4Q run exports with the bits and groups it trained.
+    """
+    model, tokenizer, method = load_run(Path(run_dir), log)
+    written = []
+    if merged is not None:
+        written.append(save_merged(model, merged, tokenizer=tokenizer, dtype=dtype))
+        log(f"merged model (Hugging Face, {_name(dtype)}) written to {merged}")
+    if quantized is not None or dequantized is not None:
+        if method != "l4q":
+            bits, group = bits or 4, group or 128
+        q = quantize_model(model, bits=bits, group=group)
+        first = next(iter(q.values()))
+        how = "L4Q step sizes" if method == "l4q" else "round-to-nearest"
+        source = {"run": str(run_dir), "method": method, "quantizer": how}
+        if quantized is not None:
+            written.append(save_quantized(model, q, quantized, tokenizer=tokenizer, dense_dtype=dtype,
+                                          source=source))
+            log(f"{first.bits}-bit model ({how}, groups of {first.group}) written to {quantized}")
+        if dequantized is not None:
+            written.append(save_dequantized(model, q, dequantized, tokenizer=tokenizer, dtype=dtype))
+            log(f"dequantized {first.bits}-bit model (Hugging Face, {_name(dtype)}) written to {dequantized}")
+    return written

@@ -1,0 +1,238 @@
+"""Export: packed low-bit weights that reproduce the trained model, HF folders, `lowmem export`."""
+
+import argparse
+import json
+
+import pytest
+import torch
+import yaml
+
+from lowmem.lora import apply_lora, lora_modules, save_adapter
+from lowmem.model import tiny_llama
+from lowmem.quant import intk
+from lowmem.quant.export import (QUANT_CONFIG, is_quantized_export,
+                                 load_quantized_export, quantize_model, save_dequantized, save_merged,
+                                 save_quantized)
+from lowmem.quant.intk import IntKLinear
+from lowmem.quant.l4q import apply_l4q, l4q_modules, save_l4q_state
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: several threads cost more than the work on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- packing
+
+def test_three_bit_codes_pack_as_a_little_endian_bit_stream():
+    q = torch.tensor([[-3, -2, -1, 0, 1, 2, 3, -4, 1]], dtype=torch.int8)     # Qn = -4
+    u = [v + 4 for v in q[0].tolist()]                                        # 1 2 3 4 5 6 7 0 5
+    stream = sum(v << (3 * i) for i, v in enumerate(u))                       # code i at bits 3i..3i+2
+    expected = list(stream.to_bytes(4, "little"))                             # 27 bits -> 4 bytes
+    assert intk.pack(q, 3).tolist() == [expected]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("width", [1, 7, 64, 200])
+def test_pack_then_unpack_gives_back_every_code(bits, width):
+    qn, qp = intk.bounds(bits)
+    q = torch.randint(qn, qp + 1, (5, width), dtype=torch.int8)
+    packed = intk.pack(q, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, -(-width * bits // 8))
+    assert torch.equal(intk.unpack(packed, bits, width), q)
+
+
+# ---------------------------------------------------------------- models
+
+def _trained_l4q(bits=4, group=32, seed=0):
+    """A tiny model with L4Q layers moved away from their initial state, as training would."""
+    torch.manual_seed(seed)
+    model = tiny_llama(seed=seed)
+    apply_l4q(model, 4, 8.0, TARGETS, bits=bits, group_size=group)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in l4q_modules(model).values():
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.05)
+            m.quant_step.mul_(1 + 0.2 * torch.rand(m.quant_step.shape, generator=g) - 0.1)
+            m.quant_offset.add_(0.3 * m.quant_step * torch.randn(m.quant_offset.shape, generator=g))
+    return model.eval()
+
+
+IDS = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_packed_export_reproduces_the_training_time_fake_quant_model_exactly(tmp_path, bits):
+    model = _trained_l4q(bits)
+    with torch.no_grad():
+        trained = model(IDS).logits
+    q = quantize_model(model, scale_dtype=torch.float32)
+    save_quantized(model, q, tmp_path / "q", dense_dtype=torch.float32)
+    assert is_quantized_export(tmp_path / "q")
+    loaded, _ = load_quantized_export(tmp_path / "q")
+    layers = [m for m in loaded.modules() if isinstance(m, IntKLinear)]
+    assert len(layers) == 14 and all(m.bits == bits for m in layers)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS).logits, trained, rtol=1e-5, atol=1e-5)
+    # Same numbers with the weights dequantized once at load.
+    fast, _ = load_quantized_export(tmp_path / "q", materialize=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(IDS).logits, trained, rtol=1e-5, atol=1e-5)
+
+
+def test_default_export_is_genuinely_low_bit_and_close_to_the_trained_model(tmp_path):
+    model = _trained_l4q(4, group=32)
+    with torch.no_grad():
+        trained = model(IDS).logits
+    save_quantized(model, quantize_model(model), tmp_path / "q")       # fp16 scales, bf16 dense
+    meta = json.loads((tmp_path / "q" / QUANT_CONFIG).read_text())
+    assert meta["bits"] == 4 and meta["group_size"] == 32 and meta["scale_dtype"] == "float16"
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        qw = f.get_tensor("model.layers.0.mlp.down_proj.qweight")    # (64, 128): 128 4-bit codes per row
+        assert qw.dtype == torch.uint8 and qw.shape == (64, 64)
+        assert f.get_tensor("model.layers.0.mlp.down_proj.scales").shape == (64, 4)
+        assert "model.layers.0.mlp.down_proj.weight" not in f.keys()
+        assert "lm_head.weight" not in f.keys()                        # tied: written once
+    loaded, _ = load_quantized_export(tmp_path / "q")
+    with torch.no_grad():
+        out = loaded(IDS).logits
+    assert float((out - trained).norm() / trained.norm()) < 0.02      # fp16 scales, bf16 embeddings
+
+
+def test_dequantized_export_is_a_hugging_face_model_with_the_same_weights(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = _trained_l4q(3)
+    q = quantize_model(model, scale_dtype=torch.float32)
+    save_quantized(model, q, tmp_path / "q", dense_dtype=torch.float32)
+    save_dequantized(model, q, tmp_path / "fp32", dtype=torch.float32)
+    save_dequantized(model, q, tmp_path / "bf16")
+    packed, _ = load_quantized_export(tmp_path / "q")
+    hf32 = AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", dtype=torch.float32)
+    hf16 = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert hf16.dtype == torch.bfloat16
+    with torch.no_grad():
+        reference = packed(IDS).logits
+        torch.testing.assert_close(hf32(IDS).logits, reference, rtol=1e-5, atol=1e-5)
+        rel = (hf16(IDS).logits.float() - reference).norm() / reference.norm()
+    assert rel < 0.02
+
+
+def test_lora_export_merges_then_rounds_to_nearest(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    apply_lora(model, 4, 8.0, TARGETS)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.normal_(std=0.05)
+    model.eval()
+    save_merged(model, tmp_path / "merged", dtype=torch.float32)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(IDS).logits, model(IDS).logits, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        before = model(IDS).logits
+        q = quantize_model(model, bits=3, group=64, scale_dtype=torch.float32)
+        torch.testing.assert_close(model(IDS).logits, before, rtol=0, atol=0)   # the model is untouched
+    layer = model.model.layers[1].self_attn.o_proj
+    w = layer.base.weight + layer.delta_weight()
+    step, offset = intk.minmax_params(w, 3, 64)
+    assert torch.equal(intk.unpack(q["model.layers.1.self_attn.o_proj"].qweight, 3, 64),
+                       intk.codes(w, step, offset, 3, 64))
+    with pytest.raises(ValueError, match="bits and group"):
+        quantize_model(model)
+
+
+def test_an_l4q_layer_exports_only_with_the_bits_it_trained():
+    model = _trained_l4q(4)
+    with pytest.raises(ValueError, match="bits=4"):
+        quantize_model(model, bits=3, group=32)
+
+
+# ---------------------------------------------------------------- `lowmem export RUN_DIR`
+
+def _fake_run(run_dir, model_dir, method, save):
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"model": str(model_dir), "method": method}))
+    (run_dir / "plan.yaml").write_text(yaml.safe_dump({"method": method}))
+    save(run_dir / "adapter")
+    return run_dir
+
+
+def _export(argv):
+    from lowmem.commands import export
+
+    parser = argparse.ArgumentParser()
+    export.register(parser.add_subparsers())
+    args = parser.parse_args(["export", *map(str, argv)])
+    return args.func(args)
+
+
+def test_export_command_writes_a_quantized_l4q_run_that_generate_can_load(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from lowmem.model import load_model
+
+    model, _, _ = load_model(str(tiny_model_dir))
+    apply_l4q(model, 4, 8.0, ("q_proj", "v_proj", "down_proj"), bits=4, group_size=16)
+    with torch.no_grad():
+        for m in l4q_modules(model).values():
+            m.lora_B.normal_(std=0.05)
+    model.eval()
+    run = _fake_run(tmp_path / "run", tiny_model_dir, "l4q",
+                    lambda d: save_l4q_state(model, d, base_model=str(tiny_model_dir)))
+    assert _export([run, "--quantized", tmp_path / "q", "--dequantized", tmp_path / "hf",
+                    "--dtype", "fp32"]) == 0
+    loaded, tokenizer = load_quantized_export(tmp_path / "q")
+    assert tokenizer is not None and tokenizer.pad_token is not None
+    ids = torch.randint(0, 1000, (1, 9))
+    with torch.no_grad():
+        # fp16 scales (the default): within rounding of the training-time model
+        trained = model(ids).logits
+        assert float((loaded(ids).logits - trained).norm() / trained.norm()) < 0.01
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+        torch.testing.assert_close(hf(ids).logits, loaded(ids).logits, rtol=1e-5, atol=1e-5)
+        generated = loaded.generate(ids, max_new_tokens=3, do_sample=False)
+    assert generated.shape == (1, 12)
+    from lowmem.errors import ConfigError, ModelError
+
+    with pytest.raises(ConfigError, match="bits=4"):
+        _export([run, "--quantized", tmp_path / "q3", "--bits", "3"])
+    with pytest.raises(ModelError, match="not empty"):
+        _export([run, "--quantized", tmp_path / "q"])
+
+
+def test_export_command_merges_a_lora_run(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from lowmem.model import load_model
+
+    model, _, _ = load_model(str(tiny_model_dir))
+    apply_lora(model, 4, 8.0, ("q_proj", "up_proj"))
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.normal_(std=0.05)
+    model.eval()
+    run = _fake_run(tmp_path / "run", tiny_model_dir, "qlora",
+                    lambda d: save_adapter(model, d, rank=4, alpha=8.0, targets=("q_proj", "up_proj"),
+                                           dropout=0.0, rslora=False, base_model=str(tiny_model_dir)))
+    assert _export([run, "--merged", tmp_path / "m", "--quantized", tmp_path / "q", "--bits", "8",
+                    "--dtype", "fp32"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    eight_bit, _ = load_quantized_export(tmp_path / "q")
+    ids = torch.randint(0, 1000, (1, 9))
+    with torch.no_grad():
+        reference = model(ids).logits
+        torch.testing.assert_close(merged(ids).logits, reference, rtol=1e-5, atol=1e-5)
+        assert float((eight_bit(ids).logits - reference).norm() / reference.norm()) < 0.01
+    assert json.loads((tmp_path / "q" / QUANT_CONFIG).read_text())["source"]["quantizer"] == "round-to-nearest"

@@ -1,0 +1,270 @@
+"""LoRAM: structured pruning, adapter recovery to the full shapes, alignment."""
+
+import copy
+
+import pytest
+import torch
+
+from lowmem.loram import INDEX_MAP_FILE, align, prepare_pruned, prune_state, recover_state, save_recovered_adapter
+from lowmem.lora import adapter_state_dict, apply_lora, load_adapter, lora_modules
+from lowmem.model import tiny_llama
+from lowmem.prune import (IndexMap, apply_index_map, importance, kept_counts, layer_ratio_list,
+                          masked_copy_reference, prune, select)
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _model(seed=0, layers=4):
+    # 6 query heads in 3 KV groups: a 50% prune keeps 2 groups of 2 heads, so both
+    # whole groups and heads inside a kept group are removed.
+    model = tiny_llama(hidden=48, layers=layers, heads=6, kv_heads=3, intermediate=96, seed=seed)
+    return model.eval()
+
+
+def _batches(n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 512, (2, 12), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    return out
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+def _trained_adapter(model, seed=1):
+    """Random non-zero A and B, as if trained."""
+    apply_lora(model, 4, 8.0, TARGETS)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g) * 0.2)
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.2)
+
+
+def _save(model, folder):
+    return save_recovered_adapter(model, folder, rank=4, alpha=8.0, targets=TARGETS, dropout=0.0,
+                                  rslora=False, base_model="tiny")
+
+
+# ---------------------------------------------------------------- pruning
+
+
+@pytest.mark.parametrize("criterion", ["taylor", "magnitude"])
+def test_pruned_model_equals_the_full_model_with_pruned_units_removed(criterion):
+    full = _model()
+    pruned = copy.deepcopy(full)
+    index_map = prune(pruned, 0.5, criterion=criterion, batches=_batches())
+    x = torch.randint(0, 512, (2, 10))
+    reference = masked_copy_reference(full, index_map)
+    torch.testing.assert_close(_logits(pruned, x), _logits(reference, x), atol=1e-5, rtol=1e-5)
+    # ... and the removal really changed the model (the comparison is not vacuous).
+    assert (_logits(pruned, x) - _logits(full, x)).abs().max() > 1e-3
+
+
+def test_pruned_linears_are_physically_smaller_and_heads_form_whole_groups():
+    model = _model()
+    index_map = prune(model, 0.5, criterion="magnitude")
+    attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    keep = index_map.layer(1)
+    assert (len(keep.heads), len(keep.kv_heads), len(keep.channels)) == (4, 2, 48)
+    assert tuple(attn.q_proj.weight.shape) == (4 * 8, 48) and tuple(attn.k_proj.weight.shape) == (2 * 8, 48)
+    assert tuple(attn.o_proj.weight.shape) == (48, 4 * 8)
+    assert tuple(mlp.gate_proj.weight.shape) == (48, 48) and tuple(mlp.down_proj.weight.shape) == (48, 48)
+    assert attn.num_key_value_groups == 2
+    # Kept query head j reads kept KV head j // 2: each head must come from that group.
+    for j, h in enumerate(keep.heads):
+        assert h // 2 == keep.kv_heads[j // 2]
+
+
+def test_first_and_last_layers_are_kept_whole_by_default():
+    full = _model()
+    pruned = copy.deepcopy(full)
+    index_map = prune(pruned, 0.5, criterion="magnitude")
+    assert not index_map.is_pruned(0) and not index_map.is_pruned(3)
+    assert index_map.is_pruned(1) and index_map.is_pruned(2)
+    for i in (0, 3):
+        for (name, a), (_, b) in zip(full.model.layers[i].named_parameters(),
+                                     pruned.model.layers[i].named_parameters()):
+            assert torch.equal(a, b), name
+
+
+def test_per_layer_ratios_override_the_global_ratio_and_the_kept_outer_layers():
+    ratios = layer_ratio_list(6, 0.5, keep_first=2, keep_last=1, layer_ratios={2: 0.25, 0: 0.5})
+    assert ratios == [0.5, 0.0, 0.25, 0.5, 0.5, 0.0]
+    model = _model()
+    index_map = prune(model, 0.5, criterion="magnitude", layer_ratios={1: 0.0})
+    assert not index_map.is_pruned(1) and index_map.is_pruned(2)
+
+
+def test_pruned_parameter_count_matches_the_planners_spec():
+    from lowmem.spec import from_hf_config
+
+    model = _model()
+    spec = from_hf_config(model.config.to_dict())
+    prune(model, 0.5, criterion="magnitude")
+    assert sum(p.numel() for p in model.parameters()) == spec.pruned(0.5, 1, 1).params
+    # The shared formula: K' = round(K·0.5), H' = K'·round(H·0.5/K'), I' = round(I·0.5).
+    assert kept_counts(9, 3, 1536, 0.5) == (4, 2, 768)   # SmolLM2-135M's middle blocks
+    # A kept group never gets more query heads than it has (LLaMA-3.1-70B: 8 per group):
+    # 20% of 8 KV groups keeps 6 groups, so at most 6·8 = 48 query heads, not round(64·0.8) = 51.
+    assert kept_counts(64, 8, 28672, 0.2) == (48, 6, 22938)
+
+
+def test_taylor_prunes_the_units_that_cannot_change_the_loss():
+    # A KV group whose heads write nothing (zero o_proj columns) and MLP channels whose
+    # down_proj columns are zero have |w·∂L/∂w| = 0 everywhere: they must go first,
+    # although their other weights are large.
+    model = _model()
+    with torch.no_grad():
+        for block in model.model.layers:
+            block.self_attn.o_proj.weight[:, 0:16] = 0        # query heads 0, 1 = KV group 0
+            block.self_attn.q_proj.weight[0:16] *= 10
+            block.mlp.down_proj.weight[:, :10] = 0
+            block.mlp.up_proj.weight[:10] *= 10
+    index_map = prune(model, 0.5, criterion="taylor", batches=_batches())
+    keep = index_map.layer(1)
+    assert 0 not in keep.kv_heads and not {0, 1} & set(keep.heads)
+    assert not set(range(10)) & set(keep.channels)
+
+
+def test_magnitude_keeps_the_units_with_the_largest_weights():
+    model = _model()
+    with torch.no_grad():
+        mlp = model.model.layers[2].mlp
+        mlp.gate_proj.weight[90:] *= 100
+        model.model.layers[2].self_attn.k_proj.weight[16:24] *= 100   # KV group 2
+    scores = importance(model, "magnitude")
+    index_map = select(model, scores, layer_ratio_list(4, 0.9), "magnitude")
+    keep = index_map.layer(2)
+    assert keep.kv_heads == (2,)
+    assert len(keep.channels) == 10 and set(range(90, 96)) <= set(keep.channels)
+
+
+def test_taylor_without_calibration_data_is_an_error():
+    with pytest.raises(ValueError, match="calibration batches"):
+        prune(_model(), 0.5, criterion="taylor")
+
+
+def test_a_quantized_or_adapted_model_is_refused_with_the_fix():
+    model = _model()
+    apply_lora(model, 2, 4.0, ("q_proj",))
+    with pytest.raises(TypeError, match="prune the float model before"):
+        prune(model, 0.5, criterion="magnitude")
+
+
+def test_index_map_round_trips_through_json_and_rebuilds_the_same_pruned_model(tmp_path):
+    full = _model()
+    pruned = copy.deepcopy(full)
+    index_map = prune(pruned, 0.5, criterion="taylor", batches=_batches())
+    loaded = IndexMap.load(index_map.save(tmp_path / "map.json"))
+    assert loaded == index_map
+    rebuilt = apply_index_map(copy.deepcopy(full), loaded)
+    x = torch.randint(0, 512, (1, 8))
+    assert torch.equal(_logits(rebuilt, x), _logits(pruned, x))
+
+
+# ---------------------------------------------------------------- recovery
+
+
+def test_recovery_puts_every_trained_value_at_its_original_index():
+    model = _model()
+    index_map = prune(model, 0.5, criterion="taylor", batches=_batches())
+    _trained_adapter(model)
+    trained = adapter_state_dict(model)
+    recovered = recover_state(trained, index_map)
+    key = "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"
+    assert tuple(recovered[key].shape) == (6 * 8, 4)
+    heads = index_map.layer(1).heads
+    pruned_rows = [h * 8 + j for h in range(6) if h not in heads for j in range(8)]
+    assert torch.count_nonzero(recovered[key][pruned_rows]) == 0
+    down_a = "base_model.model.model.layers.2.mlp.down_proj.lora_A.weight"
+    channels = list(index_map.layer(2).channels)
+    assert torch.equal(recovered[down_a][:, channels], trained[down_a])
+    # Round trip: pruned -> recovered -> re-pruned is the trained adapter, bit for bit.
+    again = prune_state(recovered, index_map)
+    assert again.keys() == trained.keys()
+    for k in trained:
+        assert torch.equal(again[k], trained[k]), k
+
+
+def test_recovered_adapter_on_the_masked_full_model_reproduces_the_pruned_run(tmp_path):
+    # The update the pruned model learned, and nothing else, reaches the full model:
+    # with the pruned units' outputs removed, full + recovered == pruned + adapter.
+    full = _model()
+    pruned = copy.deepcopy(full)
+    index_map = prune(pruned, 0.5, criterion="taylor", batches=_batches())
+    _trained_adapter(pruned)
+    _save(pruned, tmp_path)
+    reference = masked_copy_reference(full, index_map)
+    load_adapter(reference, tmp_path)
+    x = torch.randint(0, 512, (2, 10))
+    torch.testing.assert_close(_logits(reference, x), _logits(pruned, x), atol=1e-5, rtol=1e-5)
+
+
+def test_recovered_adapter_gives_the_same_logits_through_lowmem_and_peft(tmp_path):
+    from peft import PeftModel
+
+    full = _model(seed=5)
+    pruned = copy.deepcopy(full)
+    index_map = prune(pruned, 0.5, criterion="taylor", batches=_batches())
+    _trained_adapter(pruned)
+    _save(pruned, tmp_path)
+    assert (tmp_path / INDEX_MAP_FILE).is_file() and IndexMap.load(tmp_path / INDEX_MAP_FILE) == index_map
+
+    ours = copy.deepcopy(full)
+    load_adapter(ours, tmp_path)
+    x = torch.randint(0, 512, (2, 9))
+    expected = _logits(ours, x)
+    assert (expected - _logits(full, x)).abs().max() > 1e-3     # the adapter does something
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(full), str(tmp_path)).eval()
+    torch.testing.assert_close(_logits(peft_model, x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_trained_lora_on_the_pruned_model_updates_only_kept_neurons_of_the_full_model(tmp_path):
+    from lowmem.loss import causal_lm_loss
+
+    full = _model()
+    pruned = copy.deepcopy(full)
+    index_map = prune(pruned, 0.5, criterion="taylor", batches=_batches())
+    apply_lora(pruned, 4, 8.0, TARGETS)
+    params = [p for p in pruned.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    for batch in _batches(3, seed=7):
+        hidden = pruned.get_decoder()(input_ids=batch["input_ids"]).last_hidden_state
+        causal_lm_loss(hidden, pruned.get_output_embeddings().weight, batch["labels"]).backward()
+        opt.step()
+        opt.zero_grad()
+    _save(pruned, tmp_path)
+    load_adapter(full, tmp_path)
+    delta = lora_modules(full)["model.layers.1.mlp.up_proj"].delta_weight()
+    channels = set(index_map.layer(1).channels)
+    dropped = [c for c in range(96) if c not in channels]
+    assert torch.count_nonzero(delta[dropped]) == 0 and torch.count_nonzero(delta) > 0
+
+
+# ---------------------------------------------------------------- alignment
+
+
+def test_alignment_lowers_the_text_loss_and_trains_only_the_chosen_subset():
+    model = _model()
+    prune(model, 0.5, criterion="magnitude")
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    text = torch.randint(0, 64, (4, 16))  # a small vocabulary: easy to learn in a few steps
+    losses = align(model, [text], steps=12, lr=5e-3, subset="mlp")
+    assert losses[-1] < losses[0]
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, frozen[n])}
+    assert changed and all(".mlp." in n for n in changed)
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_a_resumed_run_rebuilds_the_same_pruned_model_from_its_saved_index_map():
+    first, resumed = _model(), _model()
+    index_map = prepare_pruned(first, ratio=0.5, criterion="taylor", calibration=_batches(), log=lambda m: None)
+    # No calibration data on resume: the saved map decides, not a fresh scoring.
+    prepare_pruned(resumed, ratio=0.5, index_map=IndexMap.from_json(index_map.to_json()), log=lambda m: None)
+    x = torch.randint(0, 512, (1, 8))
+    assert torch.equal(_logits(first, x), _logits(resumed, x))
