@@ -26,6 +26,7 @@ from lowmem.loram import align, save_recovered_adapter
 from lowmem.lora import apply_lora, load_adapter
 from lowmem.model import load_model
 from lowmem.prune import prune
+from lowmem.planner import plan_from_config
 from lowmem.trainer import lr_at, train_step
 
 
@@ -46,10 +47,11 @@ def train_lora(model, config: RunConfig, examples, pad_id: int, log) -> float:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.adam_betas), weight_decay=0.0)
     stream = BatchStream(examples, config.micro_batch, config.seed, pad_id)
+    plan = plan_from_config(config.replace(device="cpu"))
     model.train()
     start = time.perf_counter()
     for step in range(config.steps):
-        loss, _, _ = train_step(model, optimizer, stream, config, lr_at(step, config), "cpu")
+        loss, _, _ = train_step(model, optimizer, stream, plan, config, lr_at(step, config))
         if (step + 1) % 10 == 0:
             log(f"    step {step + 1}/{config.steps}  loss {loss:.4f}")
     return time.perf_counter() - start

@@ -23,10 +23,10 @@ from lowmem.errors import ConfigError
 
 # Methods this build can train. The planner issue adds qlora, l4q, galore, loram
 # here as each lands; an unknown method is refused by validation, never ignored.
-METHODS = ("lora", "full", "qlora", "l4q", "loram")
+METHODS = ("lora", "full", "qlora", "l4q", "loram", "galore")
 
 # Optional memory techniques this build has; the planner only tries these.
-FEATURES: tuple[str, ...] = ()
+FEATURES: tuple[str, ...] = ("offload", "chunked_loss", "adamw8bit")
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -108,6 +108,20 @@ class LoramConfig:
 
 
 @dataclass(frozen=True)
+class GaloreConfig:
+    """GaLore (method galore): gradients projected to rank r, Adam moments of the projection in 8 bits."""
+
+    rank: int = field(default=0, metadata=_key("projection rank r; 0 = hidden/4", min=0, max=65536))
+    update_gap: int = field(default=200, metadata=_key(
+        "refresh the projection (SVD of the gradient) every T steps", min=1, unit="steps"))
+    scale: float = field(default=0.25, metadata=_key("scale alpha of the projected-back update", min=0.0))
+    per_layer: bool = field(default=True, metadata=_key(
+        "update each weight inside backward and free its gradient (clips per tensor)"))
+    embeddings: bool = field(default=False, metadata=_key(
+        "project the embeddings and output head too (else they use 8-bit AdamW)"))
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything that decides a run. Defaults are the embedded CPU demo."""
 
@@ -142,6 +156,10 @@ class RunConfig:
     adam_betas: tuple[float, ...] = field(default=(0.9, 0.999), metadata=_key("AdamW betas (two numbers)"))
     max_grad_norm: float = field(default=1.0, metadata=_key("clip gradient norm to this; 0 = no clipping", min=0.0))
     grad_checkpointing: bool = field(default=False, metadata=_key("recompute layer activations in backward"))
+    offload: bool = field(default=False, metadata=_key(
+        "move tensors saved for backward to pinned CPU memory (with grad_checkpointing: layer inputs only)"))
+    loss_chunk: int = field(default=0, metadata=_key(
+        "tokens per loss chunk: logits of one chunk at a time; 0 = all at once", min=0, unit="tokens"))
     packing: bool = field(default=False, metadata=_key("pack several examples into each sequence"))
     eval_every: int = field(default=0, metadata=_key("held-out eval every N steps; 0 = only before and after", min=0))
     eval_max_examples: int = field(default=0, metadata=_key("cap on held-out examples; 0 = all", min=0))
@@ -153,6 +171,7 @@ class RunConfig:
     seed: int = field(default=0, metadata=_key("seed for data order, adapter init and dropout"))
     device: str = field(default="auto", metadata=_key("where to train", choices=("auto", "cpu", "cuda")))
     lora: LoraConfig = field(default_factory=LoraConfig)
+    galore: GaloreConfig = field(default_factory=GaloreConfig)
     l4q: L4QConfig = field(default_factory=L4QConfig)
     loram: LoramConfig = field(default_factory=LoramConfig)
 
@@ -283,7 +302,7 @@ def build_config(layers: Iterable[tuple[dict[str, Any], dict[str, str]]]) -> Run
 
     top = {k: v for k, v in merged.items() if "." not in k}
     return RunConfig(**top, lora=LoraConfig(**section("lora")), l4q=L4QConfig(**section("l4q")),
-                     loram=LoramConfig(**section("loram")))
+                     loram=LoramConfig(**section("loram")), galore=GaloreConfig(**section("galore")))
 
 
 # ---------------------------------------------------------------- YAML with line numbers

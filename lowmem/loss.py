@@ -1,4 +1,4 @@
-"""Next-token cross-entropy from final hidden states.
+"""Next-token cross-entropy from final hidden states, whole or in chunks.
 
     loss = mean over labelled positions t of  −log softmax(h_t Wᵀ)[y_{t+1}]
 
@@ -6,6 +6,22 @@ h: (batch, seq, hidden) final hidden states, W: (vocab, hidden) output
 projection, y: labels with -100 where no loss is taken. Logits are computed
 in fp32 because a bf16 log-softmax over a large vocabulary loses the small
 probabilities the loss is made of.
+
+Chunked (`chunk_size = C > 0`): the N = batch·seq positions are taken C at a
+time, so logits exist for one chunk only, in the forward and again in the
+backward, which recomputes them instead of keeping them:
+
+    forward, chunk c:   z_c = h_c Wᵀ (C×V, fp32),  ℓ_t = logsumexp(z_t) − z_t[y_t]
+    backward, chunk c:  recompute z_c;  g_c = (softmax(z_c) − onehot(y_c)) · ∂L/∂ℓ_c
+                        ∂L/∂h_c = g_c W,   ∂L/∂W += g_cᵀ h_c
+
+Memory (c = bytes of the compute dtype, 4 on the CPU):
+    plain:    fp32 logits, log-probs and their gradients for all N positions,
+              ≈ 12·N·V at the backward's peak; log-probs (4·N·V) saved for backward
+    chunked:  saves only h (c·N·h, usually alive anyway), the labels (8·N) and the
+              per-token losses' shape; per chunk ≈ (12 + c)·C·V transient, plus the
+              gradient of h (c·N·h) and, when W is trained, its gradient (W's size)
+This is what `lowmem.memory.saved_loss_bytes` / `logits_bytes` predict.
 """
 
 from __future__ import annotations
@@ -22,12 +38,80 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
 
 
 def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                   reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of next-token prediction; `reduction="sum"` for token-weighted averaging."""
+                   reduction: str = "mean", chunk_size: int = 0) -> torch.Tensor:
+    """Cross-entropy of next-token prediction; `reduction="sum"` for token-weighted averaging.
+
+    `chunk_size` > 0 computes the logits `chunk_size` tokens at a time (forward
+    and backward) with the same loss and gradients; 0 computes them at once.
+    """
     targets = shift_labels(labels).reshape(-1)
-    logits = (hidden.reshape(-1, hidden.shape[-1]) @ weight.T.to(hidden.dtype)).float()
-    return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction=reduction)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    if chunk_size <= 0:
+        logits = (flat @ weight.T.to(hidden.dtype)).float()
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction=reduction)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    per_token = ChunkedCrossEntropy.apply(flat, weight, targets, int(chunk_size))
+    if reduction == "none":
+        return per_token
+    total = per_token.sum()
+    return total if reduction == "sum" else total / (targets != IGNORE).sum()
 
 
 def count_targets(labels: torch.Tensor) -> int:
     return int((shift_labels(labels) != IGNORE).sum())
+
+
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    # The same ops as the plain path, so both round the same way (bf16 matmul
+    # under autocast, fp32 on the CPU).
+    return (h @ weight.T.to(h.dtype)).float()
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy (0 at ignored positions) over chunks of tokens.
+
+    hidden (N, h), weight (V, h), targets (N,) int64 with IGNORE → losses (N,) fp32.
+    Saves hidden, weight and targets only; logits are recomputed per chunk in
+    backward. `custom_fwd/custom_bwd` make the backward's recomputation run under
+    the forward's autocast state, so it reproduces the forward's logits.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                chunk: int) -> torch.Tensor:
+        losses = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            end = min(start + chunk, hidden.shape[0])
+            logits = _chunk_logits(hidden[start:end], weight)
+            losses[start:end] = F.cross_entropy(logits, targets[start:end], ignore_index=IGNORE,
+                                                reduction="none")
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.chunk = chunk
+        return losses
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_losses: torch.Tensor):
+        hidden, weight, targets = ctx.saved_tensors
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if want_h else None
+        # Summed over chunks in W's dtype (fp32 for trained weights on the CPU).
+        grad_w = torch.zeros_like(weight) if want_w else None
+        w = weight.to(hidden.dtype)
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            end = min(start + ctx.chunk, hidden.shape[0])
+            h, y = hidden[start:end], targets[start:end]
+            g = torch.softmax(_chunk_logits(h, weight), dim=-1)
+            labelled = y != IGNORE
+            rows = torch.arange(g.shape[0], device=g.device)
+            g[rows[labelled], y[labelled]] -= 1.0
+            g *= (grad_losses[start:end] * labelled)[:, None]
+            g = g.to(hidden.dtype)
+            if want_h:
+                grad_h[start:end] = g @ w
+            if want_w:
+                grad_w += (g.T @ h).to(weight.dtype)
+            del g
+        return grad_h, grad_w, None, None

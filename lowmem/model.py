@@ -174,7 +174,7 @@ def prepare_for_training(model: nn.Module, plan) -> list[str]:
                               plan.lora_rslora)
         except ValueError as e:
             raise ModelError(str(e)) from None
-    elif plan.method == "full":
+    elif plan.method in ("full", "galore"):
         for p in model.parameters():
             p.requires_grad_(True)
     if plan.grad_checkpointing:

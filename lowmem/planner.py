@@ -116,6 +116,7 @@ class Plan:
     prune_keep_last: int = 1         # LoRAM: ... and at the end
     galore_rank: int | None = None   # GaLore: projection rank
     galore_per_layer: bool = False   # GaLore: update each weight in backward, free its gradient
+    galore_embeddings: bool = False  # GaLore: project embeddings and head too (else 8-bit AdamW)
     offload_activations: bool = False  # saved activations to pinned CPU memory
     loss_chunk: int = 0              # tokens per loss chunk; 0 = whole logits at once
     padding_mask: bool = False       # batches carry a padding mask into attention (the trainer's are
@@ -189,6 +190,11 @@ def plan_from_config(config: RunConfig) -> Plan:
     loram = config.method == "loram"
     dense = "bf16" if device == "cuda" else "fp32"
     nf4 = config.method == "qlora" or (loram and config.loram.quantize)
+    galore = config.method == "galore"
+    galore_rank = None
+    if galore:
+        from lowmem.spec import spec_for   # shapes only: the default rank is hidden/4
+        galore_rank = int(config.galore.rank) or max(1, spec_for(config.model).hidden // 4)
     return Plan(
         method=config.method,
         base_format="nf4" if nf4 else dense,
@@ -197,8 +203,8 @@ def plan_from_config(config: RunConfig) -> Plan:
         lora_targets=config.lora.targets if lora else (),
         lora_dropout=config.lora.dropout if lora else 0.0,
         lora_rslora=config.lora.rslora if lora else False,
-        optimizer="adamw",
-        optimizer_state_bits=32,
+        optimizer="galore-adamw8bit" if galore else "adamw",
+        optimizer_state_bits=8 if galore else 32,
         grad_checkpointing=config.grad_checkpointing,
         micro_batch=config.micro_batch,
         grad_accum=config.grad_accum,
@@ -212,6 +218,11 @@ def plan_from_config(config: RunConfig) -> Plan:
         prune_ratio=config.loram.ratio if loram else 0.0,
         prune_keep_first=config.loram.keep_first,
         prune_keep_last=config.loram.keep_last,
+        galore_rank=galore_rank,
+        galore_per_layer=config.galore.per_layer if galore else False,
+        galore_embeddings=config.galore.embeddings if galore else False,
+        offload_activations=config.offload,
+        loss_chunk=config.loss_chunk,
     )
 
 
@@ -376,6 +387,7 @@ def _build(config: Any, spec: ModelSpec, device: str, level: _Level, variant: di
         prune_keep_last=int(_config_value(config, "loram.keep_last", 1)),
         galore_rank=int(_config_value(config, "galore.rank", 0) or max(1, spec.hidden // 4)) if galore else None,
         galore_per_layer=bool(_config_value(config, "galore.per_layer", True)) if galore else False,
+        galore_embeddings=bool(_config_value(config, "galore.embeddings", False)) if galore else False,
         safety_margin=margin,
         **variant,
     )

@@ -2,8 +2,11 @@
 
 A run, in order: make or reopen the run directory, load the model and apply
 the plan's method, read the data, evaluate before, then for each optimizer
-step: take `grad_accum` micro-batches, forward, token-weighted loss, backward,
-clip, AdamW step at the scheduled lr; log, obey control requests, checkpoint.
+step: take `grad_accum` micro-batches, forward (saved activations offloaded
+when the plan says so), token-weighted loss (chunked when it says so), backward,
+clip, optimizer step at the scheduled lr; log, obey control requests, checkpoint.
+A per-layer optimizer (GaLore) updates each weight inside backward instead and
+clips per tensor (lowmem/galore.py).
 Evaluate after, save the adapter (PEFT layout), write `done`.
 
 Loss of a step = Σ token losses over all its micro-batches / their token
@@ -12,6 +15,7 @@ count, so accumulation gives the same gradient as one large batch.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -31,6 +35,7 @@ from lowmem.errors import CheckpointError, ConfigError
 from lowmem.evaluate import autocast_for, evaluate
 from lowmem.events import ControlReader, EventLog
 from lowmem.loss import causal_lm_loss, count_targets
+from lowmem.offload import OffloadActivations
 from lowmem.lora import save_adapter
 from lowmem.optim import build_optimizer
 from lowmem.model import load_model, prepare_for_training, trainable_parameters
@@ -201,6 +206,7 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
     stream = BatchStream(data.train, plan.micro_batch, config.seed, tokenizer.pad_token_id)
 
     optimizer = build_optimizer(params, plan, config)
+    offload = OffloadActivations(device=device) if plan.offload_activations else None
 
     step = 0
     if checkpoint is not None:
@@ -252,7 +258,8 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
     model.train()
     with StopRequest() as stop:
         while step < config.steps:
-            loss, grad_norm, tokens = train_step(model, optimizer, stream, plan, config, lr_at(step, config))
+            loss, grad_norm, tokens = train_step(model, optimizer, stream, plan, config, lr_at(step, config),
+                                                 offload=offload)
             step += 1
             progress.tokens += tokens
             text, fields = progress.line(step, loss, lr_at(step - 1, config), grad_norm)
@@ -301,34 +308,47 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
     return done
 
 
-def train_step(model, optimizer, stream: BatchStream, plan: Plan, config: RunConfig,
-               lr: float) -> tuple[float, float, int]:
+def train_step(model, optimizer, stream: BatchStream, plan: Plan, config: RunConfig, lr: float,
+               offload: OffloadActivations | None = None) -> tuple[float, float, int]:
     """One optimizer step over `plan.grad_accum` micro-batches; returns (loss, grad norm, tokens).
 
     No attention mask goes into the model: batches are right-padded, so a real
     token never sees a pad (pads only follow it) and positions are 0..n either
     way; without a mask SDPA takes its causal path and no batch × seq² mask is
     built and saved for backward in every block.
+
+    A `per_layer` optimizer (GaLore) applies each tensor's update inside
+    backward, on the last micro-batch, and clips per tensor; the lr is set
+    before backward for it. Others step after backward, clipped globally.
     """
     device = plan.device
     batches = [stream.next() for _ in range(plan.grad_accum)]
     targets = sum(count_targets(b["labels"]) for b in batches)
+    per_layer = getattr(optimizer, "per_layer", False)
+    for group in optimizer.param_groups:
+        group["lr"] = lr  # before backward: a per-layer optimizer steps inside it
     total_loss, tokens = 0.0, 0
     decoder, head = model.get_decoder(), model.get_output_embeddings()
-    for batch in batches:
+    for i, batch in enumerate(batches):
         batch = {k: v.to(device) for k, v in batch.items()}
+        if per_layer:
+            optimizer.begin_micro_batch(i, len(batches))
         with autocast_for(device):
-            hidden = decoder(input_ids=batch["input_ids"]).last_hidden_state
-            loss = causal_lm_loss(hidden, head.weight, batch["labels"], reduction="sum") / max(targets, 1)
+            with offload if offload is not None else contextlib.nullcontext():
+                hidden = decoder(input_ids=batch["input_ids"]).last_hidden_state
+            loss = causal_lm_loss(hidden, head.weight, batch["labels"], reduction="sum",
+                                  chunk_size=plan.loss_chunk) / max(targets, 1)
         loss.backward()
         total_loss += float(loss.detach())
         tokens += int(batch["attention_mask"].sum())
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.step()
+    if per_layer:
+        optimizer.step()  # applies what the hooks left pending
+        grad_norm = optimizer.grad_norm
+    else:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total_loss, grad_norm, tokens
 

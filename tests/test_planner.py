@@ -118,6 +118,7 @@ class WithSavers(RunConfig):
 def test_offload_and_chunked_loss_are_used_once_built_and_respected_when_pinned(monkeypatch):
     spec, vram = builtin_spec("llama-3.1-8b"), parse_size("20G")
     cfg = WithSavers(vram=vram, seq_len=4096, micro_batch=1, grad_accum=4, method="lora")
+    monkeypatch.setattr(lowmem.config, "FEATURES", (), raising=False)
     with pytest.raises(BudgetError):  # LoRA at 4096 tokens needs a saver this build lacks
         make_plan(cfg, spec, {"method"}, device="cuda")
     monkeypatch.setattr(lowmem.config, "FEATURES", ("offload", "chunked_loss"), raising=False)
@@ -179,7 +180,8 @@ def test_a_larger_safety_margin_is_honoured():
     assert made_a_difference
 
 
-def test_nothing_fits_names_the_smallest_plan_the_gap_and_working_changes():
+def test_nothing_fits_names_the_smallest_plan_the_gap_and_working_changes(monkeypatch):
+    monkeypatch.setattr(lowmem.config, "FEATURES", (), raising=False)   # a build without the savers
     spec = builtin_spec("llama-2-7b")
     cfg = config(vram=parse_size("4G"), seq_len=4096, micro_batch=1, grad_accum=1)
     with pytest.raises(BudgetError) as err:

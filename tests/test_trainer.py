@@ -206,3 +206,41 @@ def test_a_loram_run_saves_an_adapter_for_the_full_model(tmp_path, tiny_model_di
     full, _, _ = load_model(str(tiny_model_dir))
     load_adapter(full, run_dir / "adapter")  # raises if any shape is the pruned one
     assert (run_dir / "loram_index.json").is_file()
+
+
+def _galore_config(model_dir, data, tmp_path, **overrides):
+    keys = {"steps": 4, "micro_batch": 2, "grad_accum": 2, "lr": 1e-3, "method": "galore", "galore.rank": 8,
+            "galore.update_gap": 2, "offload": True, "loss_chunk": 16, "grad_checkpointing": True,
+            "lora.dropout": 0.0}
+    keys.update(overrides)
+    return _config(model_dir, data, tmp_path, **keys)
+
+
+def test_a_galore_run_with_offloading_and_chunked_loss_resumes_exactly(tmp_path, tiny_model_dir, tiny_chat_data):
+    config = _galore_config(tiny_model_dir, tiny_chat_data, tmp_path)
+    plan = plan_from_config(config)
+    assert plan.optimizer == "galore-adamw8bit" and plan.galore_per_layer
+    assert plan.offload_activations and plan.loss_chunk == 16
+    train(*_start(config, "straight"), out=lambda m: None)
+    config_b, plan_b, run_b = _start(config, "stopped")
+
+    def stop_after_step_2(message):
+        if message.startswith("step 2/"):
+            send_control(run_b, "stop")
+
+    assert train(config_b, plan_b, run_b, out=stop_after_step_2)["step"] == 2
+    assert train(config_b, plan_b, run_b, resume=True, out=lambda m: None)["reason"] == "finished"
+    straight = _losses(tmp_path / "runs" / "straight")
+    assert len(straight) == 4 and _losses(run_b) == straight
+    assert straight[-1] < straight[0]
+
+
+def test_offloading_and_chunked_loss_do_not_change_the_losses(tmp_path, tiny_model_dir, tiny_chat_data):
+    common = {"method": "full", "steps": 2, "grad_accum": 1, "lr": 1e-3}
+    plain = _config(tiny_model_dir, tiny_chat_data, tmp_path, offload=False, loss_chunk=0, **common)
+    saver = _config(tiny_model_dir, tiny_chat_data, tmp_path, offload=True, loss_chunk=16, **common)
+    train(*_start(plain, "plain"), out=lambda m: None)
+    train(*_start(saver, "saver"), out=lambda m: None)
+    plain_losses, saver_losses = _losses(tmp_path / "runs" / "plain"), _losses(tmp_path / "runs" / "saver")
+    assert len(plain_losses) == 2
+    assert saver_losses == pytest.approx(plain_losses, rel=1e-5)

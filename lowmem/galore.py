@@ -1,0 +1,390 @@
+"""GaLore with 8-bit Adam states, optionally applied per layer inside backward.
+
+Paper: Zhao et al., 2024, "GaLore: Memory-Efficient LLM Training by Gradient
+Low-Rank Projection" (Algorithm 2, Adam with GaLore; 8-bit states and
+per-layer weight updates as in its section 4).
+
+For every projected weight W (m×n, the block linears by default) with
+gradient G, at its optimizer step t (1-based; τ = t − 1 updates done before):
+
+    if τ mod T = 0:  U, S, Vᵀ = svd(G)                 the subspace is refreshed every T steps
+        m ≥ n (right):  Q = V[:, :r]  (n×r)    R = G Q    (m×r)    back(N) = N Qᵀ
+        m < n (left):   P = U[:, :r]  (m×r)    R = Pᵀ G   (r×n)    back(N) = P N
+    M ← β1·M + (1−β1)·R,   V ← β2·V + (1−β2)·R²           8-bit blockwise, see below
+    N = (M / (1−β1ᵗ)) / (√(V / (1−β2ᵗ)) + ε)
+    W ← W·(1 − η·λ) − η·α·back(N)                          λ weight decay, α = `scale`
+
+The projection sits on the shorter side, so it holds r·min(m,n) numbers and
+R (and M, V) r·max(m,n). The moments persist across refreshes, as in the paper.
+Every other trainable tensor (norms, biases; embeddings and the head unless
+`project_embeddings`) gets plain AdamW with the same 8-bit moments.
+
+8-bit moments: bitsandbytes' blockwise dynamic quantization, as its AdamW8bit
+keeps them: M in the signed dynamic map, V in the unsigned one, one fp32 absmax
+per block of 256 values. The update dequantizes, updates in fp32 and
+re-quantizes (`bitsandbytes.functional.optimizer_update_8bit_blockwise`: a
+fused kernel on CUDA, a PyTorch op on the CPU; `reference_adam8bit_update` below
+is the same in plain PyTorch and tests hold them equal). bitsandbytes'
+`AdamW8bit` does run on the CPU in 0.50, but updates all its parameters in one
+`step()` and only from `.grad`; this module calls the same functional op per
+tensor, so that it can run inside backward and on a projected gradient. Tensors (or projected gradients) under `min_8bit_size` = 4096
+values keep fp32 moments, as bitsandbytes does.
+
+Per-layer updates (`per_layer=True`): a post-accumulate-grad hook on each
+parameter applies its update as soon as its gradient is complete and sets
+`.grad = None`, so full-size gradients of different layers never coexist.
+Gradient accumulation over k micro-batches (call `begin_micro_batch(i, k)`
+before each backward):
+    projected weights: each micro-batch's hook adds R_i = proj(G_i) to an fp32
+        buffer of R's shape and frees G_i; the last one applies the update with
+        ΣR_i = proj(ΣG_i) (projection is linear, so this equals one large batch).
+        On a refresh step the new projection comes from the first micro-batch's
+        gradient (the full step gradient never exists): an estimate of the same
+        subspace, and the one place where accumulation differs from one batch.
+    other tensors: their gradients accumulate in `.grad` as usual and are
+        applied and freed by the last micro-batch's hook.
+Global clipping needs every gradient before any update, so per-layer mode
+clips each tensor's gradient instead (the projected ΣR_i for projected
+weights) to norm ≤ `max_grad_norm`, and reports `grad_norm` = √Σ‖·‖² of those
+same (unclipped) gradients. Without `per_layer`, `step()` works on `.grad`
+like any optimizer and the training loop clips globally.
+
+Memory (bytes; r = rank, p = bytes of the parameter dtype):
+    per projected m×n weight:  2·r·max(m,n) + 8·⌈r·max(m,n)/256⌉   8-bit M, V and absmaxes
+                               + p·r·min(m,n)                      the projection
+    per other tensor of k values:  2·k + 8·⌈k/256⌉ (k ≥ 4096), else 8·k (fp32 moments)
+    once:                      2·256·4                             the two code maps
+    gradients, per-layer:      the largest single gradient; with accumulation also
+                               4·Σ r·max(m,n) (fp32 ΣR) and the other tensors' gradients
+    update workspace:          ≤ 12·m·n for one weight (fp32 copy of G, the SVD factors
+                               on refresh steps; the update is added in place, no m×n
+                               temporary); the 8-bit op on the CPU dequantizes at most
+                               UPDATE_CHUNK values at a time
+These are the terms of `lowmem.memory.galore_state_bytes`, `adamw_state_bytes`,
+`gradient_bytes` and `galore_workspace_bytes`; `state_bytes()` counts the real tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+BLOCK = 256            # values per absmax block in bitsandbytes' 8-bit optimizers
+MIN_8BIT_SIZE = 4096   # smaller tensors keep fp32 moments (bitsandbytes' min_8bit_size)
+UPDATE_CHUNK = 2**22   # values per 8-bit update call: bounds the CPU op's fp32 temporaries
+
+_EMBEDDING_NAMES = ("embed_tokens", "lm_head", "wte", "wpe", "embed_out", "word_embeddings")
+
+
+def _bnb():
+    import bitsandbytes.functional as F  # imported late: it is slow to import
+    return F
+
+
+def is_embedding(name: str) -> bool:
+    return any(part in name for part in _EMBEDDING_NAMES)
+
+
+def projection_side(shape: tuple[int, int]) -> str:
+    """"right" (G Q, Q: n×r) when m ≥ n, else "left" (Pᵀ G, P: m×r): the shorter side."""
+    return "right" if shape[0] >= shape[1] else "left"
+
+
+def projected_shape(shape: tuple[int, int], rank: int) -> tuple[int, int]:
+    m, n = shape
+    r = min(rank, m, n)
+    return (m, r) if projection_side(shape) == "right" else (r, n)
+
+
+def new_projection(grad: torch.Tensor, rank: int, dtype: torch.dtype) -> torch.Tensor:
+    """The r leading singular vectors of `grad` on its shorter side (n×r or m×r)."""
+    u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
+    r = min(rank, *grad.shape)
+    basis = vh[:r].T if projection_side(tuple(grad.shape)) == "right" else u[:, :r]
+    return basis.contiguous().to(dtype)
+
+
+def project(grad: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    """R = G Q (right) or Pᵀ G (left), in fp32."""
+    if projection_side(tuple(grad.shape)) == "right":
+        return (grad @ projection.to(grad.dtype)).float()
+    return (projection.to(grad.dtype).T @ grad).float()
+
+
+def project_back_(weight: torch.Tensor, update: torch.Tensor, projection: torch.Tensor,
+                  scale: float) -> None:
+    """W += α·back(update), in place (no m×n temporary)."""
+    update = update.to(weight.dtype)
+    if projection_side(tuple(weight.shape)) == "right":
+        weight.addmm_(update, projection.T, alpha=scale)
+    else:
+        weight.addmm_(projection, update, alpha=scale)
+
+
+def reference_adam8bit_update(grad: torch.Tensor, target: torch.Tensor, state: dict, qmaps: tuple,
+                              step: int, lr: float, betas: tuple[float, float], eps: float,
+                              weight_decay: float) -> None:
+    """What the 8-bit update does, in plain PyTorch (the reference for the fused op).
+
+    M, V = dequantize(state1, absmax1), dequantize(state2, absmax2)      blocks of 256
+    M ← β1·M + (1−β1)·g,  V ← β2·V + (1−β2)·g²
+    target ← target·(1 − lr·λ) − lr/(1−β1ᵗ) · M / (√V/√(1−β2ᵗ) + ε)
+    state1, absmax1 = quantize(M);  state2, absmax2 = quantize(V)        nearest code value
+    """
+    F = _bnb()
+    b1, b2 = betas
+    m = F.dequantize_blockwise(state["state1"], absmax=state["absmax1"], code=qmaps[0], blocksize=BLOCK)
+    v = F.dequantize_blockwise(state["state2"], absmax=state["absmax2"], code=qmaps[1], blocksize=BLOCK)
+    g = grad.float()
+    m.mul_(b1).add_(g, alpha=1 - b1)
+    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+    denom = (v.sqrt() / math.sqrt(1 - b2**step)).add_(eps)
+    result = target.float()
+    if weight_decay:
+        result.mul_(1 - lr * weight_decay)
+    result.addcdiv_(m, denom, value=-lr / (1 - b1**step))
+    target.copy_(result)
+    q1, s1 = F.quantize_blockwise(m, code=qmaps[0], blocksize=BLOCK)
+    q2, s2 = F.quantize_blockwise(v, code=qmaps[1], blocksize=BLOCK)
+    state["state1"].copy_(q1)
+    state["absmax1"].copy_(s1.absmax)
+    state["state2"].copy_(q2)
+    state["absmax2"].copy_(s2.absmax)
+
+
+def dequantized_moments(state: dict, qmaps: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, V) in fp32 from a tensor's optimizer state, 8-bit or not."""
+    if "state1" not in state:
+        return state["exp_avg"], state["exp_avg_sq"]
+    F = _bnb()
+    m = F.dequantize_blockwise(state["state1"], absmax=state["absmax1"], code=qmaps[0], blocksize=BLOCK)
+    v = F.dequantize_blockwise(state["state2"], absmax=state["absmax2"], code=qmaps[1], blocksize=BLOCK)
+    return m, v
+
+
+class GaLoreAdamW8bit(torch.optim.Optimizer):
+    """AdamW with GaLore-projected 8-bit moments for 2-D weights and 8-bit moments for the rest.
+
+    `rank=None` (or 0) projects nothing: blockwise 8-bit AdamW for every tensor.
+    Groups: projected weights (decayed), other matrices (decayed), vectors (not decayed).
+    """
+
+    def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 *, rank: int | None = 128, update_gap: int = 200, scale: float = 0.25,
+                 project_embeddings: bool = False, per_layer: bool = False, max_grad_norm: float = 0.0,
+                 min_8bit_size: int = MIN_8BIT_SIZE):
+        named = [(n, p) for n, p in named_params if p.requires_grad]
+        if not named:
+            raise ValueError("GaLoreAdamW8bit got no trainable parameters")
+        if update_gap < 1:
+            raise ValueError(f"update_gap must be at least 1, got {update_gap}")
+
+        def projected(name, p):
+            return bool(rank) and p.ndim == 2 and (project_embeddings or not is_embedding(name))
+
+        groups = [
+            {"params": [p for n, p in named if projected(n, p)], "galore": True, "weight_decay": weight_decay},
+            {"params": [p for n, p in named if not projected(n, p) and p.ndim >= 2], "galore": False,
+             "weight_decay": weight_decay},
+            {"params": [p for n, p in named if p.ndim < 2], "galore": False, "weight_decay": 0.0},
+        ]
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        rank=int(rank or 0), update_gap=update_gap, scale=scale)
+        super().__init__([g for g in groups if g["params"]], defaults)
+        self.names = {p: n for n, p in named}
+        self.per_layer = per_layer
+        self.max_grad_norm = max_grad_norm
+        self.min_8bit_size = min_8bit_size
+        device = named[0][1].device
+        F = _bnb()
+        self.qmaps = (F.create_dynamic_map(signed=True).to(device),
+                      F.create_dynamic_map(signed=False).to(device))
+        self.grad_norm: float | None = None
+        self._group_of = {p: g for g in self.param_groups for p in g["params"]}
+        self._last_micro_batch = True
+        self._norm_sq: list[torch.Tensor] = []
+        self._hooks = []
+        if per_layer:
+            for p in self._group_of:
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._on_gradient))
+
+    # ------------------------------------------------------------ the training loop's calls
+
+    def begin_micro_batch(self, index: int, count: int) -> None:
+        """Per-layer mode: the next backward is micro-batch `index` of `count`; the last applies updates."""
+        self._last_micro_batch = index == count - 1
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Global mode: update every parameter from `.grad`. Per-layer mode: apply what the
+        hooks left pending (a tensor whose last gradient came before the last micro-batch)
+        and set `grad_norm`."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if self.per_layer:
+                    if "pending" in state or (not group["galore"] and p.grad is not None):
+                        self._apply(p, group)
+                elif p.grad is not None:
+                    if group["galore"]:
+                        self._accumulate_projected(p, group, p.grad)
+                    self._apply(p, group)
+        if self.per_layer:
+            self.grad_norm = float(torch.stack(self._norm_sq).sum().sqrt()) if self._norm_sq else 0.0
+            self._norm_sq = []
+            self._last_micro_batch = True
+        return loss
+
+    def remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    # ------------------------------------------------------------ the update of one tensor
+
+    @torch.no_grad()
+    def _on_gradient(self, p: nn.Parameter) -> None:
+        group = self._group_of[p]
+        if group["galore"]:
+            self._accumulate_projected(p, group, p.grad)
+            p.grad = None   # the full-size gradient is gone; ΣR carries it on
+        if self._last_micro_batch:
+            self._apply(p, group)
+
+    def _accumulate_projected(self, p: nn.Parameter, group: dict, grad: torch.Tensor) -> None:
+        state = self.state[p]
+        if "pending" not in state:
+            # First (or only) gradient of this step: refresh the subspace every T steps.
+            if state.get("step", 0) % group["update_gap"] == 0:
+                state["projection"] = new_projection(grad, group["rank"], p.dtype)
+            state["pending"] = project(grad, state["projection"])
+        else:
+            state["pending"] += project(grad, state["projection"])
+
+    def _apply(self, p: nn.Parameter, group: dict) -> None:
+        state = self.state[p]
+        if group["galore"]:
+            grad = state.pop("pending")
+        else:
+            grad = p.grad
+        if self.per_layer:
+            norm = grad.float().norm()
+            self._norm_sq.append(norm.square())
+            if self.max_grad_norm > 0:
+                # In place: the gradient (or ΣR) is ours and about to be dropped.
+                grad.mul_(torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0).to(grad.dtype))
+        state["step"] = state.get("step", 0) + 1
+        lr, wd = group["lr"], group["weight_decay"]
+        if group["galore"]:
+            direction = torch.zeros_like(grad)          # becomes −lr·N
+            self._adam(state, grad, direction, group, weight_decay=0.0)
+            if wd:
+                p.mul_(1 - lr * wd)
+            project_back_(p, direction, state["projection"], group["scale"])
+        else:
+            self._adam(state, grad, p, group, weight_decay=wd)
+        if self.per_layer:
+            p.grad = None
+
+    def _adam(self, state: dict, grad: torch.Tensor, target: torch.Tensor, group: dict,
+              weight_decay: float) -> None:
+        """target ← target·(1 − lr·λ) − lr·M̂/(√V̂ + ε) with the moments of `grad` in `state`."""
+        b1, b2 = group["betas"]
+        lr, eps, step = group["lr"], group["eps"], state["step"]
+        numel = grad.numel()
+        if "state1" not in state and "exp_avg" not in state:
+            if numel >= self.min_8bit_size:
+                blocks = math.ceil(numel / BLOCK)
+                for k in ("state1", "state2"):
+                    state[k] = torch.zeros(grad.shape, dtype=torch.uint8, device=grad.device)
+                for k in ("absmax1", "absmax2"):
+                    state[k] = torch.zeros(blocks, dtype=torch.float32, device=grad.device)
+            else:
+                state["exp_avg"] = torch.zeros(grad.shape, dtype=torch.float32, device=grad.device)
+                state["exp_avg_sq"] = torch.zeros(grad.shape, dtype=torch.float32, device=grad.device)
+        if "exp_avg" in state:
+            m, v, g = state["exp_avg"], state["exp_avg_sq"], grad.float()
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (v.sqrt() / math.sqrt(1 - b2**step)).add_(eps)
+            if weight_decay:
+                target.mul_(1 - lr * weight_decay)
+            target.addcdiv_(m, denom, value=-lr / (1 - b1**step))
+            return
+        F = _bnb()
+        flat_g = grad.reshape(-1) if grad.is_contiguous() else grad.contiguous().reshape(-1)
+        flat_t = target.view(-1)
+        s1, s2 = state["state1"].view(-1), state["state2"].view(-1)
+        for start in range(0, numel, UPDATE_CHUNK):
+            end = min(start + UPDATE_CHUNK, numel)
+            blocks = slice(start // BLOCK, math.ceil(end / BLOCK))
+            F.optimizer_update_8bit_blockwise(
+                "adam", flat_g[start:end], flat_t[start:end], s1[start:end], s2[start:end],
+                b1, b2, 0.0, 0.0, eps, step, lr, self.qmaps[0], self.qmaps[1],
+                state["absmax1"][blocks], state["absmax2"][blocks], weight_decay=weight_decay)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def _params(self) -> list[nn.Parameter]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def state_dict(self) -> dict:
+        """Projections, 8-bit states and absmaxes as they are, step counters, groups, code maps.
+
+        Only tensors, numbers, strings, lists, tuples and dicts: loadable with
+        `torch.load(weights_only=True)`. Taken between steps (no pending ΣR).
+        """
+        index = {p: i for i, p in enumerate(self._params())}
+        state = {index[p]: {k: v for k, v in s.items() if k != "pending"}
+                 for p, s in self.state.items() if s}
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[p] for p in g["params"]]}
+                  for g in self.param_groups]
+        return {"state": state, "param_groups": groups,
+                "qmaps": {"signed": self.qmaps[0], "unsigned": self.qmaps[1]}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        params = self._params()
+        saved_groups = state_dict["param_groups"]
+        if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in self.param_groups]:
+            raise ValueError("optimizer state does not match the model: the parameter groups differ "
+                             "(was it saved with another method, rank or model?)")
+        for group, saved in zip(self.param_groups, saved_groups):
+            group.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k != "params"})
+        self.state.clear()
+        for i, saved in state_dict["state"].items():
+            p = params[int(i)]
+            restored = {}
+            for key, value in saved.items():
+                if torch.is_tensor(value):
+                    value = value.to(p.device, copy=True)
+                restored[key] = value
+            if "projection" in restored:
+                expected = projected_shape(tuple(p.shape), self._group_of[p]["rank"])
+                if tuple(restored.get("state1", restored.get("exp_avg")).shape) != expected:
+                    raise ValueError(f"optimizer state of {self.names[p]} has the wrong shape for rank "
+                                     f"{self._group_of[p]['rank']}")
+            self.state[p] = restored
+        maps = state_dict.get("qmaps")
+        if maps is not None:
+            self.qmaps = (maps["signed"].to(params[0].device), maps["unsigned"].to(params[0].device))
+
+    # ------------------------------------------------------------ bytes
+
+    def state_bytes(self) -> int:
+        """Bytes of every state tensor (projections, moments, absmaxes) and the code maps."""
+        seen, total = set(), 0
+        tensors = [v for s in self.state.values() for k, v in s.items() if torch.is_tensor(v) and k != "pending"]
+        for t in tensors + list(self.qmaps):
+            key = t.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+        return total

@@ -1,0 +1,320 @@
+"""GaLore with 8-bit moments: the paper's update, per-layer updates, accumulation, exact resume."""
+
+import copy
+import dataclasses
+import io
+import math
+
+import pytest
+import torch
+
+from lowmem import galore
+from lowmem.galore import GaLoreAdamW8bit, dequantized_moments, reference_adam8bit_update
+from lowmem.loss import causal_lm_loss
+from lowmem.model import tiny_llama
+
+B1, B2, EPS = 0.9, 0.999, 1e-8
+
+
+@pytest.fixture(scope="module")
+def base_model():
+    model = tiny_llama(vocab_size=256, hidden=64, layers=1, heads=4, kv_heads=2, intermediate=128, seed=1)
+    model.config.use_cache = False
+    return model
+
+
+def fresh(model):
+    return copy.deepcopy(model)
+
+
+def batch(seed, rows=2, length=12):
+    return torch.randint(0, 256, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+def backward(model, ids, targets=None):
+    """Sum of token losses / `targets` (the trainer's normalisation over a whole step)."""
+    hidden = model.model(input_ids=ids).last_hidden_state
+    targets = targets or ids.shape[0] * (ids.shape[1] - 1)
+    (causal_lm_loss(hidden, model.lm_head.weight, ids, reduction="sum") / targets).backward()
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# ---------------------------------------------------------------- the update
+
+@pytest.mark.parametrize("min_8bit", [10**9, 256], ids=["fp32-moments", "8bit-moments"])
+def test_two_galore_steps_equal_the_papers_update_computed_by_hand(base_model, min_8bit):
+    model = fresh(base_model)
+    lr, rank, scale, wd = 1e-2, 8, 0.5, 0.1
+    opt = GaLoreAdamW8bit(model.named_parameters(), lr=lr, weight_decay=wd, rank=rank, update_gap=100,
+                          scale=scale, min_8bit_size=min_8bit)
+    names = ["model.layers.0.mlp.up_proj.weight",     # 128×64: right projection
+             "model.layers.0.mlp.down_proj.weight"]   # 64×128: left projection
+    params = dict(model.named_parameters())
+    w = {n: params[n].detach().clone() for n in names}
+    seen = []
+    for step in (1, 2):
+        backward(model, batch(step))
+        seen.append(grads(model))
+        opt.step()
+        opt.zero_grad()
+
+    for name in names:
+        g1, g2 = seen[0][name], seen[1][name]
+        right = g1.shape[0] >= g1.shape[1]
+        u, _, vh = torch.linalg.svd(g1, full_matrices=False)
+        basis = vh[:rank].T if right else u[:, :rank]                  # the first step's gradient, top r
+        proj = (lambda g: g @ basis) if right else (lambda g: basis.T @ g)
+        back = (lambda n: n @ basis.T) if right else (lambda n: basis @ n)
+        state = opt.state[params[name]]
+        assert state["projection"].shape == (min(g1.shape), rank)
+        torch.testing.assert_close(state["projection"], basis)
+
+        m = v = torch.zeros_like(proj(g1))
+        expected = w[name]
+        for t, g in ((1, g1), (2, g2)):
+            r = proj(g)
+            m, v = B1 * m + (1 - B1) * r, B2 * v + (1 - B2) * r**2
+            n = (m / (1 - B1**t)) / ((v / (1 - B2**t)).sqrt() + EPS)
+            expected = expected * (1 - lr * wd) - lr * scale * back(n)
+        moment1, moment2 = dequantized_moments(state, opt.qmaps)
+        if min_8bit > 1000:   # fp32 moments: the same numbers
+            torch.testing.assert_close(params[name].detach(), expected, rtol=0, atol=1e-6)
+            torch.testing.assert_close(moment1, m, rtol=0, atol=1e-7)
+        else:                 # 8-bit moments: within quantization error, blockwise
+            assert (moment1 - m).abs().max() <= 0.02 * m.abs().max()
+            assert (moment2 - v).abs().max() <= 0.02 * v.abs().max()
+            step2 = params[name].detach() - w[name]
+            assert (step2 - (expected - w[name])).norm() < 0.03 * (expected - w[name]).norm()
+        assert state["state1" if min_8bit < 1000 else "exp_avg"].shape == m.shape
+
+
+def test_the_fused_8bit_update_equals_its_plain_pytorch_reference(monkeypatch):
+    monkeypatch.setattr(galore, "UPDATE_CHUNK", 512)   # several chunks, the last one partial
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(30, 100))   # a matrix, so weight decay applies
+    opt = GaLoreAdamW8bit([("w", p)], lr=1e-2, weight_decay=0.1, rank=None, min_8bit_size=256)
+    target, state = p.detach().clone(), None
+    for step in (1, 2, 3):
+        g = torch.randn(30, 100)
+        p.grad = g.clone()
+        opt.step()
+        if state is None:
+            state = {k: torch.zeros_like(v) for k, v in opt.state[p].items() if torch.is_tensor(v)}
+        reference_adam8bit_update(g, target, state, opt.qmaps, step, 1e-2, (B1, B2), EPS, 0.1)
+        assert torch.equal(p.detach(), target)
+        for key in ("state1", "state2", "absmax1", "absmax2"):
+            assert torch.equal(opt.state[p][key], state[key]), key
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_fused_8bit_kernel_agrees_with_the_reference():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(30, 100, device="cuda"))
+    opt = GaLoreAdamW8bit([("w", p)], lr=1e-2, weight_decay=0.1, rank=None, min_8bit_size=256)
+    target, state = p.detach().clone(), None
+    for step in (1, 2, 3):
+        g = torch.randn(30, 100, device="cuda")
+        p.grad = g.clone()
+        opt.step()
+        if state is None:
+            state = {k: torch.zeros_like(v) for k, v in opt.state[p].items() if torch.is_tensor(v)}
+        reference_adam8bit_update(g, target, state, opt.qmaps, step, 1e-2, (B1, B2), EPS, 0.1)
+        # the kernel rounds to the code map its own way: moments agree to a code step
+        torch.testing.assert_close(p.detach(), target, rtol=0, atol=0.05 * 1e-2 * step)  # lr = 1e-2
+        m, _ = dequantized_moments(opt.state[p], opt.qmaps)
+        m_ref, _ = dequantized_moments(state, opt.qmaps)
+        assert (m - m_ref).abs().max() <= 0.02 * m_ref.abs().max()
+
+
+def test_other_tensors_follow_bitsandbytes_adamw8bit(base_model):
+    import bitsandbytes as bnb
+
+    ours = fresh(base_model)
+    opt = GaLoreAdamW8bit(ours.named_parameters(), lr=1e-3, weight_decay=0.1, rank=8)
+    # the tied embedding / head, 256×64: not projected, 8-bit moments
+    embed = torch.nn.Parameter(ours.model.embed_tokens.weight.detach().clone())
+    ref = bnb.optim.AdamW8bit([embed], lr=1e-3, weight_decay=0.1, betas=(B1, B2), eps=EPS)
+    for step in (1, 2):
+        backward(ours, batch(step))
+        embed.grad = ours.model.embed_tokens.weight.grad.clone()
+        opt.step()
+        ref.step()
+        opt.zero_grad()
+    torch.testing.assert_close(ours.model.embed_tokens.weight, embed, rtol=0, atol=1e-7)
+    assert torch.equal(opt.state[ours.model.embed_tokens.weight]["state1"], ref.state[embed]["state1"])
+
+
+# ---------------------------------------------------------------- per-layer updates
+
+def _peak_live_gradient_bytes(model, per_layer):
+    params = list(model.parameters())
+    peak = [0]
+
+    def count(_):
+        live = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+        peak[0] = max(peak[0], live)
+
+    for p in params:   # registered first, so it runs before the optimizer's hook sees each gradient
+        p.register_post_accumulate_grad_hook(count)
+    opt = GaLoreAdamW8bit(model.named_parameters(), lr=1e-3, rank=8, per_layer=per_layer)
+    backward(model, batch(1))
+    count(None)
+    return peak[0], opt
+
+
+def test_per_layer_updates_hold_one_full_gradient_at_a_time(base_model):
+    sizes = [p.numel() * 4 for p in base_model.parameters()]
+    per_layer, opt = _peak_live_gradient_bytes(fresh(base_model), per_layer=True)
+    assert per_layer == max(sizes)                   # the largest single gradient, nothing beside it
+    assert all(p.grad is None for p in opt._group_of)
+    whole, _ = _peak_live_gradient_bytes(fresh(base_model), per_layer=False)
+    assert whole == sum(sizes)
+
+
+def test_per_layer_updates_equal_a_global_step(base_model):
+    a, b = fresh(base_model), fresh(base_model)
+    opt_a = GaLoreAdamW8bit(a.named_parameters(), lr=1e-3, rank=8, update_gap=2, min_8bit_size=256)
+    opt_b = GaLoreAdamW8bit(b.named_parameters(), lr=1e-3, rank=8, update_gap=2, min_8bit_size=256,
+                            per_layer=True)
+    for step in range(3):
+        backward(a, batch(step))
+        opt_a.step()
+        opt_a.zero_grad()
+        backward(b, batch(step))
+        opt_b.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def _accumulated_step(model, opt, parts):
+    targets = sum(p.shape[0] * (p.shape[1] - 1) for p in parts)
+    for i, part in enumerate(parts):
+        opt.begin_micro_batch(i, len(parts))
+        backward(model, part, targets)
+    opt.step()
+
+
+def test_accumulating_two_micro_batches_equals_one_batch_of_both(base_model):
+    a, b = fresh(base_model), fresh(base_model)
+    opts = [GaLoreAdamW8bit(m.named_parameters(), lr=1e-3, rank=8, update_gap=100, min_8bit_size=256,
+                            per_layer=True) for m in (a, b)]
+    first, one, two = batch(0, rows=4), batch(1), batch(2)
+    for model, opt in zip((a, b), opts):
+        _accumulated_step(model, opt, [first])       # the projection is set by the same gradient
+    _accumulated_step(a, opts[0], [one, two])
+    _accumulated_step(b, opts[1], [torch.cat([one, two])])
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6, msg=name)
+    assert all(p.grad is None for p in a.parameters())
+    assert abs(opts[0].grad_norm - opts[1].grad_norm) < 1e-5
+
+
+def test_a_refresh_during_accumulation_takes_the_first_micro_batchs_subspace(base_model):
+    model = fresh(base_model)
+    opt = GaLoreAdamW8bit(model.named_parameters(), lr=1e-3, rank=8, per_layer=True)
+    weight = model.model.layers[0].mlp.up_proj.weight
+    probe = fresh(base_model)
+    backward(probe, batch(1))
+    g1 = probe.model.layers[0].mlp.up_proj.weight.grad
+    _accumulated_step(model, opt, [batch(1), batch(2)])
+    # normalised per micro-batch, so compare directions: the top-r right singular vectors of g1
+    expected = torch.linalg.svd(g1, full_matrices=False)[2][:8].T
+    overlap = (opt.state[weight]["projection"].T @ expected).abs()
+    torch.testing.assert_close(overlap, torch.eye(8), rtol=0, atol=1e-4)
+
+
+def test_per_layer_mode_clips_each_tensor_and_reports_the_norm(base_model):
+    model = fresh(base_model)
+    opt = GaLoreAdamW8bit(model.named_parameters(), lr=1e-3, rank=8, per_layer=True, max_grad_norm=0.01,
+                          min_8bit_size=10**9)
+    probe = fresh(base_model)
+    backward(probe, batch(1))
+    norms = {}
+    for name, p in probe.named_parameters():
+        group = opt._group_of[dict(model.named_parameters())[name]]
+        g = p.grad
+        if group["galore"]:
+            g = galore.project(g, galore.new_projection(g, 8, g.dtype))
+        norms[name] = g.norm()
+    backward(model, batch(1))
+    opt.step()
+    assert opt.grad_norm == pytest.approx(math.sqrt(sum(float(n) ** 2 for n in norms.values())), rel=1e-5)
+    for name, p in model.named_parameters():
+        m = opt.state[p]["exp_avg"]   # (1 − β1)·clipped gradient after one step
+        assert float(m.norm()) == pytest.approx((1 - B1) * min(float(norms[name]), 0.01), rel=1e-3)
+
+
+# ---------------------------------------------------------------- checkpoints and bytes
+
+def test_state_dict_round_trip_resumes_exactly(base_model):
+    def make(model):
+        return GaLoreAdamW8bit(model.named_parameters(), lr=1e-3, rank=8, update_gap=2, min_8bit_size=256,
+                               per_layer=True)
+
+    straight = fresh(base_model)
+    opt = make(straight)
+    for step in range(2):
+        _accumulated_step(straight, opt, [batch(step)])
+    saved = io.BytesIO()
+    torch.save({"optimizer": opt.state_dict(), "weights": straight.state_dict()}, saved)
+    saved.seek(0)
+    checkpoint = torch.load(saved, weights_only=True)     # what the trainer's resume does
+
+    resumed = fresh(base_model)
+    resumed.load_state_dict(checkpoint["weights"])
+    opt_resumed = make(resumed)
+    opt_resumed.load_state_dict(checkpoint["optimizer"])
+    for step in (2, 3):                                    # step 2 refreshes the projection
+        _accumulated_step(straight, opt, [batch(step)])
+        _accumulated_step(resumed, opt_resumed, [batch(step)])
+    for pa, pb in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(pa, pb)
+    state = opt_resumed.state[resumed.model.layers[0].mlp.up_proj.weight]
+    assert state["step"] == 4 and state["state1"].dtype == torch.uint8
+
+
+def test_state_bytes_match_the_memory_model(base_model):
+    from lowmem import memory
+
+    model = fresh(base_model)
+    rank = 40   # up/down projections: 40·128 ≥ 4096 values (8-bit); q/k/v/o: fp32 moments
+    opt = GaLoreAdamW8bit(model.named_parameters(), lr=1e-3, rank=rank)
+    backward(model, batch(1))
+    opt.step()
+    expected = memory.ADAM8_CODE_BYTES
+    for name, p in model.named_parameters():
+        if p.ndim == 2 and "embed" not in name:
+            expected += memory.galore_state_bytes(p.shape[0], p.shape[1], rank, projection_bytes=4)
+        else:
+            expected += memory.adamw_state_bytes(p.numel(), bits=8)
+    assert opt.state_bytes() == expected
+
+
+def test_embeddings_are_projected_only_when_asked(base_model):
+    model = fresh(base_model)
+    embed = model.model.embed_tokens.weight
+    plain = GaLoreAdamW8bit(model.named_parameters(), rank=8)
+    asked = GaLoreAdamW8bit(model.named_parameters(), rank=8, project_embeddings=True)
+    assert not plain._group_of[embed]["galore"]
+    assert asked._group_of[embed]["galore"]
+
+
+def test_build_optimizer_follows_the_plan(base_model):
+    from lowmem.config import RunConfig
+    from lowmem.optim import build_optimizer
+    from lowmem.planner import plan_from_config
+
+    named = list(fresh(base_model).named_parameters())
+    config = RunConfig(method="full", device="cpu")
+    plan = plan_from_config(config)
+    assert type(build_optimizer(named, plan, config)) is torch.optim.AdamW
+    eight = build_optimizer(named, dataclasses.replace(plan, optimizer="adamw8bit", optimizer_state_bits=8), config)
+    assert isinstance(eight, GaLoreAdamW8bit) and not any(g["galore"] for g in eight.param_groups)
+    g = build_optimizer(named, dataclasses.replace(plan, method="galore", optimizer="galore-adamw8bit",
+                                                   optimizer_state_bits=8, galore_rank=16,
+                                                   galore_per_layer=True), config)
+    assert isinstance(g, GaLoreAdamW8bit) and g.per_layer and g.param_groups[0]["rank"] == 16
+    g.remove_hooks()

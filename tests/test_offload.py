@@ -1,0 +1,140 @@
+"""Activation offloading: the hooks run, the byte accounting is right, gradients do not change."""
+
+import copy
+
+import pytest
+import torch
+
+from lowmem.loss import causal_lm_loss
+from lowmem.model import tiny_llama
+from lowmem.offload import OffloadActivations, activation_offloading
+
+LAYERS, ROWS, LENGTH, HIDDEN = 3, 2, 16, 64
+
+
+@pytest.fixture(scope="module")
+def base_model():
+    model = tiny_llama(vocab_size=256, hidden=HIDDEN, layers=LAYERS, heads=4, kv_heads=2, intermediate=128, seed=2)
+    model.config.use_cache = False
+    return model
+
+
+def gradients(model, offload=None, checkpointing=False):
+    model = copy.deepcopy(model)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids = torch.randint(0, 256, (ROWS, LENGTH), generator=torch.Generator().manual_seed(0))
+    with offload if offload is not None else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        hidden = model.model(input_ids=ids).last_hidden_state
+    causal_lm_loss(hidden, model.lm_head.weight, ids).backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def assert_identical(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_gradients_are_identical_with_and_without_offloading(base_model):
+    offload = OffloadActivations(min_bytes=1024)
+    assert_identical(gradients(base_model), gradients(base_model, offload))
+    stats = offload.stats
+    assert stats.offloaded_bytes > 0 and stats.returned_bytes == stats.offloaded_bytes
+    assert stats.host_bytes == 0 and stats.peak_host_bytes == stats.offloaded_bytes
+    assert stats.parameter_saves > 0      # the weights the linears save stay where they are
+    assert not offload._entries and not offload._order
+
+
+def test_with_checkpointing_only_layer_inputs_travel(base_model):
+    offload = OffloadActivations(min_bytes=1024)
+    assert_identical(gradients(base_model, checkpointing=True),
+                     gradients(base_model, offload, checkpointing=True))
+    one_hidden = ROWS * LENGTH * HIDDEN * 4
+    # each block's input, then the final norm's input and output (outside the blocks)
+    assert offload.stats.sizes == [one_hidden] * (LAYERS + 2)
+    without = OffloadActivations(min_bytes=1024)
+    gradients(base_model, without)
+    assert without.stats.offloaded_bytes > 10 * offload.stats.offloaded_bytes
+
+
+def test_parameters_and_their_views_are_never_offloaded():
+    weight = torch.nn.Parameter(torch.randn(32, 32))
+    x = torch.randn(8, 32, requires_grad=True)
+    offload = OffloadActivations(min_bytes=0)
+    with offload:
+        y = torch.nn.functional.linear(x, weight)        # saves x and Wᵀ (a view of W)
+        z = (weight * 2).sum() + y.sum()                # saves nothing of W: mul by a number
+        w = (x @ weight).sum()                          # saves x (again) and W itself
+    (z + w).backward()
+    assert offload.stats.parameter_saves == 2
+    assert offload.stats.offloaded_bytes == x.numel() * 4 and offload.stats.offloaded_tensors == 1
+    assert offload.stats.shared_saves == 1              # x saved twice, copied once
+
+
+def test_small_tensors_stay_in_place():
+    x = torch.randn(4, 4, requires_grad=True)            # 64 bytes
+    offload = OffloadActivations(min_bytes=1024)
+    with offload:
+        y = torch.sin(x).sum()
+    y.backward()
+    assert offload.stats.offloaded_bytes == 0 and offload.stats.kept_bytes == 64
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_backward_prefetches_the_next_tensors_while_one_is_in_use(prefetch):
+    x = torch.randn(256, requires_grad=True)             # 1 KiB each
+    offload = OffloadActivations(min_bytes=1024, prefetch=prefetch)
+    with offload:
+        t1 = torch.sin(x)                                # sin saves its input: x, t1, t2, t3
+        t2 = torch.sin(t1)
+        t3 = torch.sin(t2)
+        out = torch.sin(t3).sum()
+    returned_when_t3_is_in_use = []
+    t3.register_hook(lambda g: returned_when_t3_is_in_use.append(offload.stats.returned_bytes))
+    out.backward()
+    # sin(t3)'s backward unpacked t3; t2, t1 (and x) are on their way, `prefetch` of them
+    assert returned_when_t3_is_in_use == [1024 * (1 + prefetch)]
+    assert offload.stats.returned_bytes == 4 * 1024
+
+
+def test_a_second_backward_through_offloaded_tensors_is_refused():
+    x = torch.randn(512, requires_grad=True)
+    with OffloadActivations(min_bytes=1024):
+        y = torch.sin(x).sum()
+    y.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        y.backward()
+
+
+def test_disabled_offloading_is_a_plain_context():
+    with activation_offloading(False) as nothing:
+        assert nothing is None
+    assert isinstance(activation_offloading(True, min_bytes=1), OffloadActivations)
+
+
+@pytest.mark.gpu
+def test_on_cuda_offloading_lowers_peak_memory_and_keeps_gradients(base_model):
+    model = copy.deepcopy(base_model).cuda()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(0, 256, (8, 1024), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+
+    def run(offload):
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        with offload:
+            hidden = model.model(input_ids=ids).last_hidden_state
+        forward_peak = torch.cuda.max_memory_allocated() - start
+        causal_lm_loss(hidden, model.lm_head.weight, ids).backward()
+        torch.cuda.synchronize()
+        return forward_peak, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain_peak, plain = run(torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t))
+    offload = OffloadActivations(min_bytes=1024)
+    offload_peak, offloaded = run(offload)
+    assert_identical(plain, offloaded)
+    assert offload.stats.offloaded_bytes > 0
+    assert offload_peak < plain_peak
