@@ -10,19 +10,14 @@ post-accumulate-grad hooks that run before the optimizer's), beside what
     python benchmarks/galore_cpu.py                   # 20 steps, micro-batch 4 (~5 min, one thread)
     python benchmarks/galore_cpu.py --steps 5         # a quick look
 
-The GaLore step needs the per-layer training step (`step_for_plan` below: lr
-set before backward, `begin_micro_batch` per micro-batch, no global clipping).
-Until lowmem.trainer.train_step does the same (it then takes `offload=`), this
-script uses its own copy for every method; for AdamW and LoRA it computes
-exactly what train_step does.
+Every method steps through lowmem.trainer.train_step, the trainer's own step
+(per-layer updates inside backward for GaLore).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import inspect
 import time
 from types import SimpleNamespace
 
@@ -31,51 +26,12 @@ import torch
 from lowmem import memory
 from lowmem.config import RunConfig, format_size
 from lowmem.data import BatchStream, load_datasets
-from lowmem.evaluate import autocast_for, heldout_loss
-from lowmem.loss import causal_lm_loss, count_targets
+from lowmem.evaluate import heldout_loss
 from lowmem.model import load_model, prepare_for_training, trainable_parameters
 from lowmem.optim import build_optimizer
 from lowmem.planner import plan_from_config
 from lowmem.spec import spec_for
 from lowmem.trainer import lr_at, train_step
-
-
-def step_for_plan(model, optimizer, stream, plan, config, lr, offload=None):
-    """The training step with per-layer updates, chunked loss and offloading (see docs/full-training.md)."""
-    device = plan.device
-    batches = [stream.next() for _ in range(plan.grad_accum)]
-    targets = sum(count_targets(b["labels"]) for b in batches)
-    per_layer = getattr(optimizer, "per_layer", False)
-    for group in optimizer.param_groups:
-        group["lr"] = lr   # before backward: a per-layer optimizer steps inside it
-    total_loss, tokens = 0.0, 0
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
-    for i, batch in enumerate(batches):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        if per_layer:
-            optimizer.begin_micro_batch(i, len(batches))
-        with autocast_for(device):
-            with offload if offload is not None else contextlib.nullcontext():
-                hidden = decoder(input_ids=batch["input_ids"]).last_hidden_state   # right-padded: no mask
-            loss = causal_lm_loss(hidden, head.weight, batch["labels"], reduction="sum",
-                                  chunk_size=plan.loss_chunk) / max(targets, 1)
-        loss.backward()
-        total_loss += float(loss.detach())
-        tokens += int(batch["attention_mask"].sum())
-    if per_layer:
-        optimizer.step()   # applies what the hooks left pending; clipping was per tensor
-        grad_norm = optimizer.grad_norm
-    else:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total_loss, grad_norm, tokens
-
-
-def _trainer_does_per_layer() -> bool:
-    return "offload" in inspect.signature(train_step).parameters
 
 
 def state_bytes(optimizer) -> int:
@@ -115,11 +71,10 @@ def run(method: str, config: RunConfig, args, spec, data, tokenizer) -> dict:
     counter = GradientBytes([p for _, p in params])   # before the optimizer's hooks
     optimizer = build_optimizer(params, plan, config)
     stream = BatchStream(data.train, plan.micro_batch, config.seed, tokenizer.pad_token_id)
-    step_fn = train_step if _trainer_does_per_layer() else step_for_plan
     losses, started = [], time.perf_counter()
     model.train()
     for step in range(config.steps):
-        loss, _, _ = step_fn(model, optimizer, stream, plan, config, lr_at(step, config))
+        loss, _, _ = train_step(model, optimizer, stream, plan, config, lr_at(step, config))
         counter.count()
         losses.append(loss)
         print(f"  {method:6s} step {step + 1:2d}/{config.steps}  loss {loss:.4f}", flush=True)

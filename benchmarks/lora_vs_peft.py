@@ -3,7 +3,10 @@
 Both sides load the embedded SmolLM2-135M in fp32 on the CPU, put rank-16
 adapters (alpha 32, no dropout) on all seven linear layers of every block,
 and take AdamW steps on the same fixed batch of real chat examples with the
-same loss (answer tokens only). Each side runs in its own process so that its
+same loss (answer tokens only). Each side computes its step the way it does
+in training: PEFT through the model's own loss with the attention mask,
+lowmem as its train_step does (hidden states, then the loss; no mask, which
+right-padded batches do not need, so the first losses agree exactly). Each side runs in its own process so that its
 peak RSS is its own; the sides alternate for `--rounds` rounds so that a
 machine that slows down part-way hurts both alike.
 
@@ -56,8 +59,8 @@ def run_side(side: str, steps: int, micro_batch: int, seq_len: int, checkpointin
         decoder, head = model.get_decoder(), model.get_output_embeddings()
         n = count_targets(b["labels"])
 
-        def loss_fn():
-            hidden = decoder(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+        def loss_fn():  # as lowmem.trainer.train_step: right-padded batches need no mask
+            hidden = decoder(input_ids=b["input_ids"]).last_hidden_state
             return causal_lm_loss(hidden, head.weight, b["labels"], reduction="sum") / n
     else:
         from peft import LoraConfig, get_peft_model

@@ -1,7 +1,6 @@
 """The embedded real model: SmolLM2-135M-Instruct from its GGUF package."""
 
 import pytest
-import torch
 
 from lowmem.model import embedded_gguf, load_model, resolve_model_dir
 

@@ -16,14 +16,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 OUT, IN, RANK, GROUP, C = 6, 20, 2, 8, 1.5    # 20 = 8 + 8 + 4: the last group is short
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: with several threads, start-up and spin-waiting cost more than the work,
-    by 100x on a busy 2-core machine (measured: 2.8 s vs 25 ms per tiny-model step)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _case(bits: int, symmetric: bool, seed: int = 0):

@@ -1,11 +1,9 @@
 """The training loop on a tiny model: exact resume, control requests, signals, outputs."""
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
