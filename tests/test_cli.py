@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from lowmem.cli import main
+from lowmem.events import read_events
 
 
 def test_presets_lists_each_with_its_summary(capsys):
@@ -93,3 +94,14 @@ def test_generate_answers_with_the_embedded_model(capsys, embedded_dir):
 def test_python_dash_m_lowmem_works():
     result = subprocess.run([sys.executable, "-m", "lowmem", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("lowmem ")
+
+
+def test_resuming_a_finished_run_says_how_to_extend_it(tmp_path, tiny_model_dir, tiny_chat_data, capsys):
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(tiny_chat_data), "--runs-dir",
+                 str(tmp_path), "--name", "f", "--steps", "2", "--micro-batch", "2", "--no-eval-generate"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(tmp_path / "f")]) == 2
+    assert f"lowmem train --resume {tmp_path / 'f'} steps=4" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "f"), "steps=3", "--no-tui"]) == 0
+    steps = [e["step"] for e in read_events(tmp_path / "f") if e["kind"] == "step"]
+    assert steps == [1, 2, 3]

@@ -552,3 +552,30 @@ def write_docs_screenshots() -> None:
 
 if __name__ == "__main__":
     write_docs_screenshots()
+
+
+@synchronous
+async def test_a_live_tiny_cpu_training_run_updates_the_loss_chart(tmp_path, tiny_model_dir, tiny_chat_data):
+    """The real trainer, in its own process as `lowmem train` runs it, watched by the dashboard."""
+    from lowmem.config import load_config
+    from lowmem.planner import plan_from_config
+    from lowmem.trainer import new_run_dir, write_run_files
+
+    config = load_config(overrides=[f"model={tiny_model_dir}", f"data={tiny_chat_data}",
+                                    f"runs_dir={tmp_path}", "name=live", "steps=6", "micro_batch=2",
+                                    "eval_generate=false", "eval_fraction=0.2"])
+    run_dir = new_run_dir(config)
+    write_run_files(run_dir, config, plan_from_config(config))
+    trainer = subprocess.Popen([sys.executable, "-m", "lowmem", "worker", str(run_dir)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        app = DashboardApp(run_dir, poll_s=0.1)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await wait_until(pilot, lambda: (app.state.step or 0) >= 3, timeout=120)
+            chart = app.query_one("#loss", LineChart)
+            assert len(chart.series[0].points) >= 3
+            await wait_until(pilot, lambda: app.state.done is not None, timeout=120)
+            assert len(chart.series[0].points) == 6
+            assert "step 6/6" in panel_text(app, ProgressStrip)
+    finally:
+        assert trainer.wait(timeout=120) == 0

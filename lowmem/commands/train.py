@@ -8,6 +8,7 @@ training in this process with plain progress lines.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -86,7 +87,11 @@ def run(args) -> int:
             return 0
         from lowmem.checkpoint import find_resumable
 
-        find_resumable(run_dir, warn=lambda m: None)  # fail here, not in a background process
+        folder = find_resumable(run_dir, warn=lambda m: None)  # fail here, not in a background process
+        done_steps = json.loads((folder / "state.json").read_text())["step"]
+        if done_steps >= config.steps:
+            raise ConfigError(f"{run_dir} already finished its {done_steps} steps; to train it longer: "
+                              f"lowmem train --resume {run_dir} steps={done_steps * 2}")
         # Extending the run (steps=...) is recorded so the run directory stays the truth.
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         return launch(run_dir, resume=True, no_tui=args.no_tui)
