@@ -105,7 +105,6 @@ class Plan:
     compute_dtype: str               # float32 | bfloat16
     vram: int | None = None          # the budget, bytes
     reasons: tuple[str, ...] = ()    # why the choices were made
-    extra: dict[str, Any] = field(default_factory=dict)
     # ---- added by the planner; defaults keep older plan.yaml files readable
     model: str = ""                  # the spec the plan was made for
     double_quant: bool = True        # NF4 base: 8-bit absmaxes (QLoRA double quantization)
