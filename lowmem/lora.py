@@ -80,15 +80,27 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: tuple[str, ..
     """
     for p in model.parameters():
         p.requires_grad_(False)
+    return replace_linears(model, targets, lambda base: LoRALinear(base, rank, alpha, dropout, rslora))
+
+
+def replace_linears(model: nn.Module, targets: tuple[str, ...], make, *,
+                    skip: type | tuple[type, ...] = (), what: str = "lora.targets") -> list[str]:
+    """Replace every nn.Linear (not of a `skip` type) whose name ends with a target by `make(linear)`.
+
+    In place; returns the replaced names. A `targets` that matches nothing is a
+    ValueError naming the model's linear layers, so a typo never silently
+    trains (or quantizes) nothing.
+    """
     names = [name for name, module in model.named_modules()
-             if isinstance(module, nn.Linear) and name.split(".")[-1] in targets]
+             if isinstance(module, nn.Linear) and not isinstance(module, skip)
+             and name.split(".")[-1] in targets]
     if not names:
         linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"lora.targets {list(targets)} match no linear layer; this model has {linear}")
+        raise ValueError(f"{what} {list(targets)} match no linear layer; this model has {linear}")
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout, rslora))
+        setattr(parent, child, make(getattr(parent, child)))
     return names
 
 

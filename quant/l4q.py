@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowmem.lora import LoRALinear
+from lowmem.lora import LoRALinear, replace_linears
 from lowmem.quant.intk import BITS, bounds, grouped, group_sizes, minmax_params, ungrouped
 
 L4Q_CONFIG = "l4q_config.json"
@@ -222,17 +222,8 @@ def apply_l4q(model: nn.Module, rank: int, alpha: float, targets: tuple[str, ...
                          f"dropout has nothing to act on; set lora.dropout=0 (got {dropout})")
     for p in model.parameters():
         p.requires_grad_(False)
-    names = [name for name, module in model.named_modules()
-             if isinstance(module, nn.Linear) and name.split(".")[-1] in targets]
-    if not names:
-        linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"lora.targets {list(targets)} match no linear layer; this model has {linear}")
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, L4QLinear(getattr(parent, child), rank, alpha, bits, group_size,
-                                         rslora, symmetric))
-    return names
+    return replace_linears(model, targets, lambda base: L4QLinear(base, rank, alpha, bits, group_size,
+                                                                  rslora, symmetric))
 
 
 def l4q_modules(model: nn.Module) -> dict[str, L4QLinear]:

@@ -117,17 +117,11 @@ def quantize_linears(model: nn.Module, targets: tuple[str, ...], compute_dtype: 
     Embeddings and the head stay as they are unless named in `targets`.
     Returns the replaced names; ValueError when nothing matches.
     """
-    names = _targets_in(model, targets)
-    if not names:
-        linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"targets {list(targets)} match no linear layer; this model has {linear}")
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        old = getattr(parent, child)
-        setattr(parent, child, NF4Linear(old.weight.detach(), old.bias, compute_dtype, double_quant))
-        del old
-    return names
+    from lowmem.lora import replace_linears
+
+    return replace_linears(model, targets,
+                           lambda old: NF4Linear(old.weight.detach(), old.bias, compute_dtype, double_quant),
+                           skip=NF4Linear, what="targets")
 
 
 # ---------------------------------------------------------------- streaming load
