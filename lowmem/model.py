@@ -185,5 +185,19 @@ def prepare_for_training(model: nn.Module, plan) -> list[str]:
     return names
 
 
+def parameter_count(model: nn.Module) -> int:
+    """Parameters as the model's math counts them: a packed low-bit weight counts out × in."""
+    from lowmem.quant.nf4 import NF4Linear
+
+    packed = {id(m.weight): m.out_features * m.in_features
+              for m in model.modules() if isinstance(m, NF4Linear)}
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += packed.get(id(p), p.numel())
+    return total
+
+
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -38,7 +38,7 @@ from lowmem.loss import causal_lm_loss, count_targets
 from lowmem.offload import OffloadActivations
 from lowmem.lora import save_adapter
 from lowmem.optim import build_optimizer
-from lowmem.model import load_model, prepare_for_training, trainable_parameters
+from lowmem.model import load_model, parameter_count, prepare_for_training, trainable_parameters
 from lowmem.planner import Plan
 
 # Keys a resumed run may change: they decide when to log, save and evaluate,
@@ -202,7 +202,7 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
     adapted = prepare_for_training(model, plan)
     params = trainable_parameters(model)
     n_trainable = sum(p.numel() for _, p in params)
-    n_total = sum(p.numel() for p in model.parameters())
+    n_total = parameter_count(model)
     stream = BatchStream(data.train, plan.micro_batch, config.seed, tokenizer.pad_token_id)
 
     optimizer = build_optimizer(params, plan, config)

@@ -239,3 +239,14 @@ def test_nf4_on_cuda_computes_in_bf16_and_matches_the_reference(weight):
     torch.testing.assert_close(y, layer.reference_forward(x), rtol=2e-2, atol=2e-2)
     y.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_a_quantized_model_counts_its_parameters_as_the_dense_one():
+    from lowmem.model import parameter_count, tiny_llama
+
+    model = tiny_llama()
+    dense = parameter_count(model)
+    assert dense == sum(p.numel() for p in model.parameters())
+    quantize_linears(model, TARGETS, torch.float32)
+    assert sum(p.numel() for p in model.parameters()) < dense  # packed bytes, not weights
+    assert parameter_count(model) == dense
