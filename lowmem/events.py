@@ -3,10 +3,11 @@
 `events.jsonl` — written by the trainer only, append-only, one JSON object per
 line, each with `t` (unix seconds) and `kind`:
 
-    start       run, model, method, device, steps, seq_len, tokens_per_step, pid
+    start       run, model, method, device, steps, seq_len, tokens_per_step, pid; on CUDA
+                also gpu (name, arch, memory) and context_bytes (measured CUDA context)
     step        step, steps, loss, lr, grad_norm, tokens, tokens_per_s, elapsed_s, eta_s,
-                mem: {allocated, reserved, peak, rss, device_free, device_total} (bytes; absent
-                fields are unknown on this device)
+                mem: {allocated, reserved, peak, rss, device_free, device_total, outside}
+                (bytes; absent fields are unknown on this device)
     eval        step, loss, exact_match (may be null), examples
     checkpoint  step, path
     control     request, id, status ("done" | "ignored"), detail — the acknowledgement of a

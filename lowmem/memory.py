@@ -687,16 +687,19 @@ def dequant_bytes(spec: ModelSpec, plan: Any) -> int:
     """Temporary full-precision weights.
 
         NF4 / int8 base:  max(out·in)·c          one linear dequantized at a time
-        L4Q:              max(out·in)·(12 + c)   W = W0 + c·BA and its fake-quantized Ŵ in
-                                                 fp32, Ŵ in the compute dtype for the matmul,
-                                                 and in backward the fp32 weight gradient
-                                                 G = gradᵀx the STE passes to A, B, s and β
-                                                 (an upper estimate: one linear at a time)
+        L4Q on CUDA:      max(out·in)·c          the fused kernels (lowmem.kernels.l4q): Ŵ in
+                                                 the compute dtype, then in backward Ŵ for
+                                                 ∂L/∂x, freed before G = gradᵀx, which the
+                                                 kernel masks in place
+        L4Q on the CPU:   max(out·in)·(9 + c)    the PyTorch reference: in backward, G plus
+                                                 W = W0 + c·BA and ∂Ŵ/∂s in fp32, the codes
+                                                 and a bool mask
     """
     fmt = _get(plan, "base_format", "fp32")
     c = compute_bytes(plan)
     if plan.method == "l4q":
-        return spec.max_linear_numel() * (12 + c)
+        kernels = _get(plan, "device", "cpu") == "cuda"
+        return spec.max_linear_numel() * (c if kernels else 9 + c)
     if fmt in ("nf4", "int8", "int"):
         return spec.max_linear_numel() * c
     return 0
@@ -725,13 +728,16 @@ def optimizer_step_bytes(spec: ModelSpec, plan: Any) -> int:
 
 
 def overhead_bytes(allocated: int, plan: Any) -> int:
-    """CUDA context + allocator fragmentation: CUDA_CONTEXT_BYTES + 5% of the allocated peak.
+    """CUDA context + allocator fragmentation: the context + 5% of the allocated peak.
 
+    The context is the plan's `context_bytes` when a run measured it on this
+    machine's GPU (lowmem.kernels.device.context_bytes), else CUDA_CONTEXT_BYTES.
     0 on the CPU, where the budget is taken to cover tensors only.
     """
     if _get(plan, "device", "cpu") != "cuda":
         return 0
-    return CUDA_CONTEXT_BYTES + int(ALLOCATOR_FRAGMENTATION * allocated)
+    context = _get(plan, "context_bytes", None) or CUDA_CONTEXT_BYTES
+    return context + int(ALLOCATOR_FRAGMENTATION * allocated)
 
 
 # ---------------------------------------------------------------- the step's peak

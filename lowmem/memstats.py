@@ -1,8 +1,11 @@
 """Memory in use right now, as the `mem` field of a step event (bytes).
 
 On CUDA: allocated, reserved and peak allocated from PyTorch's caching
-allocator, and free/total of the device. On the CPU: the process's resident
-set and its peak. A key is absent when the figure is unknown on this device.
+allocator; free and total of the device (cudaMemGetInfo through
+lowmem.kernels.device); and `outside`, what the device holds beyond PyTorch's
+reservation (the CUDA context, loaded kernels, other processes). On the CPU:
+the process's resident set and its peak. A key is absent when the figure is
+unknown on this device.
 """
 
 from __future__ import annotations
@@ -25,6 +28,40 @@ def measure(device: str) -> dict[str, int]:
     if device == "cuda":
         mem.update(allocated=torch.cuda.memory_allocated(), reserved=torch.cuda.memory_reserved(),
                    peak=torch.cuda.max_memory_allocated())
-        free, total = torch.cuda.mem_get_info()
-        mem.update(device_free=free, device_total=total)
+        free, total = device_memory(torch.cuda.current_device())
+        mem.update(device_free=free, device_total=total, outside=max(0, total - free - mem["reserved"]))
     return mem
+
+
+def device_memory(index: int) -> tuple[int, int]:
+    """(free, total) bytes of CUDA device `index`: cuda-python's probe, PyTorch's where it cannot run."""
+    from lowmem.kernels.device import memory_info
+
+    try:
+        return memory_info(index)
+    except Exception:   # a figure for the dashboard: PyTorch's own probe is as good
+        return torch.cuda.mem_get_info(index)
+
+
+def gpu_facts(device: str) -> dict:
+    """For a run's `start` event on CUDA: the GPU's name and the measured CUDA context size.
+
+    The context size (device memory outside PyTorch's allocator once cuBLAS is
+    loaded) is also kept for the planner (lowmem.kernels.device). {} on the CPU
+    or where cuda-python cannot probe.
+    """
+    if device != "cuda":
+        return {}
+    import warnings
+
+    from lowmem.kernels import device as probes
+
+    try:
+        index = torch.cuda.current_device()
+        info = probes.device_info(index)
+        context = probes.context_bytes(index)
+    except Exception as e:   # informational: a probe that fails must not stop a training run
+        warnings.warn(f"lowmem: the GPU probe failed, the run goes on without it: {e}", stacklevel=2)
+        return {}
+    probes.record_context_bytes(info, context)
+    return {"gpu": info.describe(), "context_bytes": context}

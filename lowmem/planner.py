@@ -121,6 +121,8 @@ class Plan:
     padding_mask: bool = False       # batches carry a padding mask into attention (the trainer's are
                                      # right-padded and need none; see memory.mask_saved_bytes)
     safety_margin: float = 0.0       # share of vram kept free
+    context_bytes: int | None = None # CUDA context as measured by a run on this machine's GPU
+                                     # (lowmem.kernels.device); None: memory.CUDA_CONTEXT_BYTES
     breakdown: MemoryBreakdown | None = None   # predicted peak (lowmem.memory)
     rejected: tuple[Rejection, ...] = ()       # better candidates that did not fit
 
@@ -392,7 +394,27 @@ def _build(config: Any, spec: ModelSpec, device: str, level: _Level, variant: di
     )
 
 
+def measured_context() -> int | None:
+    """The CUDA context size a run measured on this machine's GPU 0, or None (no GPU, not measured).
+
+    Asks the driver for the device's name only; creates no CUDA context.
+    """
+    global _measured_context
+    if _measured_context is _UNKNOWN:
+        from lowmem.kernels.device import local_context_bytes
+
+        found = local_context_bytes(0)
+        _measured_context = None if found is None else found[0]
+    return _measured_context
+
+
+_UNKNOWN = object()
+_measured_context: Any = _UNKNOWN
+
+
 def _with_breakdown(plan: Plan, spec: ModelSpec) -> Plan:
+    if plan.device == "cuda" and plan.context_bytes is None:
+        plan = dataclasses.replace(plan, context_bytes=measured_context())
     return dataclasses.replace(plan, breakdown=predict(spec, plan))
 
 

@@ -231,13 +231,15 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
     # Opened before `start` is written: the dashboard sends requests only after it
     # sees `start`, and requests older than the reader are history.
     control = ControlReader(run_dir)
+    gpu = memstats.gpu_facts(device)
     events.emit("start", run=run_dir.name, model=config.model, method=plan.method, device=device,
                 steps=config.steps, start_step=step, seq_len=config.seq_len,
                 tokens_per_step=plan.tokens_per_step, trainable_params=n_trainable,
                 total_params=n_total, train_examples=len(data.train),
-                heldout_examples=len(data.heldout), pid=os.getpid(), resumed=resume)
+                heldout_examples=len(data.heldout), pid=os.getpid(), resumed=resume, **gpu)
     out(f"{config.model}: {n_total / 1e6:.1f}M parameters, {n_trainable / 1e6:.2f}M trainable "
-        f"({plan.method}{f', rank {plan.lora_rank}' if plan.lora_rank else ''}) on {device}; "
+        f"({plan.method}{f', rank {plan.lora_rank}' if plan.lora_rank else ''}) on "
+        f"{gpu.get('gpu', device)}; "
         f"{len(data.train)} training and {len(data.heldout)} held-out examples")
 
     def run_eval(label: str) -> dict:

@@ -45,37 +45,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowmem.kernels.l4q import fake_quant, fake_quant_, fake_quant_backward, merged_weight
 from lowmem.lora import LoRALinear, replace_linears
-from lowmem.quant.intk import BITS, bounds, grouped, group_sizes, minmax_params, ungrouped
+from lowmem.quant.intk import BITS, bounds, group_sizes, minmax_params
 
 L4Q_CONFIG = "l4q_config.json"
 L4Q_WEIGHTS = "l4q_state.safetensors"
-
-
-def weight_dtype(w0: torch.Tensor) -> torch.dtype:
-    """The dtype of the weight-space math: fp32, or fp64 for fp64 weights (tests)."""
-    return torch.promote_types(w0.dtype, torch.float32)
-
-
-def merged_weight(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """W = W0 + c · B A in fp32 (or fp64), a new (out × in) tensor; W0 itself is never written."""
-    dtype = weight_dtype(w0)
-    return torch.addmm(w0.to(dtype), b.to(dtype), a.to(dtype), alpha=scaling)
-
-
-def fake_quant_(w: torch.Tensor, step: torch.Tensor, offset: torch.Tensor | None, bits: int,
-                group: int) -> torch.Tensor:
-    """Ŵ = clamp(round((W − β)/s), Qn, Qp)·s + β, overwriting `w` (fp32, out × in) where it can."""
-    qn, qp = bounds(bits)
-    in_f = w.shape[1]
-    v = grouped(w, group)
-    s = step.unsqueeze(-1)
-    if offset is not None:
-        v.sub_(offset.unsqueeze(-1))
-    v.div_(s).round_().clamp_(qn, qp).mul_(s)
-    if offset is not None:
-        v.add_(offset.unsqueeze(-1))
-    return ungrouped(v, in_f)
 
 
 class L4QLinearFunction(torch.autograd.Function):
@@ -84,9 +59,10 @@ class L4QLinearFunction(torch.autograd.Function):
     Saved for backward: x (the layer input; any linear layer keeps it for its
     weight gradient, here it feeds ∂L/∂A and ∂L/∂B), W0 (the frozen parameter
     itself, not a copy), A, B, s, β and γ (small). Nothing of size out × in is
-    created for the graph: backward recomputes W0 + c·BA and the codes, holding
-    two fp32 out × in temporaries and a bool mask (plus a padded copy when g
-    does not divide `in`) only while this one layer's backward runs.
+    kept for the graph: backward recomputes Ŵ for ∂L/∂x, frees it, then forms
+    G = ∂L/∂Ŵ and turns it into ∂L/∂W in place. The weight-space work is
+    lowmem.kernels.l4q's: fused CUDA kernels on a GPU (one compute-dtype
+    out × in temporary at a time), its PyTorch reference elsewhere.
     """
 
     @staticmethod
@@ -95,9 +71,8 @@ class L4QLinearFunction(torch.autograd.Function):
         # Weight math in fp32 even under CUDA autocast: rounding decisions in bf16
         # would move weights across code boundaries that fp32 training never sees.
         with torch.autocast(device_type=x.device.type, enabled=False):
-            wq = fake_quant_(merged_weight(w0, a, b, scaling), step, offset, bits, group)
-            y = F.linear(x.to(compute_dtype), wq.to(compute_dtype),
-                         None if bias is None else bias.to(compute_dtype))
+            wq = fake_quant(w0, a, b, step, offset, scaling, bits, group, compute_dtype)
+            y = F.linear(x.to(compute_dtype), wq, None if bias is None else bias.to(compute_dtype))
         ctx.save_for_backward(x, w0, a, b, step, offset, grad_scale)
         ctx.config = (scaling, bits, group, compute_dtype, bias is not None)
         return y
@@ -107,43 +82,19 @@ class L4QLinearFunction(torch.autograd.Function):
         x, w0, a, b, step, offset, grad_scale = ctx.saved_tensors
         scaling, bits, group, compute_dtype, has_bias = ctx.config
         need_x, _, need_bias = ctx.needs_input_grad[:3]
-        qn, qp = bounds(bits)
         in_f = w0.shape[1]
-        go = grad_out.reshape(-1, grad_out.shape[-1])
-        x2 = x.reshape(-1, in_f)
-        s = step.unsqueeze(-1)
-        beta = None if offset is None else offset.unsqueeze(-1)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            v = grouped(merged_weight(w0, a, b, scaling), group)       # temporary 1
-            if beta is not None:
-                v.sub_(beta)
-            v.div_(s)
-            inside = (v >= qn) & (v <= qp)
-            q = v.round().clamp_(qn, qp)                               # temporary 2
-            # temporary 1 becomes ∂Ŵ/∂s: round(v) − v inside, the clip bound outside.
-            v.mul_(inside).neg_().add_(q)
+            go = grad_out.reshape(-1, grad_out.shape[-1]).to(compute_dtype)
             grad_x = None
             if need_x:
-                q.mul_(s)
-                if beta is not None:
-                    q.add_(beta)
-                grad_x = (go.to(compute_dtype) @ ungrouped(q, in_f).to(compute_dtype)).reshape(x.shape)
-                grad_x = grad_x.to(x.dtype)
-            del q
-            g = grouped((go.to(compute_dtype).T @ x2.to(compute_dtype)).to(v.dtype), group)  # ∂L/∂Ŵ
-            gamma = grad_scale.unsqueeze(0)
-            grad_step = v.mul_(g).sum(-1).mul_(gamma)
-            del v
-            grad_offset = None
-            if beta is not None:
-                total = g.sum(-1)
-                g.mul_(inside)
-                grad_offset = (total - g.sum(-1)).mul_(gamma)
-            else:
-                g.mul_(inside)
-            gw = ungrouped(g, in_f)                                     # STE: ∂L/∂W
-            grad_a = (b.to(gw.dtype).T @ gw).mul_(scaling)
-            grad_b = (gw @ a.to(gw.dtype).T).mul_(scaling)
+                wq = fake_quant(w0, a, b, step, offset, scaling, bits, group, compute_dtype)
+                grad_x = (go @ wq).reshape(x.shape).to(x.dtype)
+                del wq                                   # one out × in temporary at a time
+            grad_w = go.T @ x.reshape(-1, in_f).to(compute_dtype)            # ∂L/∂Ŵ
+            grad_step, grad_offset = fake_quant_backward(w0, a, b, step, offset, grad_scale, grad_w,
+                                                         scaling, bits, group)  # grad_w is now ∂L/∂W
+            grad_a = (b.to(grad_w.dtype).T @ grad_w).mul_(scaling)
+            grad_b = (grad_w @ a.to(grad_w.dtype).T).mul_(scaling)
             grad_bias = go.sum(0) if (has_bias and need_bias) else None
         return (grad_x, None, grad_bias, grad_a.to(a.dtype), grad_b.to(b.dtype),
                 grad_step.to(step.dtype), None if grad_offset is None else grad_offset.to(offset.dtype),

@@ -279,3 +279,43 @@ def test_plan_command_reports_an_impossible_budget_as_an_error(capsys):
 def test_plan_command_lists_builtin_models(capsys):
     code, out = run_plan(["--list-models"], capsys)
     assert code == 0 and "llama-3.1-70b" in out and "70,553,706,496" in out
+
+
+# ---------------------------------------------------------------- a measured CUDA context
+
+def test_a_context_measured_on_this_gpu_replaces_the_assumed_constant(monkeypatch, tmp_path, capsys):
+    """A run on CUDA records the context it measured (lowmem.memstats.gpu_facts); later plans use it."""
+    from lowmem import memory, planner
+    from lowmem.kernels import device
+
+    h100 = device.DeviceInfo(0, "NVIDIA H100 80GB HBM3", (9, 0), 80 * 2**30)
+    monkeypatch.setenv("LOWMEM_CACHE", str(tmp_path))
+    monkeypatch.setattr(device, "device_info", lambda index=0: h100)
+    monkeypatch.setattr(planner, "_measured_context", planner._UNKNOWN)
+    cfg = config(vram=parse_size("24G"))
+    spec = builtin_spec("llama-3.1-8b")
+    assumed = make_plan(cfg, spec, device="cuda")
+    assert assumed.context_bytes is None
+    _, out = run_plan(["--model", "llama-3.1-8b", "--vram", "24G"], capsys)
+    assert "CUDA context 512.00MiB assumed" in out
+
+    device.record_context_bytes(h100, 300 * 2**20)
+    monkeypatch.setattr(planner, "_measured_context", planner._UNKNOWN)
+    measured = make_plan(cfg, spec, device="cuda")
+    assert measured.context_bytes == 300 * 2**20
+    b0, b1 = assumed.breakdown, measured.breakdown
+    allocated = b1.total - b1.overhead
+    assert b1.overhead == 300 * 2**20 + int(memory.ALLOCATOR_FRAGMENTATION * allocated)
+    assert b0.overhead == memory.CUDA_CONTEXT_BYTES + int(memory.ALLOCATOR_FRAGMENTATION
+                                                          * (b0.total - b0.overhead))
+    _, out = run_plan(["--model", "llama-3.1-8b", "--vram", "24G"], capsys)
+    assert "CUDA context 300.00MiB, measured by a run on this machine's GPU" in out
+    # A CPU plan has no context at all, measured or not.
+    assert make_plan(RunConfig(device="cpu"), builtin_spec("smollm2-135m")).breakdown.overhead == 0
+
+
+def test_cpu_runs_report_no_gpu_facts():
+    from lowmem import memstats
+
+    assert memstats.gpu_facts("cpu") == {}
+    assert "outside" not in memstats.measure("cpu")

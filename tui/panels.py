@@ -56,7 +56,9 @@ class TitleBar(Panel):
 
     def render(self) -> Text:
         s = self.state
-        what = " · ".join(str(v) for v in (s.lookup("model"), s.lookup("method"), s.device) if v)
+        # On CUDA the trainer names its GPU (probed through cuda-python) in its start event.
+        where = s.lookup("gpu") or s.device
+        what = " · ".join(str(v) for v in (s.lookup("model"), s.lookup("method"), where) if v)
         left = Text.assemble(("lowmem ", "bold"), (s.run_name or str(self.app.run_dir.name),
                                                    self.get_component_rich_style("titlebar--name")))
         if what:
@@ -264,6 +266,9 @@ class MemoryPanel(Panel):
         if mem.get("device_free") is not None:
             of = f" of {fmt_bytes(mem['device_total'])}" if mem.get("device_total") else ""
             rows.append(("text", "dev free", fmt_bytes(mem["device_free"]) + of))
+        if mem.get("outside") is not None:
+            # The CUDA context and anything else on the GPU: the plan's "overhead" less fragmentation.
+            rows.append(("text", "context", fmt_bytes(mem["outside"])))
         if mem.get("rss") is not None:
             # On a GPU run the RSS is host memory and is not measured against the VRAM budget.
             rows.append(("bar", "rss", mem["rss"]) if s.device == "cpu" else ("text", "host rss", fmt_bytes(mem["rss"])))
