@@ -262,6 +262,26 @@ def _ctype(value) -> ctypes._SimpleCData:
     raise KernelError(f"cannot pass {type(value).__name__} to a kernel: tensors, None, int or float only")
 
 
+def check_launch(kernel: str, grid: tuple[int, int, int], block: tuple[int, int, int], shared_mem: int) -> None:
+    """Raise KernelError for a launch configuration outside CUDA's limits (48 KiB of dynamic shared
+    memory without opting in, which no kernel here does)."""
+    if len(grid) != 3 or min(grid) < 1 or grid[0] >= 2**31 or max(grid[1:]) > 65535:
+        raise KernelError(f"{kernel}: grid {tuple(grid)} is outside CUDA's limits")
+    if len(block) != 3 or min(block) < 1 or block[0] * block[1] * block[2] > 1024:
+        raise KernelError(f"{kernel}: block {tuple(block)} is outside CUDA's limits")
+    if not 0 <= shared_mem <= 48 * 1024:
+        raise KernelError(f"{kernel}: {shared_mem} bytes of dynamic shared memory; at most 48 KiB")
+
+
+def pack_arguments(args: Iterable) -> tuple[list, ctypes.Array]:
+    """The kernel-parameter array cuLaunchKernel reads: one pointer per argument value.
+
+    Returns the values too: they must stay alive until the launch call returns.
+    """
+    values = [_ctype(a) for a in args]
+    return values, (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
+
+
 def launch(source: Source, kernel: str, grid: tuple[int, int, int], block: tuple[int, int, int],
            args: Iterable, shared_mem: int = 0, device: torch.device | None = None) -> None:
     """Enqueue `kernel` of `source` on PyTorch's current stream of `device`.
@@ -273,13 +293,9 @@ def launch(source: Source, kernel: str, grid: tuple[int, int, int], block: tuple
     driver = _bindings("driver")
     device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if min(grid) < 1 or grid[0] >= 2**31 or max(grid[1:]) > 65535:
-        raise KernelError(f"{kernel}: grid {grid} is outside CUDA's limits")
-    if min(block) < 1 or block[0] * block[1] * block[2] > 1024:
-        raise KernelError(f"{kernel}: block {block} is outside CUDA's limits")
+    check_launch(kernel, grid, block, shared_mem)
     function = _functions(source, index)[kernel]
-    values = [_ctype(a) for a in args]
-    pointers = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
+    values, pointers = pack_arguments(args)
     with torch.cuda.device(index):
         stream = driver.CUstream(torch.cuda.current_stream(index).cuda_stream)
         # cuLaunchKernel copies the argument values before it returns.

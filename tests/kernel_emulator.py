@@ -126,10 +126,8 @@ class Emulator:
     def launch(self, source, kernel, grid, block, args, shared_mem=0, device=None) -> None:
         """runtime.launch's contract, on CPU tensors: the same packing of arguments into pointers."""
         assert block[1] == block[2] == 1, "the emulator runs one-dimensional blocks"
-        if shared_mem > 48 * 1024:
-            raise runtime.KernelError(f"{kernel}: {shared_mem} bytes of shared memory exceed 48 KiB")
-        values = [runtime._ctype(a) for a in args]
-        pointers = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
+        runtime.check_launch(kernel, grid, block, shared_mem)
+        values, pointers = runtime.pack_arguments(args)
         self.launches.append((kernel, tuple(grid), tuple(block), shared_mem))
         status = self.lib.emu_launch(kernel.encode(), *[ctypes.c_uint(g) for g in grid], ctypes.c_uint(block[0]),
                                      ctypes.c_ulong(shared_mem), pointers)

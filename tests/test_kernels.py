@@ -5,6 +5,7 @@ CPU-only here except the tests marked `gpu`, which compare each kernel with its 
 (run them with `python -m pytest -m gpu tests/test_kernels.py` on a machine with CUDA).
 """
 
+import ctypes
 import re
 import warnings
 
@@ -216,6 +217,19 @@ def test_kernel_arguments_must_be_tensors_none_or_32_bit_scalars():
         runtime._ctype(2**31)
     with pytest.raises(runtime.KernelError, match="str"):
         runtime._ctype("x")
+    t = torch.zeros(3)
+    values, pointers = runtime.pack_arguments([t, None, 5, 2.0])
+    assert [ctypes.cast(p, ctypes.POINTER(type(v))).contents.value for p, v in zip(pointers, values)] \
+        == [t.data_ptr(), None, 5, 2.0]
+
+
+def test_launch_configurations_outside_cudas_limits_are_refused():
+    runtime.check_launch("k", (2**31 - 1, 65535, 1), (1024, 1, 1), 48 * 1024)
+    for grid, block, shared in [((0, 1, 1), (32, 1, 1), 0), ((1, 65536, 1), (32, 1, 1), 0),
+                                ((1, 1, 1), (1025, 1, 1), 0), ((1, 1, 1), (32, 32, 2), 0),
+                                ((1, 1, 1), (32, 1, 1), 48 * 1024 + 4)]:
+        with pytest.raises(runtime.KernelError, match="^k: "):
+            runtime.check_launch("k", grid, block, shared)
 
 
 class _OnGPU:
@@ -415,8 +429,7 @@ def test_backward_kernel_equals_its_reference(out_f, in_f, rank, group, bits, sy
     assert int(differ.sum()) <= max(1, out_f * in_f // 10_000)
     assert ((g_ref == 0) | (g_ker == 0))[differ].all()            # only where one side masked it
     qp = intk.bounds(bits)[1]
-    scale = intk.ungrouped(intk.grouped(grad.float().abs(), group), in_f)
-    scale = intk.grouped(scale, group).sum(-1) * qp * gamma.unsqueeze(0) + 1e-6
+    scale = intk.grouped(grad.float().abs(), group).sum(-1) * qp * gamma.unsqueeze(0) + 1e-6
     assert ((s_ker - s_ref.float()).abs() <= 1e-4 * scale).all()
     if symmetric:
         assert o_ker is None

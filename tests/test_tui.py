@@ -243,6 +243,21 @@ async def test_panels_show_the_values_of_a_recorded_run(finished_run):
 
 
 @synchronous
+async def test_a_gpu_run_shows_the_probed_gpu_and_the_measured_context(tmp_path):
+    """The trainer's start event names the GPU (lowmem.kernels.device); steps carry `outside`."""
+    events = recorded_events()
+    events[0]["gpu"] = "NVIDIA H100 80GB HBM3 (sm_90, 79.1 GiB)"
+    for event in events:
+        if event["kind"] == "step":
+            event["mem"]["outside"] = int(0.52 * GiB)
+    app = DashboardApp(write_recorded_run(tmp_path / "run", events), poll_s=0.05)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, loaded(app))
+        assert "NVIDIA H100 80GB HBM3" in panel_text(app, TitleBar)
+        assert "context     532.48MiB" in panel_text(app, MemoryPanel)
+
+
+@synchronous
 async def test_memory_bars_turn_to_the_warning_colour_near_the_budget_and_red_past_it(finished_run):
     app = DashboardApp(finished_run, poll_s=0.05)
     async with app.run_test(size=(120, 40)) as pilot:
