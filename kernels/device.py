@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,7 +117,9 @@ def context_bytes(index: int = 0, warm_up: bool = True) -> int:
 # ---------------------------------------------------------------- measured context sizes
 
 def _measurements_file() -> Path:
-    return Path(os.environ.get("LOWMEM_CACHE") or Path.home() / ".cache" / "lowmem") / "devices.json"
+    from lowmem.model import cache_dir
+
+    return cache_dir() / "devices.json"
 
 
 def _device_key(info: DeviceInfo) -> str:

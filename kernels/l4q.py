@@ -42,9 +42,7 @@ from __future__ import annotations
 
 import torch
 
-from lowmem.kernels.runtime import (
-    KernelUnavailable, Source, check_tensor, disable, launch, use_kernel, warn_fallback,
-)
+from lowmem.kernels.runtime import Source, check_tensor, dispatch, launch
 from lowmem.quant.intk import bounds, grouped, num_groups, ungrouped
 
 ROWS = 8                       # output rows per block (the kernels' compile-time ROWS)
@@ -294,19 +292,21 @@ def fake_quant_backward_reference(w0, a, b, step, offset, grad_scale, grad: torc
 
 # ---------------------------------------------------------------- dispatch
 
-def _kernel_usable(w0: torch.Tensor, dtypes: tuple[torch.dtype, ...], group: int, what: str) -> bool:
-    if not use_kernel(w0, what):
-        return False
+WHAT = "L4Q fake quantization"           # one fallback warning for forward and backward together
+
+
+def _unsupported(w0: torch.Tensor, dtypes: tuple[torch.dtype, ...], group: int,
+                 grad: torch.Tensor | None = None) -> str | None:
+    """Why the kernels do not cover this call, or None."""
     if any(d not in DTYPE_NAMES for d in dtypes):
-        warn_fallback(what, f"no kernel for dtypes {', '.join(str(d) for d in dtypes)}")
-        return False
+        return f"no kernel for dtypes {', '.join(str(d) for d in dtypes)}"
     if group > MAX_GROUP:
-        warn_fallback(what, f"group size {group} is above the kernel's {MAX_GROUP}")
-        return False
+        return f"group size {group} is above the kernel's {MAX_GROUP}"
     if (w0.shape[0] + ROWS - 1) // ROWS > 65535:
-        warn_fallback(what, f"{w0.shape[0]} output rows are more than the kernel's grid covers")
-        return False
-    return True
+        return f"{w0.shape[0]} output rows are more than the kernel's grid covers"
+    if grad is not None and not grad.is_contiguous():
+        return "the gradient is not contiguous"
+    return None
 
 
 def _launch_shape(group: int, rank: int) -> tuple[int, int, int]:
@@ -373,24 +373,15 @@ def fake_quant_backward_cuda(w0, a, b, step, offset, grad_scale, grad: torch.Ten
 def fake_quant(w0, a, b, step, offset, scaling: float, bits: int, group: int,
                out_dtype: torch.dtype) -> torch.Tensor:
     """Ŵ = Q(W0 + c·BA) in `out_dtype`: the kernel on a GPU that can run it, else the reference."""
-    what = "L4Q fake quantization"
-    if _kernel_usable(w0, (w0.dtype, out_dtype), group, what):
-        try:
-            return fake_quant_cuda(w0, a, b, step, offset, scaling, bits, group, out_dtype)
-        except KernelUnavailable as e:
-            disable(w0.device.index or 0, str(e))
-            warn_fallback(what, str(e))
-    return fake_quant_reference(w0, a, b, step, offset, scaling, bits, group, out_dtype)
+    args = (w0, a, b, step, offset, scaling, bits, group, out_dtype)
+    return dispatch(WHAT, w0, lambda: fake_quant_cuda(*args), lambda: fake_quant_reference(*args),
+                    _unsupported(w0, (w0.dtype, out_dtype), group))
 
 
 def fake_quant_backward(w0, a, b, step, offset, grad_scale, grad: torch.Tensor, scaling: float, bits: int,
                         group: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """∂L/∂Ŵ → ∂L/∂W in place, and (∂L/∂s, ∂L/∂β): the kernel where it can run, else the reference."""
-    what = "L4Q fake quantization"           # one warning for forward and backward together
-    if grad.is_contiguous() and _kernel_usable(w0, (w0.dtype, grad.dtype), group, what):
-        try:
-            return fake_quant_backward_cuda(w0, a, b, step, offset, grad_scale, grad, scaling, bits, group)
-        except KernelUnavailable as e:
-            disable(w0.device.index or 0, str(e))
-            warn_fallback(what, str(e))
-    return fake_quant_backward_reference(w0, a, b, step, offset, grad_scale, grad, scaling, bits, group)
+    args = (w0, a, b, step, offset, grad_scale, grad, scaling, bits, group)
+    return dispatch(WHAT, w0, lambda: fake_quant_backward_cuda(*args),
+                    lambda: fake_quant_backward_reference(*args),
+                    _unsupported(w0, (w0.dtype, grad.dtype), group, grad))

@@ -6,8 +6,8 @@ Built on cuda-python's low-level bindings (`cuda.bindings.nvrtc` and
 * `compile_source(source, arch, fmt)` runs NVRTC. It needs the NVRTC library
   only, not a GPU: the `nvidia-cuda-nvrtc` wheel provides it on any machine,
   which is how CI compiles every kernel to PTX for sm_80 and sm_90.
-* Compiled code is cached under `<cache>/kernels/` (`$LOWMEM_CACHE`, default
-  `~/.cache/lowmem`), one file per source hash, compile options, architecture
+* Compiled code is cached under `<cache>/kernels/` (lowmem's cache folder,
+  `lowmem.model.cache_dir`), one file per source hash, compile options, architecture
   and NVRTC version; a later process loads the file instead of compiling.
 * `launch(...)` loads the module once per device into the device's primary
   context (the one PyTorch uses), checks nothing itself (callers check their
@@ -35,9 +35,11 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 #: NVRTC options every kernel is compiled with. No --use_fast_math: the
 #: references are IEEE fp32 and the kernels must round the same way.
@@ -81,7 +83,7 @@ def _bindings(module: str):
         else:
             from cuda.bindings import driver as mod
     except ImportError as e:
-        raise KernelUnavailable(f"cuda-python is not installed ({e}); `pip install 'cuda-python>=12.6'`") from e
+        raise KernelUnavailable(f"cuda-python is not installed ({e}); `pip install 'cuda-python>=13'`") from e
     return mod
 
 
@@ -121,9 +123,7 @@ def driver_version() -> tuple[int, int]:
     try:
         _check_driver(driver.cuInit(0), "cuInit")
         version = _check_driver(driver.cuDriverGetVersion(), "cuDriverGetVersion")
-    except KernelUnavailable:
-        raise
-    except Exception as e:
+    except Exception as e:   # no libcuda (cuda.pathfinder's error) or a failing cuInit
         raise KernelUnavailable(f"no usable NVIDIA driver ({e})") from e
     return version // 1000, (version % 1000) // 10
 
@@ -131,8 +131,9 @@ def driver_version() -> tuple[int, int]:
 # ---------------------------------------------------------------- compiling
 
 def cache_dir() -> Path:
-    root = os.environ.get("LOWMEM_CACHE") or Path.home() / ".cache" / "lowmem"
-    return Path(root) / "kernels"
+    from lowmem.model import cache_dir as lowmem_cache
+
+    return lowmem_cache() / "kernels"
 
 
 def _nvrtc_log(nvrtc, prog) -> str:
@@ -211,8 +212,7 @@ def device_arch(index: int) -> str:
     """"sm_90" for a device of compute capability 9.0."""
     from lowmem.kernels.device import device_info
 
-    major, minor = device_info(index).capability
-    return f"sm_{major}{minor}"
+    return device_info(index).arch
 
 
 def _functions(source: Source, index: int) -> dict[str, object]:
@@ -360,9 +360,7 @@ def unavailable_reason(index: int) -> str | None:
         nvrtc_version()
         driver_version()
         device_arch(index)
-    except KernelUnavailable as e:
-        return str(e)
-    except KernelError as e:
+    except KernelError as e:      # KernelUnavailable included
         return str(e)
     return None
 
@@ -370,6 +368,10 @@ def unavailable_reason(index: int) -> str | None:
 def disable(index: int, reason: str) -> None:
     """Stop using kernels on device `index` for the rest of the process (a launch found it unable)."""
     _disabled[index] = reason
+
+
+def _device_index(t: torch.Tensor) -> int:
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
 
 
 def use_kernel(t: torch.Tensor, what: str) -> bool:
@@ -380,9 +382,29 @@ def use_kernel(t: torch.Tensor, what: str) -> bool:
     """
     if t.device.type != "cuda" or not kernels_enabled():
         return False
-    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    index = _device_index(t)
     reason = _disabled.get(index) or unavailable_reason(index)
     if reason is not None:
         warn_fallback(what, reason)
         return False
     return True
+
+
+def dispatch(what: str, t: torch.Tensor, kernel: Callable[[], T], reference: Callable[[], T],
+             unsupported: str | None = None) -> T:
+    """`kernel()` where kernels run for tensors like `t`, else `reference()`: the fallback rule.
+
+    `unsupported` is why this call is outside what the kernel covers (a shape or
+    dtype), or None. A launch that finds the machine unable (KernelUnavailable)
+    turns kernels off for the device; every fallback on a GPU warns once per `what`.
+    """
+    if use_kernel(t, what):
+        if unsupported is not None:
+            warn_fallback(what, unsupported)
+        else:
+            try:
+                return kernel()
+            except KernelUnavailable as e:
+                disable(_device_index(t), str(e))
+                warn_fallback(what, str(e))
+    return reference()

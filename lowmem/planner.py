@@ -28,6 +28,7 @@ says; `make_plan` fits a plan to a memory budget (`vram`):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -394,22 +395,16 @@ def _build(config: Any, spec: ModelSpec, device: str, level: _Level, variant: di
     )
 
 
+@functools.lru_cache(maxsize=1)
 def measured_context() -> int | None:
     """The CUDA context size a run measured on this machine's GPU 0, or None (no GPU, not measured).
 
-    Asks the driver for the device's name only; creates no CUDA context.
+    Asks the driver for the device's name only; creates no CUDA context. Read once per process.
     """
-    global _measured_context
-    if _measured_context is _UNKNOWN:
-        from lowmem.kernels.device import local_context_bytes
+    from lowmem.kernels.device import local_context_bytes
 
-        found = local_context_bytes(0)
-        _measured_context = None if found is None else found[0]
-    return _measured_context
-
-
-_UNKNOWN = object()
-_measured_context: Any = _UNKNOWN
+    found = local_context_bytes(0)
+    return None if found is None else found[0]
 
 
 def _with_breakdown(plan: Plan, spec: ModelSpec) -> Plan:

@@ -257,6 +257,29 @@ def test_a_gpu_that_cannot_run_kernels_warns_once_and_uses_the_reference(monkeyp
     assert runtime.use_kernel(torch.zeros(1), "L4Q fake quantization") is False   # CPU: never
 
 
+def test_dispatch_falls_back_for_an_uncovered_call_and_for_a_device_a_launch_found_unable(monkeypatch):
+    monkeypatch.setattr(runtime, "_warned", set())
+    monkeypatch.setattr(runtime, "_disabled", {})
+    monkeypatch.setattr(runtime, "unavailable_reason", lambda index: None)
+    assert runtime.dispatch("op", _OnGPU(), lambda: "kernel", lambda: "reference") == "kernel"
+    with pytest.warns(runtime.KernelFallbackWarning, match="op runs .*: group size 2048"):
+        assert runtime.dispatch("op", _OnGPU(), lambda: "kernel", lambda: "reference",
+                                "group size 2048 is above the kernel's 1024") == "reference"
+
+    def unable():
+        raise runtime.KernelUnavailable("the driver could not load l4q")
+    with pytest.warns(runtime.KernelFallbackWarning, match="could not load l4q"):
+        assert runtime.dispatch("other op", _OnGPU(), unable, lambda: "reference") == "reference"
+    assert runtime._disabled == {0: "the driver could not load l4q"}
+    assert runtime.dispatch("other op", _OnGPU(), lambda: "kernel", lambda: "reference") == "reference"
+
+    def broken():
+        raise runtime.KernelError("l4q_forward: W0 has shape (2, 3), expected (3, 2)")
+    monkeypatch.setattr(runtime, "_disabled", {})
+    with pytest.raises(runtime.KernelError, match="expected"):          # our bug: raised, not hidden
+        runtime.dispatch("op", _OnGPU(), broken, lambda: "reference")
+
+
 @needs_no_gpu
 def test_without_a_driver_the_reason_says_so_and_probes_find_no_device():
     reason = runtime.unavailable_reason(0)
@@ -355,7 +378,7 @@ def test_emulated_l4q_layer_trains_like_the_reference(emulated, monkeypatch):
     """The whole autograd function with its weight work in the kernels: same output and gradients."""
     from lowmem.quant.l4q import L4QLinear
 
-    monkeypatch.setattr(l4q, "use_kernel", lambda t, what: True)
+    monkeypatch.setattr(runtime, "use_kernel", lambda t, what: True)
     torch.manual_seed(0)
     layer = L4QLinear(torch.nn.Linear(40, 12, bias=True), rank=4, alpha=8, bits=3, group=16)
     with torch.no_grad():
@@ -366,7 +389,7 @@ def test_emulated_l4q_layer_trains_like_the_reference(emulated, monkeypatch):
     kernel_grads = [t.grad.clone() for t in (x, layer.lora_A, layer.lora_B, layer.quant_step, layer.quant_offset)]
     assert {k.split("_")[1] for k, *_ in emulated.launches} == {"forward", "backward"}
 
-    monkeypatch.setattr(l4q, "use_kernel", lambda t, what: False)
+    monkeypatch.setattr(runtime, "use_kernel", lambda t, what: False)
     for t in (x, layer.lora_A, layer.lora_B, layer.quant_step, layer.quant_offset):
         t.grad = None
     y_ref = layer(x)

@@ -283,7 +283,7 @@ def test_plan_command_lists_builtin_models(capsys):
 
 # ---------------------------------------------------------------- a measured CUDA context
 
-def test_a_context_measured_on_this_gpu_replaces_the_assumed_constant(monkeypatch, tmp_path, capsys):
+def test_a_context_measured_on_this_gpu_replaces_the_assumed_constant(monkeypatch, tmp_path, capsys, request):
     """A run on CUDA records the context it measured (lowmem.memstats.gpu_facts); later plans use it."""
     from lowmem import memory, planner
     from lowmem.kernels import device
@@ -291,7 +291,8 @@ def test_a_context_measured_on_this_gpu_replaces_the_assumed_constant(monkeypatc
     h100 = device.DeviceInfo(0, "NVIDIA H100 80GB HBM3", (9, 0), 80 * 2**30)
     monkeypatch.setenv("LOWMEM_CACHE", str(tmp_path))
     monkeypatch.setattr(device, "device_info", lambda index=0: h100)
-    monkeypatch.setattr(planner, "_measured_context", planner._UNKNOWN)
+    planner.measured_context.cache_clear()
+    request.addfinalizer(planner.measured_context.cache_clear)   # later tests read this machine again
     cfg = config(vram=parse_size("24G"))
     spec = builtin_spec("llama-3.1-8b")
     assumed = make_plan(cfg, spec, device="cuda")
@@ -300,7 +301,7 @@ def test_a_context_measured_on_this_gpu_replaces_the_assumed_constant(monkeypatc
     assert "CUDA context 512.00MiB assumed" in out
 
     device.record_context_bytes(h100, 300 * 2**20)
-    monkeypatch.setattr(planner, "_measured_context", planner._UNKNOWN)
+    planner.measured_context.cache_clear()
     measured = make_plan(cfg, spec, device="cuda")
     assert measured.context_bytes == 300 * 2**20
     b0, b1 = assumed.breakdown, measured.breakdown
