@@ -144,13 +144,24 @@ def save_adapter(model: nn.Module, folder: Path, *, rank: int, alpha: float, tar
     return folder
 
 
-def read_adapter_config(folder: Path) -> dict:
-    path = Path(folder) / ADAPTER_CONFIG
-    if not path.is_file():
-        from lowmem.errors import ModelError
+def read_folder_json(folder: Path, name: str, expected: str) -> dict:
+    """The JSON object in `folder/name`; ModelError naming the file when it is missing or malformed."""
+    from lowmem.errors import ModelError
 
-        raise ModelError(f"{folder}: no {ADAPTER_CONFIG} here; expected an adapter folder (PEFT layout)")
-    return json.loads(path.read_text())
+    path = Path(folder) / name
+    if not path.is_file():
+        raise ModelError(f"{folder}: no {name} here; expected {expected}")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise ModelError(f"{path}: not valid JSON ({e}); expected {expected}") from e
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def read_adapter_config(folder: Path) -> dict:
+    return read_folder_json(folder, ADAPTER_CONFIG, "an adapter folder (PEFT layout)")
 
 
 def load_adapter(model: nn.Module, folder: Path) -> list[str]:

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowmem.kernels.l4q import fake_quant, fake_quant_, fake_quant_backward, merged_weight
-from lowmem.lora import LoRALinear, replace_linears
+from lowmem.lora import LoRALinear, read_folder_json, replace_linears
 from lowmem.quant.intk import BITS, bounds, group_sizes, minmax_params
 
 L4Q_CONFIG = "l4q_config.json"
@@ -216,12 +216,7 @@ def save_l4q_state(model: nn.Module, folder: Path, base_model: str = "") -> Path
 
 
 def read_l4q_config(folder: Path) -> dict:
-    path = Path(folder) / L4Q_CONFIG
-    if not path.is_file():
-        from lowmem.errors import ModelError
-
-        raise ModelError(f"{folder}: no {L4Q_CONFIG} here; expected a folder written by save_l4q_state")
-    return json.loads(path.read_text())
+    return read_folder_json(folder, L4Q_CONFIG, "a folder written by save_l4q_state")
 
 
 def load_l4q_state(model: nn.Module, folder: Path) -> list[str]:

@@ -124,3 +124,20 @@ def test_our_loader_restores_a_saved_adapter(tmp_path):
     load_adapter(again, tmp_path)
     x = torch.randint(0, 512, (1, 7))
     torch.testing.assert_close(again(x).logits, ours(x).logits)
+
+
+def test_a_missing_or_malformed_config_is_an_error_naming_the_file(tmp_path):
+    from lowmem.errors import ModelError
+    from lowmem.quant.l4q import load_l4q_state
+
+    model = tiny_llama()
+    with pytest.raises(ModelError, match=r"no adapter_config.json here; expected an adapter folder"):
+        load_adapter(model, tmp_path)
+    with pytest.raises(ModelError, match=r"no l4q_config.json here; expected a folder written by save_l4q_state"):
+        load_l4q_state(model, tmp_path)
+    (tmp_path / "adapter_config.json").write_text('{"r": 8,')
+    with pytest.raises(ModelError, match=r"adapter_config.json: not valid JSON"):
+        load_adapter(model, tmp_path)
+    (tmp_path / "l4q_config.json").write_text("[1, 2]")
+    with pytest.raises(ModelError, match=r"l4q_config.json: expected a JSON object, found list"):
+        load_l4q_state(model, tmp_path)
