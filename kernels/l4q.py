@@ -40,48 +40,20 @@ Supported: W0 in fp32, bf16 or fp16; Ŵ and G in fp32, bf16 or fp16; A, B, s,
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from lowmem.kernels.runtime import Source, check_tensor, dispatch, launch
+from lowmem.kernels.runtime import DTYPE_CODE, DTYPE_NAMES, DTYPE_STRUCTS, Source, check_tensor, dispatch, launch
 from lowmem.quant.intk import bounds, grouped, num_groups, ungrouped
 
 ROWS = 8                       # output rows per block (the kernels' compile-time ROWS)
 MAX_GROUP = 1024               # one thread per column of a group
 SHARED_FLOATS = 10 * 1024      # dynamic shared memory budget per block (40 KiB)
-DTYPE_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
-CUDA_SOURCE = r"""
+CUDA_SOURCE = DTYPE_CODE + r"""
 // lowmem.kernels.l4q: L4Q fused fake quantization (forward) and its gradients (backward).
-// Header-free on purpose: NVRTC needs no CUDA toolkit include directory.
 #define ROWS 8
-typedef unsigned short u16;
-
-struct F32 {
-    typedef float T;
-    static __device__ __forceinline__ float load(const T* p, long long i) { return p[i]; }
-    static __device__ __forceinline__ void store(T* p, long long i, float v) { p[i] = v; }
-};
-struct BF16 {
-    typedef u16 T;
-    static __device__ __forceinline__ float load(const T* p, long long i) {
-        return __uint_as_float(((unsigned)p[i]) << 16);
-    }
-    static __device__ __forceinline__ void store(T* p, long long i, float v) {
-        unsigned u = __float_as_uint(v);
-        if ((u & 0x7fffffffu) > 0x7f800000u) { p[i] = 0x7fc0; return; }   // NaN, as PyTorch writes it
-        u += 0x7fffu + ((u >> 16) & 1u);                                     // round to nearest even
-        p[i] = (u16)(u >> 16);
-    }
-};
-#ifndef LOWMEM_EMULATE   // the host emulator of tests/kernel_emulator.py brings its own conversions
-__device__ __forceinline__ float f16_to_f32(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
-__device__ __forceinline__ u16 f32_to_f16(float v) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v)); return h; }
-#endif
-struct F16 {
-    typedef u16 T;
-    static __device__ __forceinline__ float load(const T* p, long long i) { return f16_to_f32(p[i]); }
-    static __device__ __forceinline__ void store(T* p, long long i, float v) { p[i] = f32_to_f16(v); }
-};
 
 // acc[r] = sum_k B[row0 + r, k] * A[k, col] for the block's ROWS rows; every thread of the
 // block must call it (it synchronises).
@@ -212,17 +184,27 @@ extern "C" __global__ void __launch_bounds__(1024) l4q_backward_##WN##_##ON(    
                           in_f, rank, group, n_groups, scaling, qn, qp, chunk);                     \
 }
 
-L4Q_KERNELS(f32, F32, f32, F32)  L4Q_KERNELS(f32, F32, bf16, BF16)  L4Q_KERNELS(f32, F32, f16, F16)
-L4Q_KERNELS(bf16, BF16, f32, F32)  L4Q_KERNELS(bf16, BF16, bf16, BF16)  L4Q_KERNELS(bf16, BF16, f16, F16)
-L4Q_KERNELS(f16, F16, f32, F32)  L4Q_KERNELS(f16, F16, bf16, BF16)  L4Q_KERNELS(f16, F16, f16, F16)
 """
 
-SOURCE = Source(
-    name="l4q",
-    code=CUDA_SOURCE,
-    kernels=tuple(f"l4q_{kind}_{w}_{o}" for kind in ("forward", "backward")
-                  for w in DTYPE_NAMES.values() for o in DTYPE_NAMES.values()),
-)
+
+def variant_code(w_dtype: torch.dtype, out_dtype: torch.dtype) -> str:
+    """The line of CUDA that instantiates the kernels of one dtype pair after CUDA_SOURCE."""
+    return (f"L4Q_KERNELS({DTYPE_NAMES[w_dtype]}, {DTYPE_STRUCTS[w_dtype]}, "
+            f"{DTYPE_NAMES[out_dtype]}, {DTYPE_STRUCTS[out_dtype]})\n")
+
+
+@functools.lru_cache(maxsize=None)
+def source(w_dtype: torch.dtype, out_dtype: torch.dtype) -> Source:
+    """The forward and backward kernels for W0 in `w_dtype` and Ŵ/G in `out_dtype`.
+
+    One module per dtype pair, so a run compiles only the pair it uses.
+    """
+    w, o = DTYPE_NAMES[w_dtype], DTYPE_NAMES[out_dtype]
+    return Source(name=f"l4q_{w}_{o}", code=CUDA_SOURCE + variant_code(w_dtype, out_dtype),
+                  kernels=(f"l4q_forward_{w}_{o}", f"l4q_backward_{w}_{o}"))
+
+
+SOURCES = tuple(source(w, o) for w in DTYPE_NAMES for o in DTYPE_NAMES)
 
 
 # ---------------------------------------------------------------- references (CPU, tests, fallback)
@@ -343,7 +325,7 @@ def fake_quant_cuda(w0, a, b, step, offset, scaling: float, bits: int, group: in
     out = torch.empty(out_f, in_f, dtype=out_dtype, device=w0.device)
     qn, qp = bounds(bits)
     threads, chunk, shared = _launch_shape(group, a.shape[0])
-    launch(SOURCE, name, (n_groups, (out_f + ROWS - 1) // ROWS, 1), (threads, 1, 1),
+    launch(source(w0.dtype, out_dtype), name, (n_groups, (out_f + ROWS - 1) // ROWS, 1), (threads, 1, 1),
            [w0, a, b, step, offset, out, out_f, in_f, a.shape[0], group, n_groups, float(scaling),
             float(qn), float(qp), chunk], shared, w0.device)
     return out
@@ -364,7 +346,7 @@ def fake_quant_backward_cuda(w0, a, b, step, offset, grad_scale, grad: torch.Ten
     grad_offset = None if offset is None else torch.empty_like(grad_step)
     qn, qp = bounds(bits)
     threads, chunk, shared = _launch_shape(group, a.shape[0])
-    launch(SOURCE, name, (n_groups, (out_f + ROWS - 1) // ROWS, 1), (threads, 1, 1),
+    launch(source(w0.dtype, grad.dtype), name, (n_groups, (out_f + ROWS - 1) // ROWS, 1), (threads, 1, 1),
            [w0, a, b, step, offset, grad_scale, grad, grad_step, grad_offset, out_f, in_f, a.shape[0],
             group, n_groups, float(scaling), float(qn), float(qp), chunk], shared, w0.device)
     return grad_step, grad_offset

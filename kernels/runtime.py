@@ -74,6 +74,48 @@ class Source:
         return h.hexdigest()[:16]
 
 
+# ---------------------------------------------------------------- element types shared by the kernels
+
+#: The dtypes kernels read and write, by the short name used in kernel names.
+DTYPE_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+#: The CUDA struct (below) that loads and stores each dtype as float.
+DTYPE_STRUCTS = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+#: CUDA C++ that every kernel source starts with: `X::T` is the storage type, `X::load(p, i)`
+#: reads element i as float, `X::store(p, i, v)` rounds v to nearest even and writes it.
+#: Header-free on purpose: NVRTC needs no CUDA toolkit include directory.
+DTYPE_CODE = r"""
+typedef unsigned short u16;
+struct F32 {
+    typedef float T;
+    static __device__ __forceinline__ float load(const T* p, long long i) { return p[i]; }
+    static __device__ __forceinline__ void store(T* p, long long i, float v) { p[i] = v; }
+};
+struct BF16 {
+    typedef u16 T;
+    static __device__ __forceinline__ float load(const T* p, long long i) {
+        return __uint_as_float(((unsigned)p[i]) << 16);
+    }
+    static __device__ __forceinline__ void store(T* p, long long i, float v) {
+        unsigned u = __float_as_uint(v);
+        if ((u & 0x7fffffffu) > 0x7f800000u) { p[i] = 0x7fc0; return; }   // NaN, as PyTorch writes it
+        u += 0x7fffu + ((u >> 16) & 1u);                                     // round to nearest even
+        p[i] = (u16)(u >> 16);
+    }
+};
+#ifndef LOWMEM_EMULATE   // the host emulator of tests/kernel_emulator.py brings its own conversions
+__device__ __forceinline__ float f16_to_f32(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
+__device__ __forceinline__ u16 f32_to_f16(float v) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v)); return h; }
+#endif
+struct F16 {
+    typedef u16 T;
+    static __device__ __forceinline__ float load(const T* p, long long i) { return f16_to_f32(p[i]); }
+    static __device__ __forceinline__ void store(T* p, long long i, float v) { p[i] = f32_to_f16(v); }
+};
+
+"""
+
+
 # ---------------------------------------------------------------- cuda-python, loaded lazily
 
 def _bindings(module: str):

@@ -15,12 +15,18 @@ backward, which recomputes them instead of keeping them:
     backward, chunk c:  recompute z_c;  g_c = (softmax(z_c) − onehot(y_c)) · ∂L/∂ℓ_c
                         ∂L/∂h_c = g_c W,   ∂L/∂W += g_cᵀ h_c
 
+The per-chunk cross-entropy (ℓ from z_c, and g_c written over z_c) is
+`lowmem.kernels.cross_entropy`: a CUDA kernel that reads the logits in the
+compute dtype where the matmul wrote them, or on the CPU its PyTorch reference.
+
 Memory (c = bytes of the compute dtype, 4 on the CPU):
     plain:    fp32 logits, log-probs and their gradients for all N positions,
               ≈ 12·N·V at the backward's peak; log-probs (4·N·V) saved for backward
     chunked:  saves only h (c·N·h, usually alive anyway), the labels (8·N) and the
-              per-token losses' shape; per chunk ≈ (12 + c)·C·V transient, plus the
-              gradient of h (c·N·h) and, when W is trained, its gradient (W's size)
+              per-token losses' shape; per chunk a transient of c·C·V with the
+              kernel (the logits, overwritten by their gradient), ≈ (12 + c)·C·V
+              with the reference (fp32 copies beside them), plus the gradient of h
+              (c·N·h) and, when W is trained, its gradient (W's size)
 This is what `lowmem.memory.saved_loss_bytes` / `logits_bytes` predict.
 """
 
@@ -29,7 +35,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+from lowmem.kernels.cross_entropy import IGNORE, cross_entropy, cross_entropy_backward_
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -63,9 +69,9 @@ def count_targets(labels: torch.Tensor) -> int:
 
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    # The same ops as the plain path, so both round the same way (bf16 matmul
-    # under autocast, fp32 on the CPU).
-    return (h @ weight.T.to(h.dtype)).float()
+    # The plain path's matmul, so both round the same way (bf16 under autocast, fp32 on
+    # the CPU); left in that dtype: the cross-entropy works in fp32 internally.
+    return h @ weight.T.to(h.dtype)
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -84,9 +90,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         losses = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             end = min(start + chunk, hidden.shape[0])
-            logits = _chunk_logits(hidden[start:end], weight)
-            losses[start:end] = F.cross_entropy(logits, targets[start:end], ignore_index=IGNORE,
-                                                reduction="none")
+            losses[start:end] = cross_entropy(_chunk_logits(hidden[start:end], weight), targets[start:end])
         ctx.save_for_backward(hidden, weight, targets)
         ctx.chunk = chunk
         return losses
@@ -102,12 +106,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         w = weight.to(hidden.dtype)
         for start in range(0, hidden.shape[0], ctx.chunk):
             end = min(start + ctx.chunk, hidden.shape[0])
-            h, y = hidden[start:end], targets[start:end]
-            g = torch.softmax(_chunk_logits(h, weight), dim=-1)
-            labelled = y != IGNORE
-            rows = torch.arange(g.shape[0], device=g.device)
-            g[rows[labelled], y[labelled]] -= 1.0
-            g *= (grad_losses[start:end] * labelled)[:, None]
+            h = hidden[start:end]
+            g = cross_entropy_backward_(_chunk_logits(h, weight), targets[start:end], grad_losses[start:end])
             g = g.to(hidden.dtype)
             if want_h:
                 grad_h[start:end] = g @ w

@@ -651,23 +651,35 @@ def activation_bytes(spec: ModelSpec, plan: Any, recompute: bool = False) -> tup
 
 # ---------------------------------------------------------------- loss and temporaries
 
+def kernels_run(plan: Any) -> bool:
+    """Whether lowmem.kernels' CUDA kernels replace their references in this plan's run:
+    on CUDA, unless LOWMEM_KERNELS=0 turns them off."""
+    from lowmem.kernels.runtime import kernels_enabled
+
+    return _get(plan, "device", "cpu") == "cuda" and kernels_enabled()
+
+
 def logits_bytes(spec: ModelSpec, plan: Any) -> int:
     """Peak bytes of the loss computation (its saved log-probs included).
 
         full:     12·N·V      backward of cross-entropy holds the saved fp32
                               log-probs, their gradient and the logits' gradient
                               (3 × 4 bytes); the forward peak (c + 4 + 4)·N·V is lower
-        chunked:  (12 + c)·C·V + c·N·h + saved_loss_bytes
-                              one chunk of C tokens at a time (its logits in the
-                              compute dtype and the three fp32 buffers), the
-                              gradient of the hidden states, and the saved hidden
+        chunked:  k·C·V + c·N·h + saved_loss_bytes
+                              one chunk of C tokens at a time, the gradient of the
+                              hidden states, and the saved hidden. k = c with the
+                              CUDA kernel (lowmem.kernels.cross_entropy: the logits
+                              in the compute dtype, overwritten by their gradient);
+                              k = 12 + c with the reference (the logits and three
+                              fp32 buffers beside them)
     """
     n = plan.micro_batch * plan.seq_len
     chunk = _get(plan, "loss_chunk", 0)
     if chunk:
         chunk = min(chunk, n)
         c = compute_bytes(plan)
-        return (12 + c) * chunk * spec.vocab + c * n * spec.hidden + saved_loss_bytes(spec, plan)
+        per_logit = c if kernels_run(plan) else 12 + c
+        return per_logit * chunk * spec.vocab + c * n * spec.hidden + saved_loss_bytes(spec, plan)
     return 12 * n * spec.vocab + 8 * n + 4
 
 
@@ -687,19 +699,18 @@ def dequant_bytes(spec: ModelSpec, plan: Any) -> int:
     """Temporary full-precision weights.
 
         NF4 / int8 base:  max(out·in)·c          one linear dequantized at a time
-        L4Q on CUDA:      max(out·in)·c          the fused kernels (lowmem.kernels.l4q): Ŵ in
-                                                 the compute dtype, then in backward Ŵ for
-                                                 ∂L/∂x, freed before G = gradᵀx, which the
-                                                 kernel masks in place
-        L4Q on the CPU:   max(out·in)·(9 + c)    the PyTorch reference: in backward, G plus
-                                                 W = W0 + c·BA and ∂Ŵ/∂s in fp32, the codes
-                                                 and a bool mask
+        L4Q, kernels:     max(out·in)·c          the fused kernels (lowmem.kernels.l4q, on
+                                                 CUDA): Ŵ in the compute dtype, then in
+                                                 backward Ŵ for ∂L/∂x, freed before
+                                                 G = gradᵀx, which the kernel masks in place
+        L4Q, reference:   max(out·in)·(9 + c)    the PyTorch reference (CPU, LOWMEM_KERNELS=0):
+                                                 in backward, G plus W = W0 + c·BA and ∂Ŵ/∂s
+                                                 in fp32, the codes and a bool mask
     """
     fmt = _get(plan, "base_format", "fp32")
     c = compute_bytes(plan)
     if plan.method == "l4q":
-        kernels = _get(plan, "device", "cpu") == "cuda"
-        return spec.max_linear_numel() * (c if kernels else 9 + c)
+        return spec.max_linear_numel() * (c if kernels_run(plan) else 9 + c)
     if fmt in ("nf4", "int8", "int"):
         return spec.max_linear_numel() * c
     return 0

@@ -10,8 +10,9 @@ CUDA: warps do not run in lockstep, there is no memory model beyond the barrier,
 and nothing is fast. What it checks is the kernels' arithmetic, indexing, grid
 and shared-memory layout, and the launch arguments lowmem's Python side packs.
 
-`Emulator(source).launch` has the signature of lowmem.kernels.runtime.launch, so
-a test can substitute it and run the real dispatch code on CPU tensors.
+`Emulator(bundle(module)).launch` has the signature of lowmem.kernels.runtime.launch,
+so a test can substitute it (and `check_tensor_on_cpu` for the module's
+`check_tensor`) and run the real dispatch code on CPU tensors.
 """
 
 from __future__ import annotations
@@ -97,6 +98,24 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned g
 """
 
 
+def bundle(module) -> runtime.Source:
+    """Every variant of a kernel module (its SOURCES, each CUDA_SOURCE plus one instantiation) in one source."""
+    common = module.CUDA_SOURCE
+    assert all(s.code.startswith(common) for s in module.SOURCES)
+    return runtime.Source(module.__name__.rsplit(".", 1)[-1], common + "".join(s.code[len(common):] for s in module.SOURCES),
+                          tuple(k for s in module.SOURCES for k in s.kernels))
+
+
+def check_tensor_on_cpu(t, name, **kw):
+    """runtime.check_tensor, except that CPU tensors pass: every other problem is still raised."""
+    try:
+        runtime.check_tensor(t, name, **kw)
+    except runtime.KernelError as e:
+        problems = str(e).split(f"{name} ", 1)[1].split("; ")
+        if any("CUDA device" not in p and "other arguments on" not in p for p in problems):
+            raise
+
+
 def compiler() -> str | None:
     return shutil.which("g++") or shutil.which("clang++")
 
@@ -121,14 +140,15 @@ class Emulator:
             raise RuntimeError(f"the kernel emulator did not build:\n{result.stderr[-4000:]}")
         self.lib = ctypes.CDLL(str(lib))
         self.lib.emu_launch.restype = ctypes.c_int
-        self.launches: list[tuple[str, tuple, tuple, int]] = []
+        self.launches: list[tuple[str, tuple, tuple, int, str]] = []   # kernel, grid, block, shared, source
 
     def launch(self, source, kernel, grid, block, args, shared_mem=0, device=None) -> None:
         """runtime.launch's contract, on CPU tensors: the same packing of arguments into pointers."""
         assert block[1] == block[2] == 1, "the emulator runs one-dimensional blocks"
         runtime.check_launch(kernel, grid, block, shared_mem)
         values, pointers = runtime.pack_arguments(args)
-        self.launches.append((kernel, tuple(grid), tuple(block), shared_mem))
+        assert kernel in source.kernels, f"{kernel} is launched from {source.name}, which does not define it"
+        self.launches.append((kernel, tuple(grid), tuple(block), shared_mem, source.name))
         status = self.lib.emu_launch(kernel.encode(), *[ctypes.c_uint(g) for g in grid], ctypes.c_uint(block[0]),
                                      ctypes.c_ulong(shared_mem), pointers)
         if status != 0:

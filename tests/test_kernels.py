@@ -311,25 +311,20 @@ def test_context_measurements_are_kept_per_device_model(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
-    from tests.kernel_emulator import Emulator, compiler
+    from tests.kernel_emulator import Emulator, bundle, compiler
 
     if compiler() is None:
         pytest.skip("no host C++ compiler for the kernel emulator")
-    return Emulator(l4q.SOURCE, tmp_path_factory.mktemp("emulator"))
+    return Emulator(bundle(l4q), tmp_path_factory.mktemp("emulator"))
 
 
 @pytest.fixture
 def emulated(emulator, monkeypatch):
     """lowmem.kernels.l4q's kernel entry points, launching into the emulator with CPU tensors."""
-    def check_on_cpu(t, name, **kw):
-        try:
-            runtime.check_tensor(t, name, **kw)
-        except runtime.KernelError as e:
-            problems = str(e).split(f"{name} ", 1)[1].split("; ")
-            if any("CUDA device" not in p and "other arguments on" not in p for p in problems):
-                raise
+    from tests.kernel_emulator import check_tensor_on_cpu
+
     monkeypatch.setattr(l4q, "launch", emulator.launch)
-    monkeypatch.setattr(l4q, "check_tensor", check_on_cpu)
+    monkeypatch.setattr(l4q, "check_tensor", check_tensor_on_cpu)
     emulator.launches.clear()
     return emulator
 
@@ -351,8 +346,9 @@ def test_emulated_forward_kernel_equals_the_reference(emulated, out_f, in_f, ran
     assert n <= 1 and worst <= 1                      # the tolerance the GPU tests state, at these sizes
     if n == 0:
         assert torch.equal(got, ref.to(out_dtype))    # rounding on the way out agrees bit for bit
-    kernel, grid, block, shared = emulated.launches[-1]
-    assert kernel == f"l4q_forward_{l4q.DTYPE_NAMES[w_dtype]}_{l4q.DTYPE_NAMES[out_dtype]}"
+    kernel, grid, block, shared, source = emulated.launches[-1]
+    pair = f"{l4q.DTYPE_NAMES[w_dtype]}_{l4q.DTYPE_NAMES[out_dtype]}"
+    assert kernel == f"l4q_forward_{pair}" and source == f"l4q_{pair}"     # only this pair's module is built
     assert grid == (-(-in_f // group), -(-out_f // l4q.ROWS), 1) and block[0] >= group
 
 

@@ -1,0 +1,257 @@
+"""lowmem.kernels.cross_entropy: the references against the math written out, the kernels' own
+CUDA source run in the CPU emulator against the references, the chunked loss through the
+kernels, the memory model's per-chunk term, and (marked `gpu`) the kernels on a GPU.
+"""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from lowmem import memory
+from lowmem.kernels import cross_entropy as ce
+from lowmem.kernels import runtime
+from lowmem.loss import causal_lm_loss
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _case(n, vocab, dtype=torch.float32, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, vocab, generator=g, dtype=torch.float64) * scale).to(dtype)
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    if n > 1:
+        targets[1] = ce.IGNORE
+    if n > 2:
+        targets[2] = vocab - 1
+    grad = torch.rand(n, generator=g, dtype=torch.float32) + 0.5
+    return logits, targets, grad
+
+
+def _by_hand(logits, targets, grad):
+    """Losses and ∂L/∂z row by row in fp64, with math.exp/log."""
+    losses, grads = [], []
+    for row, y, g in zip(logits.double().tolist(), targets.tolist(), grad.double().tolist()):
+        m = max(row)
+        lse = m + math.log(sum(math.exp(z - m) for z in row))
+        if y == ce.IGNORE:
+            losses.append(0.0)
+            grads.append([0.0] * len(row))
+            continue
+        losses.append(lse - row[y])
+        grads.append([(math.exp(z - lse) - (v == y)) * g for v, z in enumerate(row)])
+    return torch.tensor(losses, dtype=torch.float64), torch.tensor(grads, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("n,vocab", [(1, 2), (4, 7), (6, 300)])
+def test_references_equal_the_math(n, vocab):
+    logits, targets, grad = _case(n, vocab)
+    want_loss, want_grad = _by_hand(logits, targets, grad)
+    before = logits.clone()
+    losses = ce.cross_entropy_reference(logits, targets)
+    assert losses.dtype == torch.float32 and torch.equal(logits, before)   # forward does not write
+    torch.testing.assert_close(losses.double(), want_loss, rtol=1e-6, atol=1e-6)
+    out = ce.cross_entropy_backward_reference(logits, targets, grad)
+    assert out.data_ptr() == logits.data_ptr()                             # in place
+    torch.testing.assert_close(logits.double(), want_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_backward_reference_rounds_once_into_a_half_precision_logits_buffer():
+    logits, targets, grad = _case(5, 50, torch.bfloat16)
+    want = _by_hand(logits, targets, grad)[1].to(torch.bfloat16)   # exact math, one rounding
+    ce.cross_entropy_backward_reference(logits, targets, grad)
+    assert logits.dtype == torch.bfloat16
+    assert ((logits.double() - want.double()).abs() <= want.double().abs() * 2**-8 + 1e-9).all()
+
+
+def test_dispatch_runs_the_reference_on_the_cpu_without_a_warning():
+    logits, targets, grad = _case(3, 20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(ce.cross_entropy(logits, targets), ce.cross_entropy_reference(logits, targets))
+
+
+def test_calls_outside_the_kernels_are_named():
+    logits, targets, _ = _case(3, 20)
+    assert ce._unsupported(logits, targets) is None
+    assert "float64" in ce._unsupported(logits.double(), targets)
+    assert "int32" in ce._unsupported(logits, targets.int())
+    assert "not contiguous" in ce._unsupported(logits.T.contiguous().T, targets)
+    assert "(N, V)" in ce._unsupported(logits[None], targets)
+
+
+def test_chunked_loss_predicts_one_compute_dtype_copy_of_the_logits_with_the_kernel(monkeypatch):
+    """The memory model's chunk term: c·C·V on CUDA with kernels, (12 + c)·C·V with the reference."""
+    from lowmem.spec import builtin_spec
+    from tests.test_memory import _gpu_plans
+    import dataclasses
+
+    spec = builtin_spec("llama-3.1-8b")
+    plan = dataclasses.replace(_gpu_plans()[0], loss_chunk=1024, micro_batch=1, seq_len=4096)
+    assert plan.device == "cuda"
+    kernel = memory.logits_bytes(spec, plan)
+    monkeypatch.setenv("LOWMEM_KERNELS", "0")
+    reference = memory.logits_bytes(spec, plan)
+    assert reference - kernel == 12 * 1024 * spec.vocab
+    assert memory.logits_bytes(spec, dataclasses.replace(plan, device="cpu")) == reference
+
+
+# ---------------------------------------------------------------- the kernels, emulated on the CPU
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    from tests.kernel_emulator import Emulator, bundle, compiler
+
+    if compiler() is None:
+        pytest.skip("no host C++ compiler for the kernel emulator")
+    return Emulator(bundle(ce), tmp_path_factory.mktemp("emulator"))
+
+
+@pytest.fixture
+def emulated(emulator, monkeypatch):
+    """lowmem.kernels.cross_entropy's kernel entry points, launching into the emulator with CPU tensors."""
+    from tests.kernel_emulator import check_tensor_on_cpu
+
+    monkeypatch.setattr(ce, "launch", emulator.launch)
+    monkeypatch.setattr(ce, "check_tensor", check_tensor_on_cpu)
+    emulator.launches.clear()
+    return emulator
+
+
+SHAPES = [(1, 1), (3, 31), (4, 256), (5, 1000), (3, 3001)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+#: How far a kernel's gradient may be from the reference's, in units in the last place of the logits'
+#: dtype: exp(z − lse) against the reference's exp(z − max) / Σ differ by a few fp32 ulps times |lse|
+#: (≈ log V), so fp32 allows 64 ulps (relative 8e-6); bf16 and fp16 round that to at most one unit.
+GRAD_ULPS = {torch.float32: 64, torch.bfloat16: 1, torch.float16: 1}
+
+
+def _ulps(got, want, dtype):
+    """|got − want| in units of `dtype`'s spacing at `want` (fp32 math on both)."""
+    spacing = {torch.float32: 2**-23, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
+    tiny = {torch.float32: 1e-38, torch.bfloat16: 1e-38, torch.float16: 2**-24}[dtype]
+    return ((got.float() - want.float()).abs() / (want.float().abs() * spacing).clamp_min(tiny)).max()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,vocab", SHAPES)
+def test_emulated_forward_kernel_equals_the_reference(emulated, n, vocab, dtype):
+    logits, targets, _ = _case(n, vocab, dtype)
+    before = logits.clone()
+    got = ce.cross_entropy_cuda(logits, targets)
+    want = ce.cross_entropy_reference(logits, targets)
+    assert got.dtype == torch.float32 and torch.equal(logits, before)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=2e-6)
+    assert (got[targets == ce.IGNORE] == 0).all()
+    kernel, grid, block, shared, source = emulated.launches[-1]
+    assert (kernel, grid, block, source) == (f"cross_entropy_forward_{runtime.DTYPE_NAMES[dtype]}", (n, 1, 1),
+                                             (ce.THREADS, 1, 1), f"cross_entropy_{runtime.DTYPE_NAMES[dtype]}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,vocab", SHAPES)
+def test_emulated_backward_kernel_equals_the_reference(emulated, n, vocab, dtype):
+    logits, targets, grad = _case(n, vocab, dtype)
+    want = ce.cross_entropy_backward_reference(logits.clone(), targets, grad)
+    got = ce.cross_entropy_backward_cuda(logits, targets, grad)
+    assert got.data_ptr() == logits.data_ptr() and got.dtype == dtype
+    assert _ulps(got, want, dtype) <= GRAD_ULPS[dtype]
+    assert (got[targets == ce.IGNORE] == 0).all()
+
+
+def test_emulated_kernels_handle_masked_logits_and_a_bad_target(emulated):
+    logits, targets, grad = _case(4, 300)
+    logits[0, ::3] = float("-inf")                          # a masked vocabulary
+    targets[0] = 1                                          # (the target is not masked)
+    logits[3, :5] = float("-inf")                           # -inf where a thread starts its walk
+    targets[3] = 300                                        # outside [0, V): NaN, not a wrong number
+    good = targets != 300
+    got = ce.cross_entropy_cuda(logits, targets)
+    want = ce.cross_entropy_reference(logits[good], targets[good])
+    torch.testing.assert_close(got[good], want, rtol=1e-6, atol=2e-6)
+    assert got[3].isnan()
+    g_want = ce.cross_entropy_backward_reference(logits[good].clone(), targets[good], grad[good])
+    ce.cross_entropy_backward_cuda(logits, targets, grad)
+    torch.testing.assert_close(logits[good], g_want, rtol=1e-5, atol=1e-7)
+    assert (logits[0, ::3] == 0).all() and logits[3].isnan().all()
+
+
+def test_emulated_kernels_take_an_expanded_gradient(emulated):
+    """Autograd hands `per_token.sum()`'s gradient as a stride-0 expansion of one scalar."""
+    logits, targets, _ = _case(3, 40)
+    want = ce.cross_entropy_backward_reference(logits.clone(), targets, torch.full((3,), 0.25))
+    ce.cross_entropy_backward_cuda(logits, targets, torch.tensor(0.25).expand(3))
+    torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_emulated_chunked_loss_trains_like_the_reference(emulated, monkeypatch, reduction):
+    """lowmem.loss's chunked loss with its cross-entropy in the kernels: same loss and gradients."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    weight = (torch.randn(333, 16) * 0.3).requires_grad_()
+    labels = torch.randint(0, 333, (2, 9))
+    labels[0, :3] = ce.IGNORE
+
+    def run(kernels: bool):
+        monkeypatch.setattr(runtime, "use_kernel", lambda t, what: kernels)
+        hidden.grad = weight.grad = None
+        loss = causal_lm_loss(hidden, weight, labels, reduction=reduction, chunk_size=5)
+        loss.backward()
+        return loss.detach(), hidden.grad.clone(), weight.grad.clone()
+
+    got = run(True)
+    kinds = {k.split("_")[2] for k, *_ in emulated.launches}
+    assert kinds == {"forward", "backward"} and len(emulated.launches) == 2 * 4   # 18 positions, chunks of 5
+    want = run(False)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- GPU: kernels against references
+
+GPU_SHAPES = SHAPES + [(64, 32000), (17, 128256), (2, 151936)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,vocab", GPU_SHAPES)
+def test_kernels_equal_their_references(n, vocab, dtype):
+    """Losses to a relative 1e-6 (the sums run in another order); gradients within GRAD_ULPS."""
+    logits, targets, grad = (t.cuda() for t in _case(n, vocab, dtype))
+    torch.testing.assert_close(ce.cross_entropy_cuda(logits, targets), ce.cross_entropy_reference(logits, targets),
+                               rtol=1e-6, atol=2e-6)
+    want = ce.cross_entropy_backward_reference(logits.clone(), targets, grad)
+    got = ce.cross_entropy_backward_cuda(logits, targets, grad)
+    assert _ulps(got, want, dtype) <= GRAD_ULPS[dtype]
+
+
+@pytest.mark.gpu
+def test_chunked_loss_keeps_one_compute_dtype_copy_of_the_logits():
+    """Llama-3 vocabulary, chunks of 1024 tokens in bf16: the loss's peak above its inputs stays near
+    one bf16 chunk of logits (c·C·V = 251 MiB), where the reference path holds ≥ 12·C·V beside it."""
+    vocab, hidden_size, n, chunk = 128256, 4096, 4096, 1024
+    hidden = torch.randn(1, n, hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(vocab, hidden_size, device="cuda", dtype=torch.bfloat16) * 0.02
+    labels = torch.randint(0, vocab, (1, n), device="cuda")
+    peaks = {}
+    for mode in ("1", "0", "1"):                                   # the first "1" compiles and warms up
+        import os
+        os.environ["LOWMEM_KERNELS"] = mode
+        try:
+            hidden.grad = None
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            causal_lm_loss(hidden, weight, labels, chunk_size=chunk).backward()
+            torch.cuda.synchronize()
+            peaks[mode] = torch.cuda.max_memory_allocated() - base
+        finally:
+            os.environ.pop("LOWMEM_KERNELS")
+    logits = 2 * chunk * vocab
+    grad_h = 2 * n * hidden_size
+    assert peaks["1"] <= logits * 1.1 + 2 * grad_h + 16 * 2**20
+    assert peaks["0"] >= 12 * chunk * vocab
