@@ -218,6 +218,9 @@ def cross_entropy_backward_cuda(logits: torch.Tensor, targets: torch.Tensor,
     if n:
         launch(source(logits.dtype), name, (n, 1, 1), (THREADS, 1, 1), [logits, targets, grad_losses, vocab], 0,
                logits.device)
+    # Written through a pointer: tell autograd, as an in-place op would, so a saved copy of
+    # `logits` (KeptLogitsCrossEntropy) is not used again as if unchanged.
+    torch.autograd.graph.increment_version(logits)
     return logits
 
 

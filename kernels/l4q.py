@@ -349,6 +349,7 @@ def fake_quant_backward_cuda(w0, a, b, step, offset, grad_scale, grad: torch.Ten
     launch(source(w0.dtype, grad.dtype), name, (n_groups, (out_f + ROWS - 1) // ROWS, 1), (threads, 1, 1),
            [w0, a, b, step, offset, grad_scale, grad, grad_step, grad_offset, out_f, in_f, a.shape[0],
             group, n_groups, float(scaling), float(qn), float(qp), chunk], shared, w0.device)
+    torch.autograd.graph.increment_version(grad)         # written in place through a pointer
     return grad_step, grad_offset
 
 

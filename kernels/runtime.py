@@ -399,12 +399,30 @@ def warn_fallback(what: str, reason: str) -> None:
 def unavailable_reason(index: int) -> str | None:
     """None when kernels can run on CUDA device `index`, else why not (checked once)."""
     try:
-        nvrtc_version()
-        driver_version()
+        nv = nvrtc_version()
+        drv = driver_version()
         device_arch(index)
     except KernelError as e:      # KernelUnavailable included
         return str(e)
+    if drv[0] < nv[0]:
+        return (f"the driver supports CUDA {drv[0]}.{drv[1]}, older than the code NVRTC {nv[0]}.{nv[1]} "
+                f"produces; install the nvidia-cuda-nvrtc and cuda-python releases of CUDA {drv[0]}.x")
     return None
+
+
+def planning_reason() -> str | None:
+    """Why a CUDA run from this machine would not get its kernels, or None (what the planner assumes).
+
+    "LOWMEM_KERNELS=0" when they are turned off; `unavailable_reason(0)` when this
+    machine has a CUDA device (runs train on the first one). A machine without a
+    CUDA device is planning for another one, which is assumed to have a driver for
+    lowmem's NVRTC. Creates no CUDA context.
+    """
+    if not kernels_enabled():
+        return "LOWMEM_KERNELS=0"
+    if not torch.cuda.is_available():
+        return None
+    return unavailable_reason(0)
 
 
 def disable(index: int, reason: str) -> None:

@@ -3,25 +3,32 @@
     loss = mean over labelled positions t of  −log softmax(h_t Wᵀ)[y_{t+1}]
 
 h: (batch, seq, hidden) final hidden states, W: (vocab, hidden) output
-projection, y: labels with -100 where no loss is taken. Logits are computed
-in fp32 because a bf16 log-softmax over a large vocabulary loses the small
+projection, y: labels with -100 where no loss is taken. The log-softmax is
+computed in fp32 because a bf16 one over a large vocabulary loses the small
 probabilities the loss is made of.
 
 Chunked (`chunk_size = C > 0`): the N = batch·seq positions are taken C at a
 time, so logits exist for one chunk only, in the forward and again in the
 backward, which recomputes them instead of keeping them:
 
-    forward, chunk c:   z_c = h_c Wᵀ (C×V, fp32),  ℓ_t = logsumexp(z_t) − z_t[y_t]
+    forward, chunk c:   z_c = h_c Wᵀ,  ℓ_t = logsumexp(z_t) − z_t[y_t]
     backward, chunk c:  recompute z_c;  g_c = (softmax(z_c) − onehot(y_c)) · ∂L/∂ℓ_c
                         ∂L/∂h_c = g_c W,   ∂L/∂W += g_cᵀ h_c
 
-The per-chunk cross-entropy (ℓ from z_c, and g_c written over z_c) is
+Whole (`chunk_size = 0`): where lowmem.kernels run (CUDA), the same with one
+chunk of all N positions whose logits are kept for backward instead of
+recomputed (`KeptLogitsCrossEntropy`); elsewhere `F.cross_entropy` on fp32
+logits.
+
+The cross-entropy itself (ℓ from z, and g written over z) is
 `lowmem.kernels.cross_entropy`: a CUDA kernel that reads the logits in the
 compute dtype where the matmul wrote them, or on the CPU its PyTorch reference.
 
 Memory (c = bytes of the compute dtype, 4 on the CPU):
-    plain:    fp32 logits, log-probs and their gradients for all N positions,
-              ≈ 12·N·V at the backward's peak; log-probs (4·N·V) saved for backward
+    whole, F.cross_entropy:  fp32 logits, log-probs and their gradients for all N
+              positions, ≈ 12·N·V at the backward's peak; log-probs (4·N·V) saved
+    whole, kernel:  the logits (c·N·V) saved, overwritten by their gradient in
+              backward, plus the gradient of h (c·N·h)
     chunked:  saves only h (c·N·h, usually alive anyway), the labels (8·N) and the
               per-token losses' shape; per chunk a transient of c·C·V with the
               kernel (the logits, overwritten by their gradient), ≈ (12 + c)·C·V
@@ -35,7 +42,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lowmem.kernels.cross_entropy import IGNORE, cross_entropy, cross_entropy_backward_
+from lowmem.kernels import runtime
+from lowmem.kernels.cross_entropy import IGNORE, WHAT, cross_entropy, cross_entropy_backward_
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -52,12 +60,15 @@ def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     """
     targets = shift_labels(labels).reshape(-1)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    if chunk_size <= 0:
-        logits = (flat @ weight.T.to(hidden.dtype)).float()
-        return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction=reduction)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    per_token = ChunkedCrossEntropy.apply(flat, weight, targets, int(chunk_size))
+    if chunk_size > 0:
+        per_token = ChunkedCrossEntropy.apply(flat, weight, targets, int(chunk_size))
+    elif runtime.use_kernel(flat, WHAT):
+        per_token = KeptLogitsCrossEntropy.apply(flat, weight, targets)
+    else:
+        logits = (flat @ weight.T.to(hidden.dtype)).float()
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction=reduction)
     if reduction == "none":
         return per_token
     total = per_token.sum()
@@ -115,3 +126,32 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 grad_w += (g.T @ h).to(weight.dtype)
             del g
         return grad_h, grad_w, None, None
+
+
+class KeptLogitsCrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy (0 at ignored positions) over all positions, logits kept for backward.
+
+    hidden (N, h), weight (V, h), targets (N,) int64 with IGNORE → losses (N,) fp32.
+    Saves the logits in the compute dtype (and hidden only when W is trained);
+    backward overwrites them with their gradient, so a second backward through
+    the same graph is refused by autograd's in-place check.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = _chunk_logits(hidden, weight)
+        losses = cross_entropy(logits, targets)
+        ctx.save_for_backward(hidden if ctx.needs_input_grad[1] else None, weight, targets, logits)
+        ctx.hidden_dtype = hidden.dtype
+        return losses
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_losses: torch.Tensor):
+        hidden, weight, targets, logits = ctx.saved_tensors
+        g = cross_entropy_backward_(logits, targets, grad_losses).to(ctx.hidden_dtype)
+        del logits
+        grad_h = g @ weight.to(ctx.hidden_dtype) if ctx.needs_input_grad[0] else None
+        grad_w = (g.T @ hidden).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_h, grad_w, None

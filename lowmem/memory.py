@@ -245,6 +245,14 @@ def _is_full(plan: Any) -> bool:
 
 # ---------------------------------------------------------------- parameters
 
+def kernels_run(plan: Any) -> bool:
+    """Whether lowmem.kernels' CUDA kernels replace their references in this plan's run: on
+    CUDA, unless LOWMEM_KERNELS=0 or this machine's GPU cannot run them (`planning_reason`)."""
+    from lowmem.kernels.runtime import planning_reason
+
+    return _get(plan, "device", "cpu") == "cuda" and planning_reason() is None
+
+
 def weight_bytes(spec: ModelSpec, plan: Any) -> int:
     """The model's own parameters in their storage format.
 
@@ -608,14 +616,22 @@ def lora_copy_bytes(spec: ModelSpec, plan: Any) -> int:
 def saved_loss_bytes(spec: ModelSpec, plan: Any) -> int:
     """Bytes the loss saves for backward.
 
-        full loss:     4·N·V + 8·N + 4     fp32 log-probabilities (log_softmax output),
-                                           int64 labels, the loss's weight scalar
-        chunked loss:  c·N·h + 8·N         only the final hidden states and labels;
-                                           each chunk's logits are recomputed in backward
+        whole loss:            4·N·V + 8·N + 4    fp32 log-probabilities (log_softmax
+                                                  output), int64 labels, the loss's
+                                                  weight scalar
+        whole loss, kernels:   c·N·V + 8·N        the logits in the compute dtype and
+                                                  the labels (lowmem.loss.KeptLogitsCrossEntropy;
+                                                  a trained head's input is counted in
+                                                  saved_layer_bytes)
+        chunked loss:          c·N·h + 8·N        only the final hidden states and labels;
+                                                  each chunk's logits are recomputed in backward
     """
     n = plan.micro_batch * plan.seq_len
+    c = compute_bytes(plan)
     if _get(plan, "loss_chunk", 0):
-        return compute_bytes(plan) * n * spec.hidden + 8 * n
+        return c * n * spec.hidden + 8 * n
+    if kernels_run(plan):
+        return c * n * spec.vocab + 8 * n
     return 4 * n * spec.vocab + 8 * n + 4
 
 
@@ -651,35 +667,32 @@ def activation_bytes(spec: ModelSpec, plan: Any, recompute: bool = False) -> tup
 
 # ---------------------------------------------------------------- loss and temporaries
 
-def kernels_run(plan: Any) -> bool:
-    """Whether lowmem.kernels' CUDA kernels replace their references in this plan's run:
-    on CUDA, unless LOWMEM_KERNELS=0 turns them off."""
-    from lowmem.kernels.runtime import kernels_enabled
-
-    return _get(plan, "device", "cpu") == "cuda" and kernels_enabled()
-
-
 def logits_bytes(spec: ModelSpec, plan: Any) -> int:
-    """Peak bytes of the loss computation (its saved log-probs included).
+    """Peak bytes of the loss computation (its saved tensors included).
 
-        full:     12·N·V      backward of cross-entropy holds the saved fp32
-                              log-probs, their gradient and the logits' gradient
-                              (3 × 4 bytes); the forward peak (c + 4 + 4)·N·V is lower
-        chunked:  k·C·V + c·N·h + saved_loss_bytes
-                              one chunk of C tokens at a time, the gradient of the
-                              hidden states, and the saved hidden. k = c with the
-                              CUDA kernel (lowmem.kernels.cross_entropy: the logits
-                              in the compute dtype, overwritten by their gradient);
-                              k = 12 + c with the reference (the logits and three
-                              fp32 buffers beside them)
+        whole:           12·N·V      backward of cross-entropy holds the saved fp32
+                                     log-probs, their gradient and the logits' gradient
+                                     (3 × 4 bytes); the forward peak (c + 4 + 4)·N·V is lower
+        whole, kernels:  saved_loss_bytes + c·N·h
+                                     the saved logits, overwritten by their gradient,
+                                     and the gradient of the hidden states
+        chunked:         k·C·V + c·N·h + saved_loss_bytes
+                                     one chunk of C tokens at a time, the gradient of the
+                                     hidden states, and the saved hidden. k = c with the
+                                     CUDA kernel (lowmem.kernels.cross_entropy: the logits
+                                     in the compute dtype, overwritten by their gradient);
+                                     k = 12 + c with the reference (the logits and three
+                                     fp32 buffers beside them)
     """
     n = plan.micro_batch * plan.seq_len
+    c = compute_bytes(plan)
     chunk = _get(plan, "loss_chunk", 0)
     if chunk:
         chunk = min(chunk, n)
-        c = compute_bytes(plan)
         per_logit = c if kernels_run(plan) else 12 + c
         return per_logit * chunk * spec.vocab + c * n * spec.hidden + saved_loss_bytes(spec, plan)
+    if kernels_run(plan):
+        return saved_loss_bytes(spec, plan) + c * n * spec.hidden
     return 12 * n * spec.vocab + 8 * n + 4
 
 

@@ -44,24 +44,28 @@ def device_memory(index: int) -> tuple[int, int]:
 
 
 def gpu_facts(device: str) -> dict:
-    """For a run's `start` event on CUDA: the GPU's name and the measured CUDA context size.
+    """For a run's `start` event on CUDA: the GPU's name, the measured CUDA context size, and
+    whether lowmem.kernels run ("on", or why not).
 
     The context size (device memory outside PyTorch's allocator once cuBLAS is
-    loaded) is also kept for the planner (lowmem.kernels.device). {} on the CPU
-    or where cuda-python cannot probe.
+    loaded) is also kept for the planner (lowmem.kernels.device). {} on the CPU;
+    only `kernels` where cuda-python cannot probe.
     """
     if device != "cuda":
         return {}
     import warnings
 
     from lowmem.kernels import device as probes
+    from lowmem.kernels import runtime
 
+    index = torch.cuda.current_device()
+    reason = "LOWMEM_KERNELS=0" if not runtime.kernels_enabled() else runtime.unavailable_reason(index)
+    facts = {"kernels": reason or "on"}
     try:
-        index = torch.cuda.current_device()
         info = probes.device_info(index)
         context = probes.context_bytes(index)
     except Exception as e:   # informational: a probe that fails must not stop a training run
         warnings.warn(f"lowmem: the GPU probe failed, the run goes on without it: {e}", stacklevel=2)
-        return {}
+        return facts
     probes.record_context_bytes(info, context)
-    return {"gpu": info.describe(), "context_bytes": context}
+    return {"gpu": info.describe(), "context_bytes": context, **facts}

@@ -239,7 +239,8 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
                 heldout_examples=len(data.heldout), pid=os.getpid(), resumed=resume, **gpu)
     out(f"{config.model}: {n_total / 1e6:.1f}M parameters, {n_trainable / 1e6:.2f}M trainable "
         f"({plan.method}{f', rank {plan.lora_rank}' if plan.lora_rank else ''}) on "
-        f"{gpu.get('gpu', device)}; "
+        f"{gpu.get('gpu', device)}"
+        f"{'' if gpu.get('kernels', 'on') == 'on' else ' (lowmem.kernels off: ' + gpu['kernels'] + ')'}; "
         f"{len(data.train)} training and {len(data.heldout)} held-out examples")
 
     def run_eval(label: str) -> dict:

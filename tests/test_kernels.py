@@ -508,3 +508,38 @@ def test_device_probes_agree_with_pytorch():
     torch_free, torch_total = torch.cuda.mem_get_info(0)
     assert total == torch_total and abs(free - torch_free) <= 64 * 2**20
     assert 0 < device.context_bytes(0) < 4 * 2**30
+
+
+def test_the_planner_expects_kernels_only_where_they_can_run(monkeypatch):
+    """memory.kernels_run: CUDA plans count the kernels' smaller temporaries unless LOWMEM_KERNELS=0
+    or this machine's GPU cannot run them; a machine without a GPU plans for one that can."""
+    from types import SimpleNamespace
+
+    from lowmem import memory
+
+    cuda, cpu = SimpleNamespace(device="cuda"), SimpleNamespace(device="cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert memory.kernels_run(cuda) and not memory.kernels_run(cpu)
+    monkeypatch.setenv("LOWMEM_KERNELS", "0")
+    assert not memory.kernels_run(cuda)
+    monkeypatch.delenv("LOWMEM_KERNELS")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(runtime, "unavailable_reason", lambda index: "no usable NVIDIA driver")
+    assert not memory.kernels_run(cuda)
+    monkeypatch.setattr(runtime, "unavailable_reason", lambda index: None)
+    assert memory.kernels_run(cuda)
+
+
+def test_a_driver_older_than_nvrtcs_major_version_makes_kernels_unavailable(monkeypatch):
+    monkeypatch.setattr(runtime, "nvrtc_version", lambda: (13, 5))
+    monkeypatch.setattr(runtime, "device_arch", lambda index: "sm_90")
+    runtime.unavailable_reason.cache_clear()
+    try:
+        monkeypatch.setattr(runtime, "driver_version", lambda: (12, 8))
+        reason = runtime.unavailable_reason(0)
+        assert "CUDA 12.8" in reason and "NVRTC 13.5" in reason and "12.x" in reason
+        runtime.unavailable_reason.cache_clear()
+        monkeypatch.setattr(runtime, "driver_version", lambda: (13, 0))
+        assert runtime.unavailable_reason(0) is None
+    finally:
+        runtime.unavailable_reason.cache_clear()

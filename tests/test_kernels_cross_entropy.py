@@ -81,20 +81,27 @@ def test_calls_outside_the_kernels_are_named():
     assert "(N, V)" in ce._unsupported(logits[None], targets)
 
 
-def test_chunked_loss_predicts_one_compute_dtype_copy_of_the_logits_with_the_kernel(monkeypatch):
-    """The memory model's chunk term: c·C·V on CUDA with kernels, (12 + c)·C·V with the reference."""
-    from lowmem.spec import builtin_spec
-    from tests.test_memory import _gpu_plans
+@pytest.mark.parametrize("chunk", [1024, 0])
+def test_the_loss_predicts_one_compute_dtype_copy_of_the_logits_with_the_kernel(monkeypatch, chunk):
+    """The memory model's loss term on CUDA with kernels against the reference's: chunked, c·C·V
+    instead of (12 + c)·C·V; whole, the kept logits c·N·V (+ ∂h) instead of 12·N·V."""
     import dataclasses
 
+    from lowmem.spec import builtin_spec
+    from tests.test_memory import _gpu_plans
+
     spec = builtin_spec("llama-3.1-8b")
-    plan = dataclasses.replace(_gpu_plans()[0], loss_chunk=1024, micro_batch=1, seq_len=4096)
-    assert plan.device == "cuda"
+    plan = dataclasses.replace(_gpu_plans()[0], loss_chunk=chunk, micro_batch=1, seq_len=4096)
+    assert plan.device == "cuda" and memory.compute_bytes(plan) == 2
     kernel = memory.logits_bytes(spec, plan)
     monkeypatch.setenv("LOWMEM_KERNELS", "0")
     reference = memory.logits_bytes(spec, plan)
-    assert reference - kernel == 12 * 1024 * spec.vocab
     assert memory.logits_bytes(spec, dataclasses.replace(plan, device="cpu")) == reference
+    n, v, h = 4096, spec.vocab, spec.hidden
+    if chunk:
+        assert reference - kernel == 12 * chunk * v
+    else:
+        assert (kernel, reference) == (2 * n * v + 8 * n + 2 * n * h, 12 * n * v + 8 * n + 4)
 
 
 # ---------------------------------------------------------------- the kernels, emulated on the CPU
@@ -211,6 +218,67 @@ def test_emulated_chunked_loss_trains_like_the_reference(emulated, monkeypatch, 
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
+def _saved_bytes(fn) -> int:
+    """Bytes autograd saves for backward while fn() runs (storages counted once, parameters excluded)."""
+    seen = {}
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+@pytest.mark.parametrize("train_head", [False, True])
+def test_emulated_whole_loss_keeps_the_logits_and_trains_like_f_cross_entropy(emulated, monkeypatch, train_head):
+    """chunk_size=0 where kernels run: one chunk whose logits are saved (and overwritten by their
+    gradient) instead of F.cross_entropy's fp32 log-probs; the same loss and gradients."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    batch, seq, vocab = 2, 9, 333
+    hidden = torch.randn(batch, seq, 16, requires_grad=True)
+    weight = torch.nn.Parameter(torch.randn(vocab, 16) * 0.3, requires_grad=train_head)
+    labels = torch.randint(0, vocab, (batch, seq))
+    labels[0, :3] = ce.IGNORE
+
+    def run(kernels: bool):
+        monkeypatch.setattr(runtime, "use_kernel", lambda t, what: kernels)
+        hidden.grad = weight.grad = None
+        loss, saved = _saved_bytes(lambda: causal_lm_loss(hidden, weight, labels, "sum", chunk_size=0))
+        loss.backward()
+        grads = (hidden.grad.clone(), weight.grad.clone() if train_head else None)
+        return loss.detach(), grads, saved
+
+    loss, grads, saved = run(True)
+    assert [k for k, *_ in emulated.launches] == ["cross_entropy_forward_f32", "cross_entropy_backward_f32"]
+    n = batch * seq
+    plan = SimpleNamespace(method="lora", device="cuda", compute_dtype="float32", micro_batch=batch,
+                           seq_len=seq, loss_chunk=0)
+    # What the memory model says this path saves; a trained head also keeps its input (counted with
+    # the layers' activations in the model, here as the hidden states themselves).
+    assert saved == memory.saved_loss_bytes(SimpleNamespace(vocab=vocab), plan) + (4 * n * 16 if train_head else 0)
+    ref_loss, ref_grads, ref_saved = run(False)
+    assert ref_saved >= 4 * n * vocab                      # F.cross_entropy's fp32 log-probs
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    for g, w in zip(grads, ref_grads):
+        if w is not None:
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_emulated_whole_loss_refuses_a_second_backward(emulated, monkeypatch):
+    """Backward overwrites the kept logits; autograd's in-place check must catch a second pass."""
+    monkeypatch.setattr(runtime, "use_kernel", lambda t, what: True)
+    hidden = torch.randn(1, 5, 8, requires_grad=True)
+    loss = causal_lm_loss(hidden, torch.randn(40, 8), torch.randint(0, 40, (1, 5)))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 # ---------------------------------------------------------------- GPU: kernels against references
 
 GPU_SHAPES = SHAPES + [(64, 32000), (17, 128256), (2, 151936)]
@@ -227,6 +295,32 @@ def test_kernels_equal_their_references(n, vocab, dtype):
     want = ce.cross_entropy_backward_reference(logits.clone(), targets, grad)
     got = ce.cross_entropy_backward_cuda(logits, targets, grad)
     assert _ulps(got, want, dtype) <= GRAD_ULPS[dtype]
+
+
+@pytest.mark.gpu
+def test_whole_loss_keeps_one_compute_dtype_copy_of_the_logits():
+    """Whole loss, 2048 positions, Llama-3 vocabulary, bf16: with the kernels the loss's peak above
+    its inputs is near the kept logits (c·N·V = 501 MiB), where F.cross_entropy holds ≈ 12·N·V."""
+    vocab, hidden_size, n = 128256, 4096, 2048
+    hidden = torch.randn(1, n, hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(vocab, hidden_size, device="cuda", dtype=torch.bfloat16) * 0.02
+    labels = torch.randint(0, vocab, (1, n), device="cuda")
+    peaks = {}
+    for mode in ("1", "0", "1"):
+        import os
+        os.environ["LOWMEM_KERNELS"] = mode
+        try:
+            hidden.grad = None
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            causal_lm_loss(hidden, weight, labels).backward()
+            torch.cuda.synchronize()
+            peaks[mode] = torch.cuda.max_memory_allocated() - base
+        finally:
+            os.environ.pop("LOWMEM_KERNELS")
+    assert peaks["1"] <= 2 * n * vocab * 1.1 + 2 * 2 * n * hidden_size + 16 * 2**20
+    assert peaks["0"] >= 10 * n * vocab
 
 
 @pytest.mark.gpu

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 
 import pytest
+import torch
 import yaml
 
 import lowmem.config
@@ -320,3 +321,39 @@ def test_cpu_runs_report_no_gpu_facts():
 
     assert memstats.gpu_facts("cpu") == {}
     assert "outside" not in memstats.measure("cpu")
+
+
+def test_plan_says_whether_it_counts_the_kernels_and_the_loss_term_follows(monkeypatch, capsys):
+    """`lowmem plan` on CUDA says 'kernels on' or 'kernels off'; with them off, the whole loss's
+    term is the reference's 12·N·V again and the chosen plan never predicts less."""
+    _, on = run_plan(["--model", "llama-3.1-8b", "--vram", "16G", "--seq-len", "4096", "--json"], capsys)
+    _, on_text = run_plan(["--model", "llama-3.1-8b", "--vram", "16G", "--seq-len", "4096"], capsys)
+    monkeypatch.setenv("LOWMEM_KERNELS", "0")
+    _, off = run_plan(["--model", "llama-3.1-8b", "--vram", "16G", "--seq-len", "4096", "--json"], capsys)
+    _, off_text = run_plan(["--model", "llama-3.1-8b", "--vram", "16G", "--seq-len", "4096"], capsys)
+    assert "; kernels on" in on_text and "; kernels off, references' memory counted (LOWMEM_KERNELS=0)" in off_text
+    on, off = json.loads(on), json.loads(off)
+    per_micro_batch = lambda p: p["plan"]["breakdown"]["total"] / p["plan"]["micro_batch"]
+    assert per_micro_batch(on) < per_micro_batch(off)
+
+
+def test_a_cuda_run_reports_whether_its_kernels_run(monkeypatch, tmp_path):
+    """The `start` event's `kernels`: "on", or the reason the references run instead."""
+    from lowmem import memstats
+    from lowmem.kernels import device, runtime
+
+    h100 = device.DeviceInfo(0, "NVIDIA H100 80GB HBM3", (9, 0), 80 * 2**30)
+    monkeypatch.setenv("LOWMEM_CACHE", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(device, "device_info", lambda index=0: h100)
+    monkeypatch.setattr(device, "context_bytes", lambda index=0: 400 * 2**20)
+    monkeypatch.setattr(runtime, "unavailable_reason", lambda index: None)
+    facts = memstats.gpu_facts("cuda")
+    assert facts["kernels"] == "on" and facts["context_bytes"] == 400 * 2**20
+    monkeypatch.setattr(runtime, "unavailable_reason", lambda index: "no usable NVIDIA driver (x)")
+    assert memstats.gpu_facts("cuda")["kernels"] == "no usable NVIDIA driver (x)"
+    monkeypatch.setenv("LOWMEM_KERNELS", "0")
+    assert memstats.gpu_facts("cuda")["kernels"] == "LOWMEM_KERNELS=0"
+    monkeypatch.setattr(device, "device_info", lambda index=0: (_ for _ in ()).throw(RuntimeError("probe")))
+    with pytest.warns(UserWarning, match="GPU probe failed"):
+        assert memstats.gpu_facts("cuda") == {"kernels": "LOWMEM_KERNELS=0"}

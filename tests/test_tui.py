@@ -254,7 +254,13 @@ async def test_a_gpu_run_shows_the_probed_gpu_and_the_measured_context(tmp_path)
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_until(pilot, loaded(app))
         assert "NVIDIA H100 80GB HBM3" in panel_text(app, TitleBar)
+        assert "kernels off" not in panel_text(app, TitleBar)
         assert "context     532.48MiB" in panel_text(app, MemoryPanel)
+    events[0]["kernels"] = "no usable NVIDIA driver (CUDA_ERROR_NO_DEVICE)"
+    app = DashboardApp(write_recorded_run(tmp_path / "run2", events), poll_s=0.05)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, loaded(app))
+        assert "NVIDIA H100 80GB HBM3 (sm_90, 79.1 GiB) · kernels off" in panel_text(app, TitleBar)
 
 
 @synchronous

@@ -58,7 +58,9 @@ class TitleBar(Panel):
         s = self.state
         # On CUDA the trainer names its GPU (probed through cuda-python) in its start event.
         where = s.lookup("gpu") or s.device
-        what = " · ".join(str(v) for v in (s.lookup("model"), s.lookup("method"), where) if v)
+        # ...and whether lowmem.kernels run there ("on", or why not): off costs memory the plan counted.
+        kernels = "kernels off" if s.lookup("kernels") not in (None, "on") else None
+        what = " · ".join(str(v) for v in (s.lookup("model"), s.lookup("method"), where, kernels) if v)
         left = Text.assemble(("lowmem ", "bold"), (s.run_name or str(self.app.run_dir.name),
                                                    self.get_component_rich_style("titlebar--name")))
         if what:

@@ -98,7 +98,7 @@ def render(plan: Plan, spec: ModelSpec, margin: float | None = None) -> str:
     assert b is not None
     lines = [f"model     {spec.name}: {spec.params:,} parameters, {spec.layers} layers, hidden "
              f"{spec.hidden}, vocab {spec.vocab} ({spec.source or 'built-in'})",
-             f"device    {plan.device} ({plan.compute_dtype} compute){_context_note(plan)}", ""]
+             f"device    {plan.device} ({plan.compute_dtype} compute){_context_note(plan)}{_kernels_note(plan)}", ""]
     lines.append(f"plan      {plan.label}")
     for key, value in _plan_rows(plan, spec):
         lines.append(f"  {key:<18}{value}")
@@ -136,6 +136,16 @@ def _context_note(plan: Plan) -> str:
     if plan.context_bytes:
         return f"; CUDA context {format_size(plan.context_bytes)}, measured by a run on this machine's GPU"
     return f"; CUDA context {format_size(CUDA_CONTEXT_BYTES)} assumed (no run has measured this GPU yet)"
+
+
+def _kernels_note(plan: Plan) -> str:
+    """Whether the prediction counts lowmem.kernels' temporaries or the references'."""
+    if plan.device != "cuda":
+        return ""
+    from lowmem.kernels.runtime import planning_reason
+
+    reason = planning_reason()
+    return "; kernels on" if reason is None else f"; kernels off, references' memory counted ({reason})"
 
 
 # "Train Small, Infer Large" (LoRAM), its reduction factor for QLoRAM on LLaMA-3.1-70B.
