@@ -33,7 +33,7 @@ in the last place of their dtype. A target outside [0, V) that is not IGNORE
 makes the reference raise (on the CPU) and the kernel write NaN for that row's
 loss and gradient, which the trainer's non-finite-loss check reports.
 
-Supported: logits in fp32, bf16 or fp16, contiguous; targets int64; V < 2³¹.
+Supported: logits in fp32, bf16 or fp16, contiguous; targets int64; V < 2³¹ − 256.
 Anything else runs the reference.
 """
 
@@ -179,7 +179,7 @@ def _unsupported(logits: torch.Tensor, targets: torch.Tensor) -> str | None:
         return f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} are not (N, V) and (N,)"
     if targets.dtype != torch.int64:
         return f"targets are {targets.dtype}, the kernel reads int64"
-    if logits.shape[1] >= 2**31:
+    if logits.shape[1] > 2**31 - 1 - THREADS:       # the kernels' int column index steps by THREADS
         return f"a vocabulary of {logits.shape[1]} is more than the kernel indexes"
     if not logits.is_contiguous():
         return "the logits are not contiguous"

@@ -159,6 +159,17 @@ def _check_driver(result, what: str):
 
 
 @functools.lru_cache(maxsize=1)
+def supported_archs() -> tuple[int, ...]:
+    """The compute capabilities (as 75, 80, 90, ...) this NVRTC can compile for."""
+    nvrtc = _bindings("nvrtc")
+    nvrtc_version()                       # KernelUnavailable without the library
+    err, archs = nvrtc.nvrtcGetSupportedArchs()
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        raise KernelUnavailable(f"NVRTC did not list its architectures: {_error_name(err)}")
+    return tuple(int(a) for a in archs)
+
+
+@functools.lru_cache(maxsize=1)
 def driver_version() -> tuple[int, int]:
     """(major, minor) of the CUDA version the installed driver supports; KernelUnavailable without one."""
     driver = _bindings("driver")
@@ -401,9 +412,14 @@ def unavailable_reason(index: int) -> str | None:
     try:
         nv = nvrtc_version()
         drv = driver_version()
-        device_arch(index)
+        arch = device_arch(index)
+        archs = supported_archs()
     except KernelError as e:      # KernelUnavailable included
         return str(e)
+    if int(arch[3:].rstrip("a")) not in archs:
+        return (f"NVRTC {nv[0]}.{nv[1]} cannot compile for this GPU ({arch}); it targets sm_"
+                f"{min(archs)} to sm_{max(archs)}. An older nvidia-cuda-nvrtc and cuda-python (12.x) "
+                f"still target it")
     if drv[0] < nv[0]:
         return (f"the driver supports CUDA {drv[0]}.{drv[1]}, older than the code NVRTC {nv[0]}.{nv[1]} "
                 f"produces; install the nvidia-cuda-nvrtc and cuda-python releases of CUDA {drv[0]}.x")

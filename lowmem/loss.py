@@ -114,16 +114,18 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if want_h else None
         # Summed over chunks in W's dtype (fp32 for trained weights on the CPU).
         grad_w = torch.zeros_like(weight) if want_w else None
-        w = weight.to(hidden.dtype)
+        w = None                           # W in the logits' dtype, made once
         for start in range(0, hidden.shape[0], ctx.chunk):
             end = min(start + ctx.chunk, hidden.shape[0])
             h = hidden[start:end]
+            # g stays in the logits' dtype (bf16 under autocast): no upcast copy of the chunk.
             g = cross_entropy_backward_(_chunk_logits(h, weight), targets[start:end], grad_losses[start:end])
-            g = g.to(hidden.dtype)
+            if w is None:
+                w = weight.to(g.dtype)
             if want_h:
                 grad_h[start:end] = g @ w
             if want_w:
-                grad_w += (g.T @ h).to(weight.dtype)
+                grad_w += (g.T @ h.to(g.dtype)).to(weight.dtype)
             del g
         return grad_h, grad_w, None, None
 
@@ -150,8 +152,8 @@ class KeptLogitsCrossEntropy(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_losses: torch.Tensor):
         hidden, weight, targets, logits = ctx.saved_tensors
-        g = cross_entropy_backward_(logits, targets, grad_losses).to(ctx.hidden_dtype)
+        g = cross_entropy_backward_(logits, targets, grad_losses)     # the logits' dtype, no upcast copy
         del logits
-        grad_h = g @ weight.to(ctx.hidden_dtype) if ctx.needs_input_grad[0] else None
-        grad_w = (g.T @ hidden).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_h = (g @ weight.to(g.dtype)).to(ctx.hidden_dtype) if ctx.needs_input_grad[0] else None
+        grad_w = (g.T @ hidden.to(g.dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
         return grad_h, grad_w, None

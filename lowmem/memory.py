@@ -673,26 +673,31 @@ def logits_bytes(spec: ModelSpec, plan: Any) -> int:
         whole:           12·N·V      backward of cross-entropy holds the saved fp32
                                      log-probs, their gradient and the logits' gradient
                                      (3 × 4 bytes); the forward peak (c + 4 + 4)·N·V is lower
-        whole, kernels:  saved_loss_bytes + c·N·h
+        whole, kernels:  saved_loss_bytes + c·N·h [+ V·h·t]
                                      the saved logits, overwritten by their gradient,
-                                     and the gradient of the hidden states
-        chunked:         k·C·V + c·N·h + saved_loss_bytes
+                                     the gradient of the hidden states [and, for a
+                                     trained head, its gradient]
+        chunked:         k·C·V + c·N·h + saved_loss_bytes [+ V·h·(t + c)]
                                      one chunk of C tokens at a time, the gradient of the
-                                     hidden states, and the saved hidden. k = c with the
-                                     CUDA kernel (lowmem.kernels.cross_entropy: the logits
-                                     in the compute dtype, overwritten by their gradient);
-                                     k = 12 + c with the reference (the logits and three
-                                     fp32 buffers beside them)
+                                     hidden states, and the saved hidden [and for a trained
+                                     head its gradient's sum and one chunk's share]. k = c
+                                     with the CUDA kernel (lowmem.kernels.cross_entropy: the
+                                     logits in the compute dtype, overwritten by their
+                                     gradient); k = 12 + c with the reference (the logits
+                                     and three fp32 buffers beside them)
+    t is the trained head's dtype size (trainable_dtype_bytes).
     """
     n = plan.micro_batch * plan.seq_len
     c = compute_bytes(plan)
+    head = spec.vocab * spec.hidden if _is_full(plan) else 0
     chunk = _get(plan, "loss_chunk", 0)
     if chunk:
         chunk = min(chunk, n)
         per_logit = c if kernels_run(plan) else 12 + c
-        return per_logit * chunk * spec.vocab + c * n * spec.hidden + saved_loss_bytes(spec, plan)
+        return (per_logit * chunk * spec.vocab + c * n * spec.hidden + saved_loss_bytes(spec, plan)
+                + head * (trainable_dtype_bytes(plan) + c))
     if kernels_run(plan):
-        return saved_loss_bytes(spec, plan) + c * n * spec.hidden
+        return saved_loss_bytes(spec, plan) + c * n * spec.hidden + head * trainable_dtype_bytes(plan)
     return 12 * n * spec.vocab + 8 * n + 4
 
 
@@ -765,6 +770,49 @@ def overhead_bytes(allocated: int, plan: Any) -> int:
 
 
 # ---------------------------------------------------------------- the step's peak
+
+# ---------------------------------------------------------------- LoRAM: preparing the pruned base
+
+def loram_prepare_bytes(spec: ModelSpec, plan: Any, criterion: str) -> int:
+    """Memory LoRAM's preparation needs before training: the dense model, loaded and pruned.
+
+    `spec` is the unpruned model. Pruning works on float weights, so the whole
+    dense model exists first, in the compute dtype c (QLoRAM quantizes after):
+
+        magnitude:  c·P + c·max(out·in)              the weights, one |w| at a time
+        taylor:     c·P + (4 + c)·P_linear           + fp32 gradient sums and the
+                    + saved activations + loss       weights' .grad, and one calibration
+                                                     micro-batch's forward/backward on the
+                                                     dense model (an estimate: the
+                                                     activations of full training without
+                                                     checkpointing)
+    """
+    c = compute_bytes(plan)
+    dense = c * spec.params
+    if criterion == "magnitude":
+        return dense + c * spec.max_linear_numel()
+    calibration = dataclasses.replace(plan, method="full", prune_ratio=0.0, grad_checkpointing=False,
+                                      offload_activations=False) if dataclasses.is_dataclass(plan) else plan
+    return (dense + (4 + c) * spec.linear_params + saved_layer_bytes(spec, calibration)
+            + logits_bytes(spec, calibration))
+
+
+def loram_prepare_device(spec: ModelSpec, plan: Any, criterion: str, host_available: int) -> str | None:
+    """Where a LoRAM run prunes: "cuda" when the dense model and its scoring fit the plan's
+    budget, else "cpu" when they fit the host's available RAM, else None (nowhere here).
+
+    On the CPU the pruned model then moves to the GPU one linear at a time (QLoRAM
+    quantizes each there), so the GPU never holds the dense model.
+    """
+    need = loram_prepare_bytes(spec, plan, criterion)
+    if _get(plan, "device", "cpu") == "cuda":
+        usable = _get(plan, "usable", None)
+        if usable is None or need + overhead_bytes(need, plan) <= usable:
+            return "cuda"
+    if need <= host_available:
+        return "cpu"
+    return None
+
 
 def predict(spec: ModelSpec, plan: "Plan") -> MemoryBreakdown:
     """The peak of one training step of `plan` on a model of shapes `spec`.

@@ -31,7 +31,7 @@ from lowmem import memstats
 from lowmem.checkpoint import (find_resumable, load_checkpoint, save_checkpoint, set_rng_state)
 from lowmem.config import RunConfig, format_size
 from lowmem.data import BatchStream, load_datasets
-from lowmem.errors import CheckpointError, ConfigError
+from lowmem.errors import CheckpointError, ConfigError, ModelError
 from lowmem.evaluate import autocast_for, evaluate
 from lowmem.events import ControlReader, EventLog
 from lowmem.loss import causal_lm_loss, count_targets
@@ -188,8 +188,10 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
     weight_dtype = torch.bfloat16 if dense in ("bf16", "bfloat16") else torch.float32
     nf4_targets = plan.lora_targets if plan.base_format == "nf4" else ()
     loram = plan.method == "loram"
-    # LoRAM prunes float weights, so its base is quantized (QLoRAM) only after pruning.
-    model, tokenizer, model_dir = load_model(config.model, device, weight_dtype, log=out,
+    # LoRAM prunes float weights, so its base is quantized (QLoRAM) only after pruning,
+    # and where the dense model does not fit the GPU it is pruned on the host first.
+    prepare_on = loram_prepare_device(config, plan, out) if loram else device
+    model, tokenizer, model_dir = load_model(config.model, prepare_on, weight_dtype, log=out,
                                              nf4_targets=() if loram else nf4_targets,
                                              double_quant=plan.double_quant)
     data = load_datasets(config, tokenizer)
@@ -204,7 +206,9 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
         if nf4_targets:
             from lowmem.quant.nf4 import quantize_linears
 
-            quantize_linears(model, nf4_targets, weight_dtype, double_quant=plan.double_quant)
+            # One linear at a time onto the device, quantized there.
+            quantize_linears(model, nf4_targets, weight_dtype, double_quant=plan.double_quant, device=device)
+        model.to(device)
     adapted = prepare_for_training(model, plan)
     params = trainable_parameters(model)
     n_trainable = sum(p.numel() for _, p in params)
@@ -315,6 +319,38 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
                        peak_rss=memstats.measure(device)["peak_rss"])
     out(f"run directory: {run_dir}  (peak memory {format_size(done['peak_rss'])} RSS)")
     return done
+
+
+def loram_prepare_device(config: RunConfig, plan: Plan, out=print) -> str:
+    """Where a LoRAM run loads and prunes its dense model: the plan's device if it fits there,
+    else the host (lowmem.memory.loram_prepare_device); a ModelError before anything loads
+    when it fits neither."""
+    import psutil
+
+    from lowmem import memory
+    from lowmem.spec import spec_for
+
+    if plan.device != "cuda":
+        return plan.device
+    spec = spec_for(config.model)
+    criterion = config.loram.criterion
+    host = psutil.virtual_memory().available
+    where = memory.loram_prepare_device(spec, plan, criterion, host)
+    need = memory.loram_prepare_bytes(spec, plan, criterion)
+    if where is None:
+        hint = ""
+        if criterion != "magnitude":
+            hint = (f"; loram.criterion=magnitude needs "
+                    f"{format_size(memory.loram_prepare_bytes(spec, plan, 'magnitude'))} (no gradients)")
+        raise ModelError(f"LoRAM prunes {config.model} from its dense weights before training: that needs "
+                         f"{format_size(need)} ({criterion} scoring), more than the GPU budget "
+                         f"({format_size(plan.usable)}) and this machine's available RAM "
+                         f"({format_size(host)}){hint}")
+    if where == "cpu":
+        out(f"LoRAM: the dense model and its {criterion} scoring need {format_size(need)}, more than the "
+            f"GPU budget; pruning on the host ({format_size(host)} RAM available), then moving the pruned "
+            f"model to the GPU")
+    return where
 
 
 def train_step(model, optimizer, stream: BatchStream, plan: Plan, config: RunConfig, lr: float,

@@ -111,17 +111,23 @@ def _targets_in(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
 
 
 def quantize_linears(model: nn.Module, targets: tuple[str, ...], compute_dtype: torch.dtype,
-                     double_quant: bool = True) -> list[str]:
+                     double_quant: bool = True, device: str | torch.device | None = None) -> list[str]:
     """Replace every dense nn.Linear whose name ends with a target by an NF4Linear, in place.
 
-    Embeddings and the head stay as they are unless named in `targets`.
+    Embeddings and the head stay as they are unless named in `targets`. With
+    `device`, each weight moves there first and is quantized there, one at a
+    time, so a model on the host reaches the GPU without ever being dense on it
+    (the rest of the model is left where it is: move it after).
     Returns the replaced names; ValueError when nothing matches.
     """
     from lowmem.lora import replace_linears
 
-    return replace_linears(model, targets,
-                           lambda old: NF4Linear(old.weight.detach(), old.bias, compute_dtype, double_quant),
-                           skip=NF4Linear, what="targets")
+    def make(old: nn.Linear) -> NF4Linear:
+        weight = old.weight.detach() if device is None else old.weight.detach().to(device)
+        bias = old.bias if device is None or old.bias is None else old.bias.detach().to(device)
+        return NF4Linear(weight, bias, compute_dtype, double_quant)
+
+    return replace_linears(model, targets, make, skip=NF4Linear, what="targets")
 
 
 # ---------------------------------------------------------------- streaming load

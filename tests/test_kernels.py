@@ -543,3 +543,24 @@ def test_a_driver_older_than_nvrtcs_major_version_makes_kernels_unavailable(monk
         assert runtime.unavailable_reason(0) is None
     finally:
         runtime.unavailable_reason.cache_clear()
+
+
+def test_a_gpu_nvrtc_cannot_target_makes_kernels_unavailable(monkeypatch):
+    """A V100 (sm_70) under NVRTC 13: the references run, with the reason, instead of a compile error."""
+    monkeypatch.setattr(runtime, "nvrtc_version", lambda: (13, 5))
+    monkeypatch.setattr(runtime, "driver_version", lambda: (13, 0))
+    monkeypatch.setattr(runtime, "supported_archs", lambda: (75, 80, 86, 89, 90, 100, 120))
+    runtime.unavailable_reason.cache_clear()
+    try:
+        monkeypatch.setattr(runtime, "device_arch", lambda index: "sm_70")
+        reason = runtime.unavailable_reason(0)
+        assert "sm_70" in reason and "sm_75 to sm_120" in reason
+        runtime.unavailable_reason.cache_clear()
+        monkeypatch.setattr(runtime, "device_arch", lambda index: "sm_90a")
+        assert runtime.unavailable_reason(0) is None
+    finally:
+        runtime.unavailable_reason.cache_clear()
+
+
+def test_nvrtc_lists_the_architectures_ci_compiles_for():
+    assert {80, 90} <= set(runtime.supported_archs())

@@ -91,9 +91,14 @@ def test_the_loss_predicts_one_compute_dtype_copy_of_the_logits_with_the_kernel(
     from tests.test_memory import _gpu_plans
 
     spec = builtin_spec("llama-3.1-8b")
-    plan = dataclasses.replace(_gpu_plans()[0], loss_chunk=chunk, micro_batch=1, seq_len=4096)
+    lora = next(p for p in _gpu_plans() if p.method == "lora")
+    plan = dataclasses.replace(lora, loss_chunk=chunk, micro_batch=1, seq_len=4096)
     assert plan.device == "cuda" and memory.compute_bytes(plan) == 2
     kernel = memory.logits_bytes(spec, plan)
+    # A trained head adds its gradient (bf16), and when chunked one chunk's share beside the sum.
+    full = dataclasses.replace(plan, method="full", base_format="bf16", lora_rank=None, lora_targets=())
+    head = spec.vocab * spec.hidden
+    assert memory.logits_bytes(spec, full) - kernel == (4 if chunk else 2) * head
     monkeypatch.setenv("LOWMEM_KERNELS", "0")
     reference = memory.logits_bytes(spec, plan)
     assert memory.logits_bytes(spec, dataclasses.replace(plan, device="cpu")) == reference

@@ -268,3 +268,83 @@ def test_a_resumed_run_rebuilds_the_same_pruned_model_from_its_saved_index_map()
     prepare_pruned(resumed, ratio=0.5, index_map=IndexMap.from_json(index_map.to_json()), log=lambda m: None)
     x = torch.randint(0, 512, (1, 8))
     assert torch.equal(_logits(first, x), _logits(resumed, x))
+
+
+# ---------------------------------------------------------------- where the dense model is pruned
+
+def _loram_plan(vram_gib: float, criterion_device: str = "cuda"):
+    import dataclasses
+
+    from lowmem.config import RunConfig
+    from lowmem.planner import plan_from_config
+
+    base = plan_from_config(RunConfig(method="loram", device="cpu"))
+    return dataclasses.replace(base, device=criterion_device, compute_dtype="bfloat16", base_format="nf4",
+                               prune_ratio=0.6, micro_batch=1, seq_len=512,
+                               vram=int(vram_gib * 2**30), safety_margin=0.05)
+
+
+def test_preparing_loram_needs_the_dense_model_and_taylor_its_gradients():
+    from lowmem import memory
+    from lowmem.spec import builtin_spec
+
+    spec = builtin_spec("llama-3.1-8b")
+    plan = _loram_plan(24)
+    magnitude = memory.loram_prepare_bytes(spec, plan, "magnitude")
+    taylor = memory.loram_prepare_bytes(spec, plan, "taylor")
+    assert magnitude == 2 * spec.params + 2 * spec.max_linear_numel()       # bf16 weights, one |w| temporary
+    assert taylor > magnitude + 6 * spec.linear_params                      # fp32 sums + the weights' .grad
+    # The dense model, not the pruned one: the prune ratio changes nothing here.
+    import dataclasses
+    assert memory.loram_prepare_bytes(spec, dataclasses.replace(plan, prune_ratio=0.9), "magnitude") == magnitude
+
+
+def test_loram_prunes_on_the_gpu_if_it_fits_else_on_the_host_else_nowhere():
+    from lowmem import memory
+    from lowmem.spec import builtin_spec
+
+    spec = builtin_spec("llama-3.2-1b")
+    need = memory.loram_prepare_bytes(spec, _loram_plan(24), "magnitude")
+    assert memory.loram_prepare_device(spec, _loram_plan(24), "magnitude", host_available=0) == "cuda"
+    small = _loram_plan(need / 2**30)                    # the dense model alone fills it: overhead does not fit
+    assert memory.loram_prepare_device(spec, small, "magnitude", host_available=need) == "cpu"
+    assert memory.loram_prepare_device(spec, small, "magnitude", host_available=need - 1) is None
+    cpu = _loram_plan(24, "cpu")
+    assert memory.loram_prepare_device(spec, cpu, "magnitude", host_available=need) == "cpu"
+
+
+def test_a_loram_run_that_cannot_prune_anywhere_stops_before_loading_with_the_figures(monkeypatch):
+    import psutil
+
+    from lowmem import trainer
+    from lowmem.config import RunConfig
+    from lowmem.errors import ModelError
+
+    config = RunConfig(method="loram", model="llama-3.1-70b")
+    plan = _loram_plan(24)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 64 * 2**30})())
+    with pytest.raises(ModelError) as e:
+        trainer.loram_prepare_device(config, plan, out=lambda m: None)
+    message = str(e.value)
+    assert "llama-3.1-70b" in message and "taylor" in message and "22.80GiB" in message
+    assert "64.00GiB" in message and "loram.criterion=magnitude needs 131.8" in message
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 200 * 2**30})())
+    import dataclasses
+    config = dataclasses.replace(config, loram=dataclasses.replace(config.loram, criterion="magnitude"))
+    said = []
+    assert trainer.loram_prepare_device(config, plan, out=said.append) == "cpu"
+    assert "pruning on the host" in said[0]
+    assert trainer.loram_prepare_device(config, _loram_plan(24, "cpu")) == "cpu"
+
+
+def test_quantizing_onto_a_device_moves_each_weight_first():
+    """QLoRAM after pruning on the host: each linear goes to the device and is quantized there."""
+    from lowmem.quant.nf4 import NF4Linear, quantize_linears
+
+    model = tiny_llama(hidden=64, intermediate=128)
+    reference = copy.deepcopy(model)
+    names = quantize_linears(model, ("q_proj", "down_proj"), torch.float32, device="cpu")
+    quantize_linears(reference, ("q_proj", "down_proj"), torch.float32)
+    assert names and all(isinstance(model.get_submodule(n), NF4Linear) for n in names)
+    for n in names:
+        assert torch.equal(model.get_submodule(n).weight, reference.get_submodule(n).weight)

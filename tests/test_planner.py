@@ -357,3 +357,17 @@ def test_a_cuda_run_reports_whether_its_kernels_run(monkeypatch, tmp_path):
     monkeypatch.setattr(device, "device_info", lambda index=0: (_ for _ in ()).throw(RuntimeError("probe")))
     with pytest.warns(UserWarning, match="GPU probe failed"):
         assert memstats.gpu_facts("cuda") == {"kernels": "LOWMEM_KERNELS=0"}
+
+
+def test_a_loram_plan_says_where_its_dense_model_is_pruned_and_what_that_needs(monkeypatch, capsys):
+    import psutil
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 64 * 2**30})())
+    _, out = run_plan(["--model", "llama-3.1-70b", "--vram", "24G"], capsys)
+    line = next(l for l in out.splitlines() if l.strip().startswith("prepare"))
+    assert "taylor scoring need" in line and "this machine's RAM (64.00GiB); lowmem train will refuse" in line
+    assert "loram.criterion=magnitude needs 131.8" in line
+    _, out = run_plan(["--model", "llama-3.2-1b", "--vram", "2G", "--method", "loram", "loram.criterion=magnitude"],
+                      capsys)
+    line = next(l for l in out.splitlines() if l.strip().startswith("prepare"))
+    assert "magnitude scoring need" in line and "pruned on the host (64.00GiB RAM available here)" in line

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(plan_json(plan, spec), indent=2))
     else:
-        print(render(plan, spec, margin=safety_margin(config)))
+        print(render(plan, spec, margin=safety_margin(config), criterion=config.loram.criterion))
     return 0
 
 
@@ -92,7 +92,7 @@ def plan_json(plan: Plan, spec: ModelSpec) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- text
 
-def render(plan: Plan, spec: ModelSpec, margin: float | None = None) -> str:
+def render(plan: Plan, spec: ModelSpec, margin: float | None = None, criterion: str = "taylor") -> str:
     """The plan, its breakdown table, the budget line and the rejected candidates."""
     b = plan.breakdown
     assert b is not None
@@ -100,7 +100,7 @@ def render(plan: Plan, spec: ModelSpec, margin: float | None = None) -> str:
              f"{spec.hidden}, vocab {spec.vocab} ({spec.source or 'built-in'})",
              f"device    {plan.device} ({plan.compute_dtype} compute){_context_note(plan)}{_kernels_note(plan)}", ""]
     lines.append(f"plan      {plan.label}")
-    for key, value in _plan_rows(plan, spec):
+    for key, value in _plan_rows(plan, spec, criterion):
         lines.append(f"  {key:<18}{value}")
     lines += ["", f"predicted peak ({b.phase} phase)"]
     width = max(len(format_size(getattr(b, t))) for t in MemoryBreakdown.TERMS)
@@ -152,7 +152,7 @@ def _kernels_note(plan: Plan) -> str:
 LORAM_PAPER_FACTOR = 15.81
 
 
-def _plan_rows(plan: Plan, spec: ModelSpec) -> list[tuple[str, str]]:
+def _plan_rows(plan: Plan, spec: ModelSpec, criterion: str = "taylor") -> list[tuple[str, str]]:
     rows = [("method", plan.method)]
     base = plan.base_format + (" (double quantization)" if plan.base_format == "nf4" and plan.double_quant else "")
     rows.append(("base weights", base))
@@ -165,6 +165,8 @@ def _plan_rows(plan: Plan, spec: ModelSpec) -> list[tuple[str, str]]:
                                 f"{pruned.params:,} parameters; reduction {factor:.2f}x "
                                 f"(params ratio x 16/{bits} bits, as the LoRAM paper counts; "
                                 f"the paper: {LORAM_PAPER_FACTOR}x for LLaMA-3.1-70B pruned 85% in NF4)"))
+        if plan.method == "loram" and plan.device == "cuda":
+            rows.append(("prepare", _loram_prepare_note(plan, spec, criterion)))
     if plan.lora_rank:
         rows.append(("adapters", f"LoRA rank {plan.lora_rank}, alpha {plan.lora_alpha:g}, "
                                  f"on {','.join(plan.lora_targets)}"))
@@ -180,6 +182,27 @@ def _plan_rows(plan: Plan, spec: ModelSpec) -> list[tuple[str, str]]:
                                   f"offload {'on' if plan.offload_activations else 'off'}, "
                                   f"loss {'chunks of ' + str(plan.loss_chunk) if plan.loss_chunk else 'whole'}"))
     return rows
+
+
+def _loram_prepare_note(plan: Plan, spec: ModelSpec, criterion: str) -> str:
+    """Where `lowmem train` will load and prune the dense model, and what that needs."""
+    import psutil
+
+    from lowmem import memory
+
+    host = psutil.virtual_memory().available
+    need = memory.loram_prepare_bytes(spec, plan, criterion)
+    where = memory.loram_prepare_device(spec, plan, criterion, host)
+    what = f"the dense model and its {criterion} scoring need {format_size(need)}"
+    if where == "cuda":
+        return f"{what}: pruned on the GPU, within the budget"
+    if where == "cpu":
+        return f"{what}: pruned on the host ({format_size(host)} RAM available here), then moved to the GPU"
+    note = f"{what}: more than the GPU budget and this machine's RAM ({format_size(host)}); lowmem train will refuse"
+    if criterion != "magnitude":
+        note += (f" (loram.criterion=magnitude needs "
+                 f"{format_size(memory.loram_prepare_bytes(spec, plan, 'magnitude'))})")
+    return note
 
 
 def list_models() -> str:
