@@ -248,3 +248,41 @@ def prepare_loram_run(model: nn.Module, plan, config, train_examples, pad_id: in
         save_model(model, str(aligned_path))
     model.loram_index_map = index_map
     return index_map
+
+
+def streams(config) -> bool:
+    """Whether a LoRAM run prunes while its weights load (`lowmem.prune.load_pruned_model`):
+    magnitude scores need no gradients and no alignment needs the dense pruned model."""
+    return config.loram.criterion == "magnitude" and not config.loram.align_steps
+
+
+def load_streamed_loram(model_dir: Path, plan, config, device: str, dtype: torch.dtype, run_dir: Path,
+                        resume: bool, log=print) -> nn.Module:
+    """The LoRAM base of a run whose `streams(config)`: pruned block by block as it loads, NF4 when
+    the plan's base is, on `device`. A new run saves its index map; a resumed one re-applies it."""
+    from lowmem.prune import layer_ratio_list, load_pruned_model
+
+    cfg = config.loram
+    index_path = Path(run_dir) / INDEX_MAP_FILE
+    layers = spec_layers(model_dir)
+    ratios = layer_ratio_list(layers, plan.prune_ratio, plan.prune_keep_first, plan.prune_keep_last,
+                              {i: r for i, r in enumerate(cfg.layer_ratios)} or None)
+    index_map = IndexMap.load(index_path) if resume else None
+    nf4 = plan.lora_targets if plan.base_format == "nf4" else ()
+    model = load_pruned_model(model_dir, device, dtype, ratios, index_map=index_map, nf4_targets=nf4,
+                              double_quant=plan.double_quant)
+    index_map = model.loram_index_map
+    if not resume:
+        index_map.save(index_path)
+    pruned = sum(index_map.is_pruned(i) for i in range(index_map.layers))
+    log(f"LoRAM: pruned {pruned} of {index_map.layers} blocks (magnitude, ratio {index_map.ratio:.0%}) while "
+        f"loading, one dense block at a time{' (NF4)' if nf4 else ''}: {index_map.params_removed():,} weights "
+        f"removed")
+    return model
+
+
+def spec_layers(model_dir: Path) -> int:
+    """The number of blocks of the model in `model_dir` (its config.json)."""
+    import json
+
+    return int(json.loads((Path(model_dir) / "config.json").read_text())["num_hidden_layers"])

@@ -773,6 +773,13 @@ def overhead_bytes(allocated: int, plan: Any) -> int:
 
 # ---------------------------------------------------------------- LoRAM: preparing the pruned base
 
+def loram_stream_bytes(spec: ModelSpec, plan: Any) -> int:
+    """Dense weights alive while a magnitude LoRAM run prunes as it loads
+    (lowmem.prune.load_pruned_model): one block's linears in the compute dtype."""
+    return compute_bytes(plan) * max(sum(o * i for o, i in spec.linear_shapes(b).values())
+                                     for _, b in spec.block_groups())
+
+
 def loram_prepare_bytes(spec: ModelSpec, plan: Any, criterion: str) -> int:
     """Memory LoRAM's preparation needs before training: the dense model, loaded and pruned.
 

@@ -260,24 +260,40 @@ def _top(scores: torch.Tensor, n: int) -> list[int]:
     return sorted(order[:n])
 
 
+def keep_block(i: int, scores: dict[str, torch.Tensor], ratio: float, heads: int, kv_heads: int,
+               intermediate: int) -> LayerKeep:
+    """What block i keeps at `ratio`: the highest-scoring KV groups, query heads within each, channels."""
+    group = heads // kv_heads
+    h_keep, kv_keep, i_keep = kept_counts(heads, kv_heads, intermediate, ratio)
+    if ratio == 0.0:                      # everything, without needing scores
+        return LayerKeep(i, tuple(range(heads)), tuple(range(kv_heads)), tuple(range(intermediate)))
+    per_group = h_keep // kv_keep
+    kv = _top(scores["group"], kv_keep)
+    kept_heads = [kvh * group + j for kvh in kv for j in _top(scores["head"][kvh * group:(kvh + 1) * group],
+                                                                 per_group)]
+    return LayerKeep(i, tuple(kept_heads), tuple(kv), tuple(_top(scores["channel"], i_keep)))
+
+
+def _shape_of(config) -> tuple[int, int, int, int, int]:
+    """(hidden, heads, kv_heads, head_dim, intermediate) of a Llama-style config."""
+    n_heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    return config.hidden_size, n_heads, config.num_key_value_heads, head_dim, config.intermediate_size
+
+
+def _index_map(config, keep: Iterable[LayerKeep | None], ratios: list[float], criterion: str) -> IndexMap:
+    hidden, n_heads, n_kv, head_dim, inter = _shape_of(config)
+    return IndexMap(layers=len(ratios), hidden=hidden, heads=n_heads, kv_heads=n_kv, head_dim=head_dim,
+                    intermediate=inter, ratio=max(ratios) if ratios else 0.0, criterion=criterion,
+                    keep=tuple(keep))
+
+
 def select(model: nn.Module, scores: list[dict[str, torch.Tensor]], ratios: list[float],
            criterion: str = "") -> IndexMap:
     """The IndexMap keeping the highest-scoring units at each block's ratio."""
-    c = model.config
-    n_heads, n_kv, inter = c.num_attention_heads, c.num_key_value_heads, c.intermediate_size
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // n_heads
-    group = n_heads // n_kv
-    keep = []
-    for i, (s, r) in enumerate(zip(scores, ratios)):
-        h_keep, kv_keep, i_keep = kept_counts(n_heads, n_kv, inter, r)
-        per_group = h_keep // kv_keep
-        kv = _top(s["group"], kv_keep)
-        heads = [kvh * group + j for kvh in kv for j in _top(s["head"][kvh * group:(kvh + 1) * group], per_group)]
-        keep.append(LayerKeep(i, tuple(heads), tuple(kv), tuple(_top(s["channel"], i_keep))))
-    global_ratio = max(ratios) if ratios else 0.0
-    return IndexMap(layers=len(ratios), hidden=c.hidden_size, heads=n_heads, kv_heads=n_kv,
-                    head_dim=head_dim, intermediate=inter, ratio=global_ratio, criterion=criterion,
-                    keep=tuple(keep))
+    _, n_heads, n_kv, _, inter = _shape_of(model.config)
+    keep = [keep_block(i, s, r, n_heads, n_kv, inter) for i, (s, r) in enumerate(zip(scores, ratios))]
+    return _index_map(model.config, keep, ratios, criterion)
 
 
 def _cut(linear: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None) -> nn.Linear:
@@ -297,6 +313,26 @@ def _cut(linear: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None
 
 
 @torch.no_grad()
+def cut_block(block: nn.Module, index_map: IndexMap, i: int) -> None:
+    """Cut block i (`block`) down to the units `index_map` keeps there, in place."""
+    if not index_map.is_pruned(i):
+        return
+    attn, mlp, k = block.self_attn, block.mlp, index_map.layer(i)
+    for name in PRUNED_OUT:
+        owner = attn if name in ATTENTION else mlp
+        setattr(owner, name, _cut(getattr(owner, name), index_map.kept_indices(i, name), None))
+    for name in PRUNED_IN:
+        owner = attn if name in ATTENTION else mlp
+        setattr(owner, name, _cut(getattr(owner, name), None, index_map.kept_indices(i, name)))
+    attn.num_key_value_groups = len(k.heads) // len(k.kv_heads)
+    for attr, value in (("num_heads", len(k.heads)), ("num_key_value_heads", len(k.kv_heads))):
+        if hasattr(attn, attr):  # older transformers kept these on the module
+            setattr(attn, attr, value)
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = len(k.channels)
+
+
+@torch.no_grad()
 def apply_index_map(model: nn.Module, index_map: IndexMap) -> nn.Module:
     """Cut `model` down to the units `index_map` keeps, in place; returns the model.
 
@@ -308,21 +344,7 @@ def apply_index_map(model: nn.Module, index_map: IndexMap) -> nn.Module:
     """
     _check_prunable(model)
     for i, block in enumerate(_blocks(model)):
-        if not index_map.is_pruned(i):
-            continue
-        attn, mlp, k = block.self_attn, block.mlp, index_map.layer(i)
-        for name in PRUNED_OUT:
-            owner = attn if name in ATTENTION else mlp
-            setattr(owner, name, _cut(getattr(owner, name), index_map.kept_indices(i, name), None))
-        for name in PRUNED_IN:
-            owner = attn if name in ATTENTION else mlp
-            setattr(owner, name, _cut(getattr(owner, name), None, index_map.kept_indices(i, name)))
-        attn.num_key_value_groups = len(k.heads) // len(k.kv_heads)
-        for attr, value in (("num_heads", len(k.heads)), ("num_key_value_heads", len(k.kv_heads))):
-            if hasattr(attn, attr):  # older transformers kept these on the module
-                setattr(attn, attr, value)
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = len(k.channels)
+        cut_block(block, index_map, i)
     model.loram_index_map = index_map
     return model
 
@@ -353,3 +375,77 @@ def masked_copy_reference(model: nn.Module, index_map: IndexMap) -> nn.Module:
                 mask[index_map.kept_indices(i, name).to(w.device)] = True
                 w[:, ~mask] = 0
     return ref
+
+
+# ---------------------------------------------------------------- pruning while the weights stream in
+
+def load_pruned_model(model_dir: Path, device: str, dtype: torch.dtype, ratios: list[float], *,
+                      index_map: IndexMap | None = None, nf4_targets: tuple[str, ...] = (),
+                      double_quant: bool = True) -> nn.Module:
+    """A causal LM from a safetensors folder, pruned by magnitude block by block as its weights are read.
+
+    The dense model never exists: tensors are read one at a time (lowmem.quant.skeleton);
+    a block's linears wait on `device` until all of them have arrived, then the block is
+    scored (|w|), cut, and its `nf4_targets` linears quantized to NF4 there, and the
+    dense weights are dropped. Memory: the pruned model plus one dense block. With
+    `index_map` (a resumed run) the block keeps what the map says instead of scoring.
+    Magnitude only: Taylor scores need the whole model's gradients. The map is
+    attached as `model.loram_index_map`; the model is returned in eval mode.
+    """
+    from lowmem.errors import ModelError
+    from lowmem.quant.skeleton import (empty_model, finish, read_tensors, release_freed_memory,
+                                       set_tensor, shard_files)
+
+    model = empty_model(model_dir, dtype)
+    _check_prunable(model)
+    config = model.config
+    _, n_heads, n_kv, head_dim, inter = _shape_of(config)
+    blocks = _blocks(model)
+    if len(ratios) != len(blocks):
+        raise ValueError(f"{len(ratios)} prune ratios for a model of {len(blocks)} blocks")
+    prefixes = {name + ".": i for name, module in model.named_modules() for i, b in enumerate(blocks)
+                if module is b}
+    # Per block, the linear tensors still to come (weights, and biases where the block has them).
+    waiting = {i: {f"{proj}.{part}" for owner, names in ((b.self_attn, ATTENTION), (b.mlp, MLP))
+                   for proj in names for part in ("weight", "bias")
+                   if getattr(getattr(owner, proj), part) is not None}
+               for i, b in enumerate(blocks)}
+    keep: list[LayerKeep | None] = [None] * len(blocks)
+
+    def linear_key(key: str) -> tuple[int, str] | None:
+        for prefix, i in prefixes.items():
+            if key.startswith(prefix):
+                rest = key[len(prefix):].split(".", 1)[-1]          # "q_proj.weight" from "self_attn.q_proj.weight"
+                return (i, rest) if rest in waiting[i] else None
+        return None
+
+    for key, tensor in read_tensors(shard_files(model_dir)):
+        value = tensor.to(device=device, dtype=dtype) if tensor.is_floating_point() else tensor.to(device)
+        del tensor
+        set_tensor(model, key, value)
+        found = linear_key(key)
+        if found is None:
+            continue
+        i, part = found
+        waiting[i].discard(part)
+        if waiting[i]:
+            continue
+        block = blocks[i]                                   # every linear of block i is here: prune it
+        if index_map is not None:
+            keep[i] = index_map.layer(i)
+        else:
+            scores = _unit_scores(block, lambda lin: lin.weight.abs(), n_heads, n_kv, head_dim)
+            keep[i] = keep_block(i, scores, ratios[i], n_heads, n_kv, inter)
+        cut_block(block, _index_map(config, keep, ratios, "magnitude"), i)
+        if nf4_targets:
+            from lowmem.quant.nf4 import quantize_linears
+
+            quantize_linears(block, nf4_targets, dtype, double_quant)
+        release_freed_memory()
+    left = [i for i, parts in waiting.items() if parts]
+    if left:
+        raise ModelError(f"{model_dir}: the model files lack block {left[0]}'s {sorted(waiting[left[0]])[0]}")
+    result = index_map if index_map is not None else _index_map(config, keep, ratios, "magnitude")
+    model = finish(model, device)
+    model.loram_index_map = result
+    return model

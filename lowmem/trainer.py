@@ -38,7 +38,10 @@ from lowmem.loss import causal_lm_loss, count_targets
 from lowmem.offload import OffloadActivations
 from lowmem.lora import save_adapter
 from lowmem.optim import build_optimizer
-from lowmem.model import load_model, parameter_count, prepare_for_training, trainable_parameters
+from lowmem.loram import load_streamed_loram
+from lowmem.loram import streams as loram_streams
+from lowmem.model import (load_model, load_tokenizer, parameter_count, prepare_for_training, resolve_model_dir,
+                          trainable_parameters)
 from lowmem.planner import Plan
 
 # Keys a resumed run may change: they decide when to log, save and evaluate,
@@ -188,18 +191,25 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
     weight_dtype = torch.bfloat16 if dense in ("bf16", "bfloat16") else torch.float32
     nf4_targets = plan.lora_targets if plan.base_format == "nf4" else ()
     loram = plan.method == "loram"
-    # LoRAM prunes float weights, so its base is quantized (QLoRAM) only after pruning,
-    # and where the dense model does not fit the GPU it is pruned on the host first.
-    prepare_on = loram_prepare_device(config, plan, out) if loram else device
-    model, tokenizer, model_dir = load_model(config.model, prepare_on, weight_dtype, log=out,
-                                             nf4_targets=() if loram else nf4_targets,
-                                             double_quant=plan.double_quant)
+    streamed = loram and loram_streams(config)
+    if streamed:
+        # Magnitude pruning while the weights load: one dense block at a time, then NF4.
+        model_dir = resolve_model_dir(config.model, log=out)
+        tokenizer = load_tokenizer(model_dir)
+        model = load_streamed_loram(model_dir, plan, config, device, weight_dtype, run_dir, resume, log=out)
+    else:
+        # LoRAM prunes float weights, so its base is quantized (QLoRAM) only after pruning,
+        # and where the dense model does not fit the GPU it is pruned on the host first.
+        prepare_on = loram_prepare_device(config, plan, out) if loram else device
+        model, tokenizer, model_dir = load_model(config.model, prepare_on, weight_dtype, log=out,
+                                                 nf4_targets=() if loram else nf4_targets,
+                                                 double_quant=plan.double_quant)
     data = load_datasets(config, tokenizer)
     if data.truncated:
         message = f"{data.truncated} sequences were longer than seq_len={config.seq_len} and were truncated"
         out(f"warning: {message}")
         events.emit("warning", message=message)
-    if loram:
+    if loram and not streamed:
         from lowmem.loram import prepare_loram_run
 
         prepare_loram_run(model, plan, config, data.train, tokenizer.pad_token_id, run_dir, resume, log=out)
@@ -340,8 +350,11 @@ def loram_prepare_device(config: RunConfig, plan: Plan, out=print) -> str:
     if where is None:
         hint = ""
         if criterion != "magnitude":
-            hint = (f"; loram.criterion=magnitude needs "
-                    f"{format_size(memory.loram_prepare_bytes(spec, plan, 'magnitude'))} (no gradients)")
+            hint = (f"; loram.criterion=magnitude (without loram.align_steps) prunes while loading, one "
+                    f"dense block ({format_size(memory.loram_stream_bytes(spec, plan))}) at a time")
+        elif config.loram.align_steps:
+            hint = ("; without loram.align_steps, magnitude pruning happens while loading, one dense "
+                    f"block ({format_size(memory.loram_stream_bytes(spec, plan))}) at a time")
         raise ModelError(f"LoRAM prunes {config.model} from its dense weights before training: that needs "
                          f"{format_size(need)} ({criterion} scoring), more than the GPU budget "
                          f"({format_size(plan.usable)}) and this machine's available RAM "

@@ -177,6 +177,8 @@ def test_sigint_finishes_the_step_checkpoints_and_says_how_to_resume(tmp_path, t
     ("loram", {"loram.ratio": 0.5, "loram.keep_first": 0, "loram.keep_last": 0}),
     ("loram", {"loram.ratio": 0.5, "loram.keep_first": 0, "loram.keep_last": 0, "loram.quantize": True,
                "loram.criterion": "magnitude", "loram.align_steps": 2}),
+    ("loram", {"loram.ratio": 0.5, "loram.keep_first": 0, "loram.quantize": True,       # pruned while loading
+               "loram.criterion": "magnitude"}),
 ])
 def test_every_adapter_method_trains_and_resumes_exactly(tmp_path, tiny_model_dir, tiny_chat_data, method, extra):
     config = _config(tiny_model_dir, tiny_chat_data, tmp_path, steps=4, method=method, **extra)
@@ -204,6 +206,24 @@ def test_a_loram_run_saves_an_adapter_for_the_full_model(tmp_path, tiny_model_di
     full, _, _ = load_model(str(tiny_model_dir))
     load_adapter(full, run_dir / "adapter")  # raises if any shape is the pruned one
     assert (run_dir / "loram_index.json").is_file()
+
+
+def test_pruning_while_loading_trains_exactly_like_pruning_the_loaded_model(tmp_path, tiny_model_dir,
+                                                                            tiny_chat_data, monkeypatch):
+    """Magnitude QLoRAM, streamed (one dense block at a time) vs loaded whole then pruned: same run."""
+    from lowmem import trainer
+
+    config = _config(tiny_model_dir, tiny_chat_data, tmp_path, steps=3, method="loram",
+                     **{"loram.ratio": 0.5, "loram.keep_first": 0, "loram.quantize": True,
+                        "loram.criterion": "magnitude"})
+    said = []
+    train(*_start(config, "streamed"), out=said.append)
+    assert any("while loading, one dense block at a time (NF4)" in m for m in said)
+    monkeypatch.setattr(trainer, "loram_streams", lambda config: False)
+    train(*_start(config, "whole"), out=lambda m: None)
+    runs = tmp_path / "runs"
+    assert _losses(runs / "streamed") == _losses(runs / "whole")
+    assert (runs / "streamed" / "loram_index.json").read_text() == (runs / "whole" / "loram_index.json").read_text()
 
 
 def _galore_config(model_dir, data, tmp_path, **overrides):

@@ -17,6 +17,7 @@ from typing import Any
 
 from lowmem.commands import add_config_flags, config_from_args
 from lowmem.config import format_size, parse_overrides, read_yaml_layer, find_preset
+from lowmem.loram import streams as loram_streams
 from lowmem.memory import MemoryBreakdown
 from lowmem.planner import BudgetError, Plan, make_plan, safety_margin
 from lowmem.spec import ModelSpec, builtin_entries, builtin_spec, spec_for
@@ -77,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(plan_json(plan, spec), indent=2))
     else:
-        print(render(plan, spec, margin=safety_margin(config), criterion=config.loram.criterion))
+        print(render(plan, spec, margin=safety_margin(config), criterion=config.loram.criterion,
+                     loram_streamed=loram_streams(config)))
     return 0
 
 
@@ -92,7 +94,8 @@ def plan_json(plan: Plan, spec: ModelSpec) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- text
 
-def render(plan: Plan, spec: ModelSpec, margin: float | None = None, criterion: str = "taylor") -> str:
+def render(plan: Plan, spec: ModelSpec, margin: float | None = None, criterion: str = "taylor",
+           loram_streamed: bool = False) -> str:
     """The plan, its breakdown table, the budget line and the rejected candidates."""
     b = plan.breakdown
     assert b is not None
@@ -100,7 +103,7 @@ def render(plan: Plan, spec: ModelSpec, margin: float | None = None, criterion: 
              f"{spec.hidden}, vocab {spec.vocab} ({spec.source or 'built-in'})",
              f"device    {plan.device} ({plan.compute_dtype} compute){_context_note(plan)}{_kernels_note(plan)}", ""]
     lines.append(f"plan      {plan.label}")
-    for key, value in _plan_rows(plan, spec, criterion):
+    for key, value in _plan_rows(plan, spec, criterion, loram_streamed):
         lines.append(f"  {key:<18}{value}")
     lines += ["", f"predicted peak ({b.phase} phase)"]
     width = max(len(format_size(getattr(b, t))) for t in MemoryBreakdown.TERMS)
@@ -152,7 +155,8 @@ def _kernels_note(plan: Plan) -> str:
 LORAM_PAPER_FACTOR = 15.81
 
 
-def _plan_rows(plan: Plan, spec: ModelSpec, criterion: str = "taylor") -> list[tuple[str, str]]:
+def _plan_rows(plan: Plan, spec: ModelSpec, criterion: str = "taylor",
+               loram_streamed: bool = False) -> list[tuple[str, str]]:
     rows = [("method", plan.method)]
     base = plan.base_format + (" (double quantization)" if plan.base_format == "nf4" and plan.double_quant else "")
     rows.append(("base weights", base))
@@ -166,7 +170,7 @@ def _plan_rows(plan: Plan, spec: ModelSpec, criterion: str = "taylor") -> list[t
                                 f"(params ratio x 16/{bits} bits, as the LoRAM paper counts; "
                                 f"the paper: {LORAM_PAPER_FACTOR}x for LLaMA-3.1-70B pruned 85% in NF4)"))
         if plan.method == "loram" and plan.device == "cuda":
-            rows.append(("prepare", _loram_prepare_note(plan, spec, criterion)))
+            rows.append(("prepare", _loram_prepare_note(plan, spec, criterion, loram_streamed)))
     if plan.lora_rank:
         rows.append(("adapters", f"LoRA rank {plan.lora_rank}, alpha {plan.lora_alpha:g}, "
                                  f"on {','.join(plan.lora_targets)}"))
@@ -184,11 +188,15 @@ def _plan_rows(plan: Plan, spec: ModelSpec, criterion: str = "taylor") -> list[t
     return rows
 
 
-def _loram_prepare_note(plan: Plan, spec: ModelSpec, criterion: str) -> str:
+def _loram_prepare_note(plan: Plan, spec: ModelSpec, criterion: str, streamed: bool) -> str:
     """Where `lowmem train` will load and prune the dense model, and what that needs."""
     import psutil
 
     from lowmem import memory
+
+    if streamed:
+        return (f"pruned by magnitude while the weights load, one dense block at a time "
+                f"({format_size(memory.loram_stream_bytes(spec, plan))} beside the pruned model)")
 
     host = psutil.virtual_memory().available
     need = memory.loram_prepare_bytes(spec, plan, criterion)
@@ -200,8 +208,8 @@ def _loram_prepare_note(plan: Plan, spec: ModelSpec, criterion: str) -> str:
         return f"{what}: pruned on the host ({format_size(host)} RAM available here), then moved to the GPU"
     note = f"{what}: more than the GPU budget and this machine's RAM ({format_size(host)}); lowmem train will refuse"
     if criterion != "magnitude":
-        note += (f" (loram.criterion=magnitude needs "
-                 f"{format_size(memory.loram_prepare_bytes(spec, plan, 'magnitude'))})")
+        note += (f" (loram.criterion=magnitude prunes while loading, one dense block "
+                 f"({format_size(memory.loram_stream_bytes(spec, plan))}) at a time)")
     return note
 
 
