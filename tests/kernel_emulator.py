@@ -116,6 +116,32 @@ def check_tensor_on_cpu(t, name, **kw):
             raise
 
 
+def fixtures(module):
+    """The pytest fixtures (`emulator`, `emulated`) of a test file for kernel `module`:
+
+        emulator, emulated = fixtures(lowmem.kernels.l4q)
+
+    `emulator` builds the module's bundle once per test file (skipped without a host
+    compiler); `emulated` points the module's `launch` and `check_tensor` at it for one test.
+    """
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def emulator(tmp_path_factory):
+        if compiler() is None:
+            pytest.skip("no host C++ compiler for the kernel emulator")
+        return Emulator(bundle(module), tmp_path_factory.mktemp("emulator"))
+
+    @pytest.fixture
+    def emulated(emulator, monkeypatch):
+        monkeypatch.setattr(module, "launch", emulator.launch)
+        monkeypatch.setattr(module, "check_tensor", check_tensor_on_cpu)
+        emulator.launches.clear()
+        return emulator
+
+    return emulator, emulated
+
+
 def compiler() -> str | None:
     return shutil.which("g++") or shutil.which("clang++")
 

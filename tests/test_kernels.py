@@ -14,6 +14,7 @@ import torch
 
 from lowmem.kernels import SOURCES, device, l4q, runtime
 from lowmem.quant import intk
+from tests.kernel_emulator import fixtures
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -309,24 +310,7 @@ def test_context_measurements_are_kept_per_device_model(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- the kernels themselves, emulated on the CPU
 
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
-    from tests.kernel_emulator import Emulator, bundle, compiler
-
-    if compiler() is None:
-        pytest.skip("no host C++ compiler for the kernel emulator")
-    return Emulator(bundle(l4q), tmp_path_factory.mktemp("emulator"))
-
-
-@pytest.fixture
-def emulated(emulator, monkeypatch):
-    """lowmem.kernels.l4q's kernel entry points, launching into the emulator with CPU tensors."""
-    from tests.kernel_emulator import check_tensor_on_cpu
-
-    monkeypatch.setattr(l4q, "launch", emulator.launch)
-    monkeypatch.setattr(l4q, "check_tensor", check_tensor_on_cpu)
-    emulator.launches.clear()
-    return emulator
+emulator, emulated = fixtures(l4q)       # the kernels' own source, compiled for the host
 
 
 EMULATED = [c for c in CASES if c[3] > 1] + [(19, 300, 40, 96, 4, False)]   # rank 40: two rank chunks at g=96

@@ -13,6 +13,7 @@ from lowmem import memory
 from lowmem.kernels import cross_entropy as ce
 from lowmem.kernels import runtime
 from lowmem.loss import causal_lm_loss
+from tests.kernel_emulator import fixtures
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -111,24 +112,7 @@ def test_the_loss_predicts_one_compute_dtype_copy_of_the_logits_with_the_kernel(
 
 # ---------------------------------------------------------------- the kernels, emulated on the CPU
 
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
-    from tests.kernel_emulator import Emulator, bundle, compiler
-
-    if compiler() is None:
-        pytest.skip("no host C++ compiler for the kernel emulator")
-    return Emulator(bundle(ce), tmp_path_factory.mktemp("emulator"))
-
-
-@pytest.fixture
-def emulated(emulator, monkeypatch):
-    """lowmem.kernels.cross_entropy's kernel entry points, launching into the emulator with CPU tensors."""
-    from tests.kernel_emulator import check_tensor_on_cpu
-
-    monkeypatch.setattr(ce, "launch", emulator.launch)
-    monkeypatch.setattr(ce, "check_tensor", check_tensor_on_cpu)
-    emulator.launches.clear()
-    return emulator
+emulator, emulated = fixtures(ce)       # the kernels' own source, compiled for the host
 
 
 SHAPES = [(1, 1), (3, 31), (4, 256), (5, 1000), (3, 3001)]
@@ -303,42 +287,19 @@ def test_kernels_equal_their_references(n, vocab, dtype):
 
 
 @pytest.mark.gpu
-def test_whole_loss_keeps_one_compute_dtype_copy_of_the_logits():
-    """Whole loss, 2048 positions, Llama-3 vocabulary, bf16: with the kernels the loss's peak above
-    its inputs is near the kept logits (c·N·V = 501 MiB), where F.cross_entropy holds ≈ 12·N·V."""
-    vocab, hidden_size, n = 128256, 4096, 2048
-    hidden = torch.randn(1, n, hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    weight = torch.randn(vocab, hidden_size, device="cuda", dtype=torch.bfloat16) * 0.02
-    labels = torch.randint(0, vocab, (1, n), device="cuda")
-    peaks = {}
-    for mode in ("1", "0", "1"):
-        import os
-        os.environ["LOWMEM_KERNELS"] = mode
-        try:
-            hidden.grad = None
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            causal_lm_loss(hidden, weight, labels).backward()
-            torch.cuda.synchronize()
-            peaks[mode] = torch.cuda.max_memory_allocated() - base
-        finally:
-            os.environ.pop("LOWMEM_KERNELS")
-    assert peaks["1"] <= 2 * n * vocab * 1.1 + 2 * 2 * n * hidden_size + 16 * 2**20
-    assert peaks["0"] >= 10 * n * vocab
+@pytest.mark.parametrize("n,chunk", [(2048, 0), (4096, 1024)])
+def test_the_loss_keeps_one_compute_dtype_copy_of_the_logits(n, chunk):
+    """Llama-3 vocabulary in bf16, whole (chunk 0) or in chunks: with the kernels the loss's peak above
+    its inputs is near one bf16 copy of the logits it holds at once (c·N·V = 501 MiB whole, c·C·V =
+    251 MiB per chunk) plus ∂h; the reference path holds ≥ 10·N·V (whole) or 12·C·V beside it."""
+    import os
 
-
-@pytest.mark.gpu
-def test_chunked_loss_keeps_one_compute_dtype_copy_of_the_logits():
-    """Llama-3 vocabulary, chunks of 1024 tokens in bf16: the loss's peak above its inputs stays near
-    one bf16 chunk of logits (c·C·V = 251 MiB), where the reference path holds ≥ 12·C·V beside it."""
-    vocab, hidden_size, n, chunk = 128256, 4096, 4096, 1024
+    vocab, hidden_size = 128256, 4096
     hidden = torch.randn(1, n, hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     weight = torch.randn(vocab, hidden_size, device="cuda", dtype=torch.bfloat16) * 0.02
     labels = torch.randint(0, vocab, (1, n), device="cuda")
     peaks = {}
     for mode in ("1", "0", "1"):                                   # the first "1" compiles and warms up
-        import os
         os.environ["LOWMEM_KERNELS"] = mode
         try:
             hidden.grad = None
@@ -350,7 +311,6 @@ def test_chunked_loss_keeps_one_compute_dtype_copy_of_the_logits():
             peaks[mode] = torch.cuda.max_memory_allocated() - base
         finally:
             os.environ.pop("LOWMEM_KERNELS")
-    logits = 2 * chunk * vocab
-    grad_h = 2 * n * hidden_size
-    assert peaks["1"] <= logits * 1.1 + 2 * grad_h + 16 * 2**20
-    assert peaks["0"] >= 12 * chunk * vocab
+    logits = 2 * (chunk or n) * vocab
+    assert peaks["1"] <= logits * 1.1 + 2 * 2 * n * hidden_size + 16 * 2**20
+    assert peaks["0"] >= (12 * chunk if chunk else 10 * n) * vocab
