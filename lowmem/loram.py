@@ -205,30 +205,22 @@ ALIGNED_BASE_FILE = "loram_aligned.safetensors"
 
 
 def prepare_loram_run(model: nn.Module, plan, config, train_examples, pad_id: int, run_dir: Path,
-                      resume: bool, log=print) -> IndexMap:
-    """Prune (and align) a freshly loaded dense model for a LoRAM run, in place.
+                      log=print) -> IndexMap:
+    """Prune (and align) a freshly loaded dense model for a new LoRAM run, in place.
 
-    A new run scores importance on calibration batches drawn with their own
-    seed (so the training order is untouched), saves the index map as
+    Importance is scored on calibration batches drawn with their own seed (so
+    the training order is untouched); the index map is saved as
     `loram_index.json` and, when aligned, the aligned base as
-    `loram_aligned.safetensors`; a resumed run re-applies both, so it trains
-    on the very model the first part trained on.
+    `loram_aligned.safetensors`. A resumed run re-applies both while it loads
+    (`load_streamed_loram`), so it trains on the very model the first part trained on.
     """
-    from safetensors.torch import load_model, save_model
+    from safetensors.torch import save_model
 
     from lowmem.data import BatchStream
-    from lowmem.prune import IndexMap, apply_index_map
 
     cfg = config.loram
     run_dir = Path(run_dir)
     index_path, aligned_path = run_dir / INDEX_MAP_FILE, run_dir / ALIGNED_BASE_FILE
-    if resume:
-        index_map = IndexMap.load(index_path)
-        apply_index_map(model, index_map)
-        if aligned_path.is_file():
-            load_model(model, str(aligned_path))
-        model.loram_index_map = index_map
-        return index_map
     calibration = None
     if cfg.criterion == "taylor":
         stream = BatchStream(train_examples, plan.micro_batch, config.seed + 1, pad_id)
@@ -250,34 +242,46 @@ def prepare_loram_run(model: nn.Module, plan, config, train_examples, pad_id: in
     return index_map
 
 
-def streams(config) -> bool:
+def streams(config, resume: bool = False) -> bool:
     """Whether a LoRAM run prunes while its weights load (`lowmem.prune.load_pruned_model`):
-    magnitude scores need no gradients and no alignment needs the dense pruned model."""
-    return config.loram.criterion == "magnitude" and not config.loram.align_steps
+    a resumed run always does (its index map is saved: no scoring), a new one when magnitude
+    scores need no gradients and no alignment needs the dense pruned model."""
+    return resume or (config.loram.criterion == "magnitude" and not config.loram.align_steps)
 
 
 def load_streamed_loram(model_dir: Path, plan, config, device: str, dtype: torch.dtype, run_dir: Path,
                         resume: bool, log=print) -> nn.Module:
-    """The LoRAM base of a run whose `streams(config)`: pruned block by block as it loads, NF4 when
-    the plan's base is, on `device`. A new run saves its index map; a resumed one re-applies it."""
+    """The LoRAM base of a run that `streams`: pruned block by block as it loads, NF4 when the
+    plan's base is, on `device`. A new run saves its index map; a resumed one re-applies it,
+    then its aligned weights when it was aligned (quantizing only after those are in)."""
+    from safetensors.torch import load_model
+
     from lowmem.prune import layer_ratio_list, load_pruned_model
 
     cfg = config.loram
-    index_path = Path(run_dir) / INDEX_MAP_FILE
+    run_dir = Path(run_dir)
+    index_path, aligned_path = run_dir / INDEX_MAP_FILE, run_dir / ALIGNED_BASE_FILE
     layers = spec_layers(model_dir)
     ratios = layer_ratio_list(layers, plan.prune_ratio, plan.prune_keep_first, plan.prune_keep_last,
                               {i: r for i, r in enumerate(cfg.layer_ratios)} or None)
     index_map = IndexMap.load(index_path) if resume else None
+    aligned = resume and aligned_path.is_file()
     nf4 = plan.lora_targets if plan.base_format == "nf4" else ()
-    model = load_pruned_model(model_dir, device, dtype, ratios, index_map=index_map, nf4_targets=nf4,
-                              double_quant=plan.double_quant)
+    model = load_pruned_model(model_dir, device, dtype, ratios, index_map=index_map,
+                              nf4_targets=() if aligned else nf4, double_quant=plan.double_quant)
     index_map = model.loram_index_map
+    if aligned:
+        load_model(model, str(aligned_path), device=str(device))
+        if nf4:
+            from lowmem.quant.nf4 import quantize_linears
+
+            quantize_linears(model, nf4, dtype, double_quant=plan.double_quant)
     if not resume:
         index_map.save(index_path)
     pruned = sum(index_map.is_pruned(i) for i in range(index_map.layers))
-    log(f"LoRAM: pruned {pruned} of {index_map.layers} blocks (magnitude, ratio {index_map.ratio:.0%}) while "
-        f"loading, one dense block at a time{' (NF4)' if nf4 else ''}: {index_map.params_removed():,} weights "
-        f"removed")
+    how = "re-applied from its index map" if resume else f"({index_map.criterion}, ratio {index_map.ratio:.0%})"
+    log(f"LoRAM: pruned {pruned} of {index_map.layers} blocks {how} while loading, one dense block at a "
+        f"time{' (NF4)' if nf4 else ''}: {index_map.params_removed():,} weights removed")
     return model
 
 

@@ -774,14 +774,15 @@ def overhead_bytes(allocated: int, plan: Any) -> int:
 # ---------------------------------------------------------------- LoRAM: preparing the pruned base
 
 def loram_stream_bytes(spec: ModelSpec, plan: Any) -> int:
-    """Dense weights alive while a magnitude LoRAM run prunes as it loads
-    (lowmem.prune.load_pruned_model): one block's linears in the compute dtype."""
-    return compute_bytes(plan) * max(sum(o * i for o, i in spec.linear_shapes(b).values())
-                                     for _, b in spec.block_groups())
+    """Beside the pruned model, while a LoRAM run prunes as it loads (lowmem.prune.load_pruned_model):
+    one block's dense linears in the compute dtype, their cut copies (at most as large) and
+    one |w| temporary: c·(2·block linears + max(out·in))."""
+    block = max(sum(o * i for o, i in spec.linear_shapes(b).values()) for _, b in spec.block_groups())
+    return compute_bytes(plan) * (2 * block + spec.max_linear_numel())
 
 
-def loram_prepare_bytes(spec: ModelSpec, plan: Any, criterion: str) -> int:
-    """Memory LoRAM's preparation needs before training: the dense model, loaded and pruned.
+def loram_prepare_bytes(spec: ModelSpec, plan: Any, criterion: str, align: bool = False) -> int:
+    """Memory LoRAM's preparation needs before training, when it loads the whole dense model.
 
     `spec` is the unpruned model. Pruning works on float weights, so the whole
     dense model exists first, in the compute dtype c (QLoRAM quantizes after):
@@ -793,25 +794,38 @@ def loram_prepare_bytes(spec: ModelSpec, plan: Any, criterion: str) -> int:
                                                      dense model (an estimate: the
                                                      activations of full training without
                                                      checkpointing)
+        align:      the larger of that and           AdamW on the pruned blocks' weights:
+                    c·P' + 3·c·P'_blocks             their gradients and two moments (in the
+                    + activations + loss             weights' dtype), one micro-batch
     """
     c = compute_bytes(plan)
-    dense = c * spec.params
+    calibration = plan
+    if dataclasses.is_dataclass(plan):
+        calibration = dataclasses.replace(plan, method="full", prune_ratio=0.0, grad_checkpointing=False,
+                                          offload_activations=False)
     if criterion == "magnitude":
-        return dense + c * spec.max_linear_numel()
-    calibration = dataclasses.replace(plan, method="full", prune_ratio=0.0, grad_checkpointing=False,
-                                      offload_activations=False) if dataclasses.is_dataclass(plan) else plan
-    return (dense + (4 + c) * spec.linear_params + saved_layer_bytes(spec, calibration)
-            + logits_bytes(spec, calibration))
+        need = c * spec.params + c * spec.max_linear_numel()
+    else:
+        need = (c * spec.params + (4 + c) * spec.linear_params + saved_layer_bytes(spec, calibration)
+                + logits_bytes(spec, calibration))
+    if align:
+        pruned = spec.pruned(plan.prune_ratio, plan.prune_keep_first, plan.prune_keep_last)
+        blocks = pruned.params - pruned.embedding_params - pruned.head_params
+        need = max(need, c * pruned.params + 3 * c * blocks + saved_layer_bytes(pruned, calibration)
+                   + logits_bytes(pruned, calibration))
+    return need
 
 
-def loram_prepare_device(spec: ModelSpec, plan: Any, criterion: str, host_available: int) -> str | None:
-    """Where a LoRAM run prunes: "cuda" when the dense model and its scoring fit the plan's
-    budget, else "cpu" when they fit the host's available RAM, else None (nowhere here).
+def loram_prepare_device(spec: ModelSpec, plan: Any, criterion: str, host_available: int,
+                         align: bool = False) -> str | None:
+    """Where a LoRAM run that loads the whole dense model prunes (and aligns): "cuda" when
+    that fits the plan's budget, else "cpu" when it fits the host's available RAM, else
+    None (nowhere here).
 
     On the CPU the pruned model then moves to the GPU one linear at a time (QLoRAM
     quantizes each there), so the GPU never holds the dense model.
     """
-    need = loram_prepare_bytes(spec, plan, criterion)
+    need = loram_prepare_bytes(spec, plan, criterion, align)
     if _get(plan, "device", "cpu") == "cuda":
         usable = _get(plan, "usable", None)
         if usable is None or need + overhead_bytes(need, plan) <= usable:

@@ -169,19 +169,24 @@ def _check_prunable(model: nn.Module) -> None:
 def _unit_scores(block: nn.Module, per_weight, n_heads: int, n_kv: int, head_dim: int) -> dict[str, torch.Tensor]:
     """Scores of every query head, KV group and MLP channel of one block.
 
-    `per_weight(linear)` gives an (out × in) score per weight.
+    `per_weight(linear)` gives an (out × in) score per weight. Sums are fp32 whatever
+    the weights' dtype: bf16 sums of thousands of |w| round so coarsely that many
+    units tie (and ties go to the lower index).
     """
     attn, mlp = block.self_attn, block.mlp
     d = head_dim
-    q = per_weight(attn.q_proj).sum(1).view(n_heads, d).sum(1)
-    o = per_weight(attn.o_proj).sum(0).view(n_heads, d).sum(1)
-    k = per_weight(attn.k_proj).sum(1).view(n_kv, d).sum(1)
-    v = per_weight(attn.v_proj).sum(1).view(n_kv, d).sum(1)
+
+    def total(linear: nn.Linear, dim: int) -> torch.Tensor:
+        return per_weight(linear).sum(dim, dtype=torch.float32)
+
+    q = total(attn.q_proj, 1).view(n_heads, d).sum(1)
+    o = total(attn.o_proj, 0).view(n_heads, d).sum(1)
+    k = total(attn.k_proj, 1).view(n_kv, d).sum(1)
+    v = total(attn.v_proj, 1).view(n_kv, d).sum(1)
     head = q + o
     group = k + v + head.view(n_kv, n_heads // n_kv).sum(1)
-    channel = (per_weight(mlp.gate_proj).sum(1) + per_weight(mlp.up_proj).sum(1)
-               + per_weight(mlp.down_proj).sum(0))
-    return {"head": head.float(), "group": group.float(), "channel": channel.float()}
+    channel = total(mlp.gate_proj, 1) + total(mlp.up_proj, 1) + total(mlp.down_proj, 0)
+    return {"head": head, "group": group, "channel": channel}
 
 
 def importance(model: nn.Module, criterion: str = "taylor",
@@ -267,6 +272,7 @@ def keep_block(i: int, scores: dict[str, torch.Tensor], ratio: float, heads: int
     h_keep, kv_keep, i_keep = kept_counts(heads, kv_heads, intermediate, ratio)
     if ratio == 0.0:                      # everything, without needing scores
         return LayerKeep(i, tuple(range(heads)), tuple(range(kv_heads)), tuple(range(intermediate)))
+    scores = {name: t.detach().float().cpu() for name, t in scores.items()}   # no device sync per unit
     per_group = h_keep // kv_keep
     kv = _top(scores["group"], kv_keep)
     kept_heads = [kvh * group + j for kvh in kv for j in _top(scores["head"][kvh * group:(kvh + 1) * group],
@@ -384,15 +390,19 @@ def load_pruned_model(model_dir: Path, device: str, dtype: torch.dtype, ratios: 
                       double_quant: bool = True) -> nn.Module:
     """A causal LM from a safetensors folder, pruned by magnitude block by block as its weights are read.
 
-    The dense model never exists: tensors are read one at a time (lowmem.quant.skeleton);
-    a block's linears wait on `device` until all of them have arrived, then the block is
-    scored (|w|), cut, and its `nf4_targets` linears quantized to NF4 there, and the
-    dense weights are dropped. Memory: the pruned model plus one dense block. With
-    `index_map` (a resumed run) the block keeps what the map says instead of scoring.
-    Magnitude only: Taylor scores need the whole model's gradients. The map is
-    attached as `model.loram_index_map`; the model is returned in eval mode.
+    The dense model never exists: tensors are read one at a time, in name order
+    (lowmem.quant.skeleton), so a block's tensors arrive together whatever the
+    sharding. A block's linears wait on `device` until all of them have arrived;
+    then the block is scored (|w|), cut, and its `nf4_targets` linears quantized to
+    NF4 there, and the dense weights are dropped. Memory: the pruned model plus one
+    dense block (and its cut copy). With `index_map` (a resumed run) each block
+    keeps what the map says instead of being scored. Magnitude only: Taylor scores
+    need the whole model's gradients. Targeted linears outside the blocks (a
+    targeted `lm_head`) are quantized at the end. The map is attached as
+    `model.loram_index_map`; the model is returned in eval mode.
     """
     from lowmem.errors import ModelError
+    from lowmem.quant.nf4 import NF4Linear, quantize_linears
     from lowmem.quant.skeleton import (empty_model, finish, read_tensors, release_freed_memory,
                                        set_tensor, shard_files)
 
@@ -405,25 +415,32 @@ def load_pruned_model(model_dir: Path, device: str, dtype: torch.dtype, ratios: 
         raise ValueError(f"{len(ratios)} prune ratios for a model of {len(blocks)} blocks")
     prefixes = {name + ".": i for name, module in model.named_modules() for i, b in enumerate(blocks)
                 if module is b}
-    # Per block, the linear tensors still to come (weights, and biases where the block has them).
-    waiting = {i: {f"{proj}.{part}" for owner, names in ((b.self_attn, ATTENTION), (b.mlp, MLP))
+    # Per block, the linear tensors still to come ("self_attn.q_proj.weight", ...; biases where present).
+    waiting = {i: {f"{owner_name}.{proj}.{part}"
+                   for owner_name, owner, names in (("self_attn", b.self_attn, ATTENTION), ("mlp", b.mlp, MLP))
                    for proj in names for part in ("weight", "bias")
                    if getattr(getattr(owner, proj), part) is not None}
                for i, b in enumerate(blocks)}
     keep: list[LayerKeep | None] = [None] * len(blocks)
 
-    def linear_key(key: str) -> tuple[int, str] | None:
+    def block_linear(key: str) -> tuple[int, str] | None:
         for prefix, i in prefixes.items():
             if key.startswith(prefix):
-                rest = key[len(prefix):].split(".", 1)[-1]          # "q_proj.weight" from "self_attn.q_proj.weight"
+                rest = key[len(prefix):]
                 return (i, rest) if rest in waiting[i] else None
         return None
 
-    for key, tensor in read_tensors(shard_files(model_dir)):
+    def quantize_targets(module: nn.Module) -> None:
+        if any(isinstance(m, nn.Linear) and not isinstance(m, NF4Linear) and n.split(".")[-1] in nf4_targets
+               for n, m in module.named_modules()):
+            quantize_linears(module, nf4_targets, dtype, double_quant)
+
+    for key, tensor in read_tensors(shard_files(model_dir), in_name_order=True):
         value = tensor.to(device=device, dtype=dtype) if tensor.is_floating_point() else tensor.to(device)
         del tensor
         set_tensor(model, key, value)
-        found = linear_key(key)
+        del value
+        found = block_linear(key)
         if found is None:
             continue
         i, part = found
@@ -438,14 +455,14 @@ def load_pruned_model(model_dir: Path, device: str, dtype: torch.dtype, ratios: 
             keep[i] = keep_block(i, scores, ratios[i], n_heads, n_kv, inter)
         cut_block(block, _index_map(config, keep, ratios, "magnitude"), i)
         if nf4_targets:
-            from lowmem.quant.nf4 import quantize_linears
-
-            quantize_linears(block, nf4_targets, dtype, double_quant)
+            quantize_targets(block)
         release_freed_memory()
     left = [i for i, parts in waiting.items() if parts]
     if left:
         raise ModelError(f"{model_dir}: the model files lack block {left[0]}'s {sorted(waiting[left[0]])[0]}")
     result = index_map if index_map is not None else _index_map(config, keep, ratios, "magnitude")
     model = finish(model, device)
+    if nf4_targets:
+        quantize_targets(model)                            # targets outside the blocks, if any
     model.loram_index_map = result
     return model

@@ -191,7 +191,7 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
     weight_dtype = torch.bfloat16 if dense in ("bf16", "bfloat16") else torch.float32
     nf4_targets = plan.lora_targets if plan.base_format == "nf4" else ()
     loram = plan.method == "loram"
-    streamed = loram and loram_streams(config)
+    streamed = loram and loram_streams(config, resume)
     if streamed:
         # Magnitude pruning while the weights load: one dense block at a time, then NF4.
         model_dir = resolve_model_dir(config.model, log=out)
@@ -212,7 +212,7 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
     if loram and not streamed:
         from lowmem.loram import prepare_loram_run
 
-        prepare_loram_run(model, plan, config, data.train, tokenizer.pad_token_id, run_dir, resume, log=out)
+        prepare_loram_run(model, plan, config, data.train, tokenizer.pad_token_id, run_dir, log=out)
         if nf4_targets:
             from lowmem.quant.nf4 import quantize_linears
 
@@ -343,10 +343,10 @@ def loram_prepare_device(config: RunConfig, plan: Plan, out=print) -> str:
     if plan.device != "cuda":
         return plan.device
     spec = spec_for(config.model)
-    criterion = config.loram.criterion
+    criterion, align = config.loram.criterion, bool(config.loram.align_steps)
     host = psutil.virtual_memory().available
-    where = memory.loram_prepare_device(spec, plan, criterion, host)
-    need = memory.loram_prepare_bytes(spec, plan, criterion)
+    where = memory.loram_prepare_device(spec, plan, criterion, host, align)
+    need = memory.loram_prepare_bytes(spec, plan, criterion, align)
     if where is None:
         hint = ""
         if criterion != "magnitude":
@@ -356,11 +356,13 @@ def loram_prepare_device(config: RunConfig, plan: Plan, out=print) -> str:
             hint = ("; without loram.align_steps, magnitude pruning happens while loading, one dense "
                     f"block ({format_size(memory.loram_stream_bytes(spec, plan))}) at a time")
         raise ModelError(f"LoRAM prunes {config.model} from its dense weights before training: that needs "
-                         f"{format_size(need)} ({criterion} scoring), more than the GPU budget "
+                         f"{format_size(need)} ({criterion} scoring{', alignment' if align else ''}), "
+                         f"more than the GPU budget "
                          f"({format_size(plan.usable)}) and this machine's available RAM "
                          f"({format_size(host)}){hint}")
     if where == "cpu":
-        out(f"LoRAM: the dense model and its {criterion} scoring need {format_size(need)}, more than the "
+        out(f"LoRAM: the dense model and its {criterion} scoring{' and alignment' if align else ''} need "
+            f"{format_size(need)}, more than the "
             f"GPU budget; pruning on the host ({format_size(host)} RAM available), then moving the pruned "
             f"model to the GPU")
     return where

@@ -64,28 +64,60 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
-def read_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of every file, one at a time, on the CPU, in file order."""
+def _header(path: Path) -> tuple[dict, int]:
+    """(tensor entries, offset of the data) of a safetensors file."""
+    with open(path, "rb", buffering=0) as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
+def _read_one(f, path: Path, key: str, info: dict, start: int) -> torch.Tensor:
+    if info["dtype"] not in DTYPES:
+        raise ModelError(f"{path}: tensor '{key}' has dtype {info['dtype']}, which lowmem cannot read")
+    begin, end = info["data_offsets"]
+    buf = torch.empty(end - begin, dtype=torch.uint8)
+    view = memoryview(buf.numpy())
+    f.seek(start + begin)
+    done = 0
+    while done < len(view):
+        n = f.readinto(view[done:])
+        if not n:
+            raise ModelError(f"{path} ends inside tensor '{key}'; the file is truncated")
+        done += n
+    return buf.view(DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key putting "layers.2." before "layers.10.": digit runs compare as numbers."""
+    return tuple(int(part) if part.isdigit() else part for part in name.split("."))
+
+
+def read_tensors(files: list[Path], *, in_name_order: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of every file, one at a time, on the CPU.
+
+    In file order by default (sequential reads). `in_name_order` yields them across
+    all files sorted by `natural_key`, so every block's tensors arrive together and
+    blocks arrive in order, however the checkpoint was sharded (seeking between files).
+    """
+    entries = []
     for path in files:
-        with open(path, "rb", buffering=0) as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-            header.pop("__metadata__", None)
-            start = 8 + length
-            for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-                if info["dtype"] not in DTYPES:
-                    raise ModelError(f"{path}: tensor '{key}' has dtype {info['dtype']}, which lowmem cannot read")
-                begin, end = info["data_offsets"]
-                buf = torch.empty(end - begin, dtype=torch.uint8)
-                view = memoryview(buf.numpy())
-                f.seek(start + begin)
-                done = 0
-                while done < len(view):
-                    n = f.readinto(view[done:])
-                    if not n:
-                        raise ModelError(f"{path} ends inside tensor '{key}'; the file is truncated")
-                    done += n
-                yield key, buf.view(DTYPES[info["dtype"]]).reshape(info["shape"])
+        header, start = _header(path)
+        entries += [(path, key, info, start) for key, info in header.items()]
+    if in_name_order:
+        entries.sort(key=lambda e: natural_key(e[1]))
+    else:
+        entries.sort(key=lambda e: (files.index(e[0]), e[2]["data_offsets"][0]))
+    handles: dict[Path, object] = {}
+    try:
+        for path, key, info, start in entries:
+            if path not in handles:
+                handles[path] = open(path, "rb", buffering=0)
+            yield key, _read_one(handles[path], path, key, info, start)
+    finally:
+        for f in handles.values():
+            f.close()
 
 
 def _malloc_trim():

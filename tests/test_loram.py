@@ -328,10 +328,15 @@ def test_a_loram_run_that_cannot_prune_anywhere_stops_before_loading_with_the_fi
     message = str(e.value)
     assert "llama-3.1-70b" in message and "taylor" in message and "22.80GiB" in message
     assert "64.00GiB" in message and "loram.criterion=magnitude (without loram.align_steps) prunes while" in message
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 200 * 2**30})())
     import dataclasses
     config = dataclasses.replace(config, loram=dataclasses.replace(config.loram, criterion="magnitude",
                                                                    align_steps=10))
+    # Magnitude with alignment: the dense model (131.8 GiB), then AdamW on the pruned blocks (more).
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 200 * 2**30})())
+    with pytest.raises(ModelError, match=r"magnitude scoring, alignment.*without loram.align_steps, magnitude "
+                                         r"pruning happens while loading"):
+        trainer.loram_prepare_device(config, plan, out=lambda m: None)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 400 * 2**30})())
     said = []
     assert trainer.loram_prepare_device(config, plan, out=said.append) == "cpu"
     assert "pruning on the host" in said[0]
@@ -349,3 +354,60 @@ def test_quantizing_onto_a_device_moves_each_weight_first():
     assert names and all(isinstance(model.get_submodule(n), NF4Linear) for n in names)
     for n in names:
         assert torch.equal(model.get_submodule(n).weight, reference.get_submodule(n).weight)
+
+
+def test_pruning_while_loading_a_sharded_checkpoint_holds_one_block_at_a_time(tmp_path):
+    """Small shards split blocks across files and list them out of order; read in name order,
+    every block's tensors still arrive together, and the result equals pruning the loaded model."""
+    from lowmem.prune import load_pruned_model
+    from lowmem.quant.skeleton import read_tensors, shard_files
+
+    model = tiny_llama(hidden=64, intermediate=96, layers=12, heads=4, kv_heads=2)
+    model.save_pretrained(tmp_path, max_shard_size="60KB")
+    files = shard_files(tmp_path)
+    assert len(files) > 3
+    blocks = [int(k.split(".")[2]) for k, _ in read_tensors(files, in_name_order=True) if ".layers." in k]
+    assert blocks == sorted(blocks)                     # block 2 before block 10, each block contiguous
+    ratios = layer_ratio_list(12, 0.5, 1, 1)
+    streamed = load_pruned_model(tmp_path, "cpu", torch.float32, ratios)
+    whole = copy.deepcopy(model)
+    index_map = prune(whole, 0.5, criterion="magnitude")
+    assert streamed.loram_index_map == index_map
+    x = torch.randint(0, 512, (1, 9))
+    torch.testing.assert_close(streamed(x).logits, whole.eval()(x).logits, rtol=0, atol=0)
+
+
+def test_magnitude_scores_of_bf16_weights_are_summed_in_fp32():
+    """bf16 sums of thousands of |w| round to a handful of values and tie; the scores must not."""
+    from lowmem.prune import _unit_scores
+
+    model = tiny_llama(hidden=64, intermediate=4096, layers=1, heads=4, kv_heads=2).to(torch.bfloat16)
+    block = model.model.layers[0]
+    scores = _unit_scores(block, lambda lin: lin.weight.abs(), 4, 2, 16)
+    mlp = block.mlp
+    want = (mlp.gate_proj.weight.float().abs().sum(1) + mlp.up_proj.weight.float().abs().sum(1)
+            + mlp.down_proj.weight.float().abs().sum(0))
+    assert scores["channel"].dtype == torch.float32
+    torch.testing.assert_close(scores["channel"], want, rtol=1e-6, atol=0)
+    assert scores["channel"].unique().numel() > 4000
+
+
+def test_pruning_while_loading_quantizes_a_targeted_head_like_the_whole_path(tmp_path):
+    from lowmem.prune import load_pruned_model
+    from lowmem.quant.nf4 import NF4Linear, quantize_linears
+
+    model = tiny_llama(hidden=64, intermediate=96, layers=3, heads=4, kv_heads=2)
+    model.config.tie_word_embeddings = False                 # a head of its own, as large models have
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    model.save_pretrained(tmp_path)
+    targets = ("q_proj", "lm_head")
+    streamed = load_pruned_model(tmp_path, "cpu", torch.float32, layer_ratio_list(3, 0.5, 1, 1), nf4_targets=targets)
+    whole = copy.deepcopy(model)
+    prune(whole, 0.5, criterion="magnitude")
+    quantize_linears(whole, targets, torch.float32)
+    assert isinstance(streamed.lm_head, NF4Linear) and isinstance(streamed.model.layers[1].self_attn.q_proj, NF4Linear)
+    x = torch.randint(0, 512, (1, 6))
+    torch.testing.assert_close(streamed(x).logits, whole.eval()(x).logits)
+    only_head = load_pruned_model(tmp_path, "cpu", torch.float32, layer_ratio_list(3, 0.5, 1, 1),
+                                  nf4_targets=("lm_head",))
+    assert isinstance(only_head.lm_head, NF4Linear)

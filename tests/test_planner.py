@@ -366,11 +366,11 @@ def test_a_loram_plan_says_where_its_dense_model_is_pruned_and_what_that_needs(m
     _, out = run_plan(["--model", "llama-3.1-70b", "--vram", "24G"], capsys)
     line = next(l for l in out.splitlines() if l.strip().startswith("prepare"))
     assert "taylor scoring need" in line and "this machine's RAM (64.00GiB); lowmem train will refuse" in line
-    assert "loram.criterion=magnitude prunes while loading, one dense block (1.59GiB) at a time" in line
+    assert "loram.criterion=magnitude without loram.align_steps prunes while loading, one dense block (3.62GiB)" in line
     _, out = run_plan(["--model", "llama-3.2-1b", "--vram", "2G", "--method", "loram", "loram.criterion=magnitude",
                        "loram.align_steps=5"], capsys)
     line = next(l for l in out.splitlines() if l.strip().startswith("prepare"))
-    assert "magnitude scoring need" in line and "pruned on the host (64.00GiB RAM available here)" in line
+    assert "magnitude scoring and alignment need" in line and "pruned on the host (64.00GiB RAM available here)" in line
     _, out = run_plan(["--model", "llama-3.1-70b", "--vram", "24G", "loram.criterion=magnitude"], capsys)
     line = next(l for l in out.splitlines() if l.strip().startswith("prepare"))
-    assert "pruned by magnitude while the weights load, one dense block at a time (1.59GiB" in line
+    assert "pruned by magnitude while the weights load, one dense block at a time (3.62GiB" in line

@@ -219,7 +219,7 @@ def test_pruning_while_loading_trains_exactly_like_pruning_the_loaded_model(tmp_
     said = []
     train(*_start(config, "streamed"), out=said.append)
     assert any("while loading, one dense block at a time (NF4)" in m for m in said)
-    monkeypatch.setattr(trainer, "loram_streams", lambda config: False)
+    monkeypatch.setattr(trainer, "loram_streams", lambda config, resume=False: False)
     train(*_start(config, "whole"), out=lambda m: None)
     runs = tmp_path / "runs"
     assert _losses(runs / "streamed") == _losses(runs / "whole")

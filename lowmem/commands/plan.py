@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(plan_json(plan, spec), indent=2))
     else:
         print(render(plan, spec, margin=safety_margin(config), criterion=config.loram.criterion,
-                     loram_streamed=loram_streams(config)))
+                     loram_streamed=loram_streams(config), loram_align=bool(config.loram.align_steps)))
     return 0
 
 
@@ -95,7 +95,7 @@ def plan_json(plan: Plan, spec: ModelSpec) -> dict[str, Any]:
 # ---------------------------------------------------------------- text
 
 def render(plan: Plan, spec: ModelSpec, margin: float | None = None, criterion: str = "taylor",
-           loram_streamed: bool = False) -> str:
+           loram_streamed: bool = False, loram_align: bool = False) -> str:
     """The plan, its breakdown table, the budget line and the rejected candidates."""
     b = plan.breakdown
     assert b is not None
@@ -103,7 +103,7 @@ def render(plan: Plan, spec: ModelSpec, margin: float | None = None, criterion: 
              f"{spec.hidden}, vocab {spec.vocab} ({spec.source or 'built-in'})",
              f"device    {plan.device} ({plan.compute_dtype} compute){_context_note(plan)}{_kernels_note(plan)}", ""]
     lines.append(f"plan      {plan.label}")
-    for key, value in _plan_rows(plan, spec, criterion, loram_streamed):
+    for key, value in _plan_rows(plan, spec, criterion, loram_streamed, loram_align):
         lines.append(f"  {key:<18}{value}")
     lines += ["", f"predicted peak ({b.phase} phase)"]
     width = max(len(format_size(getattr(b, t))) for t in MemoryBreakdown.TERMS)
@@ -155,8 +155,8 @@ def _kernels_note(plan: Plan) -> str:
 LORAM_PAPER_FACTOR = 15.81
 
 
-def _plan_rows(plan: Plan, spec: ModelSpec, criterion: str = "taylor",
-               loram_streamed: bool = False) -> list[tuple[str, str]]:
+def _plan_rows(plan: Plan, spec: ModelSpec, criterion: str = "taylor", loram_streamed: bool = False,
+               loram_align: bool = False) -> list[tuple[str, str]]:
     rows = [("method", plan.method)]
     base = plan.base_format + (" (double quantization)" if plan.base_format == "nf4" and plan.double_quant else "")
     rows.append(("base weights", base))
@@ -170,7 +170,7 @@ def _plan_rows(plan: Plan, spec: ModelSpec, criterion: str = "taylor",
                                 f"(params ratio x 16/{bits} bits, as the LoRAM paper counts; "
                                 f"the paper: {LORAM_PAPER_FACTOR}x for LLaMA-3.1-70B pruned 85% in NF4)"))
         if plan.method == "loram" and plan.device == "cuda":
-            rows.append(("prepare", _loram_prepare_note(plan, spec, criterion, loram_streamed)))
+            rows.append(("prepare", _loram_prepare_note(plan, spec, criterion, loram_streamed, loram_align)))
     if plan.lora_rank:
         rows.append(("adapters", f"LoRA rank {plan.lora_rank}, alpha {plan.lora_alpha:g}, "
                                  f"on {','.join(plan.lora_targets)}"))
@@ -188,28 +188,27 @@ def _plan_rows(plan: Plan, spec: ModelSpec, criterion: str = "taylor",
     return rows
 
 
-def _loram_prepare_note(plan: Plan, spec: ModelSpec, criterion: str, streamed: bool) -> str:
+def _loram_prepare_note(plan: Plan, spec: ModelSpec, criterion: str, streamed: bool, align: bool) -> str:
     """Where `lowmem train` will load and prune the dense model, and what that needs."""
     import psutil
 
     from lowmem import memory
 
+    stream = format_size(memory.loram_stream_bytes(spec, plan))
     if streamed:
-        return (f"pruned by magnitude while the weights load, one dense block at a time "
-                f"({format_size(memory.loram_stream_bytes(spec, plan))} beside the pruned model)")
-
+        return f"pruned by magnitude while the weights load, one dense block at a time ({stream} beside the pruned model)"
     host = psutil.virtual_memory().available
-    need = memory.loram_prepare_bytes(spec, plan, criterion)
-    where = memory.loram_prepare_device(spec, plan, criterion, host)
-    what = f"the dense model and its {criterion} scoring need {format_size(need)}"
+    need = memory.loram_prepare_bytes(spec, plan, criterion, align)
+    where = memory.loram_prepare_device(spec, plan, criterion, host, align)
+    what = f"the dense model and its {criterion} scoring{' and alignment' if align else ''} need {format_size(need)}"
     if where == "cuda":
         return f"{what}: pruned on the GPU, within the budget"
     if where == "cpu":
         return f"{what}: pruned on the host ({format_size(host)} RAM available here), then moved to the GPU"
     note = f"{what}: more than the GPU budget and this machine's RAM ({format_size(host)}); lowmem train will refuse"
-    if criterion != "magnitude":
-        note += (f" (loram.criterion=magnitude prunes while loading, one dense block "
-                 f"({format_size(memory.loram_stream_bytes(spec, plan))}) at a time)")
+    if criterion != "magnitude" or align:
+        note += (f" (loram.criterion=magnitude without loram.align_steps prunes while loading, one dense block "
+                 f"({stream}) at a time)")
     return note
 
 
