@@ -245,8 +245,25 @@ def prepare_loram_run(model: nn.Module, plan, config, train_examples, pad_id: in
 def streams(config, resume: bool = False) -> bool:
     """Whether a LoRAM run prunes while its weights load (`lowmem.prune.load_pruned_model`):
     a resumed run always does (its index map is saved: no scoring), a new one when magnitude
-    scores need no gradients and no alignment needs the dense pruned model."""
+    scores need no gradients and no alignment needs the dense pruned model. `config`'s
+    criterion is a resolved one (`resolve_criterion`), not "auto"."""
     return resume or (config.loram.criterion == "magnitude" and not config.loram.align_steps)
+
+
+def resolve_criterion(config, plan, spec, host_available: int) -> tuple[str, str]:
+    """(criterion, why) for a new LoRAM run: the config's own, or for "auto" taylor where the dense
+    model and its gradients fit the plan's GPU budget or `host_available` bytes of RAM, else magnitude."""
+    from lowmem import memory
+    from lowmem.config import format_size
+
+    chosen = config.loram.criterion
+    if chosen != "auto":
+        return chosen, "set"
+    align = bool(config.loram.align_steps)
+    if memory.loram_prepare_device(spec, plan, "taylor", host_available, align) is not None:
+        return "taylor", "auto: the dense model and its gradients fit"
+    need = memory.loram_prepare_bytes(spec, plan, "taylor", align)
+    return "magnitude", f"auto: taylor scoring would need {format_size(need)}, more than fits here"
 
 
 def load_streamed_loram(model_dir: Path, plan, config, device: str, dtype: torch.dtype, run_dir: Path,

@@ -798,6 +798,8 @@ def loram_prepare_bytes(spec: ModelSpec, plan: Any, criterion: str, align: bool 
                     c·P' + 3·c·P'_blocks             their gradients and two moments (in the
                     + activations + loss             weights' dtype), one micro-batch
     """
+    if criterion not in ("taylor", "magnitude"):
+        raise ValueError(f"criterion must be 'taylor' or 'magnitude' (resolve 'auto' first), got {criterion!r}")
     c = compute_bytes(plan)
     calibration = plan
     if dataclasses.is_dataclass(plan):

@@ -191,6 +191,8 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
     weight_dtype = torch.bfloat16 if dense in ("bf16", "bfloat16") else torch.float32
     nf4_targets = plan.lora_targets if plan.base_format == "nf4" else ()
     loram = plan.method == "loram"
+    if loram and not resume:
+        config = _with_loram_criterion(config, plan, out)
     streamed = loram and loram_streams(config, resume)
     if streamed:
         # Magnitude pruning while the weights load: one dense block at a time, then NF4.
@@ -329,6 +331,23 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
                        peak_rss=memstats.measure(device)["peak_rss"])
     out(f"run directory: {run_dir}  (peak memory {format_size(done['peak_rss'])} RSS)")
     return done
+
+
+def _with_loram_criterion(config: RunConfig, plan: Plan, out=print) -> RunConfig:
+    """`config` with loram.criterion resolved ("auto" becomes taylor or magnitude; see
+    lowmem.loram.resolve_criterion). The run directory keeps the config as given; the
+    index map records the criterion used."""
+    import dataclasses
+
+    import psutil
+
+    from lowmem.loram import resolve_criterion
+    from lowmem.spec import spec_for
+
+    criterion, why = resolve_criterion(config, plan, spec_for(config.model), psutil.virtual_memory().available)
+    if config.loram.criterion == "auto":
+        out(f"LoRAM: pruning by {criterion} ({why})")
+    return dataclasses.replace(config, loram=dataclasses.replace(config.loram, criterion=criterion))
 
 
 def loram_prepare_device(config: RunConfig, plan: Plan, out=print) -> str:

@@ -317,10 +317,10 @@ def test_a_loram_run_that_cannot_prune_anywhere_stops_before_loading_with_the_fi
     import psutil
 
     from lowmem import trainer
-    from lowmem.config import RunConfig
+    from lowmem.config import LoramConfig, RunConfig
     from lowmem.errors import ModelError
 
-    config = RunConfig(method="loram", model="llama-3.1-70b")
+    config = RunConfig(method="loram", model="llama-3.1-70b", loram=LoramConfig(criterion="taylor"))
     plan = _loram_plan(24)
     monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 64 * 2**30})())
     with pytest.raises(ModelError) as e:
@@ -411,3 +411,33 @@ def test_pruning_while_loading_quantizes_a_targeted_head_like_the_whole_path(tmp
     only_head = load_pruned_model(tmp_path, "cpu", torch.float32, layer_ratio_list(3, 0.5, 1, 1),
                                   nf4_targets=("lm_head",))
     assert isinstance(only_head.lm_head, NF4Linear)
+
+
+def test_auto_criterion_is_taylor_where_it_fits_and_magnitude_while_loading_elsewhere(monkeypatch):
+    """loram.criterion=auto (the default): taylor when the dense model and its gradients fit the GPU
+    budget or the host's RAM; magnitude, pruned while loading, when they do not."""
+    import dataclasses
+
+    from lowmem import trainer
+    from lowmem.config import RunConfig
+    from lowmem.loram import resolve_criterion, streams
+    from lowmem.spec import builtin_spec
+
+    config = RunConfig(method="loram", model="llama-3.1-70b")
+    assert config.loram.criterion == "auto"
+    plan = _loram_plan(24)
+    spec = builtin_spec("llama-3.1-70b")
+    criterion, why = resolve_criterion(config, plan, spec, host_available=64 * 2**30)
+    assert criterion == "magnitude" and "taylor scoring would need 531.20GiB" in why
+    assert resolve_criterion(config, plan, spec, host_available=2**50)[0] == "taylor"
+    taylor = dataclasses.replace(config, loram=dataclasses.replace(config.loram, criterion="taylor"))
+    assert resolve_criterion(taylor, plan, spec, host_available=0) == ("taylor", "set")
+    said = []
+    import psutil
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 64 * 2**30})())
+    resolved = trainer._with_loram_criterion(config, plan, out=said.append)
+    assert resolved.loram.criterion == "magnitude" and streams(resolved)
+    assert said == [f"LoRAM: pruning by magnitude ({why})"]
+    with pytest.raises(ValueError, match="resolve 'auto' first"):
+        from lowmem import memory
+        memory.loram_prepare_bytes(spec, plan, "auto")

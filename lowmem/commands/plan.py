@@ -12,11 +12,13 @@ preset or as key=value; the planner fills in the rest.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import Any
 
 from lowmem.commands import add_config_flags, config_from_args
 from lowmem.config import format_size, parse_overrides, read_yaml_layer, find_preset
+from lowmem.loram import resolve_criterion
 from lowmem.loram import streams as loram_streams
 from lowmem.memory import MemoryBreakdown
 from lowmem.planner import BudgetError, Plan, make_plan, safety_margin
@@ -78,8 +80,11 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(plan_json(plan, spec), indent=2))
     else:
-        print(render(plan, spec, margin=safety_margin(config), criterion=config.loram.criterion,
-                     loram_streamed=loram_streams(config), loram_align=bool(config.loram.align_steps)))
+        criterion, _ = resolve_criterion(config, plan, spec, _host_available())
+        resolved = dataclasses.replace(config, loram=dataclasses.replace(config.loram, criterion=criterion))
+        print(render(plan, spec, margin=safety_margin(config), criterion=criterion,
+                     loram_streamed=loram_streams(resolved), loram_align=bool(config.loram.align_steps),
+                     criterion_auto=config.loram.criterion == "auto"))
     return 0
 
 
@@ -95,7 +100,7 @@ def plan_json(plan: Plan, spec: ModelSpec) -> dict[str, Any]:
 # ---------------------------------------------------------------- text
 
 def render(plan: Plan, spec: ModelSpec, margin: float | None = None, criterion: str = "taylor",
-           loram_streamed: bool = False, loram_align: bool = False) -> str:
+           loram_streamed: bool = False, loram_align: bool = False, criterion_auto: bool = False) -> str:
     """The plan, its breakdown table, the budget line and the rejected candidates."""
     b = plan.breakdown
     assert b is not None
@@ -103,7 +108,7 @@ def render(plan: Plan, spec: ModelSpec, margin: float | None = None, criterion: 
              f"{spec.hidden}, vocab {spec.vocab} ({spec.source or 'built-in'})",
              f"device    {plan.device} ({plan.compute_dtype} compute){_context_note(plan)}{_kernels_note(plan)}", ""]
     lines.append(f"plan      {plan.label}")
-    for key, value in _plan_rows(plan, spec, criterion, loram_streamed, loram_align):
+    for key, value in _plan_rows(plan, spec, criterion, loram_streamed, loram_align, criterion_auto):
         lines.append(f"  {key:<18}{value}")
     lines += ["", f"predicted peak ({b.phase} phase)"]
     width = max(len(format_size(getattr(b, t))) for t in MemoryBreakdown.TERMS)
@@ -156,7 +161,7 @@ LORAM_PAPER_FACTOR = 15.81
 
 
 def _plan_rows(plan: Plan, spec: ModelSpec, criterion: str = "taylor", loram_streamed: bool = False,
-               loram_align: bool = False) -> list[tuple[str, str]]:
+               loram_align: bool = False, criterion_auto: bool = False) -> list[tuple[str, str]]:
     rows = [("method", plan.method)]
     base = plan.base_format + (" (double quantization)" if plan.base_format == "nf4" and plan.double_quant else "")
     rows.append(("base weights", base))
@@ -170,7 +175,9 @@ def _plan_rows(plan: Plan, spec: ModelSpec, criterion: str = "taylor", loram_str
                                 f"(params ratio x 16/{bits} bits, as the LoRAM paper counts; "
                                 f"the paper: {LORAM_PAPER_FACTOR}x for LLaMA-3.1-70B pruned 85% in NF4)"))
         if plan.method == "loram" and plan.device == "cuda":
-            rows.append(("prepare", _loram_prepare_note(plan, spec, criterion, loram_streamed, loram_align)))
+            note = _loram_prepare_note(plan, spec, criterion, loram_streamed, loram_align)
+            rows.append(("prepare", ("loram.criterion=auto chose " + criterion + "; " if criterion_auto else "")
+                         + note))
     if plan.lora_rank:
         rows.append(("adapters", f"LoRA rank {plan.lora_rank}, alpha {plan.lora_alpha:g}, "
                                  f"on {','.join(plan.lora_targets)}"))
@@ -188,16 +195,20 @@ def _plan_rows(plan: Plan, spec: ModelSpec, criterion: str = "taylor", loram_str
     return rows
 
 
-def _loram_prepare_note(plan: Plan, spec: ModelSpec, criterion: str, streamed: bool, align: bool) -> str:
-    """Where `lowmem train` will load and prune the dense model, and what that needs."""
+def _host_available() -> int:
     import psutil
 
+    return psutil.virtual_memory().available
+
+
+def _loram_prepare_note(plan: Plan, spec: ModelSpec, criterion: str, streamed: bool, align: bool) -> str:
+    """Where `lowmem train` will load and prune the dense model, and what that needs."""
     from lowmem import memory
 
     stream = format_size(memory.loram_stream_bytes(spec, plan))
     if streamed:
         return f"pruned by magnitude while the weights load, one dense block at a time ({stream} beside the pruned model)"
-    host = psutil.virtual_memory().available
+    host = _host_available()
     need = memory.loram_prepare_bytes(spec, plan, criterion, align)
     where = memory.loram_prepare_device(spec, plan, criterion, host, align)
     what = f"the dense model and its {criterion} scoring{' and alignment' if align else ''} need {format_size(need)}"
