@@ -358,10 +358,15 @@ def trainable_dtype_bytes(plan: Any) -> int:
 
 # ---------------------------------------------------------------- gradients
 
-def galore_targets(spec: ModelSpec) -> Tensors:
-    """2-D weights GaLore projects: every block linear (embeddings and head use 8-bit AdamW)."""
-    return [(shape, count) for count, block in spec.block_groups()
-            for shape in spec.linear_shapes(block).values()]
+def galore_targets(spec: ModelSpec, plan: Any = None) -> Tensors:
+    """2-D weights GaLore projects: every block linear, and the embeddings and an untied head
+    when the plan's `galore_embeddings` is set (else those use 8-bit AdamW)."""
+    targets = [(shape, count) for count, block in spec.block_groups()
+               for shape in spec.linear_shapes(block).values()]
+    if plan is not None and _get(plan, "galore_embeddings", False):
+        embeddings = 1 if spec.tied_embeddings else 2
+        targets += [((spec.vocab, spec.hidden), 1)] * embeddings   # listed as trainable_tensors lists them
+    return targets
 
 
 def galore_rank(spec: ModelSpec, plan: Any) -> int:
@@ -387,7 +392,7 @@ def gradient_bytes(spec: ModelSpec, plan: Any) -> int:
         peak = _max_numel(tensors) * b
         if _get(plan, "grad_accum", 1) > 1:
             r = galore_rank(spec, plan)
-            two_d = galore_targets(spec)
+            two_d = galore_targets(spec, plan)
             projected = sum(min(r, o, i) * max(o, i) * n for (o, i), n in two_d)
             others = _total_numel(tensors) - _total_numel(two_d)
             peak += 4 * projected + b * others
@@ -442,7 +447,7 @@ def optimizer_bytes(spec: ModelSpec, plan: Any) -> int:
     tensors = trainable_tensors(spec, plan)
     if plan.method == "galore":
         r = galore_rank(spec, plan)
-        two_d = galore_targets(spec)
+        two_d = galore_targets(spec, plan)
         p = trainable_dtype_bytes(plan)
         total = sum(galore_state_bytes(o, i, r, p) * n for (o, i), n in two_d)
         # The rest (norms, biases, embeddings, head): the linears are the block's

@@ -318,3 +318,25 @@ def test_build_optimizer_follows_the_plan(base_model):
                                                    galore_per_layer=True), config)
     assert isinstance(g, GaLoreAdamW8bit) and g.per_layer and g.param_groups[0]["rank"] == 16
     g.remove_hooks()
+
+
+@pytest.mark.parametrize("project_embeddings", [False, True])
+def test_the_planners_optimizer_term_counts_what_the_optimizer_holds(base_model, project_embeddings):
+    """memory.optimizer_bytes for a GaLore plan (galore.embeddings on or off) against the state
+    the optimizer really allocates on the same model."""
+    import dataclasses
+
+    from lowmem import memory
+    from lowmem.config import RunConfig
+    from lowmem.planner import plan_from_config
+    from lowmem.spec import from_hf_config
+
+    model = fresh(base_model)
+    rank = 40
+    opt = GaLoreAdamW8bit(model.named_parameters(), lr=1e-3, rank=rank, project_embeddings=project_embeddings)
+    backward(model, batch(1))
+    opt.step()
+    spec = from_hf_config(model.config.to_dict())
+    plan = dataclasses.replace(plan_from_config(RunConfig(method="galore", device="cpu")), galore_rank=rank,
+                               galore_embeddings=project_embeddings)
+    assert memory.optimizer_bytes(spec, plan) == opt.state_bytes()
