@@ -19,6 +19,7 @@ import contextlib
 import math
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -252,7 +253,8 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
                 steps=config.steps, start_step=step, seq_len=config.seq_len,
                 tokens_per_step=plan.tokens_per_step, trainable_params=n_trainable,
                 total_params=n_total, train_examples=len(data.train),
-                heldout_examples=len(data.heldout), pid=os.getpid(), resumed=resume, **gpu)
+                heldout_examples=len(data.heldout), pid=os.getpid(), host=socket.gethostname(), resumed=resume,
+                **gpu)
     out(f"{config.model}: {n_total / 1e6:.1f}M parameters, {n_trainable / 1e6:.2f}M trainable "
         f"({plan.method}{f', rank {plan.lora_rank}' if plan.lora_rank else ''}) on "
         f"{gpu.get('gpu', device)}"

@@ -600,3 +600,19 @@ async def test_a_live_tiny_cpu_training_run_updates_the_loss_chart(tmp_path, tin
             assert "step 6/6" in panel_text(app, ProgressStrip)
     finally:
         assert trainer.wait(timeout=120) == 0
+
+
+def test_a_trainer_on_another_host_is_read_not_declared_gone(tmp_path):
+    """A run directory on shared storage, trained elsewhere: its pid means nothing on this host, so the
+    dashboard follows the events without calling the trainer gone; a local dead pid is still gone."""
+    from lowmem.tui.reader import this_host
+
+    elsewhere = recorded_events(upto=3, finished=False, pid=dead_pid())
+    elsewhere[0]["host"] = this_host() + "-elsewhere"
+    reader = RunReader(write_recorded_run(tmp_path / "remote", elsewhere))
+    assert len(reader.poll().events) == 4
+    assert not reader.poll().trainer_gone and not reader.over
+    local = recorded_events(upto=3, finished=False, pid=dead_pid())
+    local[0]["host"] = this_host()
+    reader = RunReader(write_recorded_run(tmp_path / "local", local))
+    assert reader.poll().trainer_gone and reader.over

@@ -6,6 +6,7 @@ calls it from a worker thread and `lowmem monitor --no-tui` from a loop.
 
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,11 @@ def check_run_dir(run_dir: str | Path, *, require_run_files: bool = False) -> Pa
         raise LowmemError(f"{path} is not a run directory: it has no {EVENTS_FILE}, "
                           f"{CONFIG_FILE} or {PLAN_FILE}")
     return path
+
+
+def this_host() -> str:
+    """The name a trainer records in its `start` event (`host`), to tell a local run from a remote one."""
+    return socket.gethostname()
 
 
 def trainer_alive(pid: int, started_t: float | None) -> bool:
@@ -76,7 +82,7 @@ class RunReader:
         self.check_trainer = check_trainer
         self.offset = 0
         self._mtimes: dict[str, float] = {}
-        self._pid: int | None = None
+        self._pid: int | None = None      # the trainer's pid, when it runs on this host
         self._start_t: float | None = None
         self._done = False            # `done` seen after the last `start`
         self._error = False           # `error` seen after the last `start`
@@ -106,7 +112,11 @@ class RunReader:
         for event in events:
             kind = event.get("kind")
             if kind == "start":
-                self._pid = event.get("pid")
+                # A trainer on another host (a run directory on shared storage) has a pid that
+                # means nothing here: it cannot be watched, only read. Runs from before `host`
+                # was recorded count as local.
+                local = event.get("host") in (None, this_host())
+                self._pid = event.get("pid") if local else None
                 self._start_t = event.get("t")
                 self._done = self._error = self._gone = False
             elif kind == "done":
