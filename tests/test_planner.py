@@ -377,3 +377,19 @@ def test_a_loram_plan_says_where_its_dense_model_is_pruned_and_what_that_needs(m
     _, out = run_plan(["--model", "llama-3.1-70b", "--vram", "24G", "loram.criterion=magnitude"], capsys)
     line = next(l for l in out.splitlines() if l.strip().startswith("prepare"))
     assert "pruned by magnitude while the weights load, one dense block at a time (3.62GiB" in line
+
+
+def test_plan_json_carries_the_loram_preparation(monkeypatch, capsys):
+    import psutil
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 64 * 2**30})())
+    _, out = run_plan(["--model", "llama-3.1-70b", "--vram", "24G", "--json"], capsys)
+    prepare = json.loads(out)["loram_prepare"]
+    assert prepare["criterion"] == "magnitude" and prepare["chosen"].startswith("auto: taylor scoring would need")
+    assert prepare["streamed"] and prepare["where"] == "cuda" and prepare["host_available"] == 64 * 2**30
+    _, out = run_plan(["--model", "llama-3.1-70b", "--vram", "24G", "--json", "loram.criterion=taylor"], capsys)
+    prepare = json.loads(out)["loram_prepare"]
+    assert (prepare["chosen"], prepare["streamed"], prepare["where"]) == ("set", False, None)
+    assert prepare["bytes"] > 500 * 2**30
+    _, out = run_plan(["--model", "llama-3.1-8b", "--vram", "24G", "--json"], capsys)
+    assert "loram_prepare" not in json.loads(out)                       # a LoRA plan

@@ -77,30 +77,53 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps({"model": spec.to_dict(), "error": str(e)}, indent=2))
             return 1
         raise
+    prepare = loram_prepare(plan, spec, config)
     if args.json:
-        print(json.dumps(plan_json(plan, spec), indent=2))
+        print(json.dumps(plan_json(plan, spec, prepare), indent=2))
     else:
-        criterion, _ = resolve_criterion(config, plan, spec, _host_available())
-        resolved = dataclasses.replace(config, loram=dataclasses.replace(config.loram, criterion=criterion))
-        print(render(plan, spec, margin=safety_margin(config), criterion=criterion,
-                     loram_streamed=loram_streams(resolved), loram_align=bool(config.loram.align_steps),
-                     criterion_auto=config.loram.criterion == "auto"))
+        print(render(plan, spec, margin=safety_margin(config), prepare=prepare))
     return 0
 
 
-def plan_json(plan: Plan, spec: ModelSpec) -> dict[str, Any]:
+def plan_json(plan: Plan, spec: ModelSpec, prepare: dict[str, Any] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"model": spec.to_dict(), "plan": plan.to_dict()}
     if plan.vram is not None and plan.breakdown is not None:
         out["budget"] = {"vram": plan.vram, "safety_margin": plan.safety_margin,
                          "usable": plan.usable, "total": plan.breakdown.total,
                          "spare": plan.usable - plan.breakdown.total}
+    if prepare is not None:
+        out["loram_prepare"] = prepare
     return out
+
+
+def loram_prepare(plan: Plan, spec: ModelSpec, config) -> dict[str, Any] | None:
+    """For a LoRAM plan on CUDA: how `lowmem train` would prepare its pruned base on this machine.
+
+    criterion (resolved), chosen ("set" or why auto chose it), streamed (pruned while loading),
+    align, where ("cuda", "cpu" or None: nowhere, train refuses), bytes it needs, and the
+    host RAM available here; None for other plans.
+    """
+    from lowmem import memory
+
+    if plan.method != "loram" or plan.device != "cuda":
+        return None
+    host = _host_available()
+    criterion, chosen = resolve_criterion(config, plan, spec, host)
+    align = bool(config.loram.align_steps)
+    resolved = dataclasses.replace(config, loram=dataclasses.replace(config.loram, criterion=criterion))
+    info: dict[str, Any] = {"criterion": criterion, "chosen": chosen, "streamed": loram_streams(resolved),
+                            "align": align, "host_available": host}
+    if info["streamed"]:
+        info.update(where=plan.device, bytes=memory.loram_stream_bytes(spec, plan))
+    else:
+        info.update(where=memory.loram_prepare_device(spec, plan, criterion, host, align),
+                    bytes=memory.loram_prepare_bytes(spec, plan, criterion, align))
+    return info
 
 
 # ---------------------------------------------------------------- text
 
-def render(plan: Plan, spec: ModelSpec, margin: float | None = None, criterion: str = "taylor",
-           loram_streamed: bool = False, loram_align: bool = False, criterion_auto: bool = False) -> str:
+def render(plan: Plan, spec: ModelSpec, margin: float | None = None, prepare: dict[str, Any] | None = None) -> str:
     """The plan, its breakdown table, the budget line and the rejected candidates."""
     b = plan.breakdown
     assert b is not None
@@ -108,7 +131,7 @@ def render(plan: Plan, spec: ModelSpec, margin: float | None = None, criterion: 
              f"{spec.hidden}, vocab {spec.vocab} ({spec.source or 'built-in'})",
              f"device    {plan.device} ({plan.compute_dtype} compute){_context_note(plan)}{_kernels_note(plan)}", ""]
     lines.append(f"plan      {plan.label}")
-    for key, value in _plan_rows(plan, spec, criterion, loram_streamed, loram_align, criterion_auto):
+    for key, value in _plan_rows(plan, spec, prepare):
         lines.append(f"  {key:<18}{value}")
     lines += ["", f"predicted peak ({b.phase} phase)"]
     width = max(len(format_size(getattr(b, t))) for t in MemoryBreakdown.TERMS)
@@ -160,8 +183,7 @@ def _kernels_note(plan: Plan) -> str:
 LORAM_PAPER_FACTOR = 15.81
 
 
-def _plan_rows(plan: Plan, spec: ModelSpec, criterion: str = "taylor", loram_streamed: bool = False,
-               loram_align: bool = False, criterion_auto: bool = False) -> list[tuple[str, str]]:
+def _plan_rows(plan: Plan, spec: ModelSpec, prepare: dict[str, Any] | None = None) -> list[tuple[str, str]]:
     rows = [("method", plan.method)]
     base = plan.base_format + (" (double quantization)" if plan.base_format == "nf4" and plan.double_quant else "")
     rows.append(("base weights", base))
@@ -174,10 +196,8 @@ def _plan_rows(plan: Plan, spec: ModelSpec, criterion: str = "taylor", loram_str
                                 f"{pruned.params:,} parameters; reduction {factor:.2f}x "
                                 f"(params ratio x 16/{bits} bits, as the LoRAM paper counts; "
                                 f"the paper: {LORAM_PAPER_FACTOR}x for LLaMA-3.1-70B pruned 85% in NF4)"))
-        if plan.method == "loram" and plan.device == "cuda":
-            note = _loram_prepare_note(plan, spec, criterion, loram_streamed, loram_align)
-            rows.append(("prepare", ("loram.criterion=auto chose " + criterion + "; " if criterion_auto else "")
-                         + note))
+        if prepare is not None:
+            rows.append(("prepare", _loram_prepare_note(plan, spec, prepare)))
     if plan.lora_rank:
         rows.append(("adapters", f"LoRA rank {plan.lora_rank}, alpha {plan.lora_alpha:g}, "
                                  f"on {','.join(plan.lora_targets)}"))
@@ -201,23 +221,24 @@ def _host_available() -> int:
     return psutil.virtual_memory().available
 
 
-def _loram_prepare_note(plan: Plan, spec: ModelSpec, criterion: str, streamed: bool, align: bool) -> str:
+def _loram_prepare_note(plan: Plan, spec: ModelSpec, prepare: dict[str, Any]) -> str:
     """Where `lowmem train` will load and prune the dense model, and what that needs."""
     from lowmem import memory
 
+    criterion, host = prepare["criterion"], format_size(prepare["host_available"])
+    auto = f"loram.criterion=auto chose {criterion}; " if prepare["chosen"] != "set" else ""
     stream = format_size(memory.loram_stream_bytes(spec, plan))
-    if streamed:
-        return f"pruned by magnitude while the weights load, one dense block at a time ({stream} beside the pruned model)"
-    host = _host_available()
-    need = memory.loram_prepare_bytes(spec, plan, criterion, align)
-    where = memory.loram_prepare_device(spec, plan, criterion, host, align)
-    what = f"the dense model and its {criterion} scoring{' and alignment' if align else ''} need {format_size(need)}"
-    if where == "cuda":
+    if prepare["streamed"]:
+        return (f"{auto}pruned by magnitude while the weights load, one dense block at a time "
+                f"({stream} beside the pruned model)")
+    what = (f"{auto}the dense model and its {criterion} scoring{' and alignment' if prepare['align'] else ''} "
+            f"need {format_size(prepare['bytes'])}")
+    if prepare["where"] == "cuda":
         return f"{what}: pruned on the GPU, within the budget"
-    if where == "cpu":
-        return f"{what}: pruned on the host ({format_size(host)} RAM available here), then moved to the GPU"
-    note = f"{what}: more than the GPU budget and this machine's RAM ({format_size(host)}); lowmem train will refuse"
-    if criterion != "magnitude" or align:
+    if prepare["where"] == "cpu":
+        return f"{what}: pruned on the host ({host} RAM available here), then moved to the GPU"
+    note = f"{what}: more than the GPU budget and this machine's RAM ({host}); lowmem train will refuse"
+    if criterion != "magnitude" or prepare["align"]:
         note += (f" (loram.criterion=magnitude without loram.align_steps prunes while loading, one dense block "
                  f"({stream}) at a time)")
     return note
