@@ -426,19 +426,20 @@ def unavailable_reason(index: int) -> str | None:
     return None
 
 
-def planning_reason() -> str | None:
-    """Why a CUDA run from this machine would not get its kernels, or None (what the planner assumes).
+def planning_reason(index: int = 0) -> str | None:
+    """Why a CUDA run on device `index` of this machine would not get its kernels, or None: what
+    the planner assumes (runs train on device 0) and what a run reports in its `start` event.
 
-    "LOWMEM_KERNELS=0" when they are turned off; `unavailable_reason(0)` when this
-    machine has a CUDA device (runs train on the first one). A machine without a
-    CUDA device is planning for another one, which is assumed to have a driver for
-    lowmem's NVRTC. Creates no CUDA context.
+    "LOWMEM_KERNELS=0" when they are turned off; `unavailable_reason(index)` when this
+    machine has a CUDA device. A machine without a CUDA device is planning for
+    another one, which is assumed to have a driver for lowmem's NVRTC. Creates no
+    CUDA context.
     """
     if not kernels_enabled():
         return "LOWMEM_KERNELS=0"
     if not torch.cuda.is_available():
         return None
-    return unavailable_reason(0)
+    return unavailable_reason(index)
 
 
 def disable(index: int, reason: str) -> None:

@@ -3,8 +3,9 @@
 `events.jsonl` — written by the trainer only, append-only, one JSON object per
 line, each with `t` (unix seconds) and `kind`:
 
-    start       run, model, method, device, steps, seq_len, tokens_per_step, pid; on CUDA
-                also gpu (name, arch, memory) and context_bytes (measured CUDA context)
+    start       run, model, method, device, steps, seq_len, tokens_per_step, pid, host
+                (`this_host()`: whose pid it is); on CUDA also gpu (name, arch, memory),
+                context_bytes (measured CUDA context) and kernels ("on", or why not)
     step        step, steps, loss, lr, grad_norm, tokens, tokens_per_s, elapsed_s, eta_s,
                 mem: {allocated, reserved, peak, rss, device_free, device_total, outside}
                 (bytes; absent fields are unknown on this device)
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -53,6 +55,12 @@ class EventLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+def this_host() -> str:
+    """The host name a trainer records in its `start` event, so a reader can tell a local
+    trainer (whose pid it can watch) from one on another machine."""
+    return socket.gethostname()
 
 
 def _jsonable(obj: Any) -> Any:

@@ -59,8 +59,7 @@ def gpu_facts(device: str) -> dict:
     from lowmem.kernels import runtime
 
     index = torch.cuda.current_device()
-    reason = "LOWMEM_KERNELS=0" if not runtime.kernels_enabled() else runtime.unavailable_reason(index)
-    facts = {"kernels": reason or "on"}
+    facts = {"kernels": runtime.planning_reason(index) or "on"}
     try:
         info = probes.device_info(index)
         context = probes.context_bytes(index)

@@ -19,7 +19,6 @@ import contextlib
 import math
 import os
 import signal
-import socket
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -34,7 +33,7 @@ from lowmem.config import RunConfig, format_size
 from lowmem.data import BatchStream, load_datasets
 from lowmem.errors import CheckpointError, ConfigError, ModelError
 from lowmem.evaluate import autocast_for, evaluate
-from lowmem.events import ControlReader, EventLog
+from lowmem.events import ControlReader, EventLog, this_host
 from lowmem.loss import causal_lm_loss, count_targets
 from lowmem.offload import OffloadActivations
 from lowmem.lora import save_adapter
@@ -253,7 +252,7 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
                 steps=config.steps, start_step=step, seq_len=config.seq_len,
                 tokens_per_step=plan.tokens_per_step, trainable_params=n_trainable,
                 total_params=n_total, train_examples=len(data.train),
-                heldout_examples=len(data.heldout), pid=os.getpid(), host=socket.gethostname(), resumed=resume,
+                heldout_examples=len(data.heldout), pid=os.getpid(), host=this_host(), resumed=resume,
                 **gpu)
     out(f"{config.model}: {n_total / 1e6:.1f}M parameters, {n_trainable / 1e6:.2f}M trainable "
         f"({plan.method}{f', rank {plan.lora_rank}' if plan.lora_rank else ''}) on "

@@ -345,6 +345,7 @@ def test_a_cuda_run_reports_whether_its_kernels_run(monkeypatch, tmp_path):
     h100 = device.DeviceInfo(0, "NVIDIA H100 80GB HBM3", (9, 0), 80 * 2**30)
     monkeypatch.setenv("LOWMEM_CACHE", str(tmp_path))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(device, "device_info", lambda index=0: h100)
     monkeypatch.setattr(device, "context_bytes", lambda index=0: 400 * 2**20)
     monkeypatch.setattr(runtime, "unavailable_reason", lambda index: None)

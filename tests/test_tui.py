@@ -605,7 +605,7 @@ async def test_a_live_tiny_cpu_training_run_updates_the_loss_chart(tmp_path, tin
 def test_a_trainer_on_another_host_is_read_not_declared_gone(tmp_path):
     """A run directory on shared storage, trained elsewhere: its pid means nothing on this host, so the
     dashboard follows the events without calling the trainer gone; a local dead pid is still gone."""
-    from lowmem.tui.reader import this_host
+    from lowmem.events import this_host
 
     elsewhere = recorded_events(upto=3, finished=False, pid=dead_pid())
     elsewhere[0]["host"] = this_host() + "-elsewhere"

@@ -6,7 +6,6 @@ calls it from a worker thread and `lowmem monitor --no-tui` from a loop.
 
 from __future__ import annotations
 
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,7 @@ import psutil
 import yaml
 
 from lowmem.errors import LowmemError
-from lowmem.events import EVENTS_FILE, read_jsonl_tail
+from lowmem.events import EVENTS_FILE, read_jsonl_tail, this_host
 
 CONFIG_FILE = "config.yaml"
 PLAN_FILE = "plan.yaml"
@@ -37,11 +36,6 @@ def check_run_dir(run_dir: str | Path, *, require_run_files: bool = False) -> Pa
         raise LowmemError(f"{path} is not a run directory: it has no {EVENTS_FILE}, "
                           f"{CONFIG_FILE} or {PLAN_FILE}")
     return path
-
-
-def this_host() -> str:
-    """The name a trainer records in its `start` event (`host`), to tell a local run from a remote one."""
-    return socket.gethostname()
 
 
 def trainer_alive(pid: int, started_t: float | None) -> bool:
