@@ -30,14 +30,12 @@ def run_side(side: str, ratio: float, nf4: bool) -> dict:
     import torch
 
     from lowmem.model import load_model, resolve_model_dir
-    from lowmem.prune import layer_ratio_list, load_pruned_model, prune
+    from lowmem.prune import load_pruned_model, prune
 
     model_dir = resolve_model_dir("smollm2-135m", log=lambda m: None)
-    layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
     start = time.perf_counter()
     if side == "streamed":
-        model = load_pruned_model(model_dir, "cpu", torch.float32, layer_ratio_list(layers, ratio),
-                                  nf4_targets=TARGETS if nf4 else ())
+        model = load_pruned_model(model_dir, "cpu", torch.float32, ratio, nf4_targets=TARGETS if nf4 else ())
         index_map = model.loram_index_map
     else:
         model, _, _ = load_model(str(model_dir), "cpu", torch.float32, log=lambda m: None)

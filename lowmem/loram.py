@@ -273,19 +273,19 @@ def load_streamed_loram(model_dir: Path, plan, config, device: str, dtype: torch
     then its aligned weights when it was aligned (quantizing only after those are in)."""
     from safetensors.torch import load_model
 
-    from lowmem.prune import layer_ratio_list, load_pruned_model
+    from lowmem.prune import load_pruned_model
 
     cfg = config.loram
     run_dir = Path(run_dir)
     index_path, aligned_path = run_dir / INDEX_MAP_FILE, run_dir / ALIGNED_BASE_FILE
-    layers = spec_layers(model_dir)
-    ratios = layer_ratio_list(layers, plan.prune_ratio, plan.prune_keep_first, plan.prune_keep_last,
-                              {i: r for i, r in enumerate(cfg.layer_ratios)} or None)
     index_map = IndexMap.load(index_path) if resume else None
     aligned = resume and aligned_path.is_file()
     nf4 = plan.lora_targets if plan.base_format == "nf4" else ()
-    model = load_pruned_model(model_dir, device, dtype, ratios, index_map=index_map,
-                              nf4_targets=() if aligned else nf4, double_quant=plan.double_quant)
+    model = load_pruned_model(model_dir, device, dtype, plan.prune_ratio, keep_first=plan.prune_keep_first,
+                              keep_last=plan.prune_keep_last,
+                              layer_ratios={i: r for i, r in enumerate(cfg.layer_ratios)} or None,
+                              index_map=index_map, nf4_targets=() if aligned else nf4,
+                              double_quant=plan.double_quant)
     index_map = model.loram_index_map
     if aligned:
         load_model(model, str(aligned_path), device=str(device))
@@ -300,10 +300,3 @@ def load_streamed_loram(model_dir: Path, plan, config, device: str, dtype: torch
     log(f"LoRAM: pruned {pruned} of {index_map.layers} blocks {how} while loading, one dense block at a "
         f"time{' (NF4)' if nf4 else ''}: {index_map.params_removed():,} weights removed")
     return model
-
-
-def spec_layers(model_dir: Path) -> int:
-    """The number of blocks of the model in `model_dir` (its config.json)."""
-    import json
-
-    return int(json.loads((Path(model_dir) / "config.json").read_text())["num_hidden_layers"])

@@ -385,10 +385,13 @@ def masked_copy_reference(model: nn.Module, index_map: IndexMap) -> nn.Module:
 
 # ---------------------------------------------------------------- pruning while the weights stream in
 
-def load_pruned_model(model_dir: Path, device: str, dtype: torch.dtype, ratios: list[float], *,
+def load_pruned_model(model_dir: Path, device: str, dtype: torch.dtype, ratio: float, *, keep_first: int = 1,
+                      keep_last: int = 1, layer_ratios: dict[int, float] | None = None,
                       index_map: IndexMap | None = None, nf4_targets: tuple[str, ...] = (),
                       double_quant: bool = True) -> nn.Module:
     """A causal LM from a safetensors folder, pruned by magnitude block by block as its weights are read.
+
+    `ratio`, `keep_first`, `keep_last` and `layer_ratios` mean what they mean for `prune`.
 
     The dense model never exists: tensors are read one at a time, in name order
     (lowmem.quant.skeleton), so a block's tensors arrive together whatever the
@@ -411,8 +414,7 @@ def load_pruned_model(model_dir: Path, device: str, dtype: torch.dtype, ratios: 
     config = model.config
     _, n_heads, n_kv, head_dim, inter = _shape_of(config)
     blocks = _blocks(model)
-    if len(ratios) != len(blocks):
-        raise ValueError(f"{len(ratios)} prune ratios for a model of {len(blocks)} blocks")
+    ratios = layer_ratio_list(len(blocks), ratio, keep_first, keep_last, layer_ratios)
     prefixes = {name + ".": i for name, module in model.named_modules() for i, b in enumerate(blocks)
                 if module is b}
     # Per block, the linear tensors still to come ("self_attn.q_proj.weight", ...; biases where present).
@@ -450,8 +452,8 @@ def load_pruned_model(model_dir: Path, device: str, dtype: torch.dtype, ratios: 
         block = blocks[i]                                   # every linear of block i is here: prune it
         if index_map is not None:
             keep[i] = index_map.layer(i)
-        else:
-            scores = _unit_scores(block, lambda lin: lin.weight.abs(), n_heads, n_kv, head_dim)
+        else:                                               # a block kept whole needs no scores
+            scores = _unit_scores(block, lambda lin: lin.weight.abs(), n_heads, n_kv, head_dim) if ratios[i] else {}
             keep[i] = keep_block(i, scores, ratios[i], n_heads, n_kv, inter)
         cut_block(block, _index_map(config, keep, ratios, "magnitude"), i)
         if nf4_targets:

@@ -101,17 +101,17 @@ def read_tensors(files: list[Path], *, in_name_order: bool = False) -> Iterator[
     all files sorted by `natural_key`, so every block's tensors arrive together and
     blocks arrive in order, however the checkpoint was sharded (seeking between files).
     """
-    entries = []
-    for path in files:
+    entries = []                          # (file number, path, name, entry, data start)
+    for number, path in enumerate(files):
         header, start = _header(path)
-        entries += [(path, key, info, start) for key, info in header.items()]
+        entries += [(number, path, key, info, start) for key, info in header.items()]
     if in_name_order:
-        entries.sort(key=lambda e: natural_key(e[1]))
+        entries.sort(key=lambda e: natural_key(e[2]))
     else:
-        entries.sort(key=lambda e: (files.index(e[0]), e[2]["data_offsets"][0]))
+        entries.sort(key=lambda e: (e[0], e[3]["data_offsets"][0]))
     handles: dict[Path, object] = {}
     try:
-        for path, key, info, start in entries:
+        for _, path, key, info, start in entries:
             if path not in handles:
                 handles[path] = open(path, "rb", buffering=0)
             yield key, _read_one(handles[path], path, key, info, start)

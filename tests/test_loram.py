@@ -368,8 +368,7 @@ def test_pruning_while_loading_a_sharded_checkpoint_holds_one_block_at_a_time(tm
     assert len(files) > 3
     blocks = [int(k.split(".")[2]) for k, _ in read_tensors(files, in_name_order=True) if ".layers." in k]
     assert blocks == sorted(blocks)                     # block 2 before block 10, each block contiguous
-    ratios = layer_ratio_list(12, 0.5, 1, 1)
-    streamed = load_pruned_model(tmp_path, "cpu", torch.float32, ratios)
+    streamed = load_pruned_model(tmp_path, "cpu", torch.float32, 0.5)
     whole = copy.deepcopy(model)
     index_map = prune(whole, 0.5, criterion="magnitude")
     assert streamed.loram_index_map == index_map
@@ -401,15 +400,14 @@ def test_pruning_while_loading_quantizes_a_targeted_head_like_the_whole_path(tmp
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
     model.save_pretrained(tmp_path)
     targets = ("q_proj", "lm_head")
-    streamed = load_pruned_model(tmp_path, "cpu", torch.float32, layer_ratio_list(3, 0.5, 1, 1), nf4_targets=targets)
+    streamed = load_pruned_model(tmp_path, "cpu", torch.float32, 0.5, nf4_targets=targets)
     whole = copy.deepcopy(model)
     prune(whole, 0.5, criterion="magnitude")
     quantize_linears(whole, targets, torch.float32)
     assert isinstance(streamed.lm_head, NF4Linear) and isinstance(streamed.model.layers[1].self_attn.q_proj, NF4Linear)
     x = torch.randint(0, 512, (1, 6))
     torch.testing.assert_close(streamed(x).logits, whole.eval()(x).logits)
-    only_head = load_pruned_model(tmp_path, "cpu", torch.float32, layer_ratio_list(3, 0.5, 1, 1),
-                                  nf4_targets=("lm_head",))
+    only_head = load_pruned_model(tmp_path, "cpu", torch.float32, 0.5, nf4_targets=("lm_head",))
     assert isinstance(only_head.lm_head, NF4Linear)
 
 
