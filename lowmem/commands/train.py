@@ -122,9 +122,7 @@ def launch(run_dir: Path, *, resume: bool, no_tui: bool) -> int:
 
 
 def train_here(run_dir: Path, resume: bool) -> int:
-    from lowmem.trainer import train
-
-    from lowmem.trainer import read_run_files
+    from lowmem.trainer import read_run_files, train
 
     config, plan = read_run_files(run_dir)
     done = train(config, plan, run_dir, resume=resume)
