@@ -266,6 +266,18 @@ def resolve_criterion(config, plan, spec, host_available: int) -> tuple[str, str
     return "magnitude", f"auto: taylor scoring would need {format_size(need)}, more than fits here"
 
 
+def _saved_index_map(path: Path) -> IndexMap:
+    """A resumed run's index map; CheckpointError naming the file when it is missing or damaged."""
+    from lowmem.errors import CheckpointError
+
+    try:
+        return IndexMap.load(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: cannot read this LoRAM run's index map ({type(e).__name__}: {e}); it "
+                              f"records which heads and channels the run pruned, so the run cannot resume "
+                              f"without it: start a new run") from None
+
+
 def load_streamed_loram(model_dir: Path, plan, config, device: str, dtype: torch.dtype, run_dir: Path,
                         resume: bool, log=print) -> nn.Module:
     """The LoRAM base of a run that `streams`: pruned block by block as it loads, NF4 when the
@@ -278,7 +290,7 @@ def load_streamed_loram(model_dir: Path, plan, config, device: str, dtype: torch
     cfg = config.loram
     run_dir = Path(run_dir)
     index_path, aligned_path = run_dir / INDEX_MAP_FILE, run_dir / ALIGNED_BASE_FILE
-    index_map = IndexMap.load(index_path) if resume else None
+    index_map = _saved_index_map(index_path) if resume else None
     aligned = resume and aligned_path.is_file()
     nf4 = plan.lora_targets if plan.base_format == "nf4" else ()
     model = load_pruned_model(model_dir, device, dtype, plan.prune_ratio, keep_first=plan.prune_keep_first,

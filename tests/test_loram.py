@@ -439,3 +439,19 @@ def test_auto_criterion_is_taylor_where_it_fits_and_magnitude_while_loading_else
     with pytest.raises(ValueError, match="resolve 'auto' first"):
         from lowmem import memory
         memory.loram_prepare_bytes(spec, plan, "auto")
+
+
+@pytest.mark.parametrize("damage", ["missing", "malformed"])
+def test_a_resume_without_a_readable_index_map_names_the_file(tmp_path, damage):
+    from lowmem.config import RunConfig
+    from lowmem.errors import CheckpointError
+    from lowmem.loram import load_streamed_loram
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    if damage == "malformed":
+        (run_dir / INDEX_MAP_FILE).write_text("{bad")
+    with pytest.raises(CheckpointError, match=rf"{INDEX_MAP_FILE}: cannot read this LoRAM run's index map"
+                                              r".*start a new run"):
+        load_streamed_loram(tmp_path, plan=None, config=RunConfig(method="loram"), device="cpu", dtype=torch.float32,
+                            run_dir=run_dir, resume=True)
