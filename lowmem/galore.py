@@ -67,6 +67,7 @@ These are the terms of `lowmem.memory.galore_state_bytes`, `adamw_state_bytes`,
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Iterable
 
 import torch
@@ -209,8 +210,17 @@ class GaLoreAdamW8bit(torch.optim.Optimizer):
         self._norm_sq: list[torch.Tensor] = []
         self._hooks = []
         if per_layer:
+            # The hooks reach the optimizer weakly: a parameter's hook must not keep its
+            # optimizer (and through it every parameter and state) alive after the run drops it.
+            on_gradient = weakref.WeakMethod(self._on_gradient)
+
+            def hook(p: nn.Parameter) -> None:
+                method = on_gradient()
+                if method is not None:
+                    method(p)
+
             for p in self._group_of:
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._on_gradient))
+                self._hooks.append(p.register_post_accumulate_grad_hook(hook))
 
     # ------------------------------------------------------------ the training loop's calls
 

@@ -247,6 +247,26 @@ def test_per_layer_mode_clips_each_tensor_and_reports_the_norm(base_model):
         assert float(m.norm()) == pytest.approx((1 - B1) * min(float(norms[name]), 0.01), rel=1e-3)
 
 
+def test_a_dropped_per_layer_optimizer_frees_its_states_and_stops_updating(base_model):
+    """The gradient hooks must not keep the optimizer (and every state it holds) alive."""
+    import gc
+    import weakref
+
+    model = fresh(base_model)
+    opt = GaLoreAdamW8bit(model.named_parameters(), lr=1e-3, rank=8, per_layer=True)
+    backward(model, batch(1))
+    opt.step()
+    alive = weakref.ref(opt)
+    del opt
+    gc.collect()
+    assert alive() is None
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    backward(model, batch(1))                   # the hooks still fire, and do nothing
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
 # ---------------------------------------------------------------- checkpoints and bytes
 
 def test_state_dict_round_trip_resumes_exactly(base_model):
