@@ -688,8 +688,10 @@ def logits_bytes(spec: ModelSpec, plan: Any) -> int:
                                      head its gradient's sum and one chunk's share]. k = c
                                      with the CUDA kernel (lowmem.kernels.cross_entropy: the
                                      logits in the compute dtype, overwritten by their
-                                     gradient); k = 12 + c with the reference (the logits
-                                     and three fp32 buffers beside them)
+                                     gradient); k = c + 4 + f with the reference (the
+                                     logits, their fp32 log-probabilities or softmax, and
+                                     f = 4 for their fp32 copy when c < 4, else 0;
+                                     measured on the CPU by lowmem.measure: 8 at c = 4)
     t is the trained head's dtype size (trainable_dtype_bytes).
     """
     n = plan.micro_batch * plan.seq_len
@@ -698,7 +700,7 @@ def logits_bytes(spec: ModelSpec, plan: Any) -> int:
     chunk = _get(plan, "loss_chunk", 0)
     if chunk:
         chunk = min(chunk, n)
-        per_logit = c if kernels_run(plan) else 12 + c
+        per_logit = c if kernels_run(plan) else c + 4 + (4 if c < 4 else 0)
         return (per_logit * chunk * spec.vocab + c * n * spec.hidden + saved_loss_bytes(spec, plan)
                 + head * (trainable_dtype_bytes(plan) + c))
     if kernels_run(plan):
@@ -857,6 +859,8 @@ def predict(spec: ModelSpec, plan: "Plan") -> MemoryBreakdown:
                   + the head's gradient (full training)      (the last block's backward)
     backward-end= static + all gradients + one block's backward buffers + dequant
                   + cuBLAS [+ GaLore's update workspace]     (the first block's backward)
+                  [+ 2·V·h·t: per-layer GaLore, tied embeddings: the embedding's gradient
+                  and its sum with the head's, which waited for it]
     optimizer   = static + all gradients + the step's temporaries
     peak        = the largest, plus overhead (CUDA context + fragmentation)
 
@@ -878,8 +882,14 @@ def predict(spec: ModelSpec, plan: "Plan") -> MemoryBreakdown:
 
     kept = grads if _get(plan, "grad_accum", 1) > 1 else 0
     head_grad = spec.vocab * spec.hidden * trainable_dtype_bytes(plan) if _is_full(plan) else 0
+    tied_sum = 0
     if plan.method == "galore" and _get(plan, "galore_per_layer", True):
-        head_grad = 0  # the per-layer update frees it at once; gradient_bytes holds the largest
+        if spec.tied_embeddings:
+            # One parameter gets two gradients: the head's waits for the embedding's (the
+            # per-layer update runs once both are summed), and the sum is a third tensor.
+            tied_sum = 2 * head_grad
+        else:
+            head_grad = 0  # the per-layer update frees it at once; gradient_bytes holds the largest
     phases = [
         ("forward", dict(grads=kept, activations=saved, logits=logits_bytes(spec, plan),
                          temporaries=dequant + workspace)),
@@ -887,7 +897,7 @@ def predict(spec: ModelSpec, plan: "Plan") -> MemoryBreakdown:
                           temporaries=block_bwd + dequant + workspace)),
         ("backward-end", dict(grads=grads, activations=0, logits=0,
                               temporaries=block_bwd + dequant + workspace
-                              + galore_workspace_bytes(spec, plan))),
+                              + galore_workspace_bytes(spec, plan) + tied_sum)),
         ("optimizer", dict(grads=grads, activations=0, logits=0,
                            temporaries=optimizer_step_bytes(spec, plan))),
     ]

@@ -3,10 +3,13 @@
     lowmem plan --model llama-3.1-70b --vram 24G
     lowmem plan --model ./my-model --vram 12G --method qlora seq_len=4096
     lowmem plan --model llama-3.1-8b --vram 24G --json
+    lowmem plan --model llama-3.1-8b --vram 24G --measure    # and run it on random weights here
 
 No weights are read: the model's shapes come from a built-in entry, a
 config.json or GGUF metadata. Every config key can be pinned as a flag, in a
-preset or as key=value; the planner fills in the rest.
+preset or as key=value; the planner fills in the rest. With --measure the plan
+runs a few training steps on this machine, on random weights of those shapes
+(lowmem.measure), and the measured peak is printed beside the prediction.
 """
 
 from __future__ import annotations
@@ -44,6 +47,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("--list-models", action="store_true",
                         help="list the built-in model names and exit")
+    parser.add_argument("--measure", action="store_true",
+                        help="then run the plan for a few steps on random weights of the model's shapes "
+                             "(nothing is downloaded) and print the measured peak beside the prediction; "
+                             "on CUDA the allocator is capped at --vram less the CUDA context, so a plan "
+                             "that does not fit fails here instead of in a real run")
+    parser.add_argument("--measure-steps", type=int, default=3, metavar="N",
+                        help="optimizer steps --measure runs (default 3; the first creates the states)")
     add_config_flags(parser)
     parser.set_defaults(func=run)
 
@@ -78,11 +88,82 @@ def run(args: argparse.Namespace) -> int:
             return 1
         raise
     prepare = loram_prepare(plan, spec, config)
+    measured = measure_plan(plan, spec, config, args.measure_steps) if args.measure else None
     if args.json:
-        print(json.dumps(plan_json(plan, spec, prepare), indent=2))
+        out = plan_json(plan, spec, prepare)
+        if measured is not None:
+            out["measured"] = measured
+        print(json.dumps(out, indent=2))
     else:
         print(render(plan, spec, margin=safety_margin(config), prepare=prepare))
-    return 0
+        if measured is not None:
+            print("\n" + render_measured(measured))
+    return 0 if measured is None or measured["fits"] else 1
+
+
+def measure_plan(plan: Plan, spec: ModelSpec, config, steps: int) -> dict[str, Any]:
+    """Run `plan` here on random weights (lowmem.measure); the Measurement as a dict, with
+    `fits` (False when the steps ran out of memory under the cap) and `oom` (the message)."""
+    import torch
+
+    from lowmem.errors import ConfigError
+    from lowmem.measure import measure
+
+    if steps < 1:
+        raise ConfigError(f"--measure-steps: expected at least 1, got {steps}")
+    if plan.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--measure runs the plan on this machine's GPU, and torch sees none; "
+                          "measure a CPU plan with device=cpu")
+    cap = None
+    if plan.device == "cuda" and plan.vram:
+        torch.cuda.init()
+        free, total = torch.cuda.mem_get_info()
+        context = total - free - torch.cuda.memory_reserved()
+        if plan.vram > total - context:
+            raise ConfigError(f"--measure: --vram {format_size(plan.vram)} is more than this GPU offers "
+                              f"({format_size(total - context)} beside its CUDA context); measure with "
+                              f"--vram {format_size(total - context)} or less")
+        cap = plan.vram - context
+    try:
+        m = measure(spec, plan, config, steps=steps, cap=cap)
+    except torch.cuda.OutOfMemoryError as e:
+        return {"fits": False, "oom": str(e).splitlines()[0], "cap": cap, "steps": steps,
+                "predicted_allocated": plan.breakdown.allocated if plan.breakdown else None}
+    out = {"fits": True, "steps": steps, **m.to_dict()}
+    if cap is not None and m.reserved + m.context > plan.vram:
+        # The context grows after the cap is set (cuBLAS and kernel modules load on first use).
+        out.update(fits=False, oom=f"the allocator's peak {format_size(m.reserved)} and the CUDA context "
+                                   f"{format_size(m.context)} together exceed --vram {format_size(plan.vram)}")
+    return out
+
+
+def render_measured(m: dict[str, Any]) -> str:
+    """The measured section under the plan: the allocated peak against the prediction."""
+    if not m["fits"] and "allocated" not in m:
+        return (f"measured  OUT OF MEMORY within {m['steps']} steps under a {format_size(m['cap'])} cap: "
+                f"this plan does not fit this GPU ({m['oom']})")
+    device = "CUDA" if m["reserved"] is not None else "CPU, live tensor bytes"
+    error = m["error"]
+    lines = [f"measured  {m['steps']} steps on random weights ({device}, {m['seconds_per_step']:.2f} s/step, "
+             f"losses {', '.join(f'{x:.3f}' for x in m['losses'])})",
+             f"  allocated peak  {format_size(m['allocated'])}, predicted {format_size(m['predicted_allocated'])} "
+             f"({abs(error):.1%} {'over' if error >= 0 else 'under'} the measurement)"]
+    if m["reserved"] is not None:
+        lines.append(f"  reserved peak   {format_size(m['reserved'])} + CUDA context {format_size(m['context'])}"
+                     + (f", under a {format_size(m['cap'])} cap" if m["cap"] else ""))
+    elif m.get("peak_op"):
+        lines.append(f"  the peak came at {m['peak_op']}")
+    if not m["fits"]:
+        lines.append(f"  DOES NOT FIT: {m['oom']}")
+    if error < -UNDER_ESTIMATE_WARNING:
+        lines.append(f"  warning: the prediction is more than {UNDER_ESTIMATE_WARNING:.0%} under the measured peak; "
+                     f"a run at the edge of its budget could run out of memory. Please report this output.")
+    return "\n".join(lines)
+
+
+#: How far under a measured peak a prediction may be before --measure warns (the planner keeps
+#: a 5% safety margin; tests/test_measure.py holds the memory model to 2%).
+UNDER_ESTIMATE_WARNING = 0.02
 
 
 def plan_json(plan: Plan, spec: ModelSpec, prepare: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -1,0 +1,302 @@
+"""Measure a plan: run its training steps on random weights of the model's shapes.
+
+The memory model (lowmem.memory) predicts a step's peak from shapes alone, and
+the values of the weights do not change what a step allocates. So a plan can be
+checked without the model's weights: build a model of the same shapes with
+random values, directly in its final format on the device, run a few of the
+trainer's own steps (`lowmem.trainer.train_step`) and read the peak.
+
+What "peak" is:
+
+* on CUDA, `torch.cuda.max_memory_allocated()` (what `MemoryBreakdown.allocated`
+  predicts) and `max_memory_reserved()` (plus the CUDA context, what the
+  allocator really took from the card), optionally under
+  `torch.cuda.set_per_process_memory_fraction` so a plan for a smaller card is
+  held to that card's size;
+* on the CPU, the largest sum of live tensor storages during the steps, counted
+  by `LiveTensorBytes` (a dispatch mode that sees every tensor an op creates and
+  when its storage dies): the same quantity, without an allocator's rounding.
+
+Only the layers the plan trains are real; the data are one fixed random batch
+of full length (no padding), which is the worst case the planner plans for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import time
+import warnings
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lowmem.config import RunConfig
+from lowmem.memory import MemoryBreakdown, predict
+from lowmem.planner import Plan
+from lowmem.spec import ModelSpec
+
+INIT_STD = 0.02   # the Llama initializer's; any finite values would do
+
+
+class FixedBatch:
+    """A BatchStream stand-in: one random full-length batch, every time."""
+
+    def __init__(self, vocab: int, micro_batch: int, seq_len: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, vocab, (micro_batch, seq_len), generator=g)
+        self.batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+
+    def next(self) -> dict[str, torch.Tensor]:
+        return self.batch
+
+
+def with_layers(spec: ModelSpec, layers: int | None) -> ModelSpec:
+    """`spec` cut to its first `layers` blocks (None or 0: all). Per-block costs do not
+    depend on the count; a shorter model just makes the embeddings, head and loss a
+    larger share of the peak."""
+    if not layers or layers == spec.layers:
+        return spec
+    if spec.blocks:
+        raise ValueError("cut the layers of the unpruned spec, then prune")
+    if not 0 < layers <= spec.layers:
+        raise ValueError(f"layers must be in 1..{spec.layers}, got {layers}")
+    return dataclasses.replace(spec, name=f"{spec.name} (first {layers} of {spec.layers} blocks)", layers=layers)
+
+
+def _index_map(spec: ModelSpec, plan: Plan):
+    """A LoRAM index map keeping the first units of each pruned block: which units are kept
+    does not change any shape, so a random model needs no scores."""
+    from lowmem.prune import IndexMap, LayerKeep, kept_counts, layer_ratio_list
+
+    ratios = layer_ratio_list(spec.layers, plan.prune_ratio, plan.prune_keep_first, plan.prune_keep_last)
+    group = spec.heads // spec.kv_heads
+    keep = []
+    for i, r in enumerate(ratios):
+        heads, kv, channels = kept_counts(spec.heads, spec.kv_heads, spec.intermediate, r)
+        per_group = heads // kv
+        q = tuple(g * group + j for g in range(kv) for j in range(per_group))
+        keep.append(LayerKeep(i, q, tuple(range(kv)), tuple(range(channels))))
+    return IndexMap(layers=spec.layers, hidden=spec.hidden, heads=spec.heads, kv_heads=spec.kv_heads,
+                    head_dim=spec.head_dim, intermediate=spec.intermediate, ratio=plan.prune_ratio,
+                    criterion="none (random weights)", keep=tuple(keep))
+
+
+@torch.no_grad()
+def _fill(module: nn.Module) -> None:
+    for name, p in module.named_parameters():
+        if p.ndim >= 2:
+            p.normal_(0.0, INIT_STD)
+        elif name.endswith("bias"):
+            p.zero_()
+        else:
+            p.fill_(1.0)   # norm weights
+
+
+def random_model(spec: ModelSpec, plan: Plan, device: str | torch.device) -> nn.Module:
+    """A causal LM of `spec`'s shapes with random weights, in the plan's base format on
+    `device`, ready for `prepare_for_training`.
+
+    It is built on the meta device, cut to the plan's LoRAM shapes there, then made
+    real one block at a time, each block's targeted linears going to NF4 before the
+    next block exists: a 4-bit base is never dense on the device as a whole.
+    """
+    dense = plan.compute_dtype if plan.base_format == "nf4" else plan.base_format
+    dtype = torch.bfloat16 if dense in ("bf16", "bfloat16") else torch.float32
+    nf4 = plan.base_format == "nf4"
+    config = spec.to_hf_config(attn_implementation="sdpa", use_cache=False)
+    from transformers import AutoModelForCausalLM
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    finally:
+        torch.set_default_dtype(default)
+    if plan.method == "loram":
+        from lowmem.prune import apply_index_map
+
+        apply_index_map(model, _index_map(spec, plan))
+    decoder = model.get_decoder()
+    targets = tuple(t for t in plan.lora_targets if t != "lm_head")
+    for piece in (decoder.embed_tokens, *decoder.layers, decoder.norm):
+        piece.to_empty(device=device)
+        _fill(piece)
+        if nf4 and piece in decoder.layers and targets:
+            from lowmem.quant.nf4 import quantize_linears
+
+            quantize_linears(piece, targets, dtype, double_quant=plan.double_quant)
+    decoder.rotary_emb = type(decoder.rotary_emb)(config=config).to(device)   # fp32 inv_freq, as loaded models have
+    head = model.get_output_embeddings()
+    if spec.tied_embeddings:
+        head.weight = decoder.embed_tokens.weight
+    else:
+        head.to_empty(device=device)
+        _fill(head)
+        if nf4 and "lm_head" in plan.lora_targets:
+            from lowmem.quant.nf4 import quantize_linears
+
+            quantize_linears(model, ("lm_head",), dtype, double_quant=plan.double_quant)
+    return model
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (NF4 codes and statistics included),
+    each storage once (tied weights share one)."""
+    storages = {}
+    for t in (*model.parameters(), *model.buffers()):
+        storage = t.untyped_storage()
+        storages[storage._cdata] = storage.nbytes()
+    return sum(storages.values())
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """A plan's prediction and what its steps really allocated (bytes)."""
+
+    predicted: MemoryBreakdown
+    allocated: int            # peak bytes of live tensors during the steps (the weights included)
+    reserved: int | None      # CUDA: the caching allocator's peak reservation
+    context: int | None       # CUDA: memory outside the allocator (context, cuBLAS/NVRTC modules)
+    cap: int | None           # CUDA: the allocator's cap, if one was set
+    losses: tuple[float, ...]
+    seconds_per_step: float
+    device: str
+    peak_op: str | None = None   # CPU: the op whose outputs reached the peak
+
+    @property
+    def error(self) -> float:
+        """(predicted − measured) / measured for the allocated peak: positive is an over-estimate."""
+        return (self.predicted.allocated - self.allocated) / self.allocated
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["predicted"] = self.predicted.to_dict()
+        out["predicted_allocated"] = self.predicted.allocated
+        out["error"] = self.error
+        return out
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """The peak of the bytes held by live tensor storages on one device type, while active.
+
+    At entry every storage Python can reach is counted (`base`: the model, its
+    quantization state, and whatever else the process holds); afterwards every
+    storage an op returns is counted until its last tensor dies (a weak
+    reference's callback). Views share their base's storage and count once.
+    `growth` (the peak above `base`) plus the model's own bytes is what an
+    allocator's "allocated" peak is, less its rounding of each block (512 bytes
+    on CUDA), and independent of other tensors the process holds.
+    """
+
+    def __init__(self, device_type: str = "cpu"):
+        super().__init__()
+        self.device_type = device_type
+        self.live: dict[int, tuple[int, weakref.ref]] = {}
+        self.now = 0
+        self.peak = 0
+        self.base = 0
+        self.peak_op = ""          # the op whose outputs reached the peak
+        self._op = "(before the steps)"
+
+    def _add(self, t: torch.Tensor) -> None:
+        if t.device.type != self.device_type or t.is_meta:
+            return
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self.live:
+            return
+        size = storage.nbytes()
+        self.live[key] = (size, weakref.ref(storage, lambda _, key=key: self._drop(key)))
+        self.now += size
+        if self.now > self.peak:
+            self.peak, self.peak_op = self.now, self._op
+
+    def _drop(self, key: int) -> None:
+        size, _ = self.live.pop(key, (0, None))
+        self.now -= size
+
+    @property
+    def growth(self) -> int:
+        """The peak above what was live at entry."""
+        return self.peak - self.base
+
+    def __enter__(self):
+        gc.collect()
+        with warnings.catch_warnings():   # isinstance() on deprecated module attributes warns
+            warnings.simplefilter("ignore")
+            tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+        for t in tensors:
+            self._add(t)
+        self.base = self.now
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self._op = str(func)
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._add(t)
+        return out
+
+
+def measure(spec: ModelSpec, plan: Plan, config: RunConfig, steps: int = 3, cap: int | None = None) -> Measurement:
+    """Build `plan`'s model of `spec`'s shapes on `plan.device`, run `steps` optimizer steps,
+    and compare the peak with `predict(spec, plan)`.
+
+    `cap` (CUDA only): bytes the caching allocator may reserve, for holding a plan to a
+    smaller card than the one it runs on; the run fails with an out-of-memory error if
+    the plan does not fit it.
+    """
+    from lowmem.model import prepare_for_training, trainable_parameters
+    from lowmem.offload import OffloadActivations
+    from lowmem.optim import build_optimizer
+    from lowmem.trainer import lr_at, train_step
+
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    device = torch.device(plan.device)
+    cuda = device.type == "cuda"
+    predicted = predict(spec, plan)
+    torch.manual_seed(config.seed)
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        if start:
+            raise RuntimeError(f"{start} bytes are already allocated on {device}; measure in a fresh process")
+        if cap is not None:
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+    model = random_model(spec, plan, device)
+    prepare_for_training(model, plan)
+    model.train()
+    optimizer = build_optimizer(trainable_parameters(model), plan, config)
+    offload = OffloadActivations(device=plan.device) if plan.offload_activations else None
+    stream = FixedBatch(spec.vocab, plan.micro_batch, plan.seq_len, config.seed)
+    tracker = None if cuda else LiveTensorBytes(device.type)
+    if cuda:
+        torch.cuda.empty_cache()          # the build's freed dense blocks are not the step's
+        torch.cuda.reset_peak_memory_stats()
+    losses = []
+    t0 = time.perf_counter()
+    with tracker if tracker is not None else contextlib.nullcontext():
+        for step in range(steps):
+            loss, _, _ = train_step(model, optimizer, stream, plan, config, lr_at(step, config), offload=offload)
+            losses.append(loss)
+    if cuda:
+        torch.cuda.synchronize(device)
+    seconds = (time.perf_counter() - t0) / steps
+    if cuda:
+        free, total = torch.cuda.mem_get_info(device)
+        reserved_now = torch.cuda.memory_reserved(device)
+        return Measurement(predicted, torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device),
+                           total - free - reserved_now, cap, tuple(losses), seconds, str(device))
+    return Measurement(predicted, model_bytes(model) + tracker.growth, None, None, None, tuple(losses), seconds,
+                       "cpu", tracker.peak_op)
+
