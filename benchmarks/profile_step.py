@@ -32,23 +32,10 @@ import time
 import torch
 
 
-class FixedBatches:
-    """A BatchStream stand-in: the same random batch every time (the trainer reads `.next()`)."""
-
-    def __init__(self, vocab: int, micro_batch: int, seq_len: int, device: str):
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, vocab, (micro_batch, seq_len), generator=g)
-        self.batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
-
-    def next(self) -> dict:
-        return self.batch
-
-
 def build(args):
     """(model, optimizer, plan, config) for the requested method on random weights of the model's shapes."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from lowmem.config import RunConfig
+    from lowmem.measure import random_model, with_layers
     from lowmem.model import prepare_for_training, trainable_parameters
     from lowmem.optim import build_optimizer
     from lowmem.planner import plan_from_config
@@ -56,29 +43,13 @@ def build(args):
 
     spec = builtin_spec(args.model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     config = RunConfig(model=args.model, method=args.method, device=device, seq_len=args.seq_len,
                        micro_batch=args.micro_batch, grad_accum=1, loss_chunk=args.loss_chunk,
                        grad_checkpointing=args.grad_checkpointing)
     plan = dataclasses.replace(plan_from_config(config), micro_batch=args.micro_batch, grad_accum=1,
                                loss_chunk=args.loss_chunk, grad_checkpointing=args.grad_checkpointing)
-    hf = LlamaConfig(vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
-                     num_hidden_layers=args.layers or spec.layers, num_attention_heads=spec.heads,
-                     num_key_value_heads=spec.kv_heads, head_dim=spec.head_dim,
-                     tie_word_embeddings=spec.tied_embeddings, max_position_embeddings=max(args.seq_len, 2048),
-                     attn_implementation="sdpa")
     torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(hf)
-    finally:
-        torch.set_default_dtype(default)
-    if plan.method == "qlora":
-        from lowmem.quant.nf4 import quantize_linears
-
-        quantize_linears(model, plan.lora_targets, dtype)
+    model = random_model(with_layers(spec, args.layers), plan, device)   # NF4 blocks quantized one at a time
     prepare_for_training(model, plan)
     optimizer = build_optimizer(trainable_parameters(model), plan, config)
     return model, optimizer, plan, config, spec
@@ -96,7 +67,9 @@ def profile(args, model, optimizer, plan, config, spec, label: str) -> None:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     cuda = torch.cuda.is_available()
-    stream = FixedBatches(spec.vocab, args.micro_batch, args.seq_len, plan.device)
+    from lowmem.measure import FixedBatch
+
+    stream = FixedBatch(spec.vocab, args.micro_batch, args.seq_len)
     step(model, optimizer, stream, plan, config)                     # warm-up: kernels compile, states exist
     if cuda:
         torch.cuda.reset_peak_memory_stats()
