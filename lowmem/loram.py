@@ -22,8 +22,10 @@ exactly the update the pruned model learned, and the pruned neurons get none.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -245,8 +247,8 @@ def prepare_loram_run(model: nn.Module, plan, config, train_examples, pad_id: in
 def streams(config, resume: bool = False) -> bool:
     """Whether a LoRAM run prunes while its weights load (`lowmem.prune.load_pruned_model`):
     a resumed run always does (its index map is saved: no scoring), a new one when magnitude
-    scores need no gradients and no alignment needs the dense pruned model. `config`'s
-    criterion is a resolved one (`resolve_criterion`), not "auto"."""
+    scores need no gradients and no alignment needs the dense pruned model (as
+    `preparation` decides). `config`'s criterion is a resolved one, not "auto"."""
     return resume or (config.loram.criterion == "magnitude" and not config.loram.align_steps)
 
 
@@ -264,6 +266,62 @@ def resolve_criterion(config, plan, spec, host_available: int) -> tuple[str, str
         return "taylor", "auto: the dense model and its gradients fit"
     need = memory.loram_prepare_bytes(spec, plan, "taylor", align)
     return "magnitude", f"auto: taylor scoring would need {format_size(need)}, more than fits here"
+
+
+@dataclass(frozen=True)
+class Preparation:
+    """How a new LoRAM run gets its pruned base on this machine: `lowmem plan` shows it,
+    `lowmem train` follows it, or refuses before loading anything when `where` is None."""
+
+    criterion: str          # resolved: taylor | magnitude
+    chosen: str             # "set", or why loram.criterion=auto chose it
+    streamed: bool          # pruned by magnitude while the weights load (lowmem.prune.load_pruned_model)
+    align: bool             # loram.align_steps > 0
+    where: str | None       # where the dense model is loaded and pruned: the plan's device, "cpu", or None
+    bytes: int              # what that needs: one dense block when streamed, else the whole preparation
+    stream_bytes: int       # what pruning while loading needs (memory.loram_stream_bytes)
+    host_available: int     # this machine's available RAM when it was decided
+
+    @property
+    def what(self) -> str:
+        """What the preparation loads, in words."""
+        if self.streamed:
+            return "pruning by magnitude while the weights load"
+        return f"the dense model and its {self.criterion} scoring{' and alignment' if self.align else ''}"
+
+    def alternative(self) -> str:
+        """The setting that would prune while loading instead, or "" when the run already does."""
+        from lowmem.config import format_size
+
+        block = f"one dense block ({format_size(self.stream_bytes)}) at a time"
+        if self.streamed:
+            return ""
+        if self.criterion != "magnitude":
+            return f"loram.criterion=magnitude without loram.align_steps prunes while loading, {block}"
+        return f"without loram.align_steps, magnitude pruning happens while loading, {block}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def preparation(config, plan, spec, host_available: int) -> Preparation:
+    """How a new LoRAM run of `plan` on a model of shapes `spec` (unpruned) prepares its pruned
+    base, with `host_available` bytes of RAM: the criterion (resolve_criterion), whether it
+    streams, and where the dense model goes when it does not (memory.loram_prepare_device:
+    the GPU when it fits the budget, else the host, else nowhere). A CPU plan prepares on the CPU."""
+    from lowmem import memory
+
+    criterion, chosen = resolve_criterion(config, plan, spec, host_available)
+    align = bool(config.loram.align_steps)
+    stream = memory.loram_stream_bytes(spec, plan)
+    streamed = criterion == "magnitude" and not align
+    if streamed:
+        where, need = plan.device, stream
+    else:
+        need = memory.loram_prepare_bytes(spec, plan, criterion, align)
+        where = (memory.loram_prepare_device(spec, plan, criterion, host_available, align)
+                 if plan.device == "cuda" else plan.device)
+    return Preparation(criterion, chosen, streamed, align, where, need, stream, host_available)
 
 
 def _saved_index_map(path: Path) -> IndexMap:

@@ -191,8 +191,9 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
     weight_dtype = torch.bfloat16 if dense in ("bf16", "bfloat16") else torch.float32
     nf4_targets = plan.lora_targets if plan.base_format == "nf4" else ()
     loram = plan.method == "loram"
+    prep = None
     if loram and not resume:
-        config = _with_loram_criterion(config, plan, out)
+        config, prep = loram_preparation(config, plan, out)
     streamed = loram and loram_streams(config, resume)
     if streamed:
         # Magnitude pruning while the weights load: one dense block at a time, then NF4.
@@ -202,7 +203,7 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
     else:
         # LoRAM prunes float weights, so its base is quantized (QLoRAM) only after pruning,
         # and where the dense model does not fit the GPU it is pruned on the host first.
-        prepare_on = loram_prepare_device(config, plan, out) if loram else device
+        prepare_on = prep.where if loram else device   # a LoRAM run that does not stream is a new one
         model, tokenizer, model_dir = load_model(config.model, prepare_on, weight_dtype, log=out,
                                                  nf4_targets=() if loram else nf4_targets,
                                                  double_quant=plan.double_quant)
@@ -334,58 +335,32 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
     return done
 
 
-def _with_loram_criterion(config: RunConfig, plan: Plan, out=print) -> RunConfig:
-    """`config` with loram.criterion resolved ("auto" becomes taylor or magnitude; see
-    lowmem.loram.resolve_criterion). The run directory keeps the config as given; the
-    index map records the criterion used."""
+def loram_preparation(config: RunConfig, plan: Plan, out=print):
+    """(config with loram.criterion resolved, lowmem.loram.Preparation) for a new LoRAM run; a
+    ModelError before anything loads when the preparation fits neither the GPU budget nor this
+    machine's RAM. The run directory keeps the config as given; the index map records the
+    criterion used."""
     import dataclasses
 
     import psutil
 
-    from lowmem.loram import resolve_criterion
+    from lowmem.loram import preparation
     from lowmem.spec import spec_for
 
-    criterion, why = resolve_criterion(config, plan, spec_for(config.model), psutil.virtual_memory().available)
-    if config.loram.criterion == "auto":
-        out(f"LoRAM: pruning by {criterion} ({why})")
-    return dataclasses.replace(config, loram=dataclasses.replace(config.loram, criterion=criterion))
-
-
-def loram_prepare_device(config: RunConfig, plan: Plan, out=print) -> str:
-    """Where a LoRAM run loads and prunes its dense model: the plan's device if it fits there,
-    else the host (lowmem.memory.loram_prepare_device); a ModelError before anything loads
-    when it fits neither."""
-    import psutil
-
-    from lowmem import memory
-    from lowmem.spec import spec_for
-
-    if plan.device != "cuda":
-        return plan.device
-    spec = spec_for(config.model)
-    criterion, align = config.loram.criterion, bool(config.loram.align_steps)
     host = psutil.virtual_memory().available
-    where = memory.loram_prepare_device(spec, plan, criterion, host, align)
-    need = memory.loram_prepare_bytes(spec, plan, criterion, align)
-    if where is None:
-        hint = ""
-        if criterion != "magnitude":
-            hint = (f"; loram.criterion=magnitude (without loram.align_steps) prunes while loading, one "
-                    f"dense block ({format_size(memory.loram_stream_bytes(spec, plan))}) at a time")
-        elif config.loram.align_steps:
-            hint = ("; without loram.align_steps, magnitude pruning happens while loading, one dense "
-                    f"block ({format_size(memory.loram_stream_bytes(spec, plan))}) at a time")
-        raise ModelError(f"LoRAM prunes {config.model} from its dense weights before training: that needs "
-                         f"{format_size(need)} ({criterion} scoring{', alignment' if align else ''}), "
-                         f"more than the GPU budget "
-                         f"({format_size(plan.usable)}) and this machine's available RAM "
-                         f"({format_size(host)}){hint}")
-    if where == "cpu":
-        out(f"LoRAM: the dense model and its {criterion} scoring{' and alignment' if align else ''} need "
-            f"{format_size(need)}, more than the "
-            f"GPU budget; pruning on the host ({format_size(host)} RAM available), then moving the pruned "
-            f"model to the GPU")
-    return where
+    prep = preparation(config, plan, spec_for(config.model), host)
+    if config.loram.criterion == "auto":
+        out(f"LoRAM: pruning by {prep.criterion} ({prep.chosen})")
+    if prep.where is None:
+        alternative = prep.alternative()
+        raise ModelError(f"LoRAM prunes {config.model} from its dense weights before training: {prep.what} "
+                         f"need {format_size(prep.bytes)}, more than the GPU budget ({format_size(plan.usable)}) "
+                         f"and this machine's available RAM ({format_size(host)})"
+                         + (f"; {alternative}" if alternative else ""))
+    if prep.where == "cpu" and plan.device == "cuda":
+        out(f"LoRAM: {prep.what} need {format_size(prep.bytes)}, more than the GPU budget; pruning on the host "
+            f"({format_size(host)} RAM available), then moving the pruned model to the GPU")
+    return dataclasses.replace(config, loram=dataclasses.replace(config.loram, criterion=prep.criterion)), prep
 
 
 def train_step(model, optimizer, stream: BatchStream, plan: Plan, config: RunConfig, lr: float,

@@ -324,23 +324,24 @@ def test_a_loram_run_that_cannot_prune_anywhere_stops_before_loading_with_the_fi
     plan = _loram_plan(24)
     monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 64 * 2**30})())
     with pytest.raises(ModelError) as e:
-        trainer.loram_prepare_device(config, plan, out=lambda m: None)
+        trainer.loram_preparation(config, plan, out=lambda m: None)
     message = str(e.value)
-    assert "llama-3.1-70b" in message and "taylor" in message and "22.80GiB" in message
-    assert "64.00GiB" in message and "loram.criterion=magnitude (without loram.align_steps) prunes while" in message
+    assert "llama-3.1-70b" in message and "taylor scoring need" in message and "22.80GiB" in message
+    assert "64.00GiB" in message and "loram.criterion=magnitude without loram.align_steps prunes while" in message
     import dataclasses
     config = dataclasses.replace(config, loram=dataclasses.replace(config.loram, criterion="magnitude",
                                                                    align_steps=10))
     # Magnitude with alignment: the dense model (131.8 GiB), then AdamW on the pruned blocks (more).
     monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 200 * 2**30})())
-    with pytest.raises(ModelError, match=r"magnitude scoring, alignment.*without loram.align_steps, magnitude "
-                                         r"pruning happens while loading"):
-        trainer.loram_prepare_device(config, plan, out=lambda m: None)
+    with pytest.raises(ModelError, match=r"magnitude scoring and alignment need.*without loram.align_steps, "
+                                         r"magnitude pruning happens while loading"):
+        trainer.loram_preparation(config, plan, out=lambda m: None)
     monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 400 * 2**30})())
     said = []
-    assert trainer.loram_prepare_device(config, plan, out=said.append) == "cpu"
+    resolved, prep = trainer.loram_preparation(config, plan, out=said.append)
+    assert (prep.where, prep.streamed, resolved.loram.criterion) == ("cpu", False, "magnitude")
     assert "pruning on the host" in said[0]
-    assert trainer.loram_prepare_device(config, _loram_plan(24, "cpu")) == "cpu"
+    assert trainer.loram_preparation(config, _loram_plan(24, "cpu"))[1].where == "cpu"
 
 
 def test_quantizing_onto_a_device_moves_each_weight_first():
@@ -433,8 +434,9 @@ def test_auto_criterion_is_taylor_where_it_fits_and_magnitude_while_loading_else
     said = []
     import psutil
     monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 64 * 2**30})())
-    resolved = trainer._with_loram_criterion(config, plan, out=said.append)
-    assert resolved.loram.criterion == "magnitude" and streams(resolved)
+    resolved, prep = trainer.loram_preparation(config, plan, out=said.append)
+    assert resolved.loram.criterion == "magnitude" and streams(resolved) and prep.streamed
+    assert (prep.where, prep.bytes) == ("cuda", prep.stream_bytes)
     assert said == [f"LoRAM: pruning by magnitude ({why})"]
     with pytest.raises(ValueError, match="resolve 'auto' first"):
         from lowmem import memory

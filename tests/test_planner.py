@@ -370,7 +370,7 @@ def test_a_loram_plan_says_where_its_dense_model_is_pruned_and_what_that_needs(m
     _, out = run_plan(["--model", "llama-3.1-70b", "--vram", "24G", "loram.criterion=taylor"], capsys)
     line = next(l for l in out.splitlines() if l.strip().startswith("prepare"))
     assert "taylor scoring need" in line and "this machine's RAM (64.00GiB); lowmem train will refuse" in line
-    assert "loram.criterion=magnitude without loram.align_steps prunes while loading, one dense block (3.62GiB)" in line
+    assert "(loram.criterion=magnitude without loram.align_steps prunes while loading, one dense block (3.62GiB) at a time)" in line
     _, out = run_plan(["--model", "llama-3.2-1b", "--vram", "2G", "--method", "loram", "loram.criterion=magnitude",
                        "loram.align_steps=5"], capsys)
     line = next(l for l in out.splitlines() if l.strip().startswith("prepare"))

@@ -15,14 +15,12 @@ runs a few training steps on this machine, on random weights of those shapes
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from typing import Any
 
 from lowmem.commands import add_config_flags, config_from_args
 from lowmem.config import format_size, parse_overrides, read_yaml_layer, find_preset
-from lowmem.loram import resolve_criterion
-from lowmem.loram import streams as loram_streams
+from lowmem.loram import Preparation, preparation
 from lowmem.memory import MemoryBreakdown
 from lowmem.planner import BudgetError, Plan, make_plan, safety_margin
 from lowmem.spec import ModelSpec, builtin_entries, builtin_spec, spec_for
@@ -178,28 +176,11 @@ def plan_json(plan: Plan, spec: ModelSpec, prepare: dict[str, Any] | None = None
 
 
 def loram_prepare(plan: Plan, spec: ModelSpec, config) -> dict[str, Any] | None:
-    """For a LoRAM plan on CUDA: how `lowmem train` would prepare its pruned base on this machine.
-
-    criterion (resolved), chosen ("set" or why auto chose it), streamed (pruned while loading),
-    align, where ("cuda", "cpu" or None: nowhere, train refuses), bytes it needs, and the
-    host RAM available here; None for other plans.
-    """
-    from lowmem import memory
-
+    """For a LoRAM plan on CUDA: how `lowmem train` would prepare its pruned base on this machine
+    (lowmem.loram.Preparation as a dict); None for other plans."""
     if plan.method != "loram" or plan.device != "cuda":
         return None
-    host = _host_available()
-    criterion, chosen = resolve_criterion(config, plan, spec, host)
-    align = bool(config.loram.align_steps)
-    resolved = dataclasses.replace(config, loram=dataclasses.replace(config.loram, criterion=criterion))
-    info: dict[str, Any] = {"criterion": criterion, "chosen": chosen, "streamed": loram_streams(resolved),
-                            "align": align, "host_available": host}
-    if info["streamed"]:
-        info.update(where=plan.device, bytes=memory.loram_stream_bytes(spec, plan))
-    else:
-        info.update(where=memory.loram_prepare_device(spec, plan, criterion, host, align),
-                    bytes=memory.loram_prepare_bytes(spec, plan, criterion, align))
-    return info
+    return preparation(config, plan, spec, _host_available()).to_dict()
 
 
 # ---------------------------------------------------------------- text
@@ -304,25 +285,18 @@ def _host_available() -> int:
 
 def _loram_prepare_note(plan: Plan, spec: ModelSpec, prepare: dict[str, Any]) -> str:
     """Where `lowmem train` will load and prune the dense model, and what that needs."""
-    from lowmem import memory
-
-    criterion, host = prepare["criterion"], format_size(prepare["host_available"])
-    auto = f"loram.criterion=auto chose {criterion}; " if prepare["chosen"] != "set" else ""
-    stream = format_size(memory.loram_stream_bytes(spec, plan))
-    if prepare["streamed"]:
+    prep = Preparation(**prepare)
+    host = format_size(prep.host_available)
+    auto = f"loram.criterion=auto chose {prep.criterion}; " if prep.chosen != "set" else ""
+    if prep.streamed:
         return (f"{auto}pruned by magnitude while the weights load, one dense block at a time "
-                f"({stream} beside the pruned model)")
-    what = (f"{auto}the dense model and its {criterion} scoring{' and alignment' if prepare['align'] else ''} "
-            f"need {format_size(prepare['bytes'])}")
-    if prepare["where"] == "cuda":
+                f"({format_size(prep.stream_bytes)} beside the pruned model)")
+    what = f"{auto}{prep.what} need {format_size(prep.bytes)}"
+    if prep.where == "cuda":
         return f"{what}: pruned on the GPU, within the budget"
-    if prepare["where"] == "cpu":
+    if prep.where == "cpu":
         return f"{what}: pruned on the host ({host} RAM available here), then moved to the GPU"
-    note = f"{what}: more than the GPU budget and this machine's RAM ({host}); lowmem train will refuse"
-    if criterion != "magnitude" or prepare["align"]:
-        note += (f" (loram.criterion=magnitude without loram.align_steps prunes while loading, one dense block "
-                 f"({stream}) at a time)")
-    return note
+    return f"{what}: more than the GPU budget and this machine's RAM ({host}); lowmem train will refuse ({prep.alternative()})"
 
 
 def list_models() -> str:
