@@ -350,7 +350,7 @@ def load_streamed_loram(model_dir: Path, plan, config, device: str, dtype: torch
     index_path, aligned_path = run_dir / INDEX_MAP_FILE, run_dir / ALIGNED_BASE_FILE
     index_map = _saved_index_map(index_path) if resume else None
     aligned = resume and aligned_path.is_file()
-    nf4 = plan.lora_targets if plan.base_format == "nf4" else ()
+    nf4 = plan.nf4_targets
     model = load_pruned_model(model_dir, device, dtype, plan.prune_ratio, keep_first=plan.prune_keep_first,
                               keep_last=plan.prune_keep_last,
                               layer_ratios={i: r for i, r in enumerate(cfg.layer_ratios)} or None,

@@ -123,7 +123,7 @@ def random_model(spec: ModelSpec, plan: Plan, device: str | torch.device) -> nn.
 
         apply_index_map(model, _index_map(spec, plan))
     decoder = model.get_decoder()
-    targets = tuple(t for t in plan.lora_targets if t != "lm_head")
+    targets = tuple(t for t in plan.nf4_targets if t != "lm_head")
     for piece in (decoder.embed_tokens, *decoder.layers, decoder.norm):
         piece.to_empty(device=device)
         _fill(piece)
@@ -138,7 +138,7 @@ def random_model(spec: ModelSpec, plan: Plan, device: str | torch.device) -> nn.
     else:
         head.to_empty(device=device)
         _fill(head)
-        if nf4 and "lm_head" in plan.lora_targets:
+        if "lm_head" in plan.nf4_targets:
             from lowmem.quant.nf4 import quantize_linears
 
             quantize_linears(model, ("lm_head",), dtype, double_quant=plan.double_quant)

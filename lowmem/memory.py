@@ -856,11 +856,13 @@ def predict(spec: ModelSpec, plan: "Plan") -> MemoryBreakdown:
                   + dequant + cuBLAS                         (the loss and its backward)
     backward    = static + kept + saved activations [+ the recomputed block]
                   + one block's backward buffers + dequant + cuBLAS
-                  + the head's gradient (full training)      (the last block's backward)
+                  + the head's gradient (full training; beside the kept ones when the
+                  head is tied to the embeddings)            (the last block's backward)
     backward-end= static + all gradients + one block's backward buffers + dequant
                   + cuBLAS [+ GaLore's update workspace]     (the first block's backward)
-                  [+ 2·V·h·t: per-layer GaLore, tied embeddings: the embedding's gradient
-                  and its sum with the head's, which waited for it]
+                  [+ 2·V·h·t, trained tied embeddings: the head's gradient, which waited
+                  for the embedding's, and the embedding's, beside their sum (3·V·h·t when
+                  accumulating: the sum then goes onto a kept gradient)]
     optimizer   = static + all gradients + the step's temporaries
     peak        = the largest, plus overhead (CUDA context + fragmentation)
 
@@ -883,17 +885,23 @@ def predict(spec: ModelSpec, plan: "Plan") -> MemoryBreakdown:
     kept = grads if _get(plan, "grad_accum", 1) > 1 else 0
     head_grad = spec.vocab * spec.hidden * trainable_dtype_bytes(plan) if _is_full(plan) else 0
     tied_sum = 0
-    if plan.method == "galore" and _get(plan, "galore_per_layer", True):
-        if spec.tied_embeddings:
-            # One parameter gets two gradients: the head's waits for the embedding's (the
-            # per-layer update runs once both are summed), and the sum is a third tensor.
-            tied_sum = 2 * head_grad
-        else:
-            head_grad = 0  # the per-layer update frees it at once; gradient_bytes holds the largest
+    if head_grad and spec.tied_embeddings:
+        # One parameter, two gradients in one backward: autograd holds the head's until the
+        # embedding's arrives, sums them into a third tensor, then accumulates that into .grad
+        # (in place onto a kept gradient). Beside all other gradients: the two and their sum,
+        # of which `grads` counts one unless a kept gradient is already there.
+        per_layer = plan.method == "galore" and _get(plan, "galore_per_layer", True)
+        tied_sum = (3 if kept and not per_layer else 2) * head_grad   # per-layer: gradient_bytes holds the kept one
+        backward_grads = kept + head_grad
+    elif plan.method == "galore" and _get(plan, "galore_per_layer", True):
+        head_grad = 0  # the per-layer update frees it at once; gradient_bytes holds the largest
+        backward_grads = kept
+    else:
+        backward_grads = max(kept, head_grad)   # an untied head's gradient goes into .grad at once
     phases = [
         ("forward", dict(grads=kept, activations=saved, logits=logits_bytes(spec, plan),
                          temporaries=dequant + workspace)),
-        ("backward", dict(grads=max(kept, head_grad), activations=rebuilt, logits=0,
+        ("backward", dict(grads=backward_grads, activations=rebuilt, logits=0,
                           temporaries=block_bwd + dequant + workspace)),
         ("backward-end", dict(grads=grads, activations=0, logits=0,
                               temporaries=block_bwd + dequant + workspace

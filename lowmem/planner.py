@@ -36,7 +36,7 @@ from typing import Any, Iterable
 from lowmem.config import RunConfig, format_size
 from lowmem.errors import LowmemError
 from lowmem.memory import MemoryBreakdown, predict
-from lowmem.spec import ModelSpec
+from lowmem.spec import LINEARS, ModelSpec
 
 #: Default share of the budget kept free for what the model does not predict.
 DEFAULT_SAFETY_MARGIN = 0.05
@@ -126,6 +126,15 @@ class Plan:
                                      # (lowmem.kernels.device); None: memory.CUDA_CONTEXT_BYTES
     breakdown: MemoryBreakdown | None = None   # predicted peak (lowmem.memory)
     rejected: tuple[Rejection, ...] = ()       # better candidates that did not fit
+
+    @property
+    def nf4_targets(self) -> tuple[str, ...]:
+        """The linears a 4-bit (NF4) base holds quantized: every block projection, adapted or
+        not, as QLoRA quantizes them (and as lowmem.memory.weight_bytes counts them), plus any
+        other LoRA target (lm_head); () for other bases."""
+        if self.base_format != "nf4":
+            return ()
+        return LINEARS + tuple(t for t in self.lora_targets if t not in LINEARS)
 
     @property
     def tokens_per_step(self) -> int:

@@ -189,7 +189,7 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
     # An NF4 base keeps its other tensors (embeddings, norms, head) in the compute dtype.
     dense = plan.compute_dtype if plan.base_format == "nf4" else plan.base_format
     weight_dtype = torch.bfloat16 if dense in ("bf16", "bfloat16") else torch.float32
-    nf4_targets = plan.lora_targets if plan.base_format == "nf4" else ()
+    nf4_targets = plan.nf4_targets
     loram = plan.method == "loram"
     prep = None
     if loram and not resume:

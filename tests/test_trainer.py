@@ -195,6 +195,33 @@ def test_every_adapter_method_trains_and_resumes_exactly(tmp_path, tiny_model_di
     assert len(straight) == 4 and _losses(run_b) == straight
 
 
+@pytest.mark.parametrize("method, extra", [
+    ("qlora", {}),
+    ("loram", {"loram.ratio": 0.5, "loram.quantize": True, "loram.criterion": "magnitude"}),   # streamed
+    ("loram", {"loram.ratio": 0.5, "loram.quantize": True, "loram.criterion": "taylor"}),
+])
+def test_a_4bit_base_quantizes_every_block_projection_not_only_the_adapted_ones(
+        tmp_path, tiny_model_dir, tiny_chat_data, monkeypatch, method, extra):
+    """As QLoRA does, and as the memory model counts the weights (lowmem.memory.weight_bytes):
+    adapting only q_proj and v_proj leaves no dense projection in the base."""
+    from lowmem import trainer
+    from lowmem.lora import LoRALinear
+    from lowmem.quant.nf4 import NF4Linear
+    from lowmem.spec import LINEARS
+
+    trained = []
+    real = trainer.prepare_for_training
+    monkeypatch.setattr(trainer, "prepare_for_training", lambda model, plan: trained.append(model) or real(model, plan))
+    config = _config(tiny_model_dir, tiny_chat_data, tmp_path, steps=1, method=method,
+                     **{"lora.targets": "[q_proj, v_proj]", **extra})
+    train(*_start(config, "r"), out=lambda m: None)
+    for i, block in enumerate(trained[0].get_decoder().layers):
+        for name in LINEARS:
+            layer = block.get_submodule(("self_attn." if name in LINEARS[:4] else "mlp.") + name)
+            assert isinstance(layer, LoRALinear) == (name in ("q_proj", "v_proj")), (i, name)
+            assert isinstance(getattr(layer, "base", layer), NF4Linear), (i, name)
+
+
 def test_a_loram_run_saves_an_adapter_for_the_full_model(tmp_path, tiny_model_dir, tiny_chat_data):
     from lowmem.lora import load_adapter
     from lowmem.model import load_model
