@@ -32,10 +32,14 @@ when known):
 * **dequantized**: the same quantized weights, dequantized, as an ordinary
   Hugging Face model folder (bf16 by default) that transformers loads.
 
-* **merged**: a LoRA/QLoRA adapter merged into the base weights (W0 + c·BA,
-  no quantization), as a Hugging Face model folder. For a QLoRA run W0 is the
-  original full-precision weight, not its NF4 version (PEFT's
-  `merge_and_unload` on a reloaded full-precision base does the same).
+* **merged**: a LoRA/QLoRA/LoRAM adapter merged into the base weights
+  (W0 + c·BA, no quantization), as a Hugging Face model folder. For a QLoRA run
+  W0 is the original full-precision weight, not its NF4 version (PEFT's
+  `merge_and_unload` on a reloaded full-precision base does the same); a LoRAM
+  run's adapter is the recovered one, in the full model's shapes.
+  `merge_streamed` writes it from the base's safetensors one tensor at a time
+  (a 70B base merges in a few GiB of RAM), in shards with an index as
+  `save_pretrained` writes them; `save_merged` does it from a loaded model.
 
 `export_run` does this for a run directory (`lowmem export RUN_DIR ...`).
 """
@@ -278,6 +282,118 @@ def save_merged(model: nn.Module, out: Path, *, tokenizer=None, dtype: torch.dty
     return save_hf(model, merged_weights(model), out, tokenizer=tokenizer, dtype=dtype)
 
 
+# ---------------------------------------------------------------- merging while streaming
+
+#: Largest shard `merge_streamed` writes (the last tensor may take a shard past it if it alone is larger).
+SHARD_BYTES = 2 * 2**30
+
+
+def adapter_deltas(adapter: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
+    """({base weight name: (A, B)}, scale s) of a PEFT-layout adapter folder: ΔW = s·B A."""
+    import math
+
+    from safetensors.torch import load_file
+
+    from lowmem.lora import ADAPTER_WEIGHTS, read_adapter_config
+
+    cfg = read_adapter_config(adapter)
+    rank, alpha = cfg["r"], cfg["lora_alpha"]
+    scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(str(Path(adapter) / ADAPTER_WEIGHTS)).items():
+        module, _, which = key.removeprefix("base_model.model.").rpartition(".lora_")
+        if which not in ("A.weight", "B.weight"):
+            raise ModelError(f"{adapter}: unexpected adapter tensor {key} (expected …lora_A.weight / …lora_B.weight)")
+        pairs.setdefault(f"{module}.weight", {})[which[0]] = tensor
+    for name, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise ModelError(f"{adapter}: {name} has lora_{next(iter(pair))} without its partner")
+    return {name: (p["A"], p["B"]) for name, p in pairs.items()}, scale
+
+
+def merge_streamed(model_dir: Path, adapter: Path, out: Path, *, dtype: torch.dtype = torch.bfloat16,
+                   shard_bytes: int = SHARD_BYTES, log=print) -> Path:
+    """The adapter in `adapter` (PEFT layout) merged into the base model in `model_dir`
+    (Hugging Face safetensors), written to `out` as a Hugging Face folder in `dtype`.
+
+    One base tensor at a time: a targeted weight becomes W0 + s·(B A), in fp32, as
+    `LoRALinear.delta_weight` computes it, then `dtype`; every other floating tensor is
+    cast. Alive at once: the adapter, one tensor and its copy, and the shard being
+    filled (at most `shard_bytes`). The base's tensor names are kept (a tied head
+    stays tied); config, generation config and tokenizer files are copied.
+    """
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    from lowmem.model import load_tokenizer
+    from lowmem.quant.skeleton import read_tensors, shard_files
+
+    model_dir, adapter = Path(model_dir), Path(adapter)
+    deltas, scale = adapter_deltas(adapter)
+    files = shard_files(model_dir)
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read the config in {model_dir}: {str(e).splitlines()[0]}") from None
+
+    def write(folder: Path) -> None:
+        shard: dict[str, torch.Tensor] = {}
+        weight_map: dict[str, str] = {}
+        names: list[str] = []
+        size = total = 0
+
+        def flush() -> None:
+            nonlocal shard, size
+            if shard:
+                name = f"model-{len(names) + 1:05d}.safetensors"
+                save_file(shard, str(folder / name), metadata={"format": "pt"})
+                names.append(name)
+                weight_map.update({key: name for key in shard})
+                shard, size = {}, 0
+
+        merged = set()
+        for key, tensor in read_tensors(files):
+            if key in deltas:
+                a, b = deltas[key]
+                if tuple(tensor.shape) != (b.shape[0], a.shape[1]):
+                    raise ModelError(f"{adapter}: the adapter of {key} is for a ({b.shape[0]} × {a.shape[1]}) "
+                                     f"weight; the base in {model_dir} has {tuple(tensor.shape)}")
+                tensor = (tensor.float() + (b.float() @ a.float()) * scale).to(dtype)
+                merged.add(key)
+            elif tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            nbytes = tensor.numel() * tensor.element_size()
+            if shard and size + nbytes > shard_bytes:
+                flush()
+            shard[key] = tensor.contiguous()
+            size += nbytes
+            total += nbytes
+        missing = sorted(set(deltas) - merged)
+        if missing:
+            tied = " (tied to the embeddings, so the checkpoint has no tensor of its own)" \
+                if missing[0] == "lm_head.weight" and getattr(config, "tie_word_embeddings", False) else ""
+            raise ModelError(f"{adapter}: the adapter targets {missing[0]}, which the base in {model_dir} "
+                             f"does not have{tied}; {len(missing)} weight(s) could not be merged")
+        flush()
+        if len(names) == 1:
+            os.rename(folder / names[0], folder / WEIGHTS)
+        else:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        config.use_cache = True
+        config.dtype = _name(dtype)
+        config.save_pretrained(folder)
+        if (model_dir / "generation_config.json").is_file():
+            shutil.copy(model_dir / "generation_config.json", folder / "generation_config.json")
+        try:
+            load_tokenizer(model_dir).save_pretrained(folder)
+        except (OSError, ValueError):
+            log(f"note: no tokenizer in {model_dir}; the merged model has none either")
+        log(f"merged {len(merged)} weights (s = {scale:g}) into {len(names)} shard(s), {total / 2**30:.2f} GiB")
+
+    return _write_folder(out, write)
+
+
 # ---------------------------------------------------------------- loading
 
 def is_quantized_export(path: str | Path) -> bool:
@@ -353,25 +469,36 @@ def _run_folder(run_dir: Path, marker: str) -> Path | None:
     return folder if (folder / marker).is_file() else None
 
 
-def load_run(run_dir: Path, log=print):
-    """(model on the CPU in fp32 with the run's adapter or L4Q layers, tokenizer, method)."""
+def run_adapter(run_dir: Path) -> tuple[str, str, Path]:
+    """(model reference, method, adapter folder) of a LoRA, QLoRA, LoRAM or L4Q run directory:
+    run_dir/adapter when the run finished, else the newest valid checkpoint's."""
     import yaml
 
-    from lowmem.lora import ADAPTER_CONFIG, load_adapter
-    from lowmem.model import load_model
-    from lowmem.quant.l4q import L4Q_CONFIG, load_l4q_state
+    from lowmem.lora import ADAPTER_CONFIG
+    from lowmem.quant.l4q import L4Q_CONFIG
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "plan.yaml").is_file():
         raise ModelError(f"{run_dir} is not a run directory (no config.yaml / plan.yaml)")
     model_ref = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
     method = yaml.safe_load((run_dir / "plan.yaml").read_text())["method"]
-    if method not in ("lora", "qlora", "l4q"):
+    if method not in ("lora", "qlora", "loram", "l4q"):
         raise ModelError(f"{run_dir}: a '{method}' run has no adapter to export; its model is in {run_dir / 'model'}")
     marker = L4Q_CONFIG if method == "l4q" else ADAPTER_CONFIG
     folder = _run_folder(run_dir, marker)
     if folder is None:
         raise ModelError(f"{run_dir}: no {marker} in adapter/ or in a checkpoint; has the run saved one yet?")
+    return model_ref, method, folder
+
+
+def load_run(run_dir: Path, log=print):
+    """(model on the CPU in fp32 with the run's adapter or L4Q layers, tokenizer, method).
+    A LoRAM run's adapter is the recovered one: it goes onto the full model."""
+    from lowmem.lora import load_adapter
+    from lowmem.model import load_model
+    from lowmem.quant.l4q import load_l4q_state
+
+    model_ref, method, folder = run_adapter(run_dir)
     # The export starts from the original full-precision weights, whatever the run trained on.
     model, tokenizer, _ = load_model(model_ref, "cpu", torch.float32, log=log)
     if method == "l4q":
@@ -385,17 +512,24 @@ def load_run(run_dir: Path, log=print):
 def export_run(run_dir: Path, *, quantized: Path | None = None, dequantized: Path | None = None,
                merged: Path | None = None, bits: int | None = None, group: int | None = None,
                dtype: torch.dtype = torch.bfloat16, log=print) -> list[Path]:
-    """Write the asked-for outputs of a LoRA, QLoRA or L4Q run; returns their folders.
+    """Write the asked-for outputs of a LoRA, QLoRA, LoRAM or L4Q run; returns their folders.
 
-    `bits`/`group` choose the round-to-nearest quantization of a LoRA/QLoRA run
-    (default 4 / 128); an L4Q run exports with the bits and groups it trained.
+    `bits`/`group` choose the round-to-nearest quantization of a LoRA/QLoRA/LoRAM run
+    (default 4 / 128); an L4Q run exports with the bits and groups it trained. The merged
+    model is written while the base streams from its files (`merge_streamed`); the
+    quantized ones load the whole base in fp32 first.
     """
-    model, tokenizer, method = load_run(Path(run_dir), log)
+    from lowmem.model import resolve_model_dir
+
+    model_ref, method, folder = run_adapter(Path(run_dir))
     written = []
     if merged is not None:
-        written.append(save_merged(model, merged, tokenizer=tokenizer, dtype=dtype))
+        if method == "l4q":
+            raise ValueError("an L4Q model is exported quantized or dequantized, not merged unquantized")
+        written.append(merge_streamed(resolve_model_dir(model_ref, log), folder, merged, dtype=dtype, log=log))
         log(f"merged model (Hugging Face, {_name(dtype)}) written to {merged}")
     if quantized is not None or dequantized is not None:
+        model, tokenizer, method = load_run(Path(run_dir), log)
         if method != "l4q":
             bits, group = bits or 4, group or 128
         q = quantize_model(model, bits=bits, group=group)

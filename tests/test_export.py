@@ -236,3 +236,131 @@ def test_export_command_merges_a_lora_run(tmp_path, tiny_model_dir):
         torch.testing.assert_close(merged(ids).logits, reference, rtol=1e-5, atol=1e-5)
         assert float((eight_bit(ids).logits - reference).norm() / reference.norm()) < 0.01
     assert json.loads((tmp_path / "q" / QUANT_CONFIG).read_text())["source"]["quantizer"] == "round-to-nearest"
+
+
+# ---------------------------------------------------------------- merging while the base streams
+
+def _lora_on(model_dir, targets=("q_proj", "up_proj"), seed=0):
+    from lowmem.model import load_model
+
+    model, _, _ = load_model(str(model_dir))
+    torch.manual_seed(seed)
+    apply_lora(model, 4, 8.0, targets)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.normal_(std=0.05)
+    return model.eval()
+
+
+def test_the_streamed_merge_writes_exactly_what_the_in_memory_merge_writes(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from lowmem.quant.export import merge_streamed
+
+    model = _lora_on(tiny_model_dir)
+    save_adapter(model, tmp_path / "adapter", rank=4, alpha=8.0, targets=("q_proj", "up_proj"), dropout=0.0,
+                 rslora=False, base_model=str(tiny_model_dir))
+    save_merged(model, tmp_path / "whole", dtype=torch.float32)
+    # Shards of at most 100 kB: several files and an index, as save_pretrained writes them.
+    merge_streamed(tiny_model_dir, tmp_path / "adapter", tmp_path / "streamed", dtype=torch.float32,
+                   shard_bytes=100_000, log=lambda m: None)
+    index = json.loads((tmp_path / "streamed" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 2
+    streamed = {}
+    for name in shards:
+        streamed.update(load_file(str(tmp_path / "streamed" / name)))
+    whole = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    assert streamed.keys() == whole.keys()
+    for key in whole:
+        assert torch.equal(streamed[key], whole[key]), key
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed", dtype=torch.float32)
+    ids = torch.randint(0, 1000, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    assert (tmp_path / "streamed" / "tokenizer_config.json").is_file()
+
+
+def test_the_streamed_merge_holds_one_tensor_at_a_time(tmp_path):
+    """What the merge allocates beyond the adapter: one base tensor, its merged copy and the
+    shard being filled; never the whole model (the test reads the live tensor bytes)."""
+    from safetensors.torch import load_file
+
+    from lowmem.measure import LiveTensorBytes
+    from lowmem.quant.export import merge_streamed
+    from lowmem.quant.skeleton import read_tensors, shard_files
+
+    base = tiny_llama(vocab_size=256, hidden=64, layers=6, heads=4, kv_heads=2, intermediate=256)
+    base.save_pretrained(tmp_path / "base")          # no tokenizer: the merge says so and goes on
+    apply_lora(base, 4, 8.0, ("q_proj", "up_proj"))
+    save_adapter(base, tmp_path / "adapter", rank=4, alpha=8.0, targets=("q_proj", "up_proj"), dropout=0.0,
+                 rslora=False, base_model="base")
+    sizes = [t.numel() * 4 for _, t in read_tensors(shard_files(tmp_path / "base"))]   # fp32 tensors
+    shard, said = 100_000, []
+    with LiveTensorBytes() as live:
+        merge_streamed(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", dtype=torch.float32,
+                       shard_bytes=shard, log=said.append)
+    adapter = sum(t.numel() * 4 for t in load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")).values())
+    bound = adapter + shard + 3 * max(sizes)
+    assert sum(sizes) > 2 * bound                     # holding the whole model would fail the test
+    assert live.growth <= bound, (live.growth, bound, sum(sizes))
+    assert any("no tokenizer" in m for m in said)
+
+
+def test_export_merges_and_quantizes_a_loram_run_onto_the_full_model(tmp_path, tiny_model_dir):
+    """A LoRAM run's recovered adapter (full shapes, zeros where the pruned model had no unit)
+    merges into the full base: the merged model equals the full model with the adapter loaded."""
+    from transformers import AutoModelForCausalLM
+
+    from lowmem.loram import save_recovered_adapter
+    from lowmem.lora import load_adapter
+    from lowmem.model import load_model
+    from lowmem.prune import prune
+
+    pruned, _, _ = load_model(str(tiny_model_dir))
+    prune(pruned, 0.5, criterion="magnitude", keep_first=0, keep_last=0)
+    torch.manual_seed(0)
+    apply_lora(pruned, 4, 8.0, TARGETS)
+    with torch.no_grad():
+        for m in lora_modules(pruned).values():
+            m.lora_B.normal_(std=0.05)
+    run = _fake_run(tmp_path / "run", tiny_model_dir, "loram",
+                    lambda d: save_recovered_adapter(pruned, d, rank=4, alpha=8.0, targets=TARGETS, dropout=0.0,
+                                                     rslora=False, base_model=str(tiny_model_dir)))
+    assert _export([run, "--merged", tmp_path / "m", "--quantized", tmp_path / "q", "--bits", "8",
+                    "--dtype", "fp32"]) == 0
+    full, _, _ = load_model(str(tiny_model_dir))
+    load_adapter(full, run / "adapter")
+    full.eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    eight_bit, _ = load_quantized_export(tmp_path / "q")
+    ids = torch.randint(0, 1000, (1, 9))
+    with torch.no_grad():
+        reference = full(ids).logits
+        torch.testing.assert_close(merged(ids).logits, reference, rtol=1e-5, atol=1e-5)
+        assert float((eight_bit(ids).logits - reference).norm() / reference.norm()) < 0.01
+
+
+def test_a_streamed_merge_refuses_an_adapter_for_other_shapes_and_leaves_nothing(tmp_path, tiny_model_dir):
+    from lowmem.errors import ModelError
+    from lowmem.quant.export import merge_streamed
+
+    other = tiny_llama(vocab_size=1000, hidden=48, layers=2, heads=4, kv_heads=2, intermediate=64)
+    apply_lora(other, 4, 8.0, ("q_proj",))
+    save_adapter(other, tmp_path / "adapter", rank=4, alpha=8.0, targets=("q_proj",), dropout=0.0,
+                 rslora=False, base_model="other")
+    with pytest.raises(ModelError, match=r"model.layers.0.self_attn.q_proj.weight.*\(48 × 48\).*\(32, 32\)"):
+        merge_streamed(tiny_model_dir, tmp_path / "adapter", tmp_path / "out", log=lambda m: None)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-out-*"))
+
+
+def test_a_streamed_merge_names_a_target_the_base_does_not_have(tmp_path, tiny_model_dir):
+    from lowmem.errors import ModelError
+    from lowmem.quant.export import merge_streamed
+
+    model = _lora_on(tiny_model_dir, targets=("q_proj", "lm_head"))
+    save_adapter(model, tmp_path / "adapter", rank=4, alpha=8.0, targets=("q_proj", "lm_head"), dropout=0.0,
+                 rslora=False, base_model=str(tiny_model_dir))
+    with pytest.raises(ModelError, match="targets lm_head.weight.*tied to the embeddings"):
+        merge_streamed(tiny_model_dir, tmp_path / "adapter", tmp_path / "out", log=lambda m: None)
