@@ -212,9 +212,23 @@ def test_export_command_writes_a_quantized_l4q_run_that_generate_can_load(tmp_pa
         _export([run, "--quantized", tmp_path / "q"])
 
 
-def test_export_command_merges_a_lora_run(tmp_path, tiny_model_dir):
+def _export_merged_and_8bit_match(run, reference_model, tmp_path):
+    """`lowmem export RUN --merged m --quantized q --bits 8`: the merged model computes what
+    `reference_model` does; the 8-bit one within 1%."""
     from transformers import AutoModelForCausalLM
 
+    assert _export([run, "--merged", tmp_path / "m", "--quantized", tmp_path / "q", "--bits", "8",
+                    "--dtype", "fp32"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    eight_bit, _ = load_quantized_export(tmp_path / "q")
+    ids = torch.randint(0, 1000, (1, 9))
+    with torch.no_grad():
+        reference = reference_model(ids).logits
+        torch.testing.assert_close(merged(ids).logits, reference, rtol=1e-5, atol=1e-5)
+        assert float((eight_bit(ids).logits - reference).norm() / reference.norm()) < 0.01
+
+
+def test_export_command_merges_a_lora_run(tmp_path, tiny_model_dir):
     from lowmem.model import load_model
 
     model, _, _ = load_model(str(tiny_model_dir))
@@ -226,15 +240,7 @@ def test_export_command_merges_a_lora_run(tmp_path, tiny_model_dir):
     run = _fake_run(tmp_path / "run", tiny_model_dir, "qlora",
                     lambda d: save_adapter(model, d, rank=4, alpha=8.0, targets=("q_proj", "up_proj"),
                                            dropout=0.0, rslora=False, base_model=str(tiny_model_dir)))
-    assert _export([run, "--merged", tmp_path / "m", "--quantized", tmp_path / "q", "--bits", "8",
-                    "--dtype", "fp32"]) == 0
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
-    eight_bit, _ = load_quantized_export(tmp_path / "q")
-    ids = torch.randint(0, 1000, (1, 9))
-    with torch.no_grad():
-        reference = model(ids).logits
-        torch.testing.assert_close(merged(ids).logits, reference, rtol=1e-5, atol=1e-5)
-        assert float((eight_bit(ids).logits - reference).norm() / reference.norm()) < 0.01
+    _export_merged_and_8bit_match(run, model, tmp_path)
     assert json.loads((tmp_path / "q" / QUANT_CONFIG).read_text())["source"]["quantizer"] == "round-to-nearest"
 
 
@@ -311,8 +317,6 @@ def test_the_streamed_merge_holds_one_tensor_at_a_time(tmp_path):
 def test_export_merges_and_quantizes_a_loram_run_onto_the_full_model(tmp_path, tiny_model_dir):
     """A LoRAM run's recovered adapter (full shapes, zeros where the pruned model had no unit)
     merges into the full base: the merged model equals the full model with the adapter loaded."""
-    from transformers import AutoModelForCausalLM
-
     from lowmem.loram import save_recovered_adapter
     from lowmem.lora import load_adapter
     from lowmem.model import load_model
@@ -328,18 +332,9 @@ def test_export_merges_and_quantizes_a_loram_run_onto_the_full_model(tmp_path, t
     run = _fake_run(tmp_path / "run", tiny_model_dir, "loram",
                     lambda d: save_recovered_adapter(pruned, d, rank=4, alpha=8.0, targets=TARGETS, dropout=0.0,
                                                      rslora=False, base_model=str(tiny_model_dir)))
-    assert _export([run, "--merged", tmp_path / "m", "--quantized", tmp_path / "q", "--bits", "8",
-                    "--dtype", "fp32"]) == 0
     full, _, _ = load_model(str(tiny_model_dir))
     load_adapter(full, run / "adapter")
-    full.eval()
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
-    eight_bit, _ = load_quantized_export(tmp_path / "q")
-    ids = torch.randint(0, 1000, (1, 9))
-    with torch.no_grad():
-        reference = full(ids).logits
-        torch.testing.assert_close(merged(ids).logits, reference, rtol=1e-5, atol=1e-5)
-        assert float((eight_bit(ids).logits - reference).norm() / reference.norm()) < 0.01
+    _export_merged_and_8bit_match(run, full.eval(), tmp_path)
 
 
 def test_a_streamed_merge_refuses_an_adapter_for_other_shapes_and_leaves_nothing(tmp_path, tiny_model_dir):
