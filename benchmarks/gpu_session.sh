@@ -30,21 +30,22 @@ export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 # The GPU image has torch, transformers and cuda-python but not bitsandbytes: install the
 # carried wheels, then make `lowmem` importable from this checkout without building it
 # (its subpackages live in kernels/, quant/, tui/, presets/: link them into place).
+# Python must not put this checkout's own lowmem/ (which lacks those subpackages) ahead
+# of the linked one: `python3 -P`, and pytest's --import-mode=append.
 site=/tmp/lowmem-site
-if [ ! -d "$site/lowmem" ]; then
-    if compgen -G ".whl/*.whl" >/dev/null; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target "$site" .whl/*.whl || exit 1
-    fi
-    mkdir -p "$site/lowmem"
-    for f in lowmem/*; do ln -sfn "$PWD/$f" "$site/lowmem/$(basename "$f")"; done
-    for sub in kernels quant tui presets; do ln -sfn "$PWD/$sub" "$site/lowmem/$sub"; done
+if compgen -G ".whl/*.whl" >/dev/null && ! PYTHONPATH="$site" python3 -P -c "import bitsandbytes" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$site" .whl/*.whl || exit 1
 fi
-export PYTHONPATH="$site:$PWD"
+rm -rf "$site/lowmem" && mkdir -p "$site/lowmem"     # relinked every call: the checkout may have moved
+for f in lowmem/*; do ln -sfn "$PWD/$f" "$site/lowmem/$(basename "$f")"; done
+for sub in kernels quant tui presets; do ln -sfn "$PWD/$sub" "$site/lowmem/$sub"; done
+export PYTHONPATH="$site"
+PY="python3 -P"
 export LOWMEM_CACHE=${LOWMEM_CACHE:-/tmp/lowmem-cache}
 
 check() {
-    python3 - <<'PY'
+    $PY - <<'PY'
 import torch, platform
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
 print("device", torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0),
@@ -68,28 +69,31 @@ PY
 }
 
 tests() {
-    timeout 540 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels.py \
+    timeout 540 $PY -m pytest -m gpu -q -p no:cacheprovider --import-mode=append tests/test_kernels.py \
         tests/test_kernels_cross_entropy.py tests/test_l4q.py tests/test_offload.py \
         tests/test_quant_nf4.py tests/test_galore.py 2>&1
 }
 
 plans() {
-    local json="$OUT/plans.jsonl"
-    timeout 250 python3 benchmarks/plan_vs_measured.py --model llama-3.1-8b --vram 24G \
-        --method qlora,lora,l4q,galore --seq-len 2048 --json "$json"
-    timeout 150 python3 benchmarks/plan_vs_measured.py --model llama-3.1-8b --vram 16G \
-        --method qlora,l4q --seq-len 4096 --json "$json"
-    timeout 150 python3 benchmarks/plan_vs_measured.py --model llama-3.1-70b --vram 24G \
-        --method loram --seq-len 512 --json "$json"
+    local json="$OUT/plans.jsonl" rc=0
+    timeout 250 $PY benchmarks/plan_vs_measured.py --model llama-3.1-8b --vram 24G \
+        --method qlora,lora,l4q,galore --seq-len 2048 --json "$json" || rc=1
+    timeout 150 $PY benchmarks/plan_vs_measured.py --model llama-3.1-8b --vram 16G \
+        --method qlora,l4q --seq-len 4096 --json "$json" || rc=1
+    timeout 150 $PY benchmarks/plan_vs_measured.py --model llama-3.1-70b --vram 24G \
+        --method loram --seq-len 512 --json "$json" || rc=1
+    return $rc
 }
 
 kernels() {
-    timeout 400 python3 benchmarks/kernels.py 2>&1
+    timeout 400 $PY benchmarks/kernels.py 2>&1
 }
 
 profile() {
-    timeout 150 python3 benchmarks/profile_step.py --layers 4 --seq-len 2048 --compare-kernels 2>&1
-    timeout 150 python3 benchmarks/profile_step.py --method l4q --layers 4 --seq-len 2048 --compare-kernels 2>&1
+    local rc=0
+    timeout 150 $PY benchmarks/profile_step.py --layers 4 --seq-len 2048 --compare-kernels 2>&1 || rc=1
+    timeout 150 $PY benchmarks/profile_step.py --method l4q --layers 4 --seq-len 2048 --compare-kernels 2>&1 || rc=1
+    return $rc
 }
 
 [ $# -gt 0 ] || set -- check

@@ -271,8 +271,11 @@ def measure(spec: ModelSpec, plan: Plan, config: RunConfig, steps: int = 3, cap:
         if start:
             raise RuntimeError(f"{start} bytes are already allocated on {device}; measure in a fresh process")
         if cap is not None:
-            total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+            if cap <= 0:
+                raise ValueError(f"the allocator cap must be positive, got {cap} bytes")
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            total = torch.cuda.get_device_properties(index).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), index)   # needs an index
     model = random_model(spec, plan, device)
     prepare_for_training(model, plan)
     model.train()

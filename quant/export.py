@@ -326,7 +326,7 @@ def merge_streamed(model_dir: Path, adapter: Path, out: Path, *, dtype: torch.dt
     from transformers import AutoConfig
 
     from lowmem.model import load_tokenizer
-    from lowmem.quant.skeleton import read_tensors, shard_files
+    from lowmem.quant.skeleton import DTYPES, _header, read_tensors, shard_files
 
     model_dir, adapter = Path(model_dir), Path(adapter)
     deltas, scale = adapter_deltas(adapter)
@@ -335,6 +335,19 @@ def merge_streamed(model_dir: Path, adapter: Path, out: Path, *, dtype: torch.dt
         config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot read the config in {model_dir}: {str(e).splitlines()[0]}") from None
+    # Checked from the headers before anything is read or written.
+    stored = {key: info["dtype"] for path in files for key, info in _header(path)[0].items()}
+    missing = sorted(set(deltas) - set(stored))
+    if missing:
+        tied = " (tied to the embeddings, so the checkpoint has no tensor of its own)" \
+            if missing[0] == "lm_head.weight" and getattr(config, "tie_word_embeddings", False) else ""
+        raise ModelError(f"{adapter}: the adapter targets {missing[0]}, which the base in {model_dir} "
+                         f"does not have{tied}; {len(missing)} weight(s) could not be merged")
+    scaled = sorted(k for k, d in stored.items() if d.startswith("F8"))
+    if scaled:
+        raise ModelError(f"{model_dir}: {scaled[0]} is stored in {stored[scaled[0]]}, whose scales live in "
+                         f"other tensors; lowmem merges into bf16, fp16 or fp32 checkpoints only")
+    exact = {t for t in DTYPES.values() if t.is_floating_point and t.itemsize >= 2}
 
     def write(folder: Path) -> None:
         shard: dict[str, torch.Tensor] = {}
@@ -360,20 +373,14 @@ def merge_streamed(model_dir: Path, adapter: Path, out: Path, *, dtype: torch.dt
                                      f"weight; the base in {model_dir} has {tuple(tensor.shape)}")
                 tensor = (tensor.float() + (b.float() @ a.float()) * scale).to(dtype)
                 merged.add(key)
-            elif tensor.is_floating_point():
-                tensor = tensor.to(dtype)
+            elif tensor.dtype in exact:
+                tensor = tensor.to(dtype)   # other tensors (integer buffers) are copied as they are
             nbytes = tensor.numel() * tensor.element_size()
             if shard and size + nbytes > shard_bytes:
                 flush()
             shard[key] = tensor.contiguous()
             size += nbytes
             total += nbytes
-        missing = sorted(set(deltas) - merged)
-        if missing:
-            tied = " (tied to the embeddings, so the checkpoint has no tensor of its own)" \
-                if missing[0] == "lm_head.weight" and getattr(config, "tie_word_embeddings", False) else ""
-            raise ModelError(f"{adapter}: the adapter targets {missing[0]}, which the base in {model_dir} "
-                             f"does not have{tied}; {len(missing)} weight(s) could not be merged")
         flush()
         if len(names) == 1:
             os.rename(folder / names[0], folder / WEIGHTS)
@@ -382,6 +389,8 @@ def merge_streamed(model_dir: Path, adapter: Path, out: Path, *, dtype: torch.dt
             (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         config.use_cache = True
         config.dtype = _name(dtype)
+        if "lm_head.weight" in merged and getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False   # the head got its own update: loading must not re-tie it
         config.save_pretrained(folder)
         if (model_dir / "generation_config.json").is_file():
             shutil.copy(model_dir / "generation_config.json", folder / "generation_config.json")

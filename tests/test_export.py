@@ -359,3 +359,50 @@ def test_a_streamed_merge_names_a_target_the_base_does_not_have(tmp_path, tiny_m
                  rslora=False, base_model=str(tiny_model_dir))
     with pytest.raises(ModelError, match="targets lm_head.weight.*tied to the embeddings"):
         merge_streamed(tiny_model_dir, tmp_path / "adapter", tmp_path / "out", log=lambda m: None)
+
+
+def test_a_merged_head_is_untied_from_the_embeddings_it_was_stored_beside(tmp_path):
+    """A checkpoint that stores lm_head.weight although its config ties it: the merged head must not
+    be re-tied to the embeddings on loading, or its update is lost."""
+    from transformers import AutoModelForCausalLM
+
+    from lowmem.quant.export import merge_streamed
+
+    base = tiny_llama(vocab_size=256, hidden=32, layers=1, heads=4, kv_heads=2, intermediate=64)
+    base.config.tie_word_embeddings = False
+    base.lm_head.weight = torch.nn.Parameter(base.lm_head.weight.detach() + 0.01)   # its own tensor
+    base.save_pretrained(tmp_path / "base")
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    (tmp_path / "base" / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    apply_lora(base, 4, 8.0, ("lm_head",))
+    with torch.no_grad():
+        lora_modules(base)["lm_head"].lora_B.normal_(std=0.1)
+    save_adapter(base, tmp_path / "adapter", rank=4, alpha=8.0, targets=("lm_head",), dropout=0.0,
+                 rslora=False, base_model="base")
+    merge_streamed(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", dtype=torch.float32,
+                   log=lambda m: None)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    expected = base.lm_head.base.weight + base.lm_head.delta_weight()
+    torch.testing.assert_close(merged.lm_head.weight, expected.detach(), rtol=0, atol=1e-6)
+
+
+def test_a_float8_checkpoint_is_refused_before_anything_is_written(tmp_path):
+    from safetensors.torch import save_file
+
+    from lowmem.errors import ModelError
+    from lowmem.quant.export import merge_streamed
+
+    base = tiny_llama(vocab_size=256, hidden=32, layers=1, heads=4, kv_heads=2, intermediate=64)
+    base.save_pretrained(tmp_path / "base")
+    apply_lora(base, 4, 8.0, ("q_proj",))
+    save_adapter(base, tmp_path / "adapter", rank=4, alpha=8.0, targets=("q_proj",), dropout=0.0,
+                 rslora=False, base_model="base")
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(tmp_path / "base" / "model.safetensors"))
+    tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"].to(torch.float8_e4m3fn)
+    save_file(tensors, str(tmp_path / "base" / "model.safetensors"))
+    with pytest.raises(ModelError, match="up_proj.weight is stored in F8_E4M3"):
+        merge_streamed(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", log=lambda m: None)
+    assert not (tmp_path / "out").exists()

@@ -174,13 +174,28 @@ def test_plan_measure_of_a_gpu_plan_needs_a_gpu(capsys):
         run_plan(["--model", "smollm2-135m", "--vram", "8G", "--measure"], capsys)
 
 
-def test_plan_measure_reports_out_of_memory_as_not_fitting(monkeypatch, capsys):
+@pytest.mark.parametrize("error", [
+    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+])
+def test_plan_measure_reports_out_of_memory_as_not_fitting(monkeypatch, capsys, error):
     import lowmem.measure
 
     def oom(*args, **kwargs):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise error
 
     monkeypatch.setattr(lowmem.measure, "measure", oom)
     code, out = run_plan(SMALL_RUN, capsys)
     assert code == 1
-    assert "OUT OF MEMORY within 1 steps" in out and "does not fit" in out and "Tried to allocate 2.00 GiB" in out
+    assert "OUT OF MEMORY within 1 steps: this plan does not fit" in out and str(error).split(".")[0] in out
+
+
+def test_plan_measure_lets_other_errors_through(monkeypatch, capsys):
+    import lowmem.measure
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(lowmem.measure, "measure", broken)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        run_plan(SMALL_RUN, capsys)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from typing import Any
 
 from lowmem.commands import add_config_flags, config_from_args
@@ -121,13 +122,21 @@ def measure_plan(plan: Plan, spec: ModelSpec, config, steps: int) -> dict[str, A
             raise ConfigError(f"--measure: --vram {format_size(plan.vram)} is more than this GPU offers "
                               f"({format_size(total - context)} beside its CUDA context); measure with "
                               f"--vram {format_size(total - context)} or less")
+        if plan.vram <= context:
+            raise ConfigError(f"--measure: --vram {format_size(plan.vram)} is not more than this GPU's CUDA "
+                              f"context ({format_size(context)}): nothing would fit")
         cap = plan.vram - context
     try:
         m = measure(spec, plan, config, steps=steps, cap=cap)
-    except torch.cuda.OutOfMemoryError as e:
-        return {"fits": False, "oom": str(e).splitlines()[0], "cap": cap, "steps": steps,
+    except RuntimeError as e:   # torch.cuda.OutOfMemoryError is one; cuBLAS reports its own allocations
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if not isinstance(e, torch.cuda.OutOfMemoryError) and not any(
+                s in message for s in ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED")):
+            raise
+        return {"fits": False, "oom": message, "cap": cap, "steps": steps,
                 "predicted_allocated": plan.breakdown.allocated if plan.breakdown else None}
     out = {"fits": True, "steps": steps, **m.to_dict()}
+    out["losses"] = [x if math.isfinite(x) else None for x in m.losses]   # JSON has no NaN
     if cap is not None and m.reserved + m.context > plan.vram:
         # The context grows after the cap is set (cuBLAS and kernel modules load on first use).
         out.update(fits=False, oom=f"the allocator's peak {format_size(m.reserved)} and the CUDA context "
@@ -138,12 +147,13 @@ def measure_plan(plan: Plan, spec: ModelSpec, config, steps: int) -> dict[str, A
 def render_measured(m: dict[str, Any]) -> str:
     """The measured section under the plan: the allocated peak against the prediction."""
     if not m["fits"] and "allocated" not in m:
-        return (f"measured  OUT OF MEMORY within {m['steps']} steps under a {format_size(m['cap'])} cap: "
-                f"this plan does not fit this GPU ({m['oom']})")
+        under = f" under a {format_size(m['cap'])} cap" if m["cap"] else ""
+        return (f"measured  OUT OF MEMORY within {m['steps']} steps{under}: this plan does not fit this GPU "
+                f"({m['oom']})")
     device = "CUDA" if m["reserved"] is not None else "CPU, live tensor bytes"
     error = m["error"]
     lines = [f"measured  {m['steps']} steps on random weights ({device}, {m['seconds_per_step']:.2f} s/step, "
-             f"losses {', '.join(f'{x:.3f}' for x in m['losses'])})",
+             f"losses {', '.join('nan' if x is None else f'{x:.3f}' for x in m['losses'])})",
              f"  allocated peak  {format_size(m['allocated'])}, predicted {format_size(m['predicted_allocated'])} "
              f"({abs(error):.1%} {'over' if error >= 0 else 'under'} the measurement)"]
     if m["reserved"] is not None:
