@@ -264,12 +264,11 @@ def measure(spec: ModelSpec, plan: Plan, config: RunConfig, steps: int = 3, cap:
     cuda = device.type == "cuda"
     predicted = predict(spec, plan)
     torch.manual_seed(config.seed)
+    start = 0
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-        if start:
-            raise RuntimeError(f"{start} bytes are already allocated on {device}; measure in a fresh process")
+        start = torch.cuda.memory_allocated(device)    # 0 in a fresh process; subtracted either way
         if cap is not None:
             if cap <= 0:
                 raise ValueError(f"the allocator cap must be positive, got {cap} bytes")
@@ -298,8 +297,9 @@ def measure(spec: ModelSpec, plan: Plan, config: RunConfig, steps: int = 3, cap:
     if cuda:
         free, total = torch.cuda.mem_get_info(device)
         reserved_now = torch.cuda.memory_reserved(device)
-        return Measurement(predicted, torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device),
-                           total - free - reserved_now, cap, tuple(losses), seconds, str(device))
+        return Measurement(predicted, torch.cuda.max_memory_allocated(device) - start,
+                           torch.cuda.max_memory_reserved(device), total - free - reserved_now, cap, tuple(losses),
+                           seconds, str(device))
     return Measurement(predicted, model_bytes(model) + tracker.growth, None, None, None, tuple(losses), seconds,
                        "cpu", tracker.peak_op)
 

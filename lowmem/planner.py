@@ -532,8 +532,9 @@ def make_plan(config: RunConfig, spec: ModelSpec, pinned: Iterable[str] | None =
         # With an explicit device, don't ask torch: planning for a GPU works without one.
         plan = plan_from_config(config if device is None else config.replace(device="cpu"))
         if device is not None and device != plan.device:
-            plan = dataclasses.replace(plan, device=device,
-                                       base_format="bf16" if device == "cuda" else "fp32",
+            dense = "bf16" if device == "cuda" else "fp32"
+            plan = dataclasses.replace(plan, device=device,   # an NF4 base stays NF4 on any device
+                                       base_format="nf4" if plan.base_format == "nf4" else dense,
                                        compute_dtype="bfloat16" if device == "cuda" else "float32")
         return _with_breakdown(dataclasses.replace(plan, model=spec.name), spec)
     device = device or resolve_device(config.device)

@@ -199,3 +199,50 @@ def test_plan_measure_lets_other_errors_through(monkeypatch, capsys):
     monkeypatch.setattr(lowmem.measure, "measure", broken)
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         run_plan(SMALL_RUN, capsys)
+
+
+# ---------------------------------------------------------------- on a GPU (skipped without CUDA)
+
+GPU_SPEC = ModelSpec(name="gpu-small", family="llama", layers=2, hidden=1024, intermediate=2816, heads=16,
+                     kv_heads=4, head_dim=64, vocab=32000, tied_embeddings=False)
+
+
+def gpu_plan(method: str, *settings: str):
+    config = load_config(overrides=[f"method={method}", "device=cuda", "seq_len=512", "micro_batch=2",
+                                    "lora.rank=16", *settings])
+    return config, make_plan(config, GPU_SPEC, device="cuda")
+
+
+@pytest.fixture
+def uncapped_afterwards():
+    yield
+    torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device())   # later tests run uncapped
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("uncapped_afterwards")
+@pytest.mark.parametrize("method,settings", [
+    ("lora", ("grad_checkpointing=true",)),
+    ("qlora", ("loss_chunk=256",)),
+    ("l4q", ()),
+    ("loram", ("loram.ratio=0.5",)),
+    ("galore", ("grad_checkpointing=true",)),
+    ("lora", ("offload=true", "grad_checkpointing=true")),
+])
+def test_on_cuda_the_memory_model_predicts_max_memory_allocated(method, settings):
+    """The issue-3 check, per method: predicted allocated peak vs torch.cuda.max_memory_allocated()
+    under a cap of twice the prediction (the allocator's cap path runs too)."""
+    config, plan = gpu_plan(method, *settings)
+    m = measure(GPU_SPEC, plan, config, steps=2, cap=2 * plan.breakdown.total)
+    assert all(torch.isfinite(torch.tensor(m.losses)))
+    assert m.reserved >= m.allocated and m.context > 0
+    assert within_bounds(m), f"{method} {settings}: {explain(m)}"
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("uncapped_afterwards")
+def test_on_cuda_a_cap_below_the_plan_runs_out_of_memory():
+    config, plan = gpu_plan("lora")
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        measure(GPU_SPEC, plan, config, steps=1, cap=plan.breakdown.allocated // 4)

@@ -214,6 +214,17 @@ def test_without_a_budget_the_plan_is_the_config_with_its_prediction():
     assert plan.breakdown is not None and plan.breakdown.overhead == 0  # the CPU has no CUDA context
 
 
+@pytest.mark.parametrize("method, base", [("qlora", "nf4"), ("lora", "bf16"), ("full", "bf16")])
+def test_without_a_budget_a_gpu_plan_keeps_the_methods_base_format(method, base):
+    """Planning for CUDA from a CPU machine: a QLoRA plan's base is still NF4, not the dense default."""
+    cfg = config(method=method)
+    plan = make_plan(cfg, builtin_spec("llama-3.1-8b"), device="cuda")
+    assert (plan.device, plan.base_format, plan.compute_dtype) == ("cuda", base, "bfloat16")
+    loram = make_plan(config(method="loram", loram=lowmem.config.LoramConfig(quantize=True)),
+                      builtin_spec("llama-3.1-8b"), device="cuda")
+    assert loram.base_format == "nf4"
+
+
 def test_cpu_budget_plans_fp32_on_the_cpu():
     plan = make_plan(RunConfig(device="cpu", vram=parse_size("4G")), builtin_spec("smollm2-135m"))
     assert plan.device == "cpu" and plan.base_format == "fp32" and plan.compute_dtype == "float32"
