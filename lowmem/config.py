@@ -272,6 +272,14 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, where: str) -> Any:
             raise bad("text")
         value = str(value)
 
+    if key == "lora.targets":
+        from lowmem.spec import LINEARS
+
+        other = next((t for t in value if t.rsplit(".", 1)[-1] not in LINEARS), None)
+        if other is not None:
+            raise ConfigError(f"{where}key '{key}': '{other}' is not a block projection; adapters go on "
+                              f"{', '.join(LINEARS)} (the loss reads the head's weight itself, so lm_head "
+                              f"and the embeddings cannot carry an adapter)")
     if meta.get("choices") and value not in meta["choices"]:
         raise ConfigError(f"{where}key '{key}': expected one of {', '.join(map(str, meta['choices']))}, "
                           f"got {value!r}")

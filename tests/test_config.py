@@ -89,3 +89,11 @@ def test_every_key_is_a_flag():
     help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
     for key in all_keys():
         assert "--" + key.replace(".", "-").replace("_", "-") in help_text
+
+
+@pytest.mark.parametrize("targets", ["q_proj,lm_head", "[embed_tokens]", "q_proj,qproj"])
+def test_lora_targets_must_be_block_projections(targets):
+    with pytest.raises(ConfigError, match=r"key 'lora.targets': '(lm_head|embed_tokens|qproj)' is not a block "
+                                          r"projection; adapters go on q_proj, k_proj"):
+        load_config(overrides=[f"lora.targets={targets}"])
+    assert load_config(overrides=["lora.targets=self_attn.q_proj,v_proj"]).lora.targets == ("self_attn.q_proj", "v_proj")
