@@ -153,7 +153,7 @@ def run_plan(argv, capsys):
 def test_plan_measure_prints_the_measured_peak_beside_the_prediction(capsys):
     code, out = run_plan(SMALL_RUN, capsys)
     assert code == 0
-    measured = out[out.index("measured  1 steps on random weights (CPU"):]
+    measured = out[out.index("measured  1 step on random weights (CPU"):]
     assert "allocated peak" in measured and "the peak came at aten." in measured
     assert "% over the measurement" in measured or "% under the measurement" in measured
 
@@ -187,7 +187,7 @@ def test_plan_measure_reports_out_of_memory_as_not_fitting(monkeypatch, capsys, 
     monkeypatch.setattr(lowmem.measure, "measure", oom)
     code, out = run_plan(SMALL_RUN, capsys)
     assert code == 1
-    assert "OUT OF MEMORY within 1 steps: this plan does not fit" in out and str(error).split(".")[0] in out
+    assert "OUT OF MEMORY within 1 step: this plan does not fit" in out and str(error).split(".")[0] in out
 
 
 def test_plan_measure_lets_other_errors_through(monkeypatch, capsys):

@@ -148,11 +148,11 @@ def render_measured(m: dict[str, Any]) -> str:
     """The measured section under the plan: the allocated peak against the prediction."""
     if not m["fits"] and "allocated" not in m:
         under = f" under a {format_size(m['cap'])} cap" if m["cap"] else ""
-        return (f"measured  OUT OF MEMORY within {m['steps']} steps{under}: this plan does not fit this GPU "
+        return (f"measured  OUT OF MEMORY within {_steps(m['steps'])}{under}: this plan does not fit this GPU "
                 f"({m['oom']})")
     device = "CUDA" if m["reserved"] is not None else "CPU, live tensor bytes"
     error = m["error"]
-    lines = [f"measured  {m['steps']} steps on random weights ({device}, {m['seconds_per_step']:.2f} s/step, "
+    lines = [f"measured  {_steps(m['steps'])} on random weights ({device}, {m['seconds_per_step']:.2f} s/step, "
              f"losses {', '.join('nan' if x is None else f'{x:.3f}' for x in m['losses'])})",
              f"  allocated peak  {format_size(m['allocated'])}, predicted {format_size(m['predicted_allocated'])} "
              f"({abs(error):.1%} {'over' if error >= 0 else 'under'} the measurement)"]
@@ -167,6 +167,10 @@ def render_measured(m: dict[str, Any]) -> str:
         lines.append(f"  warning: the prediction is more than {UNDER_ESTIMATE_WARNING:.0%} under the measured peak; "
                      f"a run at the edge of its budget could run out of memory. Please report this output.")
     return "\n".join(lines)
+
+
+def _steps(n: int) -> str:
+    return f"{n} step" + ("" if n == 1 else "s")
 
 
 #: How far under a measured peak a prediction may be before --measure warns (the planner keeps
