@@ -55,22 +55,14 @@ def case_config(case: dict):
 
 def run_case(case: dict) -> dict:
     """Measure one case in this process; returns a JSON-able record."""
-    from lowmem.measure import measure, with_layers
+    from lowmem.measure import allocator_cap, measure, with_layers
     from lowmem.planner import make_plan
     from lowmem.spec import builtin_spec
 
     spec = with_layers(builtin_spec(case["model"]), case.get("layers"))
     config, pinned = case_config(case)
     plan = make_plan(config, spec, pinned=pinned, device=case["device"])
-    cap = None
-    if case["device"] == "cuda" and plan.vram:
-        import torch
-
-        torch.cuda.init()
-        torch.empty(1, device="cuda")
-        free, total = torch.cuda.mem_get_info()
-        context = total - free - torch.cuda.memory_reserved()
-        cap = plan.vram - context
+    cap = allocator_cap(plan.vram) if case["device"] == "cuda" and plan.vram else None
     m = measure(spec, plan, config, steps=case.get("steps", 3), cap=cap)
     return {"case": case, "plan": plan.label, "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum,
             "grad_checkpointing": plan.grad_checkpointing, "loss_chunk": plan.loss_chunk,

@@ -23,6 +23,11 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
+def scaling(rank: int, alpha: float, rslora: bool = False) -> float:
+    """s of ΔW = s·B A: alpha/rank, or alpha/√rank with rsLoRA."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
 class LoRALinear(nn.Module):
     """A frozen `base` linear plus a rank-r update; `merge()` folds it into the base."""
 
@@ -32,7 +37,7 @@ class LoRALinear(nn.Module):
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.rank = rank
-        self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
+        self.scaling = scaling(rank, alpha, rslora)
         # Adapters live in fp32 even over a bf16 or 4-bit base: their updates are
         # small relative to their values, and bf16 would round many of them away.
         device = next(base.parameters()).device

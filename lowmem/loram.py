@@ -244,12 +244,17 @@ def prepare_loram_run(model: nn.Module, plan, config, train_examples, pad_id: in
     return index_map
 
 
+def prunes_while_loading(criterion: str, align_steps: int) -> bool:
+    """A new LoRAM run streams its weights when magnitude scores need no gradients and no
+    alignment needs the dense pruned model. `criterion` is a resolved one, not "auto"."""
+    return criterion == "magnitude" and not align_steps
+
+
 def streams(config, resume: bool = False) -> bool:
     """Whether a LoRAM run prunes while its weights load (`lowmem.prune.load_pruned_model`):
-    a resumed run always does (its index map is saved: no scoring), a new one when magnitude
-    scores need no gradients and no alignment needs the dense pruned model (as
-    `preparation` decides). `config`'s criterion is a resolved one, not "auto"."""
-    return resume or (config.loram.criterion == "magnitude" and not config.loram.align_steps)
+    a resumed run always does (its index map is saved: no scoring), a new one as
+    `prunes_while_loading` says."""
+    return resume or prunes_while_loading(config.loram.criterion, config.loram.align_steps)
 
 
 def resolve_criterion(config, plan, spec, host_available: int) -> tuple[str, str]:
@@ -314,7 +319,7 @@ def preparation(config, plan, spec, host_available: int) -> Preparation:
     criterion, chosen = resolve_criterion(config, plan, spec, host_available)
     align = bool(config.loram.align_steps)
     stream = memory.loram_stream_bytes(spec, plan)
-    streamed = criterion == "magnitude" and not align
+    streamed = prunes_while_loading(criterion, align)
     if streamed:
         where, need = plan.device, stream
     else:

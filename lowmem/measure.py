@@ -68,22 +68,17 @@ def with_layers(spec: ModelSpec, layers: int | None) -> ModelSpec:
     return dataclasses.replace(spec, name=f"{spec.name} (first {layers} of {spec.layers} blocks)", layers=layers)
 
 
-def _index_map(spec: ModelSpec, plan: Plan):
-    """A LoRAM index map keeping the first units of each pruned block: which units are kept
-    does not change any shape, so a random model needs no scores."""
-    from lowmem.prune import IndexMap, LayerKeep, kept_counts, layer_ratio_list
+def _prune_first_units(model: nn.Module, spec: ModelSpec, plan: Plan) -> None:
+    """Cut `model` (on the meta device) to the plan's LoRAM shapes, keeping the first units of
+    each pruned block: which units are kept changes no shape, so a random model needs no
+    scores, only descending ones for lowmem.prune's own choice to follow."""
+    from lowmem.prune import apply_index_map, layer_ratio_list, select
 
     ratios = layer_ratio_list(spec.layers, plan.prune_ratio, plan.prune_keep_first, plan.prune_keep_last)
-    group = spec.heads // spec.kv_heads
-    keep = []
-    for i, r in enumerate(ratios):
-        heads, kv, channels = kept_counts(spec.heads, spec.kv_heads, spec.intermediate, r)
-        per_group = heads // kv
-        q = tuple(g * group + j for g in range(kv) for j in range(per_group))
-        keep.append(LayerKeep(i, q, tuple(range(kv)), tuple(range(channels))))
-    return IndexMap(layers=spec.layers, hidden=spec.hidden, heads=spec.heads, kv_heads=spec.kv_heads,
-                    head_dim=spec.head_dim, intermediate=spec.intermediate, ratio=plan.prune_ratio,
-                    criterion="none (random weights)", keep=tuple(keep))
+    first = {"group": -torch.arange(spec.kv_heads, dtype=torch.float32),
+             "head": -torch.arange(spec.heads, dtype=torch.float32),
+             "channel": -torch.arange(spec.intermediate, dtype=torch.float32)}
+    apply_index_map(model, select(model, [first] * spec.layers, ratios, "none (random weights)"))
 
 
 @torch.no_grad()
@@ -105,11 +100,13 @@ def random_model(spec: ModelSpec, plan: Plan, device: str | torch.device) -> nn.
     real one block at a time, each block's targeted linears going to NF4 before the
     next block exists: a 4-bit base is never dense on the device as a whole.
     """
-    dense = plan.compute_dtype if plan.base_format == "nf4" else plan.base_format
-    dtype = torch.bfloat16 if dense in ("bf16", "bfloat16") else torch.float32
-    nf4 = plan.base_format == "nf4"
-    config = spec.to_hf_config(attn_implementation="sdpa", use_cache=False)
     from transformers import AutoModelForCausalLM
+
+    from lowmem.model import dense_weight_dtype
+    from lowmem.quant.nf4 import quantize_linears
+
+    dtype = dense_weight_dtype(plan)
+    config = spec.to_hf_config(attn_implementation="sdpa", use_cache=False)
 
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -119,17 +116,13 @@ def random_model(spec: ModelSpec, plan: Plan, device: str | torch.device) -> nn.
     finally:
         torch.set_default_dtype(default)
     if plan.method == "loram":
-        from lowmem.prune import apply_index_map
-
-        apply_index_map(model, _index_map(spec, plan))
+        _prune_first_units(model, spec, plan)
     decoder = model.get_decoder()
-    targets = tuple(t for t in plan.nf4_targets if t != "lm_head")
+    targets = tuple(t for t in plan.nf4_targets if t != "lm_head")   # () unless the base is NF4
     for piece in (decoder.embed_tokens, *decoder.layers, decoder.norm):
         piece.to_empty(device=device)
         _fill(piece)
-        if nf4 and piece in decoder.layers and targets:
-            from lowmem.quant.nf4 import quantize_linears
-
+        if targets and piece in decoder.layers:
             quantize_linears(piece, targets, dtype, double_quant=plan.double_quant)
     decoder.rotary_emb = type(decoder.rotary_emb)(config=config).to(device)   # fp32 inv_freq, as loaded models have
     head = model.get_output_embeddings()
@@ -139,8 +132,6 @@ def random_model(spec: ModelSpec, plan: Plan, device: str | torch.device) -> nn.
         head.to_empty(device=device)
         _fill(head)
         if "lm_head" in plan.nf4_targets:
-            from lowmem.quant.nf4 import quantize_linears
-
             quantize_linears(model, ("lm_head",), dtype, double_quant=plan.double_quant)
     return model
 
@@ -243,6 +234,24 @@ class LiveTensorBytes(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self._add(t)
         return out
+
+
+def allocator_cap(vram: int, device: str | torch.device = "cuda") -> int:
+    """Bytes the caching allocator may reserve so that it and the CUDA context fit in `vram`:
+    vram − the context (total − free − reserved, now). ValueError, worded for a `--vram` flag,
+    when `vram` is more than the GPU offers or not more than its context."""
+    from lowmem.config import format_size
+
+    torch.cuda.init()
+    free, total = torch.cuda.mem_get_info(device)
+    context = total - free - torch.cuda.memory_reserved(device)
+    if vram > total - context:
+        raise ValueError(f"--vram {format_size(vram)} is more than this GPU offers ({format_size(total - context)} "
+                         f"beside its CUDA context); measure with --vram {format_size(total - context)} or less")
+    if vram <= context:
+        raise ValueError(f"--vram {format_size(vram)} is not more than this GPU's CUDA context "
+                         f"({format_size(context)}): nothing would fit")
+    return vram - context
 
 
 def measure(spec: ModelSpec, plan: Plan, config: RunConfig, steps: int = 3, cap: int | None = None) -> Measurement:

@@ -884,16 +884,16 @@ def predict(spec: ModelSpec, plan: "Plan") -> MemoryBreakdown:
 
     kept = grads if _get(plan, "grad_accum", 1) > 1 else 0
     head_grad = spec.vocab * spec.hidden * trainable_dtype_bytes(plan) if _is_full(plan) else 0
+    per_layer = plan.method == "galore" and _get(plan, "galore_per_layer", True)
     tied_sum = 0
     if head_grad and spec.tied_embeddings:
         # One parameter, two gradients in one backward: autograd holds the head's until the
         # embedding's arrives, sums them into a third tensor, then accumulates that into .grad
         # (in place onto a kept gradient). Beside all other gradients: the two and their sum,
         # of which `grads` counts one unless a kept gradient is already there.
-        per_layer = plan.method == "galore" and _get(plan, "galore_per_layer", True)
         tied_sum = (3 if kept and not per_layer else 2) * head_grad   # per-layer: gradient_bytes holds the kept one
         backward_grads = kept + head_grad
-    elif plan.method == "galore" and _get(plan, "galore_per_layer", True):
+    elif per_layer:
         head_grad = 0  # the per-layer update frees it at once; gradient_bytes holds the largest
         backward_grads = kept
     else:

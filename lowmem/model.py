@@ -137,6 +137,14 @@ def load_model(ref: str, device: str = "cpu", dtype: torch.dtype = torch.float32
     return model, load_tokenizer(model_dir), model_dir
 
 
+def dense_weight_dtype(plan) -> torch.dtype:
+    """The dtype a plan's dense tensors load in (an NF4 base keeps its embeddings, norms
+    and head in the compute dtype): bf16 or fp32."""
+    from lowmem.memory import dense_dtype
+
+    return torch.bfloat16 if dense_dtype(plan) == "bf16" else torch.float32
+
+
 def tiny_llama(vocab_size: int = 512, hidden: int = 64, layers: int = 2, heads: int = 4,
                kv_heads: int = 2, intermediate: int = 128, seed: int = 0, **overrides) -> nn.Module:
     """A Llama-architecture model with random weights, built from a config (for tests)."""

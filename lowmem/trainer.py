@@ -40,8 +40,8 @@ from lowmem.lora import save_adapter
 from lowmem.optim import build_optimizer
 from lowmem.loram import load_streamed_loram
 from lowmem.loram import streams as loram_streams
-from lowmem.model import (load_model, load_tokenizer, parameter_count, prepare_for_training, resolve_model_dir,
-                          trainable_parameters)
+from lowmem.model import (dense_weight_dtype, load_model, load_tokenizer, parameter_count, prepare_for_training,
+                          resolve_model_dir, trainable_parameters)
 from lowmem.planner import Plan
 
 # Keys a resumed run may change: they decide when to log, save and evaluate,
@@ -186,9 +186,7 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
         out(f"warning: {problem}")
         events.emit("warning", message=problem)
 
-    # An NF4 base keeps its other tensors (embeddings, norms, head) in the compute dtype.
-    dense = plan.compute_dtype if plan.base_format == "nf4" else plan.base_format
-    weight_dtype = torch.bfloat16 if dense in ("bf16", "bfloat16") else torch.float32
+    weight_dtype = dense_weight_dtype(plan)
     nf4_targets = plan.nf4_targets
     loram = plan.method == "loram"
     prep = None

@@ -290,15 +290,12 @@ SHARD_BYTES = 2 * 2**30
 
 def adapter_deltas(adapter: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
     """({base weight name: (A, B)}, scale s) of a PEFT-layout adapter folder: ΔW = s·B A."""
-    import math
-
     from safetensors.torch import load_file
 
-    from lowmem.lora import ADAPTER_WEIGHTS, read_adapter_config
+    from lowmem.lora import ADAPTER_WEIGHTS, read_adapter_config, scaling
 
     cfg = read_adapter_config(adapter)
-    rank, alpha = cfg["r"], cfg["lora_alpha"]
-    scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+    scale = scaling(cfg["r"], cfg["lora_alpha"], bool(cfg.get("use_rslora")))
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in load_file(str(Path(adapter) / ADAPTER_WEIGHTS)).items():
         module, _, which = key.removeprefix("base_model.model.").rpartition(".lora_")
@@ -323,18 +320,14 @@ def merge_streamed(model_dir: Path, adapter: Path, out: Path, *, dtype: torch.dt
     stays tied); config, generation config and tokenizer files are copied.
     """
     from safetensors.torch import save_file
-    from transformers import AutoConfig
 
     from lowmem.model import load_tokenizer
-    from lowmem.quant.skeleton import DTYPES, _header, read_tensors, shard_files
+    from lowmem.quant.skeleton import DTYPES, INDEX, _header, hf_config, read_tensors, shard_files
 
     model_dir, adapter = Path(model_dir), Path(adapter)
     deltas, scale = adapter_deltas(adapter)
     files = shard_files(model_dir)
-    try:
-        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot read the config in {model_dir}: {str(e).splitlines()[0]}") from None
+    config = hf_config(model_dir)
     # Checked from the headers before anything is read or written.
     stored = {key: info["dtype"] for path in files for key, info in _header(path)[0].items()}
     missing = sorted(set(deltas) - set(stored))
@@ -386,7 +379,7 @@ def merge_streamed(model_dir: Path, adapter: Path, out: Path, *, dtype: torch.dt
             os.rename(folder / names[0], folder / WEIGHTS)
         else:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         config.use_cache = True
         config.dtype = _name(dtype)
         if "lm_head.weight" in merged and getattr(config, "tie_word_embeddings", False):

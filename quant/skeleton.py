@@ -45,15 +45,22 @@ def shard_files(model_dir: Path) -> list[Path]:
     raise ModelError(f"{model_dir}: no {SINGLE} or {INDEX}; expected a Hugging Face safetensors model")
 
 
+def hf_config(model_dir: Path):
+    """The transformers config of `model_dir`; ModelError naming the folder when it cannot be read."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read the config in {model_dir}: {str(e).splitlines()[0]}") from None
+
+
 def empty_model(model_dir: Path, dtype: torch.dtype) -> nn.Module:
     """The causal LM of `model_dir`'s config.json, parameters on the meta device."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    try:
-        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot read the config in {model_dir}: {str(e).splitlines()[0]}") from None
+    config = hf_config(model_dir)
     with init_empty_weights():
         return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
 

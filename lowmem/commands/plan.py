@@ -106,7 +106,7 @@ def measure_plan(plan: Plan, spec: ModelSpec, config, steps: int) -> dict[str, A
     import torch
 
     from lowmem.errors import ConfigError
-    from lowmem.measure import measure
+    from lowmem.measure import allocator_cap, measure
 
     if steps < 1:
         raise ConfigError(f"--measure-steps: expected at least 1, got {steps}")
@@ -115,17 +115,10 @@ def measure_plan(plan: Plan, spec: ModelSpec, config, steps: int) -> dict[str, A
                           "measure a CPU plan with device=cpu")
     cap = None
     if plan.device == "cuda" and plan.vram:
-        torch.cuda.init()
-        free, total = torch.cuda.mem_get_info()
-        context = total - free - torch.cuda.memory_reserved()
-        if plan.vram > total - context:
-            raise ConfigError(f"--measure: --vram {format_size(plan.vram)} is more than this GPU offers "
-                              f"({format_size(total - context)} beside its CUDA context); measure with "
-                              f"--vram {format_size(total - context)} or less")
-        if plan.vram <= context:
-            raise ConfigError(f"--measure: --vram {format_size(plan.vram)} is not more than this GPU's CUDA "
-                              f"context ({format_size(context)}): nothing would fit")
-        cap = plan.vram - context
+        try:
+            cap = allocator_cap(plan.vram)
+        except ValueError as e:
+            raise ConfigError(f"--measure: {e}") from None
     try:
         m = measure(spec, plan, config, steps=steps, cap=cap)
     except RuntimeError as e:   # torch.cuda.OutOfMemoryError is one; cuBLAS reports its own allocations
