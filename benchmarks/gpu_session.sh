@@ -12,7 +12,8 @@
 #            both kernel modules compiled for this GPU and launched once against the reference
 #   tests    pytest -m gpu: the kernels against their references, loss and L4Q peaks, offloading,
 #            NF4, GaLore, and the memory model against max_memory_allocated per method
-#            (tests/test_kernels*.py, test_l4q, test_offload, test_quant_nf4, test_galore, test_measure)
+#            (tests/test_kernels*.py, test_l4q, test_offload, test_quant_nf4, test_galore, test_measure,
+#            test_loram)
 #   plans    the planner's peak against max_memory_allocated: each method's plan for
 #            Llama-3.1-8B at --vram 24G and 16G, and the 70B QLoRAM plan at 24G, each under an
 #            allocator capped at the card size (benchmarks/plan_vs_measured.py)
@@ -72,7 +73,7 @@ PY
 tests() {
     timeout 540 $PY -m pytest -m gpu -q -p no:cacheprovider --import-mode=append tests/test_kernels.py \
         tests/test_kernels_cross_entropy.py tests/test_l4q.py tests/test_offload.py \
-        tests/test_quant_nf4.py tests/test_galore.py tests/test_measure.py 2>&1
+        tests/test_quant_nf4.py tests/test_galore.py tests/test_measure.py tests/test_loram.py 2>&1
 }
 
 plans() {

@@ -91,9 +91,10 @@ class LoramConfig:
     ratio: float = field(default=0.5, metadata=_key(
         "share of KV groups / query heads / MLP channels pruned in the middle blocks", min=0.0, max=0.95))
     criterion: str = field(default="auto", metadata=_key(
-        "importance: taylor = |w*dL/dw| on calibration batches (needs the dense model and its "
-        "gradients), magnitude = |w| (no data; pruned while the weights load), auto = taylor where "
-        "that fits the GPU budget or this machine's RAM, else magnitude",
+        "importance: taylor = |w*dL/dw| on calibration batches (scored one dense block at a time "
+        "before the weights load pruned; with loram.align_steps the dense model and its gradients), "
+        "magnitude = |w| (no data; pruned while the weights load), auto = taylor where its scoring "
+        "fits the GPU budget or this machine's RAM, else magnitude",
         choices=("auto", "taylor", "magnitude")))
     calibration_batches: int = field(default=4, metadata=_key(
         "training micro-batches scored for taylor importance", min=1))

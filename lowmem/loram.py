@@ -223,10 +223,7 @@ def prepare_loram_run(model: nn.Module, plan, config, train_examples, pad_id: in
     cfg = config.loram
     run_dir = Path(run_dir)
     index_path, aligned_path = run_dir / INDEX_MAP_FILE, run_dir / ALIGNED_BASE_FILE
-    calibration = None
-    if cfg.criterion == "taylor":
-        stream = BatchStream(train_examples, plan.micro_batch, config.seed + 1, pad_id)
-        calibration = [stream.next() for _ in range(cfg.calibration_batches)]
+    calibration = calibration_batches(config, plan, train_examples, pad_id) if cfg.criterion == "taylor" else None
     align_batches = None
     if cfg.align_steps:
         stream = BatchStream(train_examples, plan.micro_batch, config.seed + 2, pad_id)
@@ -244,33 +241,62 @@ def prepare_loram_run(model: nn.Module, plan, config, train_examples, pad_id: in
     return index_map
 
 
-def prunes_while_loading(criterion: str, align_steps: int) -> bool:
-    """A new LoRAM run streams its weights when magnitude scores need no gradients and no
-    alignment needs the dense pruned model. `criterion` is a resolved one, not "auto"."""
-    return criterion == "magnitude" and not align_steps
+def calibration_batches(config, plan, train_examples, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """The `loram.calibration_batches` micro-batches Taylor importance is scored on: training
+    examples drawn with their own seed, so the training order is untouched."""
+    from lowmem.data import BatchStream
+
+    stream = BatchStream(train_examples, plan.micro_batch, config.seed + 1, pad_id)
+    return [stream.next() for _ in range(config.loram.calibration_batches)]
+
+
+def prunes_while_loading(align_steps: int) -> bool:
+    """A new LoRAM run prunes while its weights load unless alignment needs the dense pruned
+    model: magnitude scores each block as it arrives; Taylor scores are computed first, one
+    dense block at a time (lowmem.prune.taylor_scores_streamed), and the weights then load
+    pruned to what they chose."""
+    return not align_steps
 
 
 def streams(config, resume: bool = False) -> bool:
     """Whether a LoRAM run prunes while its weights load (`lowmem.prune.load_pruned_model`):
     a resumed run always does (its index map is saved: no scoring), a new one as
     `prunes_while_loading` says."""
-    return resume or prunes_while_loading(config.loram.criterion, config.loram.align_steps)
+    return resume or prunes_while_loading(config.loram.align_steps)
+
+
+def taylor_needs(config, plan, spec, host_available: int) -> tuple[str | None, int, int]:
+    """(where, bytes there, bytes on the host besides) for a new LoRAM run's Taylor scoring:
+    one dense block at a time when the run prunes while loading, else with the whole dense
+    model (and its alignment). `where` is the plan's GPU, the host, or None (memory.where_fits)."""
+    from lowmem import memory
+
+    align = bool(config.loram.align_steps)
+    if prunes_while_loading(config.loram.align_steps):
+        need, host = memory.loram_taylor_stream_bytes(spec, plan, config.loram.calibration_batches)
+    else:
+        need, host = memory.loram_prepare_bytes(spec, plan, "taylor", align), 0
+    if plan.device != "cuda":
+        return (plan.device if need + host <= host_available else None), need, host
+    return memory.where_fits(plan, need, host_available, host), need, host
 
 
 def resolve_criterion(config, plan, spec, host_available: int) -> tuple[str, str]:
-    """(criterion, why) for a new LoRAM run: the config's own, or for "auto" taylor where the dense
-    model and its gradients fit the plan's GPU budget or `host_available` bytes of RAM, else magnitude."""
-    from lowmem import memory
+    """(criterion, why) for a new LoRAM run: the config's own, or for "auto" taylor where its
+    scoring fits the plan's GPU budget or `host_available` bytes of RAM (taylor_needs), else
+    magnitude."""
     from lowmem.config import format_size
 
     chosen = config.loram.criterion
     if chosen != "auto":
         return chosen, "set"
-    align = bool(config.loram.align_steps)
-    if memory.loram_prepare_device(spec, plan, "taylor", host_available, align) is not None:
-        return "taylor", "auto: the dense model and its gradients fit"
-    need = memory.loram_prepare_bytes(spec, plan, "taylor", align)
-    return "magnitude", f"auto: taylor scoring would need {format_size(need)}, more than fits here"
+    where, need, host = taylor_needs(config, plan, spec, host_available)
+    if where is not None:
+        streamed = prunes_while_loading(config.loram.align_steps)
+        why = "its block-by-block scoring fits" if streamed else "the dense model and its scoring fit"
+        return "taylor", f"auto: {why}"
+    extra = f" and {format_size(host)} of host RAM" if host else ""
+    return "magnitude", f"auto: taylor scoring would need {format_size(need)}{extra}, more than fits here"
 
 
 @dataclass(frozen=True)
@@ -280,29 +306,36 @@ class Preparation:
 
     criterion: str          # resolved: taylor | magnitude
     chosen: str             # "set", or why loram.criterion=auto chose it
-    streamed: bool          # pruned by magnitude while the weights load (lowmem.prune.load_pruned_model)
+    streamed: bool          # pruned while the weights load (lowmem.prune.load_pruned_model), after
+                            # Taylor scoring one dense block at a time when criterion is taylor
     align: bool             # loram.align_steps > 0
-    where: str | None       # where the dense model is loaded and pruned: the plan's device, "cpu", or None
-    bytes: int              # what that needs: one dense block when streamed, else the whole preparation
+    where: str | None       # where the scoring (streamed taylor) or the dense model (not streamed)
+                            # happens: the plan's device, "cpu", or None (nowhere here)
+    bytes: int              # what that needs there (streamed magnitude: one dense block)
     stream_bytes: int       # what pruning while loading needs (memory.loram_stream_bytes)
     host_available: int     # this machine's available RAM when it was decided
+    host_bytes: int = 0     # streamed taylor: the blocks' inputs kept on the host between its passes
 
     @property
     def what(self) -> str:
         """What the preparation loads, in words."""
         if self.streamed:
+            if self.criterion == "taylor":
+                return "taylor scores computed one dense block at a time"
             return "pruning by magnitude while the weights load"
         return f"the dense model and its {self.criterion} scoring{' and alignment' if self.align else ''}"
 
     def alternative(self) -> str:
-        """The setting that would prune while loading instead, or "" when the run already does."""
+        """The setting that would need less, or "" when the run already needs the least."""
         from lowmem.config import format_size
 
         block = f"one dense block ({format_size(self.stream_bytes)}) at a time"
         if self.streamed:
+            if self.criterion == "taylor":
+                return f"loram.criterion=magnitude needs no scoring: it prunes while loading, {block}"
             return ""
         if self.criterion != "magnitude":
-            return f"loram.criterion=magnitude without loram.align_steps prunes while loading, {block}"
+            return "without loram.align_steps, taylor scores one dense block at a time and prunes while loading"
         return f"without loram.align_steps, magnitude pruning happens while loading, {block}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -312,21 +345,25 @@ class Preparation:
 def preparation(config, plan, spec, host_available: int) -> Preparation:
     """How a new LoRAM run of `plan` on a model of shapes `spec` (unpruned) prepares its pruned
     base, with `host_available` bytes of RAM: the criterion (resolve_criterion), whether it
-    streams, and where the dense model goes when it does not (memory.loram_prepare_device:
-    the GPU when it fits the budget, else the host, else nowhere). A CPU plan prepares on the CPU."""
+    streams, and where Taylor scoring runs, or the dense model goes when it does not stream
+    (memory.where_fits: the GPU when it fits the budget, else the host, else nowhere). A CPU
+    plan prepares on the CPU."""
     from lowmem import memory
 
     criterion, chosen = resolve_criterion(config, plan, spec, host_available)
     align = bool(config.loram.align_steps)
     stream = memory.loram_stream_bytes(spec, plan)
-    streamed = prunes_while_loading(criterion, align)
-    if streamed:
+    streamed = prunes_while_loading(config.loram.align_steps)
+    host = 0
+    if criterion == "taylor":
+        where, need, host = taylor_needs(config, plan, spec, host_available)
+    elif streamed:
         where, need = plan.device, stream
     else:
         need = memory.loram_prepare_bytes(spec, plan, criterion, align)
         where = (memory.loram_prepare_device(spec, plan, criterion, host_available, align)
                  if plan.device == "cuda" else plan.device)
-    return Preparation(criterion, chosen, streamed, align, where, need, stream, host_available)
+    return Preparation(criterion, chosen, streamed, align, where, need, stream, host_available, host)
 
 
 def _saved_index_map(path: Path) -> IndexMap:
@@ -342,24 +379,37 @@ def _saved_index_map(path: Path) -> IndexMap:
 
 
 def load_streamed_loram(model_dir: Path, plan, config, device: str, dtype: torch.dtype, run_dir: Path,
-                        resume: bool, log=print) -> nn.Module:
+                        resume: bool, calibration: list[dict[str, torch.Tensor]] | None = None,
+                        score_on: str | None = None, log=print) -> nn.Module:
     """The LoRAM base of a run that `streams`: pruned block by block as it loads, NF4 when the
-    plan's base is, on `device`. A new run saves its index map; a resumed one re-applies it,
-    then its aligned weights when it was aligned (quantizing only after those are in)."""
+    plan's base is, on `device`. A new run scores by loram.criterion (resolved): magnitude as
+    each block arrives, taylor on the `calibration` batches beforehand, one dense block at a
+    time on `score_on` (default `device`); it saves its index map. A resumed run re-applies
+    its map, then its aligned weights when it was aligned (quantizing only after those are in)."""
     from safetensors.torch import load_model
 
-    from lowmem.prune import load_pruned_model
+    from lowmem.prune import load_pruned_model, taylor_index_map_streamed
 
     cfg = config.loram
     run_dir = Path(run_dir)
     index_path, aligned_path = run_dir / INDEX_MAP_FILE, run_dir / ALIGNED_BASE_FILE
+    layer_ratios = {i: r for i, r in enumerate(cfg.layer_ratios)} or None
     index_map = _saved_index_map(index_path) if resume else None
+    if not resume and cfg.criterion == "taylor":
+        if not calibration:
+            raise ValueError("taylor scoring needs calibration batches (lowmem.loram.calibration_batches)")
+        where = score_on or device
+        log(f"LoRAM: scoring by taylor on {len(calibration)} calibration batches, one dense block at a time "
+            f"on {where}")
+        index_map = taylor_index_map_streamed(model_dir, calibration, plan.prune_ratio, device=where,
+                                              dtype=dtype, keep_first=plan.prune_keep_first,
+                                              keep_last=plan.prune_keep_last, layer_ratios=layer_ratios,
+                                              loss_chunk=plan.loss_chunk)
     aligned = resume and aligned_path.is_file()
     nf4 = plan.nf4_targets
     model = load_pruned_model(model_dir, device, dtype, plan.prune_ratio, keep_first=plan.prune_keep_first,
                               keep_last=plan.prune_keep_last,
-                              layer_ratios={i: r for i, r in enumerate(cfg.layer_ratios)} or None,
-                              index_map=index_map, nf4_targets=() if aligned else nf4,
+                              layer_ratios=layer_ratios, index_map=index_map, nf4_targets=() if aligned else nf4,
                               double_quant=plan.double_quant)
     index_map = model.loram_index_map
     if aligned:

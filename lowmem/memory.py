@@ -788,6 +788,49 @@ def loram_stream_bytes(spec: ModelSpec, plan: Any) -> int:
     return compute_bytes(plan) * (2 * block + spec.max_linear_numel())
 
 
+def loram_taylor_stream_bytes(spec: ModelSpec, plan: Any, batches: int) -> tuple[int, int]:
+    """(on the scoring device, on the host) while Taylor importance is scored one dense block
+    at a time (lowmem.prune.taylor_scores_streamed), over `batches` calibration micro-batches.
+
+    On the device, with n_b = batches, c the compute dtype, N tokens per micro-batch:
+
+        c·(V·h [+ V·h untied head] + h)          embeddings, head, final norm
+        + n_b·(c·N·h + 2·N·d·c)                  every batch's hidden states (forward) or
+                                                 gradient at the current block boundary
+                                                 (backward), and its rotary cos/sin
+        + the larger of
+          the loss:      logits_bytes            one batch's loss and its saved hidden
+                         + N·(norm_saved + c·h)  states, through the final norm
+          a backward:    (2c + 4)·P_block        one dense block, its weights' .grad and
+                         + N·(block_saved − 2ch) the fp32 sums over batches; one batch's
+                         + block_backward_bytes  activations of that block (re-run with
+                         [+ c·N·h on CUDA]       grad: full training's, but the norms'
+                                                 weights are frozen) and their backward
+                                                 (the input's gradient among them); on
+                                                 CUDA the input's copy from the host
+
+    On the host, every scored block's input for every batch, kept from the forward for
+    the backward: (L − keep_first)·n_b·c·N·h.
+    """
+    c = compute_bytes(plan)
+    n = plan.micro_batch * plan.seq_len
+    h = spec.hidden
+    calibration = plan
+    if dataclasses.is_dataclass(plan):
+        calibration = dataclasses.replace(plan, method="full", prune_ratio=0.0, grad_checkpointing=False,
+                                          offload_activations=False)
+    resident = c * (spec.embedding_params + spec.head_params + h)
+    per_batch = batches * (c * n * h + 2 * n * spec.head_dim * c)
+    loss = logits_bytes(spec, plan) + n * (norm_saved_bytes(h, c, False) + c * h)
+    # Full training's saved tensors, less the two norms' outputs their trained weights would keep.
+    backward = max((2 * c + 4) * spec.block_params(block)
+                   + n * (block_saved_bytes(spec, block, calibration) - 2 * c * h)
+                   for _, block in spec.block_groups())
+    backward += block_backward_bytes(spec, calibration) + (c * n * h if _get(plan, "device", "cpu") == "cuda" else 0)
+    kept_blocks = max(0, spec.layers - _get(plan, "prune_keep_first", 1))
+    return resident + per_batch + max(loss, backward), kept_blocks * batches * c * n * h
+
+
 def loram_prepare_bytes(spec: ModelSpec, plan: Any, criterion: str, align: bool = False) -> int:
     """Memory LoRAM's preparation needs before training, when it loads the whole dense model.
 
@@ -834,12 +877,18 @@ def loram_prepare_device(spec: ModelSpec, plan: Any, criterion: str, host_availa
     On the CPU the pruned model then moves to the GPU one linear at a time (QLoRAM
     quantizes each there), so the GPU never holds the dense model.
     """
-    need = loram_prepare_bytes(spec, plan, criterion, align)
-    if _get(plan, "device", "cpu") == "cuda":
+    return where_fits(plan, loram_prepare_bytes(spec, plan, criterion, align), host_available)
+
+
+def where_fits(plan: Any, need: int, host_available: int, host_need: int = 0) -> str | None:
+    """Where a preparation step needing `need` bytes where it computes (and `host_need` more
+    on the host whatever the device) can run: "cuda" when `need` fits the plan's budget
+    and `host_need` the host, else "cpu" when both fit the host's available RAM, else None."""
+    if _get(plan, "device", "cpu") == "cuda" and host_need <= host_available:
         usable = _get(plan, "usable", None)
         if usable is None or need + overhead_bytes(need, plan) <= usable:
             return "cuda"
-    if need <= host_available:
+    if need + host_need <= host_available:
         return "cpu"
     return None
 

@@ -399,8 +399,8 @@ def load_pruned_model(model_dir: Path, device: str, dtype: torch.dtype, ratio: f
     then the block is scored (|w|), cut, and its `nf4_targets` linears quantized to
     NF4 there, and the dense weights are dropped. Memory: the pruned model plus one
     dense block (and its cut copy). With `index_map` (a resumed run) each block
-    keeps what the map says instead of being scored. Magnitude only: Taylor scores
-    need the whole model's gradients. Targeted linears outside the blocks (a
+    keeps what the map says instead of being scored: Taylor scores need gradients, so
+    a Taylor map comes from `taylor_index_map_streamed` beforehand. Targeted linears outside the blocks (a
     targeted `lm_head`) are quantized at the end. The map is attached as
     `model.loram_index_map`; the model is returned in eval mode.
     """
@@ -468,3 +468,200 @@ def load_pruned_model(model_dir: Path, device: str, dtype: torch.dtype, ratio: f
         quantize_targets(model)                            # targets outside the blocks, if any
     model.loram_index_map = result
     return model
+
+
+# ---------------------------------------------------------------- Taylor scores while the weights stream in
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder block during one call of the decoder: records what the decoder
+    hands the block (its input, and the mask / rotary embeddings it would attend with) and
+    passes the hidden states through unchanged."""
+
+    def __init__(self, block: nn.Module, calls: list):
+        super().__init__()
+        self.calls = calls
+        if hasattr(block, "attention_type"):      # decoders that pick a mask per block read it
+            self.attention_type = block.attention_type
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.calls.append((hidden_states, args, kwargs))
+        return hidden_states
+
+
+def _block_inputs(decoder: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list]:
+    """(embedded input, per block the (args, kwargs) the decoder calls it with) for `batch`,
+    without running a block: the decoder itself builds masks and rotary embeddings, so this
+    follows whatever its architecture does."""
+    blocks = decoder.layers
+    calls: list = []
+    decoder.layers = nn.ModuleList(_Recorder(b, calls) for b in blocks)
+    try:
+        with torch.no_grad():
+            decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    finally:
+        decoder.layers = blocks
+    if len(calls) != len(blocks):
+        raise RuntimeError(f"the decoder called {len(calls)} of its {len(blocks)} blocks")
+    return calls[0][0], [(args, kwargs) for _, args, kwargs in calls]
+
+
+def _run_block(block: nn.Module, x: torch.Tensor, call: tuple) -> torch.Tensor:
+    args, kwargs = call
+    out = block(x, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out   # older transformers return a tuple
+
+
+def taylor_scores_streamed(model_dir: Path, batches: Iterable[dict[str, torch.Tensor]], device: str,
+                           dtype: torch.dtype, score: Iterable[int] | None = None, *, loss_chunk: int = 0,
+                           store: str = "cpu", log=None) -> list[dict[str, torch.Tensor] | None]:
+    """Taylor importance (the scores `importance(model, "taylor", batches)` gives) of a
+    safetensors model, computed with one dense block in memory at a time.
+
+    Per-weight gradients need the whole network's backward, but not the whole
+    network at once: the backward of block i needs only block i, its input and
+    the gradient arriving at its output. So the weights are read twice, block by
+    block: forward, keeping every block's input on `store` (one c·N·h tensor per
+    block and calibration batch); the loss, giving the gradient at the last
+    block's output; then backward from the last block, re-running each block on
+    its kept input and passing the gradient at its input to the block before.
+    Each block's gradients are summed over the batches in fp32 and scored as soon
+    as its backward is done, then the block is dropped. Blocks before the first
+    one in `score` (default: all) need no backward at all.
+
+    Memory on `device`: the embeddings, final norm and head, one dense block with
+    its gradient sums, one batch's activations of one block, and every batch's
+    gradient at the current block boundary (memory.loram_taylor_stream_bytes).
+    Returns per block its scores, or None for a block not in `score`.
+    """
+    from lowmem.errors import ModelError
+    from lowmem.loss import causal_lm_loss
+    from lowmem.quant.skeleton import (empty_model, read_named, release_freed_memory, set_tensor,
+                                       shard_files, tensor_entries)
+
+    batches = list(batches)
+    if not batches:
+        raise ValueError("the taylor criterion needs calibration batches; pass some, or use 'magnitude'")
+    model = empty_model(model_dir, dtype)
+    _check_prunable(model)
+    config, decoder, blocks = model.config, model.get_decoder(), _blocks(model)
+    _, n_heads, n_kv, head_dim, _ = _shape_of(config)
+    score = set(range(len(blocks)) if score is None else score)
+    if not score:
+        return [None] * len(blocks)
+    first = min(score)
+
+    entries = tensor_entries(shard_files(model_dir))
+    prefixes = {name + ".": i for name, module in model.named_modules() for i, b in enumerate(blocks)
+                if module is b}
+    owned: dict[int, list[str]] = {i: [] for i in range(len(blocks))}
+    rest = []
+    for key in entries:
+        i = next((i for prefix, i in prefixes.items() if key.startswith(prefix)), None)
+        (rest if i is None else owned[i]).append(key)
+
+    def load(keys: list[str]) -> None:
+        for key, tensor in read_named(entries, keys):
+            set_tensor(model, key, tensor.to(device=device, dtype=dtype) if tensor.is_floating_point()
+                       else tensor.to(device))
+            del tensor
+
+    def drop(i: int) -> None:
+        blocks[i].to("meta")
+        release_freed_memory()
+
+    load(rest)                                          # embeddings, final norm, head
+    model.tie_weights()
+    in_blocks = tuple(prefixes)
+    missing = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(in_blocks)]
+    if missing:
+        raise ModelError(f"{model_dir}: the model files lack {missing[0]}")
+    for name, module in model.named_modules():
+        if not (name + ".").startswith(in_blocks):
+            for key, buf in module._buffers.items():
+                if buf is not None:
+                    module._buffers[key] = buf.to(device)
+    model.eval()                                        # no dropout: the model as it will be used
+    for p in model.parameters():
+        p.requires_grad_(False)
+    head = model.get_output_embeddings().weight
+
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    hidden, calls = [], []
+    for batch in batches:
+        x, per_block = _block_inputs(decoder, batch)
+        hidden.append(x)
+        calls.append(per_block)
+    kept: dict[int, list[torch.Tensor]] = {}
+    for i, block in enumerate(blocks):                  # forward, one block at a time
+        load(owned[i])
+        with torch.no_grad():
+            for b in range(len(batches)):
+                if i >= first:
+                    kept.setdefault(i, []).append(hidden[b].to(store))
+                hidden[b] = _run_block(block, hidden[b], calls[b][i])
+        drop(i)
+        if log is not None:
+            log(f"taylor scoring: forward through block {i + 1}/{len(blocks)}")
+
+    grads = []                                          # ∂L/∂(last block's output), per batch
+    for b, batch in enumerate(batches):
+        x = hidden[b].requires_grad_(True)
+        with torch.enable_grad():
+            labels = batch.get("labels", batch["input_ids"])
+            loss = causal_lm_loss(decoder.norm(x), head, labels, reduction="sum", chunk_size=loss_chunk)
+            loss.backward()
+        grads.append(x.grad)
+        hidden[b] = x = None
+    del hidden
+
+    scores: list[dict[str, torch.Tensor] | None] = [None] * len(blocks)
+    for i in range(len(blocks) - 1, first - 1, -1):     # backward, last block first
+        load(owned[i])
+        block = blocks[i]
+        linears = [getattr(owner, n) for owner, names in ((block.self_attn, ATTENTION), (block.mlp, MLP))
+                   for n in names]
+        scored = i in score
+        sums = {lin: torch.zeros_like(lin.weight, dtype=torch.float32) for lin in linears} if scored else {}
+        for p in block.parameters():                    # norms and biases: no gradient wanted
+            p.requires_grad_(False)
+        for lin in linears:
+            lin.weight.requires_grad_(scored)
+        for b in range(len(batches)):
+            x = kept[i][b].to(device)
+            kept[i][b] = None
+            x.requires_grad_(i > first)
+            with torch.enable_grad():
+                _run_block(block, x, calls[b][i]).backward(grads[b])
+            for lin in linears if scored else ():
+                # Summed over batches before |w·g|, as one large calibration batch would be.
+                sums[lin] += lin.weight.grad.float()
+                lin.weight.grad = None
+            grads[b] = x.grad if i > first else None
+            del x
+        del kept[i]
+        if scored:
+            scores[i] = _unit_scores(block, lambda lin: (lin.weight.float() * sums[lin]).abs(), n_heads, n_kv,
+                                     head_dim)
+        sums = None
+        drop(i)
+        if log is not None:
+            log(f"taylor scoring: backward through block {i + 1}/{len(blocks)}")
+    return scores
+
+
+def taylor_index_map_streamed(model_dir: Path, batches: Iterable[dict[str, torch.Tensor]], ratio: float, *,
+                              device: str, dtype: torch.dtype, keep_first: int = 1, keep_last: int = 1,
+                              layer_ratios: dict[int, float] | None = None, loss_chunk: int = 0,
+                              log=None) -> IndexMap:
+    """The IndexMap `prune(model, ratio, criterion="taylor", ...)` would choose, without the
+    dense model: scores from `taylor_scores_streamed`, of the blocks the ratios prune only.
+    Load the pruned model with `load_pruned_model(..., index_map=)`."""
+    from lowmem.quant.skeleton import hf_config
+
+    config = hf_config(model_dir)
+    _, n_heads, n_kv, _, inter = _shape_of(config)
+    ratios = layer_ratio_list(config.num_hidden_layers, ratio, keep_first, keep_last, layer_ratios)
+    scores = taylor_scores_streamed(model_dir, batches, device, dtype, [i for i, r in enumerate(ratios) if r],
+                                    loss_chunk=loss_chunk, log=log)
+    keep = [keep_block(i, s or {}, r, n_heads, n_kv, inter) for i, (s, r) in enumerate(zip(scores, ratios))]
+    return _index_map(config, keep, ratios, "taylor")

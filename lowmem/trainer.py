@@ -38,7 +38,7 @@ from lowmem.loss import causal_lm_loss, count_targets
 from lowmem.offload import OffloadActivations
 from lowmem.lora import save_adapter
 from lowmem.optim import build_optimizer
-from lowmem.loram import load_streamed_loram
+from lowmem.loram import calibration_batches, load_streamed_loram
 from lowmem.loram import streams as loram_streams
 from lowmem.model import (dense_weight_dtype, load_model, load_tokenizer, parameter_count, prepare_for_training,
                           resolve_model_dir, trainable_parameters)
@@ -194,10 +194,16 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
         config, prep = loram_preparation(config, plan, out)
     streamed = loram and loram_streams(config, resume)
     if streamed:
-        # Magnitude pruning while the weights load: one dense block at a time, then NF4.
+        # Pruned while the weights load, one dense block at a time, then NF4; a new taylor
+        # run first scores on calibration batches, so the data comes before the model.
         model_dir = resolve_model_dir(config.model, log=out)
         tokenizer = load_tokenizer(model_dir)
-        model = load_streamed_loram(model_dir, plan, config, device, weight_dtype, run_dir, resume, log=out)
+        data = load_datasets(config, tokenizer)
+        calibration = None
+        if not resume and config.loram.criterion == "taylor":
+            calibration = calibration_batches(config, plan, data.train, tokenizer.pad_token_id)
+        model = load_streamed_loram(model_dir, plan, config, device, weight_dtype, run_dir, resume,
+                                    calibration=calibration, score_on=prep.where if prep else None, log=out)
     else:
         # LoRAM prunes float weights, so its base is quantized (QLoRAM) only after pruning,
         # and where the dense model does not fit the GPU it is pruned on the host first.
@@ -205,7 +211,7 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
         model, tokenizer, model_dir = load_model(config.model, prepare_on, weight_dtype, log=out,
                                                  nf4_targets=() if loram else nf4_targets,
                                                  double_quant=plan.double_quant)
-    data = load_datasets(config, tokenizer)
+        data = load_datasets(config, tokenizer)
     if data.truncated:
         message = f"{data.truncated} sequences were longer than seq_len={config.seq_len} and were truncated"
         out(f"warning: {message}")
@@ -351,13 +357,16 @@ def loram_preparation(config: RunConfig, plan: Plan, out=print):
         out(f"LoRAM: pruning by {prep.criterion} ({prep.chosen})")
     if prep.where is None:
         alternative = prep.alternative()
+        beside = f" and {format_size(prep.host_bytes)} of host RAM besides" if prep.host_bytes else ""
+        budget = f"the GPU budget ({format_size(plan.usable)}) and " if plan.device == "cuda" else ""
         raise ModelError(f"LoRAM prunes {config.model} from its dense weights before training: {prep.what} "
-                         f"need {format_size(prep.bytes)}, more than the GPU budget ({format_size(plan.usable)}) "
-                         f"and this machine's available RAM ({format_size(host)})"
-                         + (f"; {alternative}" if alternative else ""))
+                         f"need {format_size(prep.bytes)}{beside}, more than {budget}this machine's available "
+                         f"RAM ({format_size(host)})" + (f"; {alternative}" if alternative else ""))
     if prep.where == "cpu" and plan.device == "cuda":
-        out(f"LoRAM: {prep.what} need {format_size(prep.bytes)}, more than the GPU budget; pruning on the host "
-            f"({format_size(host)} RAM available), then moving the pruned model to the GPU")
+        then = ("then loading the pruned weights onto the GPU" if prep.streamed
+                else "then moving the pruned model to the GPU")
+        out(f"LoRAM: {prep.what} need {format_size(prep.bytes)}, more than the GPU budget; "
+            f"{'scoring' if prep.streamed else 'pruning'} on the host ({format_size(host)} RAM available), {then}")
     return dataclasses.replace(config, loram=dataclasses.replace(config.loram, criterion=prep.criterion)), prep
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -101,6 +101,32 @@ def natural_key(name: str) -> tuple:
     return tuple(int(part) if part.isdigit() else part for part in name.split("."))
 
 
+def tensor_entries(files: list[Path]) -> dict[str, tuple[Path, dict, int]]:
+    """name → (file, header entry, data start) for every tensor of `files`, headers only."""
+    entries = {}
+    for path in files:
+        header, start = _header(path)
+        for key, info in header.items():
+            entries[key] = (path, info, start)
+    return entries
+
+
+def read_named(entries: dict[str, tuple[Path, dict, int]],
+               names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for each of `names`, in that order, one at a time, on the CPU;
+    `entries` from `tensor_entries`."""
+    handles: dict[Path, object] = {}
+    try:
+        for key in names:
+            path, info, start = entries[key]
+            if path not in handles:
+                handles[path] = open(path, "rb", buffering=0)
+            yield key, _read_one(handles[path], path, key, info, start)
+    finally:
+        for f in handles.values():
+            f.close()
+
+
 def read_tensors(files: list[Path], *, in_name_order: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of every file, one at a time, on the CPU.
 
@@ -108,23 +134,13 @@ def read_tensors(files: list[Path], *, in_name_order: bool = False) -> Iterator[
     all files sorted by `natural_key`, so every block's tensors arrive together and
     blocks arrive in order, however the checkpoint was sharded (seeking between files).
     """
-    entries = []                          # (file number, path, name, entry, data start)
-    for number, path in enumerate(files):
-        header, start = _header(path)
-        entries += [(number, path, key, info, start) for key, info in header.items()]
+    entries = tensor_entries(files)
     if in_name_order:
-        entries.sort(key=lambda e: natural_key(e[2]))
+        names = sorted(entries, key=natural_key)
     else:
-        entries.sort(key=lambda e: (e[0], e[3]["data_offsets"][0]))
-    handles: dict[Path, object] = {}
-    try:
-        for _, path, key, info, start in entries:
-            if path not in handles:
-                handles[path] = open(path, "rb", buffering=0)
-            yield key, _read_one(handles[path], path, key, info, start)
-    finally:
-        for f in handles.values():
-            f.close()
+        number = {path: i for i, path in enumerate(files)}
+        names = sorted(entries, key=lambda k: (number[entries[k][0]], entries[k][1]["data_offsets"][0]))
+    yield from read_named(entries, names)
 
 
 def _malloc_trim():

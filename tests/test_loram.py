@@ -313,35 +313,65 @@ def test_loram_prunes_on_the_gpu_if_it_fits_else_on_the_host_else_nowhere():
     assert memory.loram_prepare_device(spec, cpu, "magnitude", host_available=need) == "cpu"
 
 
-def test_a_loram_run_that_cannot_prune_anywhere_stops_before_loading_with_the_figures(monkeypatch):
+def _available(monkeypatch, gib):
     import psutil
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": int(gib * 2**30)})())
+
+
+def test_a_loram_run_that_cannot_prune_anywhere_stops_before_loading_with_the_figures(monkeypatch):
+    import dataclasses
 
     from lowmem import trainer
     from lowmem.config import LoramConfig, RunConfig
     from lowmem.errors import ModelError
 
-    config = RunConfig(method="loram", model="llama-3.1-70b", loram=LoramConfig(criterion="taylor"))
+    # Taylor with alignment needs the dense 70B model and its gradients: 531 GiB.
+    config = RunConfig(method="loram", model="llama-3.1-70b", loram=LoramConfig(criterion="taylor", align_steps=10))
     plan = _loram_plan(24)
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 64 * 2**30})())
+    _available(monkeypatch, 64)
     with pytest.raises(ModelError) as e:
         trainer.loram_preparation(config, plan, out=lambda m: None)
     message = str(e.value)
-    assert "llama-3.1-70b" in message and "taylor scoring need" in message and "22.80GiB" in message
-    assert "64.00GiB" in message and "loram.criterion=magnitude without loram.align_steps prunes while" in message
-    import dataclasses
+    assert "llama-3.1-70b" in message and "taylor scoring and alignment need" in message and "22.80GiB" in message
+    assert "64.00GiB" in message and "without loram.align_steps, taylor scores one dense block at a time" in message
+    # Without alignment Taylor scores block by block; it still needs its block, the embeddings and the
+    # head somewhere: with 8 GiB of GPU and 1 GiB of RAM, nowhere.
+    config = dataclasses.replace(config, loram=dataclasses.replace(config.loram, align_steps=0))
+    _available(monkeypatch, 1)
+    with pytest.raises(ModelError, match=r"taylor scores computed one dense block at a time need 10\.60GiB and "
+                                         r"2\.47GiB of host RAM besides, more than the GPU budget \(7\.60GiB\) and "
+                                         r".*\(1\.00GiB\); loram.criterion=magnitude needs no scoring"):
+        trainer.loram_preparation(config, _loram_plan(8), out=lambda m: None)
     config = dataclasses.replace(config, loram=dataclasses.replace(config.loram, criterion="magnitude",
                                                                    align_steps=10))
     # Magnitude with alignment: the dense model (131.8 GiB), then AdamW on the pruned blocks (more).
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 200 * 2**30})())
+    _available(monkeypatch, 200)
     with pytest.raises(ModelError, match=r"magnitude scoring and alignment need.*without loram.align_steps, "
                                          r"magnitude pruning happens while loading"):
         trainer.loram_preparation(config, plan, out=lambda m: None)
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 400 * 2**30})())
+    _available(monkeypatch, 400)
     said = []
     resolved, prep = trainer.loram_preparation(config, plan, out=said.append)
     assert (prep.where, prep.streamed, resolved.loram.criterion) == ("cpu", False, "magnitude")
     assert "pruning on the host" in said[0]
     assert trainer.loram_preparation(config, _loram_plan(24, "cpu"))[1].where == "cpu"
+
+
+def test_taylor_scoring_goes_to_the_host_when_the_gpu_budget_is_too_small(monkeypatch):
+    from lowmem import trainer
+    from lowmem.config import LoramConfig, RunConfig
+
+    config = RunConfig(method="loram", model="llama-3.1-70b", loram=LoramConfig(criterion="taylor"))
+    _available(monkeypatch, 64)
+    resolved, prep = trainer.loram_preparation(config, _loram_plan(24), out=lambda m: None)
+    assert (prep.where, prep.streamed, round(prep.bytes / 2**30, 2)) == ("cuda", True, 10.6)
+    said = []
+    resolved, prep = trainer.loram_preparation(config, _loram_plan(8), out=said.append)
+    assert (prep.where, prep.streamed) == ("cpu", True)
+    assert said == ["LoRAM: taylor scores computed one dense block at a time need 10.60GiB, more than the GPU "
+                    "budget; scoring on the host (64.00GiB RAM available), then loading the pruned weights "
+                    "onto the GPU"]
 
 
 def test_quantizing_onto_a_device_moves_each_weight_first():
@@ -375,6 +405,98 @@ def test_pruning_while_loading_a_sharded_checkpoint_holds_one_block_at_a_time(tm
     assert streamed.loram_index_map == index_map
     x = torch.randint(0, 512, (1, 9))
     torch.testing.assert_close(streamed(x).logits, whole.eval()(x).logits, rtol=0, atol=0)
+
+
+def _qwen2(layers=4):
+    """Qwen2 blocks: q/k/v biases, and a mask chosen per block by its attention type."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=512, hidden_size=48, num_hidden_layers=layers,
+                                        num_attention_heads=6, num_key_value_heads=3, intermediate_size=96,
+                                        tie_word_embeddings=False, attn_implementation="sdpa")).eval()
+
+
+@pytest.mark.parametrize("build", [lambda: _model(layers=5), _qwen2], ids=["llama", "qwen2"])
+def test_taylor_scores_block_by_block_equal_the_whole_models(tmp_path, build):
+    """Forward block by block keeping each block's input, then backward from the last block
+    re-running each on its input: the same fp32 scores, bit for bit, as one backward through
+    the loaded model; with a padded batch and blocks split across shards."""
+    from lowmem.prune import taylor_index_map_streamed, taylor_scores_streamed
+
+    model = build()
+    model.save_pretrained(tmp_path, max_shard_size="60KB")
+    batches = _batches(3)
+    batches[1]["attention_mask"][0, 8:] = 0
+    batches[1]["labels"] = batches[1]["labels"].clone()
+    batches[1]["labels"][0, 8:] = -100
+    whole = importance(model, "taylor", batches)
+    streamed = taylor_scores_streamed(tmp_path, batches, "cpu", torch.float32)
+    for i, (w, s) in enumerate(zip(whole, streamed)):
+        for unit in w:
+            assert torch.equal(w[unit], s[unit]), (i, unit)
+    only = taylor_scores_streamed(tmp_path, batches, "cpu", torch.float32, score=[2, 3])
+    assert [s is None for s in only] == [True, True, False, False] + [True] * (len(only) - 4)
+    assert all(torch.equal(only[i][u], whole[i][u]) for i in (2, 3) for u in whole[i])
+    index_map = taylor_index_map_streamed(tmp_path, batches, 0.5, device="cpu", dtype=torch.float32)
+    assert index_map == prune(copy.deepcopy(model), 0.5, criterion="taylor", batches=batches)
+    assert index_map.criterion == "taylor"
+
+
+def _scoring_case(folder, device: str, chunk: int):
+    """(spec, plan, calibration batches) for scoring a 4-block model of SmolLM2-135M's shapes,
+    saved with random weights in `folder`, on `device` at seq_len 256, micro_batch 2."""
+    from lowmem.config import load_config
+    from lowmem.measure import random_model, with_layers
+    from lowmem.planner import make_plan
+    from lowmem.spec import builtin_spec
+
+    spec = with_layers(builtin_spec("smollm2-135m"), 4)
+    overrides = ["model=smollm2-135m", f"device={device}", "method=loram", "seq_len=256", "micro_batch=2",
+                 f"loss_chunk={chunk}"]
+    plan = make_plan(load_config(overrides=overrides), spec, pinned={"method", "seq_len", "micro_batch",
+                                                                      "loss_chunk"}, device=device)
+    if not (folder / "config.json").is_file():
+        lora = make_plan(load_config(overrides=["device=cpu", "method=lora"]), spec, device="cpu")
+        random_model(spec, lora, "cpu").save_pretrained(folder)
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, spec.vocab, (2, 256), generator=g) for _ in range(4)]
+    return spec, plan, [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x} for x in ids]
+
+
+@pytest.mark.parametrize("chunk", [0, 128])
+def test_taylor_scoring_block_by_block_stays_within_its_predicted_memory(tmp_path, chunk):
+    """The peak of live tensors (lowmem.measure.LiveTensorBytes) while scoring, whole and chunked
+    loss, against memory.loram_taylor_stream_bytes (device and host are both the CPU here):
+    never under it, at most 15% over."""
+    from lowmem import memory
+    from lowmem.measure import LiveTensorBytes
+    from lowmem.prune import taylor_scores_streamed
+
+    spec, plan, batches = _scoring_case(tmp_path, "cpu", chunk)
+    device, host = memory.loram_taylor_stream_bytes(spec, plan, len(batches))
+    with LiveTensorBytes("cpu") as live:
+        taylor_scores_streamed(tmp_path, batches, "cpu", torch.float32, range(1, 4), loss_chunk=chunk)
+    assert live.growth <= device + host <= 1.15 * live.growth, (live.growth, device + host)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunk", [0, 128])
+def test_on_cuda_taylor_scoring_block_by_block_stays_within_its_predicted_memory(tmp_path, chunk):
+    """The same on the GPU in bf16: torch.cuda.max_memory_allocated above what was allocated
+    before, against the device part of the prediction (the blocks' inputs wait on the host)."""
+    from lowmem import memory
+    from lowmem.prune import taylor_scores_streamed
+
+    spec, plan, batches = _scoring_case(tmp_path, "cuda", chunk)
+    device, _ = memory.loram_taylor_stream_bytes(spec, plan, len(batches))
+    torch.cuda.empty_cache()
+    start = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    scores = taylor_scores_streamed(tmp_path, batches, "cuda", torch.bfloat16, range(1, 4), loss_chunk=chunk)
+    measured = torch.cuda.max_memory_allocated() - start
+    assert all(torch.isfinite(s["channel"]).all() for s in scores[1:])
+    assert measured <= device <= 1.15 * measured, (measured, device)
 
 
 def test_magnitude_scores_of_bf16_weights_are_summed_in_fp32():
@@ -413,8 +535,9 @@ def test_pruning_while_loading_quantizes_a_targeted_head_like_the_whole_path(tmp
 
 
 def test_auto_criterion_is_taylor_where_it_fits_and_magnitude_while_loading_elsewhere(monkeypatch):
-    """loram.criterion=auto (the default): taylor when the dense model and its gradients fit the GPU
-    budget or the host's RAM; magnitude, pruned while loading, when they do not."""
+    """loram.criterion=auto (the default): taylor when its scoring fits the GPU budget or the
+    host's RAM (block by block without alignment, the dense model with it); magnitude, pruned
+    while loading, when it does not."""
     import dataclasses
 
     from lowmem import trainer
@@ -426,15 +549,21 @@ def test_auto_criterion_is_taylor_where_it_fits_and_magnitude_while_loading_else
     assert config.loram.criterion == "auto"
     plan = _loram_plan(24)
     spec = builtin_spec("llama-3.1-70b")
-    criterion, why = resolve_criterion(config, plan, spec, host_available=64 * 2**30)
+    assert resolve_criterion(config, plan, spec, host_available=64 * 2**30) == (
+        "taylor", "auto: its block-by-block scoring fits")
+    aligned = dataclasses.replace(config, loram=dataclasses.replace(config.loram, align_steps=10))
+    criterion, why = resolve_criterion(aligned, plan, spec, host_available=64 * 2**30)
     assert criterion == "magnitude" and "taylor scoring would need 531.20GiB" in why
-    assert resolve_criterion(config, plan, spec, host_available=2**50)[0] == "taylor"
+    assert resolve_criterion(aligned, plan, spec, host_available=2**50) == (
+        "taylor", "auto: the dense model and its scoring fit")
+    criterion, why = resolve_criterion(config, _loram_plan(8), spec, host_available=2**30)
+    assert criterion == "magnitude" and why == ("auto: taylor scoring would need 10.60GiB and 2.47GiB of host RAM, "
+                                                "more than fits here")
     taylor = dataclasses.replace(config, loram=dataclasses.replace(config.loram, criterion="taylor"))
     assert resolve_criterion(taylor, plan, spec, host_available=0) == ("taylor", "set")
     said = []
-    import psutil
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 64 * 2**30})())
-    resolved, prep = trainer.loram_preparation(config, plan, out=said.append)
+    _available(monkeypatch, 1)
+    resolved, prep = trainer.loram_preparation(config, _loram_plan(8), out=said.append)
     assert resolved.loram.criterion == "magnitude" and streams(resolved) and prep.streamed
     assert (prep.where, prep.bytes) == ("cuda", prep.stream_bytes)
     assert said == [f"LoRAM: pruning by magnitude ({why})"]

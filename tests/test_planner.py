@@ -377,11 +377,21 @@ def test_a_loram_plan_says_where_its_dense_model_is_pruned_and_what_that_needs(m
     monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 64 * 2**30})())
     _, out = run_plan(["--model", "llama-3.1-70b", "--vram", "24G"], capsys)        # criterion auto
     line = next(l for l in out.splitlines() if l.strip().startswith("prepare"))
-    assert "loram.criterion=auto chose magnitude; pruned by magnitude while the weights load" in line
-    _, out = run_plan(["--model", "llama-3.1-70b", "--vram", "24G", "loram.criterion=taylor"], capsys)
+    assert ("loram.criterion=auto chose taylor; taylor scores computed one dense block at a time on the GPU "
+            "(10.76GiB and 3.70GiB of host RAM; within the budget), then pruned while the weights load, one dense "
+            "block at a time (3.62GiB beside the pruned model)") in line
+    _, out = run_plan(["--model", "llama-3.1-70b", "--vram", "24G", "loram.criterion=taylor",
+                       "loram.align_steps=10"], capsys)
     line = next(l for l in out.splitlines() if l.strip().startswith("prepare"))
-    assert "taylor scoring need" in line and "this machine's RAM (64.00GiB); lowmem train will refuse" in line
-    assert "(loram.criterion=magnitude without loram.align_steps prunes while loading, one dense block (3.62GiB) at a time)" in line
+    assert "taylor scoring and alignment need" in line and "this machine's RAM (64.00GiB); lowmem train will refuse" in line
+    assert "(without loram.align_steps, taylor scores one dense block at a time and prunes while loading)" in line
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 2**30})())
+    _, out = run_plan(["--model", "llama-3.1-70b", "--vram", "12G", "--method", "loram", "loram.criterion=taylor",
+                       "loram.ratio=0.9"], capsys)
+    line = next(l for l in out.splitlines() if l.strip().startswith("prepare"))
+    assert "taylor scores computed one dense block at a time need" in line and "lowmem train will refuse " \
+        "(loram.criterion=magnitude needs no scoring: it prunes while loading, one dense block" in line
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 64 * 2**30})())
     _, out = run_plan(["--model", "llama-3.2-1b", "--vram", "2G", "--method", "loram", "loram.criterion=magnitude",
                        "loram.align_steps=5"], capsys)
     line = next(l for l in out.splitlines() if l.strip().startswith("prepare"))
@@ -397,11 +407,13 @@ def test_plan_json_carries_the_loram_preparation(monkeypatch, capsys):
     monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 64 * 2**30})())
     _, out = run_plan(["--model", "llama-3.1-70b", "--vram", "24G", "--json"], capsys)
     prepare = json.loads(out)["loram_prepare"]
-    assert prepare["criterion"] == "magnitude" and prepare["chosen"].startswith("auto: taylor scoring would need")
+    assert (prepare["criterion"], prepare["chosen"]) == ("taylor", "auto: its block-by-block scoring fits")
     assert prepare["streamed"] and prepare["where"] == "cuda" and prepare["host_available"] == 64 * 2**30
-    _, out = run_plan(["--model", "llama-3.1-70b", "--vram", "24G", "--json", "loram.criterion=taylor"], capsys)
+    assert 0 < prepare["host_bytes"] < prepare["bytes"] < 22 * 2**30
+    _, out = run_plan(["--model", "llama-3.1-70b", "--vram", "24G", "--json", "loram.criterion=taylor",
+                       "loram.align_steps=10"], capsys)
     prepare = json.loads(out)["loram_prepare"]
-    assert (prepare["chosen"], prepare["streamed"], prepare["where"]) == ("set", False, None)
+    assert (prepare["chosen"], prepare["streamed"], prepare["where"], prepare["host_bytes"]) == ("set", False, None, 0)
     assert prepare["bytes"] > 500 * 2**30
     _, out = run_plan(["--model", "llama-3.1-8b", "--vram", "24G", "--json"], capsys)
     assert "loram_prepare" not in json.loads(out)                       # a LoRA plan

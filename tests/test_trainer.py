@@ -235,17 +235,21 @@ def test_a_loram_run_saves_an_adapter_for_the_full_model(tmp_path, tiny_model_di
     assert (run_dir / "loram_index.json").is_file()
 
 
+@pytest.mark.parametrize("criterion", ["magnitude", "taylor"])
 def test_pruning_while_loading_trains_exactly_like_pruning_the_loaded_model(tmp_path, tiny_model_dir,
-                                                                            tiny_chat_data, monkeypatch):
-    """Magnitude QLoRAM, streamed (one dense block at a time) vs loaded whole then pruned: same run."""
+                                                                            tiny_chat_data, monkeypatch, criterion):
+    """QLoRAM streamed (one dense block at a time; taylor scored block by block beforehand) vs
+    loaded whole, then scored and pruned: the same units kept, the same run."""
     from lowmem import trainer
 
     config = _config(tiny_model_dir, tiny_chat_data, tmp_path, steps=3, method="loram",
                      **{"loram.ratio": 0.5, "loram.keep_first": 0, "loram.quantize": True,
-                        "loram.criterion": "magnitude"})
+                        "loram.criterion": criterion})
     said = []
     train(*_start(config, "streamed"), out=said.append)
     assert any("while loading, one dense block at a time (NF4)" in m for m in said)
+    assert any(m.startswith("LoRAM: scoring by taylor on 4 calibration batches") for m in said) == (
+        criterion == "taylor")
     monkeypatch.setattr(trainer, "loram_streams", lambda config, resume=False: False)
     train(*_start(config, "whole"), out=lambda m: None)
     runs = tmp_path / "runs"

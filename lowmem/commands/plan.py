@@ -295,9 +295,19 @@ def _loram_prepare_note(plan: Plan, spec: ModelSpec, prepare: dict[str, Any]) ->
     prep = Preparation(**prepare)
     host = format_size(prep.host_available)
     auto = f"loram.criterion=auto chose {prep.criterion}; " if prep.chosen != "set" else ""
+    beside = f"one dense block at a time ({format_size(prep.stream_bytes)} beside the pruned model)"
+    if prep.streamed and prep.criterion == "magnitude":
+        return f"{auto}pruned by magnitude while the weights load, {beside}"
     if prep.streamed:
-        return (f"{auto}pruned by magnitude while the weights load, one dense block at a time "
-                f"({format_size(prep.stream_bytes)} beside the pruned model)")
+        scored = f"{auto}taylor scores computed one dense block at a time"
+        need = f"{format_size(prep.bytes)} and {format_size(prep.host_bytes)} of host RAM"
+        then = f"then pruned while the weights load, {beside}"
+        if prep.where == "cuda":
+            return f"{scored} on the GPU ({need}; within the budget), {then}"
+        if prep.where == "cpu":
+            return f"{scored} on the host ({need}; {host} RAM available here), {then}"
+        return (f"{scored} need {need}: more than the GPU budget and this machine's RAM ({host}); lowmem "
+                f"train will refuse ({prep.alternative()})")
     what = f"{auto}{prep.what} need {format_size(prep.bytes)}"
     if prep.where == "cuda":
         return f"{what}: pruned on the GPU, within the budget"
