@@ -12,7 +12,8 @@ when known):
       quantization.json   {"format": "lowmem-intk", "version": 1, "bits": b,
                            "group_size": g, "symmetric": false,
                            "scale_dtype": "float16", "modules": [names], "source": {...}}
-      model.safetensors   for each quantized linear <m> (out × in, G = ⌈in/g⌉):
+      model.safetensors   (or shards of at most 2 GiB with model.safetensors.index.json)
+                          for each quantized linear <m> (out × in, G = ⌈in/g⌉):
                             <m>.qweight  uint8 (out, ⌈in·b/8⌉)   codes u = q − Qn, little-endian
                                                                 bit stream per row, rows padded
                                                                 to whole bytes
@@ -41,7 +42,11 @@ when known):
   (a 70B base merges in a few GiB of RAM), in shards with an index as
   `save_pretrained` writes them; `save_merged` does it from a loaded model.
 
-`export_run` does this for a run directory (`lowmem export RUN_DIR ...`).
+`export_run` does this for a run directory (`lowmem export RUN_DIR ...`), reading
+the base's safetensors one tensor at a time for all three (`merge_streamed`,
+`quantize_streamed`): nothing loads the whole model. `quantize_model` and
+`save_quantized` / `save_dequantized` / `save_merged` do the same from a loaded
+model, and give the same tensors (tests).
 """
 
 from __future__ import annotations
@@ -308,38 +313,62 @@ def adapter_deltas(adapter: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.T
     return {name: (p["A"], p["B"]) for name, p in pairs.items()}, scale
 
 
-def merge_streamed(model_dir: Path, adapter: Path, out: Path, *, dtype: torch.dtype = torch.bfloat16,
-                   shard_bytes: int = SHARD_BYTES, log=print) -> Path:
-    """The adapter in `adapter` (PEFT layout) merged into the base model in `model_dir`
-    (Hugging Face safetensors), written to `out` as a Hugging Face folder in `dtype`.
+@dataclass(frozen=True)
+class WeightUpdate:
+    """What an export does to one base weight W0 (out × in): W = W0 + s·(B A) in fp32, then,
+    when quantized, these step sizes and offsets (an L4Q layer's learned ones), or None for
+    round-to-nearest with min–max groups."""
 
-    One base tensor at a time: a targeted weight becomes W0 + s·(B A), in fp32, as
-    `LoRALinear.delta_weight` computes it, then `dtype`; every other floating tensor is
-    cast. Alive at once: the adapter, one tensor and its copy, and the shard being
-    filled (at most `shard_bytes`). The base's tensor names are kept (a tied head
-    stays tied); config, generation config and tokenizer files are copied.
-    """
-    from safetensors.torch import save_file
+    a: torch.Tensor                   # (r, in)
+    b: torch.Tensor                   # (out, r)
+    scale: float
+    step: torch.Tensor | None = None  # (out, G)
+    offset: torch.Tensor | None = None
+    l4q: bool = False                 # W formed as L4Q's training forward forms it (merged_weight)
 
-    from lowmem.model import load_tokenizer
-    from lowmem.quant.skeleton import DTYPES, INDEX, _header, hf_config, read_tensors, shard_files
+    def merged(self, w0: torch.Tensor) -> torch.Tensor:
+        if self.l4q:
+            return merged_weight(w0.float(), self.a, self.b, self.scale)
+        return w0.float() + (self.b.float() @ self.a.float()) * self.scale
 
-    model_dir, adapter = Path(model_dir), Path(adapter)
-    deltas, scale = adapter_deltas(adapter)
-    files = shard_files(model_dir)
-    config = hf_config(model_dir)
-    # Checked from the headers before anything is read or written.
+
+def _check_base(model_dir: Path, files: list[Path], config, targets: set[str], source: Path) -> None:
+    """Before anything is read or written: every target is in the base's headers, none is float8."""
+    from lowmem.quant.skeleton import _header
+
     stored = {key: info["dtype"] for path in files for key, info in _header(path)[0].items()}
-    missing = sorted(set(deltas) - set(stored))
+    missing = sorted(targets - set(stored))
     if missing:
         tied = " (tied to the embeddings, so the checkpoint has no tensor of its own)" \
             if missing[0] == "lm_head.weight" and getattr(config, "tie_word_embeddings", False) else ""
-        raise ModelError(f"{adapter}: the adapter targets {missing[0]}, which the base in {model_dir} "
-                         f"does not have{tied}; {len(missing)} weight(s) could not be merged")
+        raise ModelError(f"{source}: the adapter targets {missing[0]}, which the base in {model_dir} "
+                         f"does not have{tied}; {len(missing)} weight(s) could not be exported")
     scaled = sorted(k for k, d in stored.items() if d.startswith("F8"))
     if scaled:
         raise ModelError(f"{model_dir}: {scaled[0]} is stored in {stored[scaled[0]]}, whose scales live in "
-                         f"other tensors; lowmem merges into bf16, fp16 or fp32 checkpoints only")
+                         f"other tensors; lowmem exports from bf16, fp16 or fp32 checkpoints only")
+
+
+def _rewrite_streamed(model_dir: Path, updates: dict[str, WeightUpdate], source: Path, out: Path,
+                      convert: Callable[[str, torch.Tensor, WeightUpdate], dict[str, torch.Tensor]], *,
+                      dtype: torch.dtype, shard_bytes: int, log, extra: Callable[[Path], None] | None = None
+                      ) -> Path:
+    """`model_dir`'s safetensors rewritten one tensor at a time into the folder `out`: each weight
+    named in `updates` becomes what `convert(name, tensor, update)` returns ({name: tensor}),
+    every other floating tensor is cast to `dtype` (integer buffers copied). Shards of at
+    most `shard_bytes` with an index (one file when it all fits); the config (use_cache on,
+    dtype; untied when the head got its own update), generation config and tokenizer go
+    beside; `extra(folder)` writes what else the format needs. Alive at once: one base
+    tensor, what it becomes, and the shard being filled."""
+    from safetensors.torch import save_file
+
+    from lowmem.model import load_tokenizer
+    from lowmem.quant.skeleton import DTYPES, INDEX, hf_config, read_tensors, shard_files
+
+    model_dir = Path(model_dir)
+    files = shard_files(model_dir)
+    config = hf_config(model_dir)
+    _check_base(model_dir, files, config, set(updates), source)
     exact = {t for t in DTYPES.values() if t.is_floating_point and t.itemsize >= 2}
 
     def write(folder: Path) -> None:
@@ -357,23 +386,26 @@ def merge_streamed(model_dir: Path, adapter: Path, out: Path, *, dtype: torch.dt
                 weight_map.update({key: name for key in shard})
                 shard, size = {}, 0
 
-        merged = set()
         for key, tensor in read_tensors(files):
-            if key in deltas:
-                a, b = deltas[key]
-                if tuple(tensor.shape) != (b.shape[0], a.shape[1]):
-                    raise ModelError(f"{adapter}: the adapter of {key} is for a ({b.shape[0]} × {a.shape[1]}) "
+            if key in updates:
+                u = updates[key]
+                if tuple(tensor.shape) != (u.b.shape[0], u.a.shape[1]):
+                    raise ModelError(f"{source}: the adapter of {key} is for a ({u.b.shape[0]} × {u.a.shape[1]}) "
                                      f"weight; the base in {model_dir} has {tuple(tensor.shape)}")
-                tensor = (tensor.float() + (b.float() @ a.float()) * scale).to(dtype)
-                merged.add(key)
+                written = convert(key, tensor, u)
             elif tensor.dtype in exact:
-                tensor = tensor.to(dtype)   # other tensors (integer buffers) are copied as they are
-            nbytes = tensor.numel() * tensor.element_size()
-            if shard and size + nbytes > shard_bytes:
-                flush()
-            shard[key] = tensor.contiguous()
-            size += nbytes
-            total += nbytes
+                written = {key: tensor.to(dtype)}   # other tensors (integer buffers) are copied as they are
+            else:
+                written = {key: tensor}
+            del tensor
+            for name, t in written.items():
+                nbytes = t.numel() * t.element_size()
+                if shard and size + nbytes > shard_bytes:
+                    flush()
+                shard[name] = t.contiguous()
+                size += nbytes
+                total += nbytes
+            del written
         flush()
         if len(names) == 1:
             os.rename(folder / names[0], folder / WEIGHTS)
@@ -382,7 +414,7 @@ def merge_streamed(model_dir: Path, adapter: Path, out: Path, *, dtype: torch.dt
             (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         config.use_cache = True
         config.dtype = _name(dtype)
-        if "lm_head.weight" in merged and getattr(config, "tie_word_embeddings", False):
+        if "lm_head.weight" in updates and getattr(config, "tie_word_embeddings", False):
             config.tie_word_embeddings = False   # the head got its own update: loading must not re-tie it
         config.save_pretrained(folder)
         if (model_dir / "generation_config.json").is_file():
@@ -390,10 +422,104 @@ def merge_streamed(model_dir: Path, adapter: Path, out: Path, *, dtype: torch.dt
         try:
             load_tokenizer(model_dir).save_pretrained(folder)
         except (OSError, ValueError):
-            log(f"note: no tokenizer in {model_dir}; the merged model has none either")
-        log(f"merged {len(merged)} weights (s = {scale:g}) into {len(names)} shard(s), {total / 2**30:.2f} GiB")
+            log(f"note: no tokenizer in {model_dir}; the exported model has none either")
+        if extra is not None:
+            extra(folder)
+        log(f"{len(updates)} weights updated, {len(names)} shard(s), {total / 2**30:.2f} GiB")
 
     return _write_folder(out, write)
+
+
+def merge_streamed(model_dir: Path, adapter: Path, out: Path, *, dtype: torch.dtype = torch.bfloat16,
+                   shard_bytes: int = SHARD_BYTES, log=print) -> Path:
+    """The adapter in `adapter` (PEFT layout) merged into the base model in `model_dir`
+    (Hugging Face safetensors), written to `out` as a Hugging Face folder in `dtype`.
+
+    One base tensor at a time: a targeted weight becomes W0 + s·(B A), in fp32, as
+    `LoRALinear.delta_weight` computes it, then `dtype`; every other floating tensor is
+    cast. Alive at once: the adapter, one tensor and its copy, and the shard being
+    filled (at most `shard_bytes`). The base's tensor names are kept (a tied head
+    stays tied); config, generation config and tokenizer files are copied.
+    """
+    deltas, scale = adapter_deltas(Path(adapter))
+    updates = {name: WeightUpdate(a, b, scale) for name, (a, b) in deltas.items()}
+    return _rewrite_streamed(model_dir, updates, Path(adapter), out,
+                             lambda key, w0, u: {key: u.merged(w0).to(dtype)},
+                             dtype=dtype, shard_bytes=shard_bytes, log=log)
+
+
+def quantize_streamed(model_dir: Path, updates: dict[str, WeightUpdate], out: Path, *, bits: int, group: int,
+                      source: Path, dequantize: bool = False, dtype: torch.dtype = torch.bfloat16,
+                      scale_dtype: torch.dtype = torch.float16, meta_source: dict | None = None,
+                      shard_bytes: int = SHARD_BYTES, log=print) -> Path:
+    """`updates` merged into the base in `model_dir` and quantized at `bits` / `group`, one
+    base tensor at a time, written to `out`: the `lowmem-intk` folder (module docstring),
+    or with `dequantize` the quantized weights dequantized, as a Hugging Face folder in
+    `dtype`. The same numbers as quantize_model + save_quantized / save_dequantized on the
+    loaded model, without loading it. `source` names the adapter in errors."""
+    symmetric = {u.offset is None and u.step is not None for u in updates.values()}
+    if len(symmetric) > 1:
+        raise ValueError("all exported layers must share symmetry")
+
+    def convert(key: str, w0: torch.Tensor, u: WeightUpdate) -> dict[str, torch.Tensor]:
+        w = u.merged(w0)
+        step, offset = (u.step, u.offset) if u.step is not None else intk.minmax_params(w, bits, group)
+        expected = (w.shape[0], intk.num_groups(w.shape[1], group))
+        if tuple(step.shape) != expected:
+            raise ModelError(f"{source}: the step sizes of {key} are {tuple(step.shape)}, expected {expected} "
+                             f"for groups of {group}")
+        q = _quantize(w, step, offset, None, bits, group, scale_dtype)
+        del w
+        if dequantize:
+            return {key: q.dequantized().to(dtype)}
+        name = key.removesuffix(".weight")
+        parts = {f"{name}.qweight": q.qweight, f"{name}.scales": q.scales}
+        if q.offsets is not None:
+            parts[f"{name}.offsets"] = q.offsets
+        return parts
+
+    def quant_config(folder: Path) -> None:
+        meta = {"format": FORMAT, "version": VERSION, "bits": bits, "group_size": group,
+                "symmetric": symmetric == {True}, "scale_dtype": _name(scale_dtype),
+                "packing": "u = q - Qn, little-endian bit stream per row, rows padded to whole bytes",
+                "modules": sorted(k.removesuffix(".weight") for k in updates), "source": meta_source or {}}
+        (folder / QUANT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+
+    return _rewrite_streamed(model_dir, updates, Path(source), out, convert, dtype=dtype, shard_bytes=shard_bytes,
+                             log=log, extra=None if dequantize else quant_config)
+
+
+def run_updates(folder: Path, method: str, bits: int | None, group: int | None
+                ) -> tuple[dict[str, WeightUpdate], int, int, str]:
+    """(updates, bits, group, quantizer) of a run's adapter `folder` for quantize_streamed: an L4Q
+    run's A, B and learned step sizes and offsets, at the bits and group it trained (others
+    refused); a LoRA/QLoRA/LoRAM adapter's A and B, round-to-nearest at `bits` / `group`
+    (default 4 / 128)."""
+    if method != "l4q":
+        deltas, scale = adapter_deltas(folder)
+        return ({name: WeightUpdate(a, b, scale) for name, (a, b) in deltas.items()}, bits or 4, group or 128,
+                "round-to-nearest")
+    from safetensors.torch import load_file
+
+    from lowmem.lora import scaling
+    from lowmem.quant.l4q import L4Q_WEIGHTS, read_l4q_config
+
+    cfg = read_l4q_config(folder)
+    if (bits or cfg["bits"]) != cfg["bits"] or (group or cfg["group_size"]) != cfg["group_size"]:
+        asked = ", ".join(f"{k}={v}" for k, v in (("bits", bits), ("group", group)) if v)
+        raise ValueError(f"an L4Q run trained with bits={cfg['bits']}, group={cfg['group_size']} exports only "
+                         f"that way (asked for {asked})")
+    state = load_file(str(Path(folder) / L4Q_WEIGHTS))
+    scale = scaling(cfg["rank"], cfg["alpha"], bool(cfg["rslora"]))
+    updates = {}
+    for name in cfg["modules"]:
+        try:
+            updates[f"{name}.weight"] = WeightUpdate(state[f"{name}.lora_A"], state[f"{name}.lora_B"], scale,
+                                                     state[f"{name}.quant_step"], state.get(f"{name}.quant_offset"),
+                                                     l4q=True)
+        except KeyError as e:
+            raise ModelError(f"{folder}: {L4Q_WEIGHTS} lacks {e.args[0]}") from None
+    return updates, cfg["bits"], cfg["group_size"], "L4Q step sizes"
 
 
 # ---------------------------------------------------------------- loading
@@ -493,33 +619,15 @@ def run_adapter(run_dir: Path) -> tuple[str, str, Path]:
     return model_ref, method, folder
 
 
-def load_run(run_dir: Path, log=print):
-    """(model on the CPU in fp32 with the run's adapter or L4Q layers, tokenizer, method).
-    A LoRAM run's adapter is the recovered one: it goes onto the full model."""
-    from lowmem.lora import load_adapter
-    from lowmem.model import load_model
-    from lowmem.quant.l4q import load_l4q_state
-
-    model_ref, method, folder = run_adapter(run_dir)
-    # The export starts from the original full-precision weights, whatever the run trained on.
-    model, tokenizer, _ = load_model(model_ref, "cpu", torch.float32, log=log)
-    if method == "l4q":
-        load_l4q_state(model, folder)
-    else:
-        load_adapter(model, folder)
-    model.eval()
-    return model, tokenizer, method
-
-
 def export_run(run_dir: Path, *, quantized: Path | None = None, dequantized: Path | None = None,
                merged: Path | None = None, bits: int | None = None, group: int | None = None,
                dtype: torch.dtype = torch.bfloat16, log=print) -> list[Path]:
     """Write the asked-for outputs of a LoRA, QLoRA, LoRAM or L4Q run; returns their folders.
 
     `bits`/`group` choose the round-to-nearest quantization of a LoRA/QLoRA/LoRAM run
-    (default 4 / 128); an L4Q run exports with the bits and groups it trained. The merged
-    model is written while the base streams from its files (`merge_streamed`); the
-    quantized ones load the whole base in fp32 first.
+    (default 4 / 128); an L4Q run exports with the bits and groups it trained. Every
+    output is written while the base streams from its files, one tensor at a time
+    (`merge_streamed`, `quantize_streamed`), so a 70B base exports in a few GiB of RAM.
     """
     from lowmem.model import resolve_model_dir
 
@@ -531,18 +639,15 @@ def export_run(run_dir: Path, *, quantized: Path | None = None, dequantized: Pat
         written.append(merge_streamed(resolve_model_dir(model_ref, log), folder, merged, dtype=dtype, log=log))
         log(f"merged model (Hugging Face, {_name(dtype)}) written to {merged}")
     if quantized is not None or dequantized is not None:
-        model, tokenizer, method = load_run(Path(run_dir), log)
-        if method != "l4q":
-            bits, group = bits or 4, group or 128
-        q = quantize_model(model, bits=bits, group=group)
-        first = next(iter(q.values()))
-        how = "L4Q step sizes" if method == "l4q" else "round-to-nearest"
+        updates, bits, group, how = run_updates(folder, method, bits, group)
+        model_dir = resolve_model_dir(model_ref, log)
         source = {"run": str(run_dir), "method": method, "quantizer": how}
         if quantized is not None:
-            written.append(save_quantized(model, q, quantized, tokenizer=tokenizer, dense_dtype=dtype,
-                                          source=source))
-            log(f"{first.bits}-bit model ({how}, groups of {first.group}) written to {quantized}")
+            written.append(quantize_streamed(model_dir, updates, quantized, bits=bits, group=group, source=folder,
+                                             dtype=dtype, meta_source=source, log=log))
+            log(f"{bits}-bit model ({how}, groups of {group}) written to {quantized}")
         if dequantized is not None:
-            written.append(save_dequantized(model, q, dequantized, tokenizer=tokenizer, dtype=dtype))
-            log(f"dequantized {first.bits}-bit model (Hugging Face, {_name(dtype)}) written to {dequantized}")
+            written.append(quantize_streamed(model_dir, updates, dequantized, bits=bits, group=group,
+                                             source=folder, dequantize=True, dtype=dtype, log=log))
+            log(f"dequantized {bits}-bit model (Hugging Face, {_name(dtype)}) written to {dequantized}")
     return written

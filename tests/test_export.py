@@ -406,3 +406,109 @@ def test_a_float8_checkpoint_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ModelError, match="up_proj.weight is stored in F8_E4M3"):
         merge_streamed(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", log=lambda m: None)
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- quantizing while the base streams
+
+def _tensors(folder):
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+@pytest.mark.parametrize("method", ["l4q", "l4q-symmetric", "lora"])
+def test_the_streamed_quantized_export_writes_what_quantizing_the_loaded_model_writes(tmp_path, method):
+    """quantize_streamed (what `lowmem export --quantized/--dequantized` runs) against
+    quantize_model + save_quantized / save_dequantized on the loaded model: the same tensors,
+    bit for bit, here in several shards that load_quantized_export reads through the index."""
+    from lowmem.quant.export import quantize_streamed, run_updates
+
+    tiny_llama(seed=0).save_pretrained(tmp_path / "base")
+    if method == "lora":
+        model = tiny_llama(seed=0)
+        apply_lora(model, 4, 8.0, ("q_proj", "down_proj"))
+        with torch.no_grad():
+            for m in lora_modules(model).values():
+                m.lora_B.normal_(std=0.05)
+        model.eval()
+        save_adapter(model, tmp_path / "adapter", rank=4, alpha=8.0, targets=("q_proj", "down_proj"),
+                     dropout=0.0, rslora=False, base_model="base")
+        q = quantize_model(model, bits=3, group=32)
+        updates, bits, group, how = run_updates(tmp_path / "adapter", "lora", 3, 32)
+    else:
+        model = _trained_l4q(3, group=32)
+        if method == "l4q-symmetric":
+            torch.manual_seed(0)
+            model = tiny_llama(seed=0)
+            apply_l4q(model, 4, 8.0, TARGETS, bits=3, group_size=32, symmetric=True)
+            with torch.no_grad():
+                for m in l4q_modules(model).values():
+                    m.lora_B.normal_(std=0.05)
+            model.eval()
+        save_l4q_state(model, tmp_path / "adapter")
+        q = quantize_model(model)
+        updates, bits, group, how = run_updates(tmp_path / "adapter", "l4q", None, None)
+        assert how == "L4Q step sizes"
+    assert (bits, group) == (3, 32)
+    save_quantized(model, q, tmp_path / "whole-q", dense_dtype=torch.float32)
+    save_dequantized(model, q, tmp_path / "whole-hf", dtype=torch.float32)
+    for out, dequantize in (("q", False), ("hf", True)):
+        quantize_streamed(tmp_path / "base", updates, tmp_path / out, bits=bits, group=group,
+                          source=tmp_path / "adapter", dequantize=dequantize, dtype=torch.float32,
+                          shard_bytes=60_000, log=lambda m: None)
+        streamed, whole = _tensors(tmp_path / out), _tensors(tmp_path / f"whole-{out}")
+        assert streamed.keys() == whole.keys()
+        for key in whole:
+            assert torch.equal(streamed[key], whole[key]), (out, key)
+    assert (tmp_path / "q" / "model.safetensors.index.json").is_file()
+    meta, reference = (json.loads((tmp_path / f / QUANT_CONFIG).read_text()) for f in ("q", "whole-q"))
+    assert {k: meta[k] for k in ("bits", "group_size", "symmetric", "scale_dtype", "modules")} == \
+        {k: reference[k] for k in ("bits", "group_size", "symmetric", "scale_dtype", "modules")}
+    loaded, _ = load_quantized_export(tmp_path / "q")
+    whole_loaded, _ = load_quantized_export(tmp_path / "whole-q")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS).logits, whole_loaded(IDS).logits, rtol=0, atol=0)
+
+
+def test_the_streamed_quantized_export_holds_one_tensor_at_a_time(tmp_path):
+    """Beyond the adapter: one base tensor, its merged fp32 copy and the quantizer's temporaries,
+    and the shard being filled; never the whole model (live tensor bytes)."""
+    from safetensors.torch import load_file
+
+    from lowmem.measure import LiveTensorBytes
+    from lowmem.quant.export import quantize_streamed, run_updates
+    from lowmem.quant.skeleton import read_tensors, shard_files
+
+    base = tiny_llama(vocab_size=256, hidden=64, layers=6, heads=4, kv_heads=2, intermediate=256)
+    base.save_pretrained(tmp_path / "base")
+    apply_lora(base, 4, 8.0, TARGETS)
+    save_adapter(base, tmp_path / "adapter", rank=4, alpha=8.0, targets=TARGETS, dropout=0.0, rslora=False,
+                 base_model="base")
+    sizes = [t.numel() * 4 for _, t in read_tensors(shard_files(tmp_path / "base"))]
+    updates, bits, group, _ = run_updates(tmp_path / "adapter", "lora", 4, 32)
+    shard = 100_000
+    with LiveTensorBytes() as live:
+        quantize_streamed(tmp_path / "base", updates, tmp_path / "out", bits=bits, group=group,
+                          source=tmp_path / "adapter", shard_bytes=shard, log=lambda m: None)
+    adapter = sum(t.numel() * 4 for t in load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")).values())
+    bound = adapter + shard + 5 * max(sizes)
+    assert sum(sizes) > 2 * bound                     # holding the whole model would fail the test
+    assert live.growth <= bound, (live.growth, bound, sum(sizes))
+
+
+def test_a_streamed_export_of_an_l4q_state_with_other_groups_names_the_tensor(tmp_path):
+    from lowmem.errors import ModelError
+    from lowmem.quant.export import WeightUpdate, quantize_streamed
+
+    tiny_llama(seed=0).save_pretrained(tmp_path / "base")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    update = WeightUpdate(torch.zeros(4, 64), torch.zeros(64, 4), 1.0, torch.ones(64, 3), torch.zeros(64, 3),
+                          l4q=True)
+    with pytest.raises(ModelError, match=r"step sizes of model.layers.0.self_attn.q_proj.weight are \(64, 3\), "
+                                         r"expected \(64, 2\) for groups of 32"):
+        quantize_streamed(tmp_path / "base", {name: update}, tmp_path / "out", bits=4, group=32,
+                          source=tmp_path / "adapter", log=lambda m: None)
+    assert not (tmp_path / "out").exists()
