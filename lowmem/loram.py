@@ -378,6 +378,23 @@ def _saved_index_map(path: Path) -> IndexMap:
                               f"without it: start a new run") from None
 
 
+def _throttled(log, seconds: float):
+    """`log`, passing on the first message and then at most one per `seconds`: progress of a
+    long loop (a 70B model's blocks) without a line per step."""
+    import time
+
+    last = None
+
+    def throttled(message: str) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if last is None or now - last >= seconds:
+            last = now
+            log(message)
+
+    return throttled
+
+
 def load_streamed_loram(model_dir: Path, plan, config, device: str, dtype: torch.dtype, run_dir: Path,
                         resume: bool, calibration: list[dict[str, torch.Tensor]] | None = None,
                         score_on: str | None = None, log=print) -> nn.Module:
@@ -404,7 +421,7 @@ def load_streamed_loram(model_dir: Path, plan, config, device: str, dtype: torch
         index_map = taylor_index_map_streamed(model_dir, calibration, plan.prune_ratio, device=where,
                                               dtype=dtype, keep_first=plan.prune_keep_first,
                                               keep_last=plan.prune_keep_last, layer_ratios=layer_ratios,
-                                              loss_chunk=plan.loss_chunk)
+                                              loss_chunk=plan.loss_chunk, log=_throttled(log, 30.0))
     aligned = resume and aligned_path.is_file()
     nf4 = plan.nf4_targets
     model = load_pruned_model(model_dir, device, dtype, plan.prune_ratio, keep_first=plan.prune_keep_first,

@@ -250,6 +250,8 @@ def test_pruning_while_loading_trains_exactly_like_pruning_the_loaded_model(tmp_
     assert any("while loading, one dense block at a time (NF4)" in m for m in said)
     assert any(m.startswith("LoRAM: scoring by taylor on 4 calibration batches") for m in said) == (
         criterion == "taylor")
+    # Progress: the first block's message, then at most one every 30 s.
+    assert any(m == "taylor scoring: forward through block 1/2" for m in said) == (criterion == "taylor")
     monkeypatch.setattr(trainer, "loram_streams", lambda config, resume=False: False)
     train(*_start(config, "whole"), out=lambda m: None)
     runs = tmp_path / "runs"
