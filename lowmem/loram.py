@@ -179,9 +179,10 @@ def prepare_pruned(model: nn.Module, *, ratio: float, criterion: str = "taylor",
                    index_map: IndexMap | None = None,
                    align_batches: Iterable[dict[str, torch.Tensor] | torch.Tensor] | None = None,
                    align_steps: int = 0, align_lr: float = 1e-5, align_subset: str = "all",
-                   log=print) -> IndexMap:
+                   loss_chunk: int = 0, log=print) -> IndexMap:
     """Steps 1–2 of a LoRAM run on a float model, in place: prune (or re-apply a saved
-    `index_map`, as a resumed run must), then align when `align_steps` > 0.
+    `index_map`, as a resumed run must), then align when `align_steps` > 0. Taylor's
+    loss is computed `loss_chunk` tokens at a time when > 0, as the run's plan says.
 
     Call it before quantizing (QLoRAM) and before adding adapters.
     """
@@ -192,7 +193,7 @@ def prepare_pruned(model: nn.Module, *, ratio: float, criterion: str = "taylor",
         apply_index_map(model, index_map)
     else:
         index_map = prune(model, ratio, criterion=criterion, batches=calibration, keep_first=keep_first,
-                          keep_last=keep_last, layer_ratios=layer_ratios)
+                          keep_last=keep_last, layer_ratios=layer_ratios, loss_chunk=loss_chunk)
     after = sum(p.numel() for p in model.parameters())
     pruned_blocks = sum(index_map.is_pruned(i) for i in range(index_map.layers))
     log(f"LoRAM: pruned {pruned_blocks} of {index_map.layers} blocks ({index_map.criterion}, ratio "
@@ -233,7 +234,8 @@ def prepare_loram_run(model: nn.Module, plan, config, train_examples, pad_id: in
                                keep_first=plan.prune_keep_first, keep_last=plan.prune_keep_last,
                                layer_ratios=layer_ratios, calibration=calibration,
                                align_batches=align_batches, align_steps=cfg.align_steps,
-                               align_lr=cfg.align_lr, align_subset=cfg.align_subset, log=log)
+                               align_lr=cfg.align_lr, align_subset=cfg.align_subset, loss_chunk=plan.loss_chunk,
+                               log=log)
     index_map.save(index_path)
     if cfg.align_steps:
         save_model(model, str(aligned_path))
@@ -268,17 +270,26 @@ def streams(config, resume: bool = False) -> bool:
 def taylor_needs(config, plan, spec, host_available: int) -> tuple[str | None, int, int]:
     """(where, bytes there, bytes on the host besides) for a new LoRAM run's Taylor scoring:
     one dense block at a time when the run prunes while loading, else with the whole dense
-    model (and its alignment). `where` is the plan's GPU, the host, or None (memory.where_fits)."""
+    model (and its alignment). `where` is the plan's GPU, the host, or None (memory.where_fits);
+    a CUDA plan's figures on the host are the CPU's (the reference loss, not the kernel's).
+    When it fits nowhere the bytes are the plan device's."""
     from lowmem import memory
 
     align = bool(config.loram.align_steps)
-    if prunes_while_loading(config.loram.align_steps):
-        need, host = memory.loram_taylor_stream_bytes(spec, plan, config.loram.calibration_batches)
-    else:
-        need, host = memory.loram_prepare_bytes(spec, plan, "taylor", align), 0
+
+    def needs(p) -> tuple[int, int]:
+        if prunes_while_loading(config.loram.align_steps):
+            return memory.loram_taylor_stream_bytes(spec, p, config.loram.calibration_batches)
+        return memory.loram_prepare_bytes(spec, p, "taylor", align), 0
+
+    need, host = needs(plan)
     if plan.device != "cuda":
         return (plan.device if need + host <= host_available else None), need, host
-    return memory.where_fits(plan, need, host_available, host), need, host
+    on_host = needs(dataclasses.replace(plan, device="cpu"))
+    where = memory.where_fits(plan, need, host_available, host, on_host)
+    if where == "cpu":
+        need, host = on_host
+    return where, need, host
 
 
 def resolve_criterion(config, plan, spec, host_available: int) -> tuple[str, str]:
@@ -337,6 +348,22 @@ class Preparation:
         if self.criterion != "magnitude":
             return "without loram.align_steps, taylor scores one dense block at a time and prunes while loading"
         return f"without loram.align_steps, magnitude pruning happens while loading, {block}"
+
+    def shortfall(self, plan) -> str:
+        """Why the preparation fits nowhere here (`where` is None), with the figures."""
+        from lowmem import memory
+        from lowmem.config import format_size
+
+        need = f"{self.what} need {format_size(self.bytes)}"
+        ram = f"this machine's available RAM ({format_size(self.host_available)})"
+        gpu_short = plan.device == "cuda" and not memory.fits_budget(plan, self.bytes)
+        if not self.host_bytes:
+            budget = f"the GPU budget ({format_size(plan.usable)}) and " if gpu_short else ""
+            return f"{need}, more than {budget}{ram}"
+        need += f" and {format_size(self.host_bytes)} of host RAM besides"
+        if gpu_short:
+            return f"{need}: more than the GPU budget ({format_size(plan.usable)}), and on the host more than {ram}"
+        return f"{need}: the GPU budget holds the first, but the second is more than {ram}"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -422,6 +449,11 @@ def load_streamed_loram(model_dir: Path, plan, config, device: str, dtype: torch
                                               dtype=dtype, keep_first=plan.prune_keep_first,
                                               keep_last=plan.prune_keep_last, layer_ratios=layer_ratios,
                                               loss_chunk=plan.loss_chunk, log=_throttled(log, 30.0))
+        if str(where).startswith("cuda"):
+            # The scoring's blocks are gone: hand their cached memory back, and start the run's
+            # own peak (what the dashboard and the step events report) from here.
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
     aligned = resume and aligned_path.is_file()
     nf4 = plan.nf4_targets
     model = load_pruned_model(model_dir, device, dtype, plan.prune_ratio, keep_first=plan.prune_keep_first,

@@ -809,6 +809,11 @@ def loram_taylor_stream_bytes(spec: ModelSpec, plan: Any, batches: int) -> tuple
                                                  (the input's gradient among them); on
                                                  CUDA the input's copy from the host
 
+    On CUDA the device also holds cuBLAS's workspace, and the host the one tensor being
+    read from the files (at most c·max(V·h, out·in)). The checkpoint is assumed stored in
+    the compute dtype or narrower: on the CPU a wider one adds its largest tensor while
+    that is converted.
+
     On the host, every scored block's input for every batch, kept from the forward for
     the backward: (L − keep_first)·n_b·c·N·h.
     """
@@ -826,9 +831,14 @@ def loram_taylor_stream_bytes(spec: ModelSpec, plan: Any, batches: int) -> tuple
     backward = max((2 * c + 4) * spec.block_params(block)
                    + n * (block_saved_bytes(spec, block, calibration) - 2 * c * h)
                    for _, block in spec.block_groups())
-    backward += block_backward_bytes(spec, calibration) + (c * n * h if _get(plan, "device", "cpu") == "cuda" else 0)
+    cuda = _get(plan, "device", "cpu") == "cuda"
+    backward += block_backward_bytes(spec, calibration) + (c * n * h if cuda else 0)
     kept_blocks = max(0, spec.layers - _get(plan, "prune_keep_first", 1))
-    return resident + per_batch + max(loss, backward), kept_blocks * batches * c * n * h
+    host = kept_blocks * batches * c * n * h
+    if cuda:
+        resident += CUBLAS_WORKSPACE_BYTES
+        host += c * max(spec.embedding_params, spec.max_linear_numel())
+    return resident + per_batch + max(loss, backward), host
 
 
 def loram_prepare_bytes(spec: ModelSpec, plan: Any, criterion: str, align: bool = False) -> int:
@@ -877,18 +887,29 @@ def loram_prepare_device(spec: ModelSpec, plan: Any, criterion: str, host_availa
     On the CPU the pruned model then moves to the GPU one linear at a time (QLoRAM
     quantizes each there), so the GPU never holds the dense model.
     """
-    return where_fits(plan, loram_prepare_bytes(spec, plan, criterion, align), host_available)
+    on_host = None
+    if dataclasses.is_dataclass(plan) and _get(plan, "device", "cpu") == "cuda":
+        on_host = (loram_prepare_bytes(spec, dataclasses.replace(plan, device="cpu"), criterion, align), 0)
+    return where_fits(plan, loram_prepare_bytes(spec, plan, criterion, align), host_available, on_host=on_host)
 
 
-def where_fits(plan: Any, need: int, host_available: int, host_need: int = 0) -> str | None:
+def fits_budget(plan: Any, need: int) -> bool:
+    """Whether `need` allocated bytes, with the CUDA overhead on top, fit a CUDA plan's budget
+    (any amount does without one)."""
+    usable = _get(plan, "usable", None)
+    return usable is None or need + overhead_bytes(need, plan) <= usable
+
+
+def where_fits(plan: Any, need: int, host_available: int, host_need: int = 0,
+               on_host: tuple[int, int] | None = None) -> str | None:
     """Where a preparation step needing `need` bytes where it computes (and `host_need` more
     on the host whatever the device) can run: "cuda" when `need` fits the plan's budget
-    and `host_need` the host, else "cpu" when both fit the host's available RAM, else None."""
-    if _get(plan, "device", "cpu") == "cuda" and host_need <= host_available:
-        usable = _get(plan, "usable", None)
-        if usable is None or need + overhead_bytes(need, plan) <= usable:
-            return "cuda"
-    if need + host_need <= host_available:
+    and `host_need` the host, else "cpu" when both fit the host's available RAM (or
+    `on_host`, the (need, host_need) of the step computed on the host, when they differ
+    there), else None."""
+    if _get(plan, "device", "cpu") == "cuda" and host_need <= host_available and fits_budget(plan, need):
+        return "cuda"
+    if sum(on_host or (need, host_need)) <= host_available:
         return "cpu"
     return None
 

@@ -190,13 +190,16 @@ def _unit_scores(block: nn.Module, per_weight, n_heads: int, n_kv: int, head_dim
 
 
 def importance(model: nn.Module, criterion: str = "taylor",
-               batches: Iterable[dict[str, torch.Tensor]] | None = None) -> list[dict[str, torch.Tensor]]:
+               batches: Iterable[dict[str, torch.Tensor]] | None = None,
+               loss_chunk: int = 0) -> list[dict[str, torch.Tensor]]:
     """Per block: {"head": (H,), "group": (K,), "channel": (I,)} importance scores.
 
-    `taylor` needs calibration `batches` (dicts with input_ids, attention_mask,
-    labels, as `lowmem.data.collate` makes); gradients of the summed token loss
-    are accumulated over all of them, then scored as |w · g|. Parameters'
-    `requires_grad` flags are restored afterwards.
+    `taylor` needs calibration `batches` (dicts with input_ids and labels, right-padded
+    as `lowmem.data.collate` makes them); gradients of the summed token loss (logits
+    `loss_chunk` tokens at a time when > 0) are accumulated over all of them, then
+    scored as |w · g|. As in training, no attention mask goes into the model: a
+    right-padded batch needs none (a real token never sees a pad, and pads carry no
+    loss). Parameters' `requires_grad` flags are restored afterwards.
     """
     if criterion not in CRITERIA:
         raise ValueError(f"unknown pruning criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
@@ -226,21 +229,25 @@ def importance(model: nn.Module, criterion: str = "taylor",
         device = linears[0].weight.device
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
-            hidden = model.get_decoder()(input_ids=batch["input_ids"],
-                                         attention_mask=batch["attention_mask"]).last_hidden_state
+            hidden = model.get_decoder()(input_ids=batch["input_ids"]).last_hidden_state
             labels = batch.get("labels", batch["input_ids"])
-            loss = causal_lm_loss(hidden, model.get_output_embeddings().weight, labels, reduction="sum")
+            loss = causal_lm_loss(hidden, model.get_output_embeddings().weight, labels, reduction="sum",
+                                  chunk_size=loss_chunk)
             loss.backward()
             for lin in linears:
                 # Summed over batches before |w·g|, as one large calibration batch would be.
-                grads[lin] += lin.weight.grad.float()
+                grads[lin].add_(lin.weight.grad)
                 lin.weight.grad = None
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
         model.train(was_training)
-    return [_unit_scores(b, lambda lin: (lin.weight.float() * grads[lin]).abs(), n_heads, n_kv, head_dim)
-            for b in blocks]
+    return [_unit_scores(b, lambda lin: _taylor(lin, grads[lin]), n_heads, n_kv, head_dim) for b in blocks]
+
+
+def _taylor(linear: nn.Linear, grad_sum: torch.Tensor) -> torch.Tensor:
+    """|w · g| in fp32 with one temporary of the weight's size (w is promoted inside the product)."""
+    return torch.mul(grad_sum, linear.weight).abs_()
 
 
 # ---------------------------------------------------------------- choosing and cutting
@@ -357,11 +364,11 @@ def apply_index_map(model: nn.Module, index_map: IndexMap) -> nn.Module:
 
 def prune(model: nn.Module, ratio: float, *, criterion: str = "taylor",
           batches: Iterable[dict[str, torch.Tensor]] | None = None, keep_first: int = 1,
-          keep_last: int = 1, layer_ratios: dict[int, float] | None = None) -> IndexMap:
+          keep_last: int = 1, layer_ratios: dict[int, float] | None = None, loss_chunk: int = 0) -> IndexMap:
     """Score, choose and cut `model` in place; returns the IndexMap (also at `model.loram_index_map`)."""
     _check_prunable(model)
     ratios = layer_ratio_list(model.config.num_hidden_layers, ratio, keep_first, keep_last, layer_ratios)
-    scores = importance(model, criterion, batches)
+    scores = importance(model, criterion, batches, loss_chunk)
     index_map = select(model, scores, ratios, criterion)
     apply_index_map(model, index_map)
     return index_map
@@ -497,7 +504,7 @@ def _block_inputs(decoder: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[t
     decoder.layers = nn.ModuleList(_Recorder(b, calls) for b in blocks)
     try:
         with torch.no_grad():
-            decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            decoder(input_ids=batch["input_ids"], use_cache=False)   # right-padded: no mask (see importance)
     finally:
         decoder.layers = blocks
     if len(calls) != len(blocks):
@@ -634,14 +641,13 @@ def taylor_scores_streamed(model_dir: Path, batches: Iterable[dict[str, torch.Te
                 _run_block(block, x, calls[b][i]).backward(grads[b])
             for lin in linears if scored else ():
                 # Summed over batches before |w·g|, as one large calibration batch would be.
-                sums[lin] += lin.weight.grad.float()
+                sums[lin].add_(lin.weight.grad)
                 lin.weight.grad = None
             grads[b] = x.grad if i > first else None
             del x
         del kept[i]
         if scored:
-            scores[i] = _unit_scores(block, lambda lin: (lin.weight.float() * sums[lin]).abs(), n_heads, n_kv,
-                                     head_dim)
+            scores[i] = _unit_scores(block, lambda lin: _taylor(lin, sums[lin]), n_heads, n_kv, head_dim)
         sums = None
         drop(i)
         if log is not None:

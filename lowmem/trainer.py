@@ -357,11 +357,8 @@ def loram_preparation(config: RunConfig, plan: Plan, out=print):
         out(f"LoRAM: pruning by {prep.criterion} ({prep.chosen})")
     if prep.where is None:
         alternative = prep.alternative()
-        beside = f" and {format_size(prep.host_bytes)} of host RAM besides" if prep.host_bytes else ""
-        budget = f"the GPU budget ({format_size(plan.usable)}) and " if plan.device == "cuda" else ""
-        raise ModelError(f"LoRAM prunes {config.model} from its dense weights before training: {prep.what} "
-                         f"need {format_size(prep.bytes)}{beside}, more than {budget}this machine's available "
-                         f"RAM ({format_size(host)})" + (f"; {alternative}" if alternative else ""))
+        raise ModelError(f"LoRAM prunes {config.model} from its dense weights before training: "
+                         f"{prep.shortfall(plan)}" + (f"; {alternative}" if alternative else ""))
     if prep.where == "cpu" and plan.device == "cuda":
         then = ("then loading the pruned weights onto the GPU" if prep.streamed
                 else "then moving the pruned model to the GPU")

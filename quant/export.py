@@ -363,13 +363,16 @@ def _rewrite_streamed(model_dir: Path, updates: dict[str, WeightUpdate], source:
     from safetensors.torch import save_file
 
     from lowmem.model import load_tokenizer
-    from lowmem.quant.skeleton import DTYPES, INDEX, hf_config, read_tensors, shard_files
+    from lowmem.quant.skeleton import DTYPES, INDEX, empty_model, hf_config, read_tensors, shard_files
 
     model_dir = Path(model_dir)
     files = shard_files(model_dir)
     config = hf_config(model_dir)
     _check_base(model_dir, files, config, set(updates), source)
     exact = {t for t in DTYPES.values() if t.is_floating_point and t.itemsize >= 2}
+    # Tensors the model does not define (an old checkpoint's rotary inv_freq) are left out, as
+    # loading the base drops them: the export holds what its loader expects, nothing else.
+    defined = set(empty_model(model_dir, torch.float32).state_dict())
 
     def write(folder: Path) -> None:
         shard: dict[str, torch.Tensor] = {}
@@ -386,7 +389,11 @@ def _rewrite_streamed(model_dir: Path, updates: dict[str, WeightUpdate], source:
                 weight_map.update({key: name for key in shard})
                 shard, size = {}, 0
 
+        skipped = 0
         for key, tensor in read_tensors(files):
+            if key not in defined:
+                skipped += 1
+                continue
             if key in updates:
                 u = updates[key]
                 if tuple(tensor.shape) != (u.b.shape[0], u.a.shape[1]):
@@ -425,7 +432,8 @@ def _rewrite_streamed(model_dir: Path, updates: dict[str, WeightUpdate], source:
             log(f"note: no tokenizer in {model_dir}; the exported model has none either")
         if extra is not None:
             extra(folder)
-        log(f"{len(updates)} weights updated, {len(names)} shard(s), {total / 2**30:.2f} GiB")
+        left = f"; {skipped} tensor(s) the model does not define left out" if skipped else ""
+        log(f"{len(updates)} weights updated, {len(names)} shard(s), {total / 2**30:.2f} GiB{left}")
 
     return _write_folder(out, write)
 
@@ -457,6 +465,8 @@ def quantize_streamed(model_dir: Path, updates: dict[str, WeightUpdate], out: Pa
     or with `dequantize` the quantized weights dequantized, as a Hugging Face folder in
     `dtype`. The same numbers as quantize_model + save_quantized / save_dequantized on the
     loaded model, without loading it. `source` names the adapter in errors."""
+    if not updates:
+        raise ValueError("nothing to quantize: the adapter updates no weight")
     symmetric = {u.offset is None and u.step is not None for u in updates.values()}
     if len(symmetric) > 1:
         raise ValueError("all exported layers must share symmetry")

@@ -512,3 +512,28 @@ def test_a_streamed_export_of_an_l4q_state_with_other_groups_names_the_tensor(tm
         quantize_streamed(tmp_path / "base", {name: update}, tmp_path / "out", bits=4, group=32,
                           source=tmp_path / "adapter", log=lambda m: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_streamed_export_leaves_out_tensors_the_model_does_not_define(tmp_path):
+    """Old checkpoints store buffers such as rotary inv_freq, which loading drops; the export
+    leaves them out too, so its own loader (which refuses unknown tensors) reads it."""
+    from safetensors.torch import load_file, save_file
+
+    from lowmem.quant.export import quantize_streamed, run_updates
+
+    model = tiny_llama(seed=0)
+    model.save_pretrained(tmp_path / "base")
+    stale = "model.layers.0.self_attn.rotary_emb.inv_freq"
+    tensors = load_file(str(tmp_path / "base" / "model.safetensors"))
+    save_file({**tensors, stale: torch.ones(8)}, str(tmp_path / "base" / "model.safetensors"))
+    apply_lora(model, 4, 8.0, ("q_proj",))
+    save_adapter(model, tmp_path / "adapter", rank=4, alpha=8.0, targets=("q_proj",), dropout=0.0,
+                 rslora=False, base_model="base")
+    updates, bits, group, _ = run_updates(tmp_path / "adapter", "lora", 4, 32)
+    said = []
+    quantize_streamed(tmp_path / "base", updates, tmp_path / "q", bits=bits, group=group,
+                      source=tmp_path / "adapter", log=said.append)
+    assert stale not in _tensors(tmp_path / "q") and "1 tensor(s) the model does not define left out" in said[-1]
+    load_quantized_export(tmp_path / "q")
+    with pytest.raises(ValueError, match="nothing to quantize"):
+        quantize_streamed(tmp_path / "base", {}, tmp_path / "none", bits=4, group=32, source=tmp_path / "adapter")

@@ -306,8 +306,7 @@ def _loram_prepare_note(plan: Plan, spec: ModelSpec, prepare: dict[str, Any]) ->
             return f"{scored} on the GPU ({need}; within the budget), {then}"
         if prep.where == "cpu":
             return f"{scored} on the host ({need}; {host} RAM available here), {then}"
-        return (f"{scored} need {need}: more than the GPU budget and this machine's RAM ({host}); lowmem "
-                f"train will refuse ({prep.alternative()})")
+        return f"{auto}{prep.shortfall(plan)}; lowmem train will refuse ({prep.alternative()})"
     what = f"{auto}{prep.what} need {format_size(prep.bytes)}"
     if prep.where == "cuda":
         return f"{what}: pruned on the GPU, within the budget"
