@@ -374,7 +374,7 @@ def preparation(config, plan, spec, host_available: int) -> Preparation:
     base, with `host_available` bytes of RAM: the criterion (resolve_criterion), whether it
     streams, and where Taylor scoring runs, or the dense model goes when it does not stream
     (memory.where_fits: the GPU when it fits the budget, else the host, else nowhere). A CPU
-    plan prepares on the CPU."""
+    plan prepares on the CPU, when it fits the RAM there."""
     from lowmem import memory
 
     criterion, chosen = resolve_criterion(config, plan, spec, host_available)
@@ -388,8 +388,10 @@ def preparation(config, plan, spec, host_available: int) -> Preparation:
         where, need = plan.device, stream
     else:
         need = memory.loram_prepare_bytes(spec, plan, criterion, align)
-        where = (memory.loram_prepare_device(spec, plan, criterion, host_available, align)
-                 if plan.device == "cuda" else plan.device)
+        if plan.device == "cuda":
+            where = memory.loram_prepare_device(spec, plan, criterion, host_available, align)
+        else:
+            where = plan.device if need <= host_available else None
     return Preparation(criterion, chosen, streamed, align, where, need, stream, host_available, host)
 
 

@@ -383,7 +383,7 @@ def test_a_loram_plan_says_where_its_dense_model_is_pruned_and_what_that_needs(m
     _, out = run_plan(["--model", "llama-3.1-70b", "--vram", "24G", "loram.criterion=taylor",
                        "loram.align_steps=10"], capsys)
     line = next(l for l in out.splitlines() if l.strip().startswith("prepare"))
-    assert "taylor scoring and alignment need" in line and "this machine's RAM (64.00GiB); lowmem train will refuse" in line
+    assert "taylor scoring and alignment need" in line and "this machine's available RAM (64.00GiB); lowmem train will refuse" in line
     assert "(without loram.align_steps, taylor scores one dense block at a time and prunes while loading)" in line
     monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 2**30})())
     _, out = run_plan(["--model", "llama-3.1-70b", "--vram", "12G", "--method", "loram", "loram.criterion=taylor",
@@ -399,6 +399,24 @@ def test_a_loram_plan_says_where_its_dense_model_is_pruned_and_what_that_needs(m
     _, out = run_plan(["--model", "llama-3.1-70b", "--vram", "24G", "loram.criterion=magnitude"], capsys)
     line = next(l for l in out.splitlines() if l.strip().startswith("prepare"))
     assert "pruned by magnitude while the weights load, one dense block at a time (3.62GiB" in line
+
+
+def test_a_cpu_loram_plan_says_how_it_prepares_and_when_the_ram_is_short(monkeypatch, capsys):
+    import psutil
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 16 * 2**30})())
+
+    def prepare_line(*argv):
+        _, out = run_plan(["--method", "loram", "--device", "cpu", *argv], capsys)
+        return next(l for l in out.splitlines() if l.strip().startswith("prepare"))
+
+    line = prepare_line("--model", "smollm2-135m")
+    assert "taylor scores computed one dense block at a time on the host" in line and "GPU" not in line
+    line = prepare_line("--model", "smollm2-135m", "loram.align_steps=5")
+    assert line.endswith("pruned on the host (16.00GiB RAM available here)")
+    line = prepare_line("--model", "llama-3.1-8b", "loram.align_steps=5")
+    assert "more than this machine's available RAM (16.00GiB); lowmem train will refuse" in line
+    assert "GPU" not in line
 
 
 def test_plan_json_carries_the_loram_preparation(monkeypatch, capsys):

@@ -183,9 +183,9 @@ def plan_json(plan: Plan, spec: ModelSpec, prepare: dict[str, Any] | None = None
 
 
 def loram_prepare(plan: Plan, spec: ModelSpec, config) -> dict[str, Any] | None:
-    """For a LoRAM plan on CUDA: how `lowmem train` would prepare its pruned base on this machine
+    """For a LoRAM plan: how `lowmem train` would prepare its pruned base on this machine
     (lowmem.loram.Preparation as a dict); None for other plans."""
-    if plan.method != "loram" or plan.device != "cuda":
+    if plan.method != "loram":
         return None
     return preparation(config, plan, spec, _host_available()).to_dict()
 
@@ -311,8 +311,9 @@ def _loram_prepare_note(plan: Plan, spec: ModelSpec, prepare: dict[str, Any]) ->
     if prep.where == "cuda":
         return f"{what}: pruned on the GPU, within the budget"
     if prep.where == "cpu":
-        return f"{what}: pruned on the host ({host} RAM available here), then moved to the GPU"
-    return f"{what}: more than the GPU budget and this machine's RAM ({host}); lowmem train will refuse ({prep.alternative()})"
+        moved = ", then moved to the GPU" if plan.device == "cuda" else ""
+        return f"{what}: pruned on the host ({host} RAM available here){moved}"
+    return f"{auto}{prep.shortfall(plan)}; lowmem train will refuse ({prep.alternative()})"
 
 
 def list_models() -> str:
