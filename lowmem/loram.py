@@ -283,11 +283,9 @@ def taylor_needs(config, plan, spec, host_available: int) -> tuple[str | None, i
         return memory.loram_prepare_bytes(spec, p, "taylor", align), 0
 
     need, host = needs(plan)
-    if plan.device != "cuda":
-        return (plan.device if need + host <= host_available else None), need, host
-    on_host = needs(dataclasses.replace(plan, device="cpu"))
+    on_host = needs(dataclasses.replace(plan, device="cpu")) if plan.device == "cuda" else None
     where = memory.where_fits(plan, need, host_available, host, on_host)
-    if where == "cpu":
+    if where == "cpu" and on_host is not None:
         need, host = on_host
     return where, need, host
 
@@ -388,10 +386,7 @@ def preparation(config, plan, spec, host_available: int) -> Preparation:
         where, need = plan.device, stream
     else:
         need = memory.loram_prepare_bytes(spec, plan, criterion, align)
-        if plan.device == "cuda":
-            where = memory.loram_prepare_device(spec, plan, criterion, host_available, align)
-        else:
-            where = plan.device if need <= host_available else None
+        where = memory.loram_prepare_device(spec, plan, criterion, host_available, align)
     return Preparation(criterion, chosen, streamed, align, where, need, stream, host_available, host)
 
 
@@ -425,13 +420,14 @@ def _throttled(log, seconds: float):
 
 
 def load_streamed_loram(model_dir: Path, plan, config, device: str, dtype: torch.dtype, run_dir: Path,
-                        resume: bool, calibration: list[dict[str, torch.Tensor]] | None = None,
-                        score_on: str | None = None, log=print) -> nn.Module:
+                        resume: bool, train_examples=None, pad_id: int = 0, score_on: str | None = None,
+                        log=print) -> nn.Module:
     """The LoRAM base of a run that `streams`: pruned block by block as it loads, NF4 when the
     plan's base is, on `device`. A new run scores by loram.criterion (resolved): magnitude as
-    each block arrives, taylor on the `calibration` batches beforehand, one dense block at a
-    time on `score_on` (default `device`); it saves its index map. A resumed run re-applies
-    its map, then its aligned weights when it was aligned (quantizing only after those are in)."""
+    each block arrives, taylor beforehand on calibration batches drawn from `train_examples`
+    (calibration_batches), one dense block at a time on `score_on` (default `device`); it
+    saves its index map. A resumed run re-applies its map, then its aligned weights when it
+    was aligned (quantizing only after those are in)."""
     from safetensors.torch import load_model
 
     from lowmem.prune import load_pruned_model, taylor_index_map_streamed
@@ -442,8 +438,9 @@ def load_streamed_loram(model_dir: Path, plan, config, device: str, dtype: torch
     layer_ratios = {i: r for i, r in enumerate(cfg.layer_ratios)} or None
     index_map = _saved_index_map(index_path) if resume else None
     if not resume and cfg.criterion == "taylor":
-        if not calibration:
-            raise ValueError("taylor scoring needs calibration batches (lowmem.loram.calibration_batches)")
+        if train_examples is None:
+            raise ValueError("taylor scoring needs the training examples to draw calibration batches from")
+        calibration = calibration_batches(config, plan, train_examples, pad_id)
         where = score_on or device
         log(f"LoRAM: scoring by taylor on {len(calibration)} calibration batches, one dense block at a time "
             f"on {where}")

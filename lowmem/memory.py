@@ -788,6 +788,15 @@ def loram_stream_bytes(spec: ModelSpec, plan: Any) -> int:
     return compute_bytes(plan) * (2 * block + spec.max_linear_numel())
 
 
+def _calibration_plan(plan: Any) -> Any:
+    """The plan a LoRAM preparation's forward and backward on the unpruned model are sized
+    with: every weight read for a gradient, nothing checkpointed or offloaded."""
+    if not dataclasses.is_dataclass(plan):
+        return plan
+    return dataclasses.replace(plan, method="full", prune_ratio=0.0, grad_checkpointing=False,
+                               offload_activations=False)
+
+
 def loram_taylor_stream_bytes(spec: ModelSpec, plan: Any, batches: int) -> tuple[int, int]:
     """(on the scoring device, on the host) while Taylor importance is scored one dense block
     at a time (lowmem.prune.taylor_scores_streamed), over `batches` calibration micro-batches.
@@ -820,10 +829,7 @@ def loram_taylor_stream_bytes(spec: ModelSpec, plan: Any, batches: int) -> tuple
     c = compute_bytes(plan)
     n = plan.micro_batch * plan.seq_len
     h = spec.hidden
-    calibration = plan
-    if dataclasses.is_dataclass(plan):
-        calibration = dataclasses.replace(plan, method="full", prune_ratio=0.0, grad_checkpointing=False,
-                                          offload_activations=False)
+    calibration = _calibration_plan(plan)
     resident = c * (spec.embedding_params + spec.head_params + h)
     per_batch = batches * (c * n * h + 2 * n * spec.head_dim * c)
     loss = logits_bytes(spec, plan) + n * (norm_saved_bytes(h, c, False) + c * h)
@@ -861,10 +867,7 @@ def loram_prepare_bytes(spec: ModelSpec, plan: Any, criterion: str, align: bool 
     if criterion not in ("taylor", "magnitude"):
         raise ValueError(f"criterion must be 'taylor' or 'magnitude' (resolve 'auto' first), got {criterion!r}")
     c = compute_bytes(plan)
-    calibration = plan
-    if dataclasses.is_dataclass(plan):
-        calibration = dataclasses.replace(plan, method="full", prune_ratio=0.0, grad_checkpointing=False,
-                                          offload_activations=False)
+    calibration = _calibration_plan(plan)
     if criterion == "magnitude":
         need = c * spec.params + c * spec.max_linear_numel()
     else:

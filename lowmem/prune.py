@@ -154,6 +154,25 @@ def _blocks(model: nn.Module) -> nn.ModuleList:
     return model.get_decoder().layers
 
 
+def _linears(block: nn.Module) -> list[nn.Linear]:
+    """The seven prunable projections of one block: attention's, then the MLP's."""
+    return [getattr(owner, n) for owner, names in ((block.self_attn, ATTENTION), (block.mlp, MLP)) for n in names]
+
+
+def _block_prefixes(model: nn.Module) -> dict[str, int]:
+    """Each block's tensor-name prefix ("model.layers.3.") → its index."""
+    index = {id(b): i for i, b in enumerate(_blocks(model))}
+    return {name + ".": index[id(m)] for name, m in model.named_modules() if id(m) in index}
+
+
+def _in_block(key: str, prefixes: dict[str, int]) -> tuple[int, str] | None:
+    """(block index, the rest of the name) of tensor `key`, or None outside the blocks."""
+    for prefix, i in prefixes.items():
+        if key.startswith(prefix):
+            return i, key[len(prefix):]
+    return None
+
+
 def _check_prunable(model: nn.Module) -> None:
     for i, block in enumerate(_blocks(model)):
         for owner, names in ((block.self_attn, ATTENTION), (block.mlp, MLP)):
@@ -215,8 +234,7 @@ def importance(model: nn.Module, criterion: str = "taylor",
         raise ValueError("the taylor criterion needs calibration batches; pass some, or use 'magnitude'")
     from lowmem.loss import causal_lm_loss
 
-    linears = [getattr(owner, n) for b in blocks for owner, names in ((b.self_attn, ATTENTION), (b.mlp, MLP))
-               for n in names]
+    linears = [lin for b in blocks for lin in _linears(b)]
     flags = {p: p.requires_grad for p in model.parameters()}
     grads = {lin: torch.zeros_like(lin.weight, dtype=torch.float32) for lin in linears}
     was_training = model.training
@@ -407,8 +425,8 @@ def load_pruned_model(model_dir: Path, device: str, dtype: torch.dtype, ratio: f
     NF4 there, and the dense weights are dropped. Memory: the pruned model plus one
     dense block (and its cut copy). With `index_map` (a resumed run) each block
     keeps what the map says instead of being scored: Taylor scores need gradients, so
-    a Taylor map comes from `taylor_index_map_streamed` beforehand. Targeted linears outside the blocks (a
-    targeted `lm_head`) are quantized at the end. The map is attached as
+    a Taylor map comes from `taylor_index_map_streamed` beforehand. Targeted linears
+    outside the blocks (a targeted `lm_head`) are quantized at the end. The map is attached as
     `model.loram_index_map`; the model is returned in eval mode.
     """
     from lowmem.errors import ModelError
@@ -422,8 +440,7 @@ def load_pruned_model(model_dir: Path, device: str, dtype: torch.dtype, ratio: f
     _, n_heads, n_kv, head_dim, inter = _shape_of(config)
     blocks = _blocks(model)
     ratios = layer_ratio_list(len(blocks), ratio, keep_first, keep_last, layer_ratios)
-    prefixes = {name + ".": i for name, module in model.named_modules() for i, b in enumerate(blocks)
-                if module is b}
+    prefixes = _block_prefixes(model)
     # Per block, the linear tensors still to come ("self_attn.q_proj.weight", ...; biases where present).
     waiting = {i: {f"{owner_name}.{proj}.{part}"
                    for owner_name, owner, names in (("self_attn", b.self_attn, ATTENTION), ("mlp", b.mlp, MLP))
@@ -433,11 +450,8 @@ def load_pruned_model(model_dir: Path, device: str, dtype: torch.dtype, ratio: f
     keep: list[LayerKeep | None] = [None] * len(blocks)
 
     def block_linear(key: str) -> tuple[int, str] | None:
-        for prefix, i in prefixes.items():
-            if key.startswith(prefix):
-                rest = key[len(prefix):]
-                return (i, rest) if rest in waiting[i] else None
-        return None
+        found = _in_block(key, prefixes)
+        return found if found is not None and found[1] in waiting[found[0]] else None
 
     def quantize_targets(module: nn.Module) -> None:
         if any(isinstance(m, nn.Linear) and not isinstance(m, NF4Linear) and n.split(".")[-1] in nf4_targets
@@ -558,13 +572,12 @@ def taylor_scores_streamed(model_dir: Path, batches: Iterable[dict[str, torch.Te
     first = min(score)
 
     entries = tensor_entries(shard_files(model_dir))
-    prefixes = {name + ".": i for name, module in model.named_modules() for i, b in enumerate(blocks)
-                if module is b}
+    prefixes = _block_prefixes(model)
     owned: dict[int, list[str]] = {i: [] for i in range(len(blocks))}
     rest = []
     for key in entries:
-        i = next((i for prefix, i in prefixes.items() if key.startswith(prefix)), None)
-        (rest if i is None else owned[i]).append(key)
+        found = _in_block(key, prefixes)
+        (rest if found is None else owned[found[0]]).append(key)
 
     def load(keys: list[str]) -> None:
         for key, tensor in read_named(entries, keys):
@@ -625,8 +638,7 @@ def taylor_scores_streamed(model_dir: Path, batches: Iterable[dict[str, torch.Te
     for i in range(len(blocks) - 1, first - 1, -1):     # backward, last block first
         load(owned[i])
         block = blocks[i]
-        linears = [getattr(owner, n) for owner, names in ((block.self_attn, ATTENTION), (block.mlp, MLP))
-                   for n in names]
+        linears = _linears(block)
         scored = i in score
         sums = {lin: torch.zeros_like(lin.weight, dtype=torch.float32) for lin in linears} if scored else {}
         for p in block.parameters():                    # norms and biases: no gradient wanted

@@ -38,7 +38,7 @@ from lowmem.loss import causal_lm_loss, count_targets
 from lowmem.offload import OffloadActivations
 from lowmem.lora import save_adapter
 from lowmem.optim import build_optimizer
-from lowmem.loram import calibration_batches, load_streamed_loram
+from lowmem.loram import load_streamed_loram
 from lowmem.loram import streams as loram_streams
 from lowmem.model import (dense_weight_dtype, load_model, load_tokenizer, parameter_count, prepare_for_training,
                           resolve_model_dir, trainable_parameters)
@@ -199,11 +199,9 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
         model_dir = resolve_model_dir(config.model, log=out)
         tokenizer = load_tokenizer(model_dir)
         data = load_datasets(config, tokenizer)
-        calibration = None
-        if not resume and config.loram.criterion == "taylor":
-            calibration = calibration_batches(config, plan, data.train, tokenizer.pad_token_id)
         model = load_streamed_loram(model_dir, plan, config, device, weight_dtype, run_dir, resume,
-                                    calibration=calibration, score_on=prep.where if prep else None, log=out)
+                                    train_examples=data.train, pad_id=tokenizer.pad_token_id,
+                                    score_on=prep.where if prep else None, log=out)
     else:
         # LoRAM prunes float weights, so its base is quantized (QLoRAM) only after pruning,
         # and where the dense model does not fit the GPU it is pruned on the host first.

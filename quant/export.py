@@ -107,6 +107,14 @@ def _quantize(w: torch.Tensor, step: torch.Tensor, offset: torch.Tensor | None, 
                            None if bias is None else bias.detach().cpu(), w.shape[1], bits, group)
 
 
+def _as_trained(what: str, trained_bits: int, trained_group: int, bits: int | None, group: int | None) -> None:
+    """ValueError unless the asked-for `bits` / `group` (None: any) are the ones L4Q trained with."""
+    if (bits or trained_bits) != trained_bits or (group or trained_group) != trained_group:
+        asked = ", ".join(f"{k}={v}" for k, v in (("bits", bits), ("group", group)) if v)
+        raise ValueError(f"{what} trained with bits={trained_bits}, group={trained_group} exports only that way "
+                         f"(asked for {asked})")
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, *, bits: int | None = None, group: int | None = None,
                    targets: tuple[str, ...] = (), scale_dtype: torch.dtype = torch.float16
@@ -123,10 +131,7 @@ def quantize_model(model: nn.Module, *, bits: int | None = None, group: int | No
         if isinstance(m, L4QLinear):
             if m.merged:
                 raise ValueError(f"{name}: the L4Q layer is merged already; export it before merging")
-            if (bits or m.bits) != m.bits or (group or m.group) != m.group:
-                asked = ", ".join(f"{k}={v}" for k, v in (("bits", bits), ("group", group)) if v)
-                raise ValueError(f"{name}: an L4Q layer trained with bits={m.bits}, group={m.group} exports "
-                                 f"only that way (asked for {asked})")
+            _as_trained(f"{name}: an L4Q layer", m.bits, m.group, bits, group)
             w = merged_weight(m.base.weight, m.lora_A, m.lora_B, m.scaling)
             out[name] = _quantize(w, m.quant_step, m.quant_offset, m.base.bias, m.bits, m.group, scale_dtype)
         elif isinstance(m, LoRALinear) or (isinstance(m, nn.Linear) and targets
@@ -293,26 +298,6 @@ def save_merged(model: nn.Module, out: Path, *, tokenizer=None, dtype: torch.dty
 SHARD_BYTES = 2 * 2**30
 
 
-def adapter_deltas(adapter: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
-    """({base weight name: (A, B)}, scale s) of a PEFT-layout adapter folder: ΔW = s·B A."""
-    from safetensors.torch import load_file
-
-    from lowmem.lora import ADAPTER_WEIGHTS, read_adapter_config, scaling
-
-    cfg = read_adapter_config(adapter)
-    scale = scaling(cfg["r"], cfg["lora_alpha"], bool(cfg.get("use_rslora")))
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in load_file(str(Path(adapter) / ADAPTER_WEIGHTS)).items():
-        module, _, which = key.removeprefix("base_model.model.").rpartition(".lora_")
-        if which not in ("A.weight", "B.weight"):
-            raise ModelError(f"{adapter}: unexpected adapter tensor {key} (expected …lora_A.weight / …lora_B.weight)")
-        pairs.setdefault(f"{module}.weight", {})[which[0]] = tensor
-    for name, pair in pairs.items():
-        if set(pair) != {"A", "B"}:
-            raise ModelError(f"{adapter}: {name} has lora_{next(iter(pair))} without its partner")
-    return {name: (p["A"], p["B"]) for name, p in pairs.items()}, scale
-
-
 @dataclass(frozen=True)
 class WeightUpdate:
     """What an export does to one base weight W0 (out × in): W = W0 + s·(B A) in fp32, then,
@@ -330,6 +315,26 @@ class WeightUpdate:
         if self.l4q:
             return merged_weight(w0.float(), self.a, self.b, self.scale)
         return w0.float() + (self.b.float() @ self.a.float()) * self.scale
+
+
+def adapter_updates(adapter: Path) -> dict[str, WeightUpdate]:
+    """{base weight name: its update ΔW = s·B A} of a PEFT-layout adapter folder."""
+    from safetensors.torch import load_file
+
+    from lowmem.lora import ADAPTER_WEIGHTS, read_adapter_config, scaling
+
+    cfg = read_adapter_config(adapter)
+    scale = scaling(cfg["r"], cfg["lora_alpha"], bool(cfg.get("use_rslora")))
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(str(Path(adapter) / ADAPTER_WEIGHTS)).items():
+        module, _, which = key.removeprefix("base_model.model.").rpartition(".lora_")
+        if which not in ("A.weight", "B.weight"):
+            raise ModelError(f"{adapter}: unexpected adapter tensor {key} (expected …lora_A.weight / …lora_B.weight)")
+        pairs.setdefault(f"{module}.weight", {})[which[0]] = tensor
+    for name, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise ModelError(f"{adapter}: {name} has lora_{next(iter(pair))} without its partner")
+    return {name: WeightUpdate(p["A"], p["B"], scale) for name, p in pairs.items()}
 
 
 def _check_base(model_dir: Path, files: list[Path], config, targets: set[str], source: Path) -> None:
@@ -449,9 +454,7 @@ def merge_streamed(model_dir: Path, adapter: Path, out: Path, *, dtype: torch.dt
     filled (at most `shard_bytes`). The base's tensor names are kept (a tied head
     stays tied); config, generation config and tokenizer files are copied.
     """
-    deltas, scale = adapter_deltas(Path(adapter))
-    updates = {name: WeightUpdate(a, b, scale) for name, (a, b) in deltas.items()}
-    return _rewrite_streamed(model_dir, updates, Path(adapter), out,
+    return _rewrite_streamed(model_dir, adapter_updates(Path(adapter)), Path(adapter), out,
                              lambda key, w0, u: {key: u.merged(w0).to(dtype)},
                              dtype=dtype, shard_bytes=shard_bytes, log=log)
 
@@ -506,19 +509,14 @@ def run_updates(folder: Path, method: str, bits: int | None, group: int | None
     refused); a LoRA/QLoRA/LoRAM adapter's A and B, round-to-nearest at `bits` / `group`
     (default 4 / 128)."""
     if method != "l4q":
-        deltas, scale = adapter_deltas(folder)
-        return ({name: WeightUpdate(a, b, scale) for name, (a, b) in deltas.items()}, bits or 4, group or 128,
-                "round-to-nearest")
+        return adapter_updates(folder), bits or 4, group or 128, "round-to-nearest"
     from safetensors.torch import load_file
 
     from lowmem.lora import scaling
     from lowmem.quant.l4q import L4Q_WEIGHTS, read_l4q_config
 
     cfg = read_l4q_config(folder)
-    if (bits or cfg["bits"]) != cfg["bits"] or (group or cfg["group_size"]) != cfg["group_size"]:
-        asked = ", ".join(f"{k}={v}" for k, v in (("bits", bits), ("group", group)) if v)
-        raise ValueError(f"an L4Q run trained with bits={cfg['bits']}, group={cfg['group_size']} exports only "
-                         f"that way (asked for {asked})")
+    _as_trained("an L4Q run", cfg["bits"], cfg["group_size"], bits, group)
     state = load_file(str(Path(folder) / L4Q_WEIGHTS))
     scale = scaling(cfg["rank"], cfg["alpha"], bool(cfg["rslora"]))
     updates = {}
