@@ -585,6 +585,13 @@ def taylor_scores_streamed(model_dir: Path, batches: Iterable[dict[str, torch.Te
                        else tensor.to(device))
             del tensor
 
+    def load_block(i: int) -> nn.Module:
+        load(owned[i])
+        missing = [n for n, p in blocks[i].named_parameters() if p.is_meta]
+        if missing:
+            raise ModelError(f"{model_dir}: the model files lack block {i}'s {missing[0]}")
+        return blocks[i]
+
     def drop(i: int) -> None:
         blocks[i].to("meta")
         release_freed_memory()
@@ -612,8 +619,8 @@ def taylor_scores_streamed(model_dir: Path, batches: Iterable[dict[str, torch.Te
         hidden.append(x)
         calls.append(per_block)
     kept: dict[int, list[torch.Tensor]] = {}
-    for i, block in enumerate(blocks):                  # forward, one block at a time
-        load(owned[i])
+    for i in range(len(blocks)):                        # forward, one block at a time
+        block = load_block(i)
         with torch.no_grad():
             for b in range(len(batches)):
                 if i >= first:
@@ -636,8 +643,7 @@ def taylor_scores_streamed(model_dir: Path, batches: Iterable[dict[str, torch.Te
 
     scores: list[dict[str, torch.Tensor] | None] = [None] * len(blocks)
     for i in range(len(blocks) - 1, first - 1, -1):     # backward, last block first
-        load(owned[i])
-        block = blocks[i]
+        block = load_block(i)
         linears = _linears(block)
         scored = i in score
         sums = {lin: torch.zeros_like(lin.weight, dtype=torch.float32) for lin in linears} if scored else {}

@@ -449,6 +449,20 @@ def test_taylor_scores_block_by_block_equal_the_whole_models(tmp_path, build):
     assert index_map.criterion == "taylor"
 
 
+def test_taylor_scoring_from_files_that_lack_a_block_tensor_names_it(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lowmem.errors import ModelError
+    from lowmem.prune import taylor_index_map_streamed
+
+    _model(layers=3).save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=r"the model files lack block 1's mlp.up_proj.weight"):
+        taylor_index_map_streamed(tmp_path, _batches(1), 0.5, device="cpu", dtype=torch.float32)
+
+
 def _scoring_case(folder, device: str, chunk: int, seq: int = 256, micro_batch: int = 2, batches: int = 4,
                   dtype: torch.dtype = torch.float32):
     """(spec, plan, calibration batches) for scoring a 4-block model of SmolLM2-135M's shapes,
