@@ -74,11 +74,14 @@ def memory_info(index: int = 0) -> tuple[int, int]:
     """(free, total) bytes of device `index` from cudaMemGetInfo.
 
     Creates the device's primary context if this process has none (PyTorch
-    shares it). The current device is restored afterwards.
+    shares it). The thread's current context is restored afterwards through the
+    driver: cuda-python's runtime keeps its own idea of the current device, apart
+    from PyTorch's, so restoring *its* previous device could leave a context
+    current that PyTorch does not expect on a machine with several GPUs.
     """
     driver_version()
     try:
-        from cuda.bindings import runtime
+        from cuda.bindings import driver, runtime
     except ImportError as e:
         raise KernelUnavailable(f"cuda-python is not installed ({e})") from e
 
@@ -88,27 +91,34 @@ def memory_info(index: int = 0) -> tuple[int, int]:
             raise KernelError(f"{what} failed: {getattr(err, 'name', err)}")
         return values[0] if len(values) == 1 else tuple(values)
 
-    previous = ok(runtime.cudaGetDevice(), "cudaGetDevice")
+    current = _check_driver(driver.cuCtxGetCurrent(), "cuCtxGetCurrent")
     ok(runtime.cudaSetDevice(index), "cudaSetDevice")
     try:
         free, total = ok(runtime.cudaMemGetInfo(), "cudaMemGetInfo")
     finally:
-        runtime.cudaSetDevice(previous)
+        driver.cuCtxSetCurrent(current)
     return int(free), int(total)
+
+
+def load_cublas(index: int = 0) -> None:
+    """Load what any training step loads outside PyTorch's allocator before it is measured:
+    cuBLAS and its kernels, through a small bf16 matmul, forward on this thread and
+    backward on autograd's thread for the device (each has its own cuBLAS handle)."""
+    with torch.cuda.device(index):
+        a = torch.ones(64, 64, device=f"cuda:{index}", dtype=torch.bfloat16, requires_grad=True)
+        (a @ a).sum().backward()
+        torch.cuda.synchronize(index)
 
 
 def context_bytes(index: int = 0, warm_up: bool = True) -> int:
     """Device memory in use outside PyTorch's allocator: total − free − reserved.
 
-    With `warm_up`, first runs a bf16 matmul so that cuBLAS and its kernels are
-    loaded, as they are in any training step. What other processes hold on the
+    With `warm_up`, cuBLAS and its kernels are loaded first (load_cublas), as they are in
+    any training step. What other processes hold on the
     same GPU is included: on a shared GPU it is part of what a run cannot use.
     """
     if warm_up:
-        with torch.cuda.device(index):
-            a = torch.ones(64, 64, device=f"cuda:{index}", dtype=torch.bfloat16)
-            (a @ a).sum().item()
-            del a
+        load_cublas(index)
     torch.cuda.synchronize(index)
     free, total = memory_info(index)
     return max(0, total - free - torch.cuda.memory_reserved(index))

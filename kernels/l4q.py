@@ -284,6 +284,10 @@ def _unsupported(w0: torch.Tensor, dtypes: tuple[torch.dtype, ...], group: int,
         return f"no kernel for dtypes {', '.join(str(d) for d in dtypes)}"
     if group > MAX_GROUP:
         return f"group size {group} is above the kernel's {MAX_GROUP}"
+    if w0.numel() == 0:
+        return "the weight is empty"
+    if not w0.is_contiguous():
+        return "the weight is not contiguous"
     if (w0.shape[0] + ROWS - 1) // ROWS > 65535:
         return f"{w0.shape[0]} output rows are more than the kernel's grid covers"
     if grad is not None and not grad.is_contiguous():

@@ -258,6 +258,7 @@ def write_atomic(path: Path, data: bytes) -> None:
 # ---------------------------------------------------------------- loading and launching
 
 _modules: dict[tuple[str, int], dict[str, object]] = {}
+_contexts: dict[int, object] = {}      # device index -> the primary context the modules live in
 _lock = threading.Lock()
 
 
@@ -295,6 +296,7 @@ def _functions(source: Source, index: int) -> dict[str, object]:
             functions = {name: _check_driver(driver.cuModuleGetFunction(module, name.encode()),
                                              f"cuModuleGetFunction({name})")
                          for name in source.kernels}
+        _contexts[index] = ctx
         _modules[key] = functions
         return functions
 
@@ -350,6 +352,9 @@ def launch(source: Source, kernel: str, grid: tuple[int, int, int], block: tuple
     function = _functions(source, index)[kernel]
     values, pointers = pack_arguments(args)
     with torch.cuda.device(index):
+        # Backward kernels run on autograd's own thread: make the context the module lives in
+        # current there too, rather than rely on an earlier PyTorch call having done it.
+        _check_driver(driver.cuCtxSetCurrent(_contexts[index]), "cuCtxSetCurrent")
         stream = driver.CUstream(torch.cuda.current_stream(index).cuda_stream)
         # cuLaunchKernel copies the argument values before it returns.
         _check_driver(driver.cuLaunchKernel(function, *grid, *block, shared_mem, stream,

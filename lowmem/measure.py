@@ -156,7 +156,7 @@ class Measurement:
     context: int | None       # CUDA: memory outside the allocator (context, cuBLAS/NVRTC modules)
     cap: int | None           # CUDA: the allocator's cap, if one was set
     losses: tuple[float, ...]
-    seconds_per_step: float
+    seconds_per_step: float   # after the first step (kernel compilation, cuBLAS set-up) when there are more
     device: str
     peak_op: str | None = None   # CPU: the op whose outputs reached the peak
 
@@ -238,11 +238,14 @@ class LiveTensorBytes(TorchDispatchMode):
 
 def allocator_cap(vram: int, device: str | torch.device = "cuda") -> int:
     """Bytes the caching allocator may reserve so that it and the CUDA context fit in `vram`:
-    vram − the context (total − free − reserved, now). ValueError, worded for a `--vram` flag,
+    vram − the context (total − free − reserved, once cuBLAS is loaded as a step loads it:
+    kernels.device.load_cublas). ValueError, worded for a `--vram` flag,
     when `vram` is more than the GPU offers or not more than its context."""
     from lowmem.config import format_size
+    from lowmem.kernels.device import load_cublas
 
-    torch.cuda.init()
+    device = torch.device(device)
+    load_cublas(device.index if device.index is not None else torch.cuda.current_device())
     free, total = torch.cuda.mem_get_info(device)
     context = total - free - torch.cuda.memory_reserved(device)
     if vram > total - context:
@@ -275,6 +278,13 @@ def measure(spec: ModelSpec, plan: Plan, config: RunConfig, steps: int = 3, cap:
     torch.manual_seed(config.seed)
     start = 0
     if cuda:
+        # cuBLAS's workspaces come from the allocator and the prediction counts them: drop any
+        # an earlier call left (allocator_cap's warm-up, a previous measure) so that this
+        # window allocates them, whatever ran before.
+        clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear_workspaces is not None:
+            torch.cuda.synchronize(device)
+            clear_workspaces()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated(device)    # 0 in a fresh process; subtracted either way
@@ -295,14 +305,20 @@ def measure(spec: ModelSpec, plan: Plan, config: RunConfig, steps: int = 3, cap:
         torch.cuda.empty_cache()          # the build's freed dense blocks are not the step's
         torch.cuda.reset_peak_memory_stats()
     losses = []
-    t0 = time.perf_counter()
+    # The first step compiles the kernels and sets up cuBLAS: with more than one step, the
+    # time per step is that of the others. CUDA work is waited for at both ends.
+    starts = []
     with tracker if tracker is not None else contextlib.nullcontext():
         for step in range(steps):
+            if cuda:
+                torch.cuda.synchronize(device)
+            starts.append(time.perf_counter())
             loss, _, _ = train_step(model, optimizer, stream, plan, config, lr_at(step, config), offload=offload)
             losses.append(loss)
     if cuda:
         torch.cuda.synchronize(device)
-    seconds = (time.perf_counter() - t0) / steps
+    timed = starts[1:] if steps > 1 else starts
+    seconds = (time.perf_counter() - timed[0]) / len(timed)
     if cuda:
         free, total = torch.cuda.mem_get_info(device)
         reserved_now = torch.cuda.memory_reserved(device)

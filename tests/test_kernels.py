@@ -281,6 +281,19 @@ def test_dispatch_falls_back_for_an_uncovered_call_and_for_a_device_a_launch_fou
         runtime.dispatch("op", _OnGPU(), broken, lambda: "reference")
 
 
+
+def test_calls_the_l4q_kernels_cannot_take_go_to_the_reference_instead_of_failing():
+    """A transposed or empty weight would fail the kernel's argument checks (a KernelError,
+    which stops the run); the dispatch must hand such calls to the reference instead."""
+    from lowmem.kernels.l4q import _unsupported
+
+    w0 = torch.zeros(8, 16, dtype=torch.bfloat16)
+    dtypes = (torch.bfloat16, torch.bfloat16)
+    assert _unsupported(w0, dtypes, 16) is None
+    assert _unsupported(w0.t(), dtypes, 16) == "the weight is not contiguous"
+    assert _unsupported(torch.zeros(0, 16, dtype=torch.bfloat16), dtypes, 16) == "the weight is empty"
+    assert "gradient is not contiguous" in _unsupported(w0, dtypes, 16, grad=w0.t().contiguous().t())
+
 @needs_no_gpu
 def test_without_a_driver_the_reason_says_so_and_probes_find_no_device():
     reason = runtime.unavailable_reason(0)
