@@ -990,3 +990,39 @@ def predict(spec: ModelSpec, plan: "Plan") -> MemoryBreakdown:
     phase, allocated, terms = best
     return MemoryBreakdown(weights=weights, adapters=adapters, optimizer=optimizer,
                            overhead=overhead_bytes(allocated, plan), phase=phase, host=host, **terms)
+
+
+# ---------------------------------------------------------------- generation
+
+
+def generation_bytes(spec: ModelSpec, plan: Any, prompt_tokens: int, new_tokens: int, batch: int = 1,
+                     adapter_params: int = 0) -> int:
+    """Peak allocated bytes of greedy generation (`lowmem generate`), without the CUDA overhead.
+
+    `plan` says how the model is held: `base_format` of the block linears (fp32 | bf16 |
+    nf4 | int with quant_bits and quant_group), `compute_dtype`, `device`. With
+    T = prompt_tokens + new_tokens and B sequences:
+
+        weights      weight_bytes(spec, plan)
+        adapter      4·adapter_params                  LoRA A and B stay fp32
+        KV cache     2·L·K·d·B·T·c  + one layer's        keys and values of every token; the
+                                                         cache grows by concatenation, so one
+                                                         layer's old and new copies coexist
+        prompt pass  B·T_p·(4h + 3I)·c                   one block's activations over the prompt
+                     + B·H·T_p²·c when B > 1             and, for several left-padded prompts,
+                                                         the attention scores the math kernel
+                                                         makes for their padding mask
+        dequantized  c·max(out·in)                       an NF4 or int-k linear at a time
+        logits       (4 + c)·B·V                         the last position's only, and in fp32
+    """
+    c = compute_bytes(plan)
+    tokens = prompt_tokens + new_tokens
+    kv_layer = 2 * spec.kv_heads * spec.head_dim * batch * tokens * c
+    kv = spec.layers * kv_layer + kv_layer
+    prompt = batch * prompt_tokens * (4 * spec.hidden + 3 * spec.intermediate) * c
+    if batch > 1:
+        prompt += batch * spec.heads * prompt_tokens ** 2 * c
+    fmt = _get(plan, "base_format", "fp32")
+    dequant = spec.max_linear_numel() * c if fmt in ("nf4", "int8", "int") else 0
+    logits = (4 + c) * batch * spec.vocab
+    return weight_bytes(spec, plan) + 4 * adapter_params + kv + prompt + dequant + logits

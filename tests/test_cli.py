@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from lowmem.cli import main
 from lowmem.events import read_events
@@ -84,6 +85,78 @@ def test_train_then_generate_with_the_run_adapter(tmp_path, tiny_model_dir, tiny
     assert main(["generate", "hi", "--adapter", str(tmp_path)]) == 2
     assert "no adapter here" in capsys.readouterr().err
 
+
+
+def _generate_needs(model_dir, prompt: str, new_tokens: int) -> tuple[dict[str, int], int]:
+    """What `lowmem generate` predicts for each CPU holding of the model, and the prompt's tokens."""
+    from lowmem.commands.generate import FORMATS, Budget, _count_tokens, need_bytes
+    from lowmem.evaluate import render_chat
+    from lowmem.model import load_tokenizer
+    from lowmem.spec import spec_for
+
+    tokens = _count_tokens(load_tokenizer(model_dir), [{"role": "user", "content": prompt}], render_chat)
+    budget = Budget(2**40, "cpu", True)
+    spec = spec_for(str(model_dir))
+    return {fmt: need_bytes(spec, fmt, budget, tokens, new_tokens, 0) for fmt in FORMATS["cpu"]}, tokens
+
+
+def test_generate_holds_the_base_in_the_widest_format_that_fits_its_budget(tiny_model_dir, capsys):
+    """--vram between the bf16 and fp32 figures: the answer comes from a bf16 model, the same
+    as one loaded in bf16 answers; the note beside the answer says so, on stderr."""
+    from lowmem.evaluate import generate
+    from lowmem.model import load_model
+
+    needs, _ = _generate_needs(tiny_model_dir, "Say 3.", 5)
+    vram = (needs["bf16"] + needs["fp32"]) // 2 / 0.95
+    assert main(["generate", "Say 3.", "--model", str(tiny_model_dir), "--max-new-tokens", "5",
+                 "--vram", str(int(vram))]) == 0
+    out, err = capsys.readouterr()
+    assert "bf16 base on cpu" in err
+    model, tokenizer, _ = load_model(str(tiny_model_dir), "cpu", torch.bfloat16)
+    assert out == generate(model, tokenizer, [[{"role": "user", "content": "Say 3."}]], "cpu", 5)[0] + "\n"
+
+
+def test_generate_refuses_a_budget_nothing_fits_before_reading_weights(tiny_model_dir, capsys, monkeypatch):
+    import lowmem.model
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were read")
+    monkeypatch.setattr(lowmem.model, "load_model", no_loading)
+    needs, _ = _generate_needs(tiny_model_dir, "Say 3.", 5)
+    small = str(min(needs.values()) // 2)
+    assert main(["generate", "Say 3.", "--model", str(tiny_model_dir), "--max-new-tokens", "5",
+                 "--vram", small]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ModelError: answering with ") and err.count("\n") == 1
+    assert all(f"({fmt} base)" in err for fmt in needs)
+    assert main(["generate", "Say 3.", "--model", str(tiny_model_dir), "--base", "fp32", "--vram",
+                 str(int(needs["bf16"] / 0.95) + 1)]) == 2
+    assert "--base auto takes the widest format that fits" in capsys.readouterr().err
+    for bad, says in (("0", "more than nothing"), ("lots", "expected a size like 24G")):
+        assert main(["generate", "hi", "--model", str(tiny_model_dir), "--vram", bad]) == 2
+        assert says in capsys.readouterr().err
+
+
+def test_generate_takes_nf4_where_only_nf4_fits(embedded_dir):
+    """On the embedded model NF4 is the smallest holding: a budget below bf16's figure picks it,
+    and one below NF4's names every figure."""
+    from lowmem.commands.generate import Budget, choose_format, need_bytes
+    from lowmem.errors import ModelError
+    from lowmem.spec import spec_for
+
+    spec = spec_for(str(embedded_dir))
+    needs, tokens = _generate_needs(embedded_dir, "hi", 16)
+    assert needs["nf4"] < needs["bf16"] < needs["fp32"]
+    budget = Budget(int((needs["nf4"] + needs["bf16"]) / 2 / 0.95), "cpu", True)
+    fmt, need = choose_format(spec, budget, "auto", tokens, 16, 0)
+    assert fmt == "nf4" and need <= budget.usable
+    with pytest.raises(ModelError, match="--device cpu"):
+        choose_format(spec, Budget(budget.bytes // 4, "cuda", True), "auto", tokens, 16, 0)
+    # Where a 2-bit export fits and nothing wider does, the refusal says to write one.
+    two_bits = Budget(int(need_bytes(spec, "int", Budget(1, "cuda", True), tokens, 16, 0, 2, 128) / 0.95) + 1,
+                      "cuda", True)
+    with pytest.raises(ModelError, match=r"`lowmem export runs/x --quantized DIR --bits 2` writes a 2-bit"):
+        choose_format(spec, two_bits, "auto", tokens, 16, 0, run="runs/x")
 
 @pytest.mark.slow
 def test_generate_answers_with_the_embedded_model(capsys, embedded_dir):

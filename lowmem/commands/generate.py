@@ -1,17 +1,34 @@
-"""`lowmem generate`: answer a prompt with a base model, optionally with an adapter."""
+"""`lowmem generate`: answer a prompt with a base model, optionally with an adapter.
+
+Before any weight is read, the memory of the generation is predicted
+(lowmem.memory.generation_bytes) and held to a budget: `--vram`, else what the
+device has free. `--base auto` takes the widest format that fits, so a 70B
+LoRAM run's recovered adapter answers on the full model in NF4 where bf16 does
+not fit; when nothing fits, the error gives each format's figure and what would.
+"""
 
 from __future__ import annotations
 
+import sys
+import types
+from dataclasses import dataclass
 from pathlib import Path
 
 from lowmem.errors import ModelError
+
+SAFETY_MARGIN = 0.05       # as the planner keeps free (config key safety_margin)
+EXPORT_BITS, EXPORT_GROUP = (8, 4, 3, 2), 128     # what `lowmem export --quantized` writes, widest first
+FORMATS = {"cuda": ("bf16", "nf4"), "cpu": ("fp32", "bf16", "nf4")}   # widest first, for --base auto
 
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="answer a prompt with a model and an optional adapter",
                        description="Answer a prompt greedily. --adapter takes an adapter folder "
                                    "(PEFT layout) or a run directory (its final adapter, else the "
-                                   "newest checkpoint's).")
+                                   "newest checkpoint's). The memory the answer needs is predicted "
+                                   "before any weight is read and held to --vram (default: what the "
+                                   f"device has free, less {SAFETY_MARGIN:.0%}); --base auto holds the "
+                                   "base in the widest format that fits.")
     p.add_argument("prompt", help="the user message")
     p.add_argument("--model", default=None,
                    help="base model: local directory, .gguf, smollm2-135m, or a folder written by "
@@ -20,6 +37,14 @@ def register(sub) -> None:
     p.add_argument("--system", default=None, help="system message (default: none)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="answer length cap (default: 128)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--base", choices=("auto", "fp32", "bf16", "nf4"), default="auto",
+                   help="how the base's block linears are held: auto takes the widest that fits the "
+                        "budget (CUDA: bf16, then nf4; CPU: fp32, bf16, nf4); nf4 quantizes them while "
+                        "they load, as QLoRA does, so the full-precision model never exists "
+                        "(default: auto)")
+    p.add_argument("--vram", default=None, metavar="SIZE",
+                   help="memory the generation may use on its device: 24G, 500M, ... (default: the "
+                        "GPU's free memory on CUDA, the available RAM on the CPU)")
     p.set_defaults(func=run)
 
 
@@ -42,31 +67,186 @@ def find_adapter(path: Path) -> tuple[Path, str | None]:
     raise ModelError(f"{path}: no adapter here (expected {ADAPTER_CONFIG}, or a run directory with one)")
 
 
-def run(args) -> int:
-    from lowmem.evaluate import generate
-    from lowmem.lora import load_adapter
-    from lowmem.model import load_model
-    from lowmem.planner import resolve_device
+@dataclass(frozen=True)
+class Budget:
+    """What a generation may use on its device: `bytes`, and whether a `--vram` gave it (the CUDA
+    context then counts against it) or it is what the device has free now (the context exists)."""
 
-    device = resolve_device(args.device)
-    adapter, base = (find_adapter(Path(args.adapter)) if args.adapter else (None, None))
+    bytes: int
+    device: str
+    given: bool
+
+    @property
+    def usable(self) -> int:
+        return int(self.bytes * (1 - SAFETY_MARGIN))
+
+    def describe(self) -> str:
+        from lowmem.config import format_size
+
+        where = "--vram" if self.given else ("free on the GPU" if self.device == "cuda" else "available RAM")
+        return f"{format_size(self.usable)} ({where} {format_size(self.bytes)} less {SAFETY_MARGIN:.0%})"
+
+
+def device_budget(device: str, vram: str | None) -> Budget:
+    """`--vram` when given, else the GPU's free memory (CUDA) or the available RAM (CPU)."""
+    from lowmem.config import parse_size
+    from lowmem.errors import ConfigError
+
+    if vram is not None:
+        try:
+            size = parse_size(vram)
+        except ValueError as e:
+            raise ConfigError(f"--vram: {e}") from None
+        if size <= 0:
+            raise ConfigError(f"--vram must be more than nothing, got {vram!r}")
+        return Budget(size, device, True)
+    if device == "cuda":
+        import torch
+
+        from lowmem.memstats import device_memory
+
+        free, _ = device_memory(torch.cuda.current_device())
+        return Budget(free, device, False)
+    import psutil
+
+    return Budget(psutil.virtual_memory().available, device, False)
+
+
+def holding(fmt: str, device: str, bits: int | None = None, group: int | None = None):
+    """The plan-like record memory.generation_bytes reads: block linears in `fmt`, the rest
+    and the compute in bf16 on CUDA, in fp32 on the CPU (bf16 for a bf16 base)."""
+    compute = "bfloat16" if device == "cuda" or fmt == "bf16" else "float32"
+    return types.SimpleNamespace(method="lora", base_format=fmt, compute_dtype=compute, device=device,
+                                 double_quant=True, quant_bits=bits, quant_group=group)
+
+
+def need_bytes(spec, fmt: str, budget: Budget, prompt_tokens: int, new_tokens: int, adapter_params: int,
+               bits: int | None = None, group: int | None = None) -> int:
+    """Predicted bytes of the generation in `fmt`, with the CUDA overhead that counts against `budget`."""
+    from lowmem import memory
+
+    plan = holding(fmt, budget.device, bits, group)
+    allocated = memory.generation_bytes(spec, plan, prompt_tokens, new_tokens, adapter_params=adapter_params)
+    if budget.device != "cuda":
+        return allocated
+    if budget.given:
+        return allocated + memory.overhead_bytes(allocated, plan)
+    return allocated + int(memory.ALLOCATOR_FRAGMENTATION * allocated)   # the context is already there
+
+
+def choose_format(spec, budget: Budget, pinned: str, prompt_tokens: int, new_tokens: int,
+                  adapter_params: int, name: str = "", run: str | None = None) -> tuple[str, int]:
+    """(format, predicted bytes): `pinned`, or for "auto" the widest of FORMATS that fits the
+    budget. ModelError naming `name` and every candidate's figure when none asked for fits,
+    with what would: `run`, the run the adapter came from, could be exported smaller."""
+    from lowmem.config import format_size
+
+    candidates = FORMATS[budget.device] if pinned == "auto" else (pinned,)
+    needs = {fmt: need_bytes(spec, fmt, budget, prompt_tokens, new_tokens, adapter_params) for fmt in candidates}
+    for fmt, need in needs.items():
+        if need <= budget.usable:
+            return fmt, need
+    figures = ", ".join(f"{format_size(n)} ({fmt} base)" for fmt, n in needs.items())
+    hints = []
+    if pinned != "auto":
+        hints.append("--base auto takes the widest format that fits")
+    if budget.device == "cuda":
+        hints.append("--device cpu answers from the host's RAM, slowly")
+    bits = next((b for b in EXPORT_BITS if need_bytes(spec, "int", budget, prompt_tokens, new_tokens, 0, b,
+                                                       EXPORT_GROUP) <= budget.usable), None)
+    if run is not None and bits is not None:
+        hints.append(f"`lowmem export {run} --quantized DIR --bits {bits}` writes a {bits}-bit model with the "
+                     f"adapter merged in, which fits: answer with --model DIR")
+    raise ModelError(f"answering with {name or spec.name} needs {figures}, more than {budget.describe()}"
+                     + "".join(f"; {h}" for h in hints))
+
+
+def run(args) -> int:
     import torch
 
-    from lowmem.quant.export import is_quantized_export, load_quantized_export
+    from lowmem.config import format_size
+    from lowmem.evaluate import generate, render_chat
+    from lowmem.lora import load_adapter, read_adapter_config
+    from lowmem.memory import lora_params
+    from lowmem.model import load_model, load_tokenizer, resolve_model_dir
+    from lowmem.planner import resolve_device
+    from lowmem.quant.export import is_quantized_export, load_quantized_export, read_quant_config
+    from lowmem.spec import LINEARS, spec_for
 
+    if args.max_new_tokens < 1:
+        raise ModelError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    device = resolve_device(args.device)
+    adapter, base = (find_adapter(Path(args.adapter)) if args.adapter else (None, None))
     ref = args.model or base or "smollm2-135m"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    budget = device_budget(device, args.vram)
+    messages = ([{"role": "system", "content": args.system}] if args.system else [])
+    messages.append({"role": "user", "content": args.prompt})
+
+    def note(message: str) -> None:          # beside the answer, which alone goes to stdout
+        print(message, file=sys.stderr)
+
     if is_quantized_export(ref):
         if adapter is not None:
             raise ModelError(f"{ref} is a quantized export with its adapter merged in; drop --adapter")
-        model, tokenizer = load_quantized_export(ref, device, dtype)
+        if args.base != "auto":
+            raise ModelError(f"{ref} is a quantized export: its weights keep the format they were "
+                             f"exported in; drop --base")
+        meta = read_quant_config(Path(ref))
+        spec = spec_for(ref)
+        tokenizer = load_tokenizer(Path(ref)) if (Path(ref) / "tokenizer_config.json").is_file() else None
         if tokenizer is None:
             raise ModelError(f"{ref} has no tokenizer files; export from a run whose model has them")
+        prompt_tokens = _count_tokens(tokenizer, messages, render_chat)
+        need = need_bytes(spec, "int", budget, prompt_tokens, args.max_new_tokens, 0,
+                          meta["bits"], meta["group_size"])
+        if need > budget.usable:
+            raise ModelError(f"answering with {ref} ({meta['bits']}-bit) needs {format_size(need)}, more "
+                             f"than {budget.describe()}" + ("; --device cpu answers from the host's RAM"
+                                                             if device == "cuda" else ""))
+        note(f"{ref}: {meta['bits']}-bit export on {device}, predicted {format_size(need)} of "
+             f"{budget.describe()}")
+        model, _ = load_quantized_export(ref, device, torch.bfloat16 if device == "cuda" else torch.float32)
     else:
-        model, tokenizer, _ = load_model(ref, device, dtype)
+        model_dir = resolve_model_dir(ref, log=note)
+        spec = spec_for(str(model_dir))
+        tokenizer = load_tokenizer(model_dir)
+        prompt_tokens = _count_tokens(tokenizer, messages, render_chat)
+        adapter_params = 0
+        if adapter is not None:
+            cfg = read_adapter_config(adapter)
+            adapter_params = lora_params(spec, cfg.get("target_modules") or (), int(cfg.get("r", 0)))
+        run_dir = _exportable_run(args.adapter)
+        fmt, need = choose_format(spec, budget, args.base, prompt_tokens, args.max_new_tokens, adapter_params,
+                                  name=ref, run=run_dir)
+        note(f"{ref}: {fmt} base on {device}, predicted {format_size(need)} of {budget.describe()}")
+        if fmt == "nf4":
+            dtype = torch.bfloat16 if device == "cuda" else torch.float32
+            model, tokenizer, _ = load_model(str(model_dir), device, dtype, log=note, nf4_targets=LINEARS)
+        else:
+            dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
+            model, tokenizer, _ = load_model(str(model_dir), device, dtype, log=note)
     if adapter is not None:
         load_adapter(model, adapter)
-    messages = ([{"role": "system", "content": args.system}] if args.system else [])
-    messages.append({"role": "user", "content": args.prompt})
     print(generate(model, tokenizer, [messages], device, args.max_new_tokens)[0])
     return 0
+
+
+def _exportable_run(adapter: str | None) -> str | None:
+    """`adapter` when it names a run `lowmem export --quantized --bits N` can write, else None (an
+    adapter folder, or an L4Q run, whose export keeps the bits it trained)."""
+    import yaml
+
+    if adapter is None or not (Path(adapter) / "config.yaml").is_file():
+        return None
+    plan = Path(adapter) / "plan.yaml"
+    try:
+        method = (yaml.safe_load(plan.read_text()) or {}).get("method") if plan.is_file() else None
+    except (OSError, yaml.YAMLError):
+        method = None
+    return None if method == "l4q" else adapter
+
+
+def _count_tokens(tokenizer, messages: list[dict], render_chat) -> int:
+    """The prompt's length in tokens, as `generate` will feed it."""
+    text = render_chat(tokenizer, list(messages), add_generation_prompt=True)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
