@@ -31,6 +31,50 @@ from lowmem.errors import CheckpointError
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 MANIFEST = "manifest.json"
+LOCK = ".lock"
+
+
+class RunLock:
+    """An exclusive lock on a run directory while a trainer works in it, so a second trainer
+    cannot resume a run that is still training. fcntl.flock: the system releases it when the
+    process ends, however it ends, so a crash never leaves a run locked. The file names the
+    holder (pid and host) for the error a second trainer gets."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK
+        self._fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        try:
+            import fcntl
+        except ImportError:      # not a POSIX system: no lock, as before
+            return self
+        import socket
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise CheckpointError(f"{self.run_dir} is in use by a trainer ({holder}): wait for it to end, or "
+                                  f"stop it (`lowmem monitor {self.run_dir}`, then q) and resume") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)     # closing releases the lock
+            self._fd = None
+
+
+def check_unlocked(run_dir: Path) -> None:
+    """CheckpointError naming the holder when a trainer is working in `run_dir` now."""
+    with RunLock(run_dir):
+        pass
 
 
 def _sha256(path: Path) -> str:
@@ -111,6 +155,8 @@ def save_checkpoint(run_dir: Path, step: int, *, trainable: dict[str, torch.Tens
     os.replace(pointer, root / LATEST)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-step-*"):    # writes a killed trainer left half done
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
@@ -130,9 +176,13 @@ def verify(folder: Path) -> str | None:
         return "no manifest (the write did not finish)"
     try:
         manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return "manifest is not valid JSON"
-    for name, entry in manifest["files"].items():
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(e, dict) and {"bytes", "sha256"} <= e.keys()
+                                              for e in files.values()):
+        return "manifest does not list the files with their sizes and checksums"
+    for name, entry in files.items():
         path = folder / name
         if not path.is_file():
             return f"{name} is missing"
@@ -154,12 +204,33 @@ def find_resumable(run_dir: Path, warn=print) -> Path:
         named = run_dir / CHECKPOINTS / pointer.read_text().strip()
         if named in candidates:  # newer leftovers after the pointer are not trusted first
             candidates = [c for c in candidates if c != named] + [named]
+    problems = []
     for folder in reversed(candidates):
         problem = verify(folder)
         if problem is None:
             return folder
+        problems.append(f"{folder.name}: {problem}")
         warn(f"checkpoint {folder} is damaged ({problem}); trying the previous one")
-    raise CheckpointError(f"{run_dir} has no valid checkpoint to resume from")
+    if problems:
+        raise CheckpointError(f"{run_dir} has no valid checkpoint to resume from; every one is damaged: "
+                              + "; ".join(problems))
+    raise CheckpointError(f"{run_dir} has no checkpoint to resume from")
+
+
+def set_aside_damaged(run_dir: Path, resumed: Path) -> list[Path]:
+    """Rename the damaged checkpoints newer than `resumed` (the one a run resumes from) to
+    `.damaged-step-N`: kept for a look, but out of `list_checkpoints`, so that pruning the
+    oldest does not delete a good checkpoint and keep a damaged one. Returns the new paths."""
+    step = int(resumed.name[5:])
+    moved = []
+    for folder in list_checkpoints(run_dir):
+        if int(folder.name[5:]) > step and verify(folder) is not None:
+            target = folder.with_name(f".damaged-{folder.name}")
+            if target.exists():
+                shutil.rmtree(target, ignore_errors=True)
+            os.rename(folder, target)
+            moved.append(target)
+    return moved
 
 
 def load_checkpoint(folder: Path) -> dict[str, Any]:

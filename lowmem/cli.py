@@ -37,11 +37,12 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # --debug goes before the command or anywhere after it.
+    debug = "--debug" in argv
+    args = parser.parse_args([a for a in argv if a != "--debug"])
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    debug = args.debug or "--debug" in argv
     try:
         return int(args.func(args) or 0)
     except LowmemError as e:

@@ -44,7 +44,10 @@ def parse_size(text: str | int | float) -> int:
     m = _SIZE_RE.match(str(text))
     if not m:
         raise ValueError(f"expected a size like 24G, 24GB, 24GiB, 500M or 0.5T, got {text!r}")
-    number, unit, _ = m.groups()
+    number, unit, suffix = m.groups()
+    if not unit and not suffix and float(number) < 1024:
+        raise ValueError(f"{str(text).strip()!r} has no unit: sizes are like {str(text).strip()}G or 500M "
+                         f"(a bare number counts bytes)")
     return int(float(number) * _UNITS[unit.upper()])
 
 
@@ -101,7 +104,8 @@ class LoramConfig:
     keep_first: int = field(default=1, metadata=_key("blocks kept whole at the start", min=0))
     keep_last: int = field(default=1, metadata=_key("blocks kept whole at the end", min=0))
     layer_ratios: tuple[float, ...] = field(default=(), metadata=_key(
-        "one prune ratio per block (overrides ratio, keep_first, keep_last); empty = uniform"))
+        "prune ratios of the first blocks, in block order, each overriding ratio, keep_first and keep_last "
+        "for its block (at most one per block); empty = uniform"))
     quantize: bool = field(default=False, metadata=_key("NF4-quantize the pruned base (QLoRAM)"))
     align_steps: int = field(default=0, metadata=_key(
         "continual pre-training steps of the pruned model on the training text before LoRA; 0 = none", min=0))
@@ -167,7 +171,7 @@ class RunConfig:
     eval_every: int = field(default=0, metadata=_key("held-out eval every N steps; 0 = only before and after", min=0))
     eval_max_examples: int = field(default=0, metadata=_key("cap on held-out examples; 0 = all", min=0))
     eval_generate: bool = field(default=True, metadata=_key("also generate answers and score exact match"))
-    max_new_tokens: int = field(default=16, metadata=_key("generation length for eval and generate", min=1))
+    max_new_tokens: int = field(default=16, metadata=_key("answer length of the exact-match evaluation, in tokens (`lowmem generate` has its own --max-new-tokens)", min=1))
     save_every: int = field(default=0, metadata=_key("checkpoint every N steps; 0 = only at the end", min=0))
     keep_checkpoints: int = field(default=2, metadata=_key("checkpoints kept (older ones are deleted)", min=1))
     log_every: int = field(default=1, metadata=_key("progress line every N steps", min=1))
@@ -331,7 +335,12 @@ def _flatten_node(node: yaml.Node, source: str, prefix: str = "") -> tuple[dict,
             values.update(sub_values)
             origins.update(sub_origins)
         else:
-            values[key] = yaml.safe_load(yaml.serialize(value_node))
+            # Constructed from the node itself: an empty value (`eval_data:`) is None, where
+            # re-serializing the node would give YAML that does not parse.
+            value = yaml.SafeLoader("").construct_object(value_node, deep=True)
+            if value is None and not prefix and any(k.startswith(key + ".") for k in all_keys()):
+                continue        # an empty section (`lora:` with nothing under it)
+            values[key] = value
             origins[key] = where
     return values, origins
 
@@ -380,6 +389,8 @@ def list_presets() -> dict[str, Path]:
 def find_preset(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
+        if path.is_dir():
+            raise ConfigError(f"{path} is a directory; expected a preset YAML file")
         if not path.is_file():
             raise ConfigError(f"preset file {path} does not exist")
         return path
@@ -405,7 +416,11 @@ def load_config(preset: str | None = None, flags: dict[str, Any] | None = None,
     layers = []
     if preset:
         path = find_preset(preset)
-        layers.append(read_yaml_layer(path.read_text(), str(path)))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+        layers.append(read_yaml_layer(text, str(path)))
     if flags:
         layers.append((flags, {k: f"--{k.replace('.', '-').replace('_', '-')}: " for k in flags}))
     layers.append(parse_overrides(overrides))

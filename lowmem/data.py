@@ -72,8 +72,17 @@ def _as_messages(record: dict, where: str) -> list[dict] | None:
 def read_records(path: Path) -> list[tuple[list[dict] | None, str | None]]:
     """(messages, None) or (None, text) per record; errors name the file and line."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; expected a .jsonl or .txt data file")
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
+    try:
+        return _read_records(path)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+
+
+def _read_records(path: Path) -> list[tuple[list[dict] | None, str | None]]:
     if path.suffix == ".txt":
         text = path.read_text(encoding="utf-8")
         if not text.strip():
@@ -253,12 +262,26 @@ class BatchStream:
         self.cursor += len(take)
         return collate([self.examples[i] for i in take], self.pad_id)
 
+    def fingerprint(self) -> str:
+        """SHA-256 of every example's tokens and labels, in order: what the position indexes into."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for e in self.examples:
+            h.update(repr((e.input_ids, e.labels)).encode())
+        return h.hexdigest()
+
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "examples": len(self.examples)}
+        return {"epoch": self.epoch, "cursor": self.cursor, "examples": len(self.examples),
+                "fingerprint": self.fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
         if state["examples"] != len(self.examples):
             raise DataError(f"the data has {len(self.examples)} examples but the checkpoint was "
                             f"made with {state['examples']}; resume needs the same data")
+        if state.get("fingerprint", self.fingerprint()) != self.fingerprint():   # older checkpoints: count only
+            raise DataError(f"the training data changed since the checkpoint was made (same {len(self.examples)} "
+                            f"examples, different tokens): the run would not continue exactly; restore the "
+                            f"data it was started with, or start a new run")
         self.epoch, self.cursor = state["epoch"], state["cursor"]
         self._order = self._permutation(self.epoch)

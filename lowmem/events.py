@@ -46,6 +46,14 @@ class EventLog:
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / EVENTS_FILE
         self._file = open(self.path, "a", encoding="utf-8")
+        # A trainer killed mid-line left a partial last line: end it, or the next event would
+        # be glued to it and lost to every reader.
+        if self._file.tell() > 0:
+            with open(self.path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    self._file.write("\n")
+                    self._file.flush()
 
     def emit(self, kind: str, **fields: Any) -> dict:
         event = {"t": round(time.time(), 3), "kind": kind, **fields}

@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -79,6 +80,10 @@ def convert_gguf(gguf: Path, log=print) -> Path:
             os.rename(tmp, target)
         except OSError:  # another process converted it first
             shutil.rmtree(tmp, ignore_errors=True)
+    except (ValueError, OSError, KeyError, EOFError, struct.error) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelError(f"{gguf}: cannot read it as a GGUF model ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -528,6 +528,12 @@ def make_plan(config: RunConfig, spec: ModelSpec, pinned: Iterable[str] | None =
     where the plan will run (default: `config.device` resolved on this machine).
     """
     pinned = set(pinned or ())
+    ratios = config.loram.layer_ratios
+    if ratios and len(ratios) > spec.layers:
+        from lowmem.errors import ConfigError
+
+        raise ConfigError(f"loram.layer_ratios has {len(ratios)} values but {spec.name} has {spec.layers} "
+                          f"blocks: give at most one ratio per block, in block order")
     if config.vram is None:
         # With an explicit device, don't ask torch: planning for a GPU works without one.
         plan = plan_from_config(config if device is None else config.replace(device="cpu"))

@@ -19,6 +19,7 @@ import contextlib
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -28,7 +29,8 @@ import torch
 import yaml
 
 from lowmem import memstats
-from lowmem.checkpoint import (find_resumable, load_checkpoint, save_checkpoint, set_rng_state)
+from lowmem.checkpoint import (RunLock, find_resumable, list_checkpoints, load_checkpoint, save_checkpoint,
+                               set_aside_damaged, set_rng_state)
 from lowmem.config import RunConfig, format_size
 from lowmem.data import BatchStream, load_datasets
 from lowmem.errors import CheckpointError, ConfigError, ModelError
@@ -44,8 +46,10 @@ from lowmem.model import (dense_weight_dtype, load_model, load_tokenizer, parame
                           resolve_model_dir, trainable_parameters)
 from lowmem.planner import Plan
 
-# Keys a resumed run may change: they decide when to log, save and evaluate,
-# not what is computed, so the loss sequence stays the same.
+# Keys a resumed run may change: they decide when to log, save and evaluate, not what is
+# computed, so the steps already planned keep their losses. `steps` is the exception that
+# lengthens the run: the learning-rate schedule then spans the new length from the step
+# resumed at (cosine and linear decay are stretched; warm-up is unchanged).
 RESUMABLE_CHANGES = {"steps", "eval_every", "eval_max_examples", "eval_generate", "max_new_tokens",
                      "save_every", "keep_checkpoints", "log_every"}
 
@@ -64,12 +68,33 @@ def lr_at(step: int, config: RunConfig) -> float:
 
 
 def new_run_dir(config: RunConfig) -> Path:
+    """A new, empty run directory. One that exists is refused (resume it), unless it holds
+    nothing trained: no checkpoint and no final weights, as a run stopped or failed before
+    its first checkpoint leaves it. That one is emptied and used again, unless a trainer
+    is working in it."""
+    import shutil
+
+    from lowmem.checkpoint import RunLock, list_checkpoints
+
     name = config.name or datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(config.runs_dir) / name
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(f"run directory {run_dir} already exists; resume it with "
-                          f"`lowmem train --resume {run_dir}` or choose another --name")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is a file, not a run directory; choose another --name or --runs-dir")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if list_checkpoints(run_dir) or (run_dir / "adapter").exists() or (run_dir / "model").exists():
+            raise ConfigError(f"run directory {run_dir} already exists; resume it with "
+                              f"`lowmem train --resume {run_dir}` or choose another --name")
+        with RunLock(run_dir):
+            for entry in run_dir.iterdir():
+                if entry.name != ".lock":
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        print(f"reusing {run_dir}: it holds no checkpoint (its last start ended before one was written)",
+              file=sys.stderr)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot make the run directory {run_dir} (runs_dir={config.runs_dir}): "
+                          f"{e.strerror or e}") from None
     return run_dir
 
 
@@ -79,9 +104,20 @@ def write_run_files(run_dir: Path, config: RunConfig, plan: Plan) -> None:
 
 
 def read_run_files(run_dir: Path) -> tuple[RunConfig, Plan]:
-    """The config and plan a run directory was started (or last resumed) with."""
-    plan = Plan.from_dict(yaml.safe_load((Path(run_dir) / "plan.yaml").read_text()))
-    return resumed_config(run_dir, {}), plan
+    """The config and plan a run directory was started (or last resumed) with; CheckpointError
+    naming plan.yaml when it is missing or damaged (each checkpoint keeps a copy)."""
+    path = Path(run_dir) / "plan.yaml"
+    config = resumed_config(run_dir, {})
+    try:
+        plan = Plan.from_dict(yaml.safe_load(path.read_text()))
+    except (OSError, yaml.YAMLError, TypeError, ValueError, KeyError, AttributeError) as e:
+        from lowmem.checkpoint import list_checkpoints
+
+        copies = [c / "plan.yaml" for c in list_checkpoints(run_dir) if (c / "plan.yaml").is_file()]
+        copy = f"; the newest checkpoint keeps a copy: cp {copies[-1]} {path}" if copies else ""
+        raise CheckpointError(f"{path}: cannot read the run's plan ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'empty'}){copy}") from None
+    return config, plan
 
 
 def resumed_config(run_dir: Path, requested: dict) -> RunConfig:
@@ -92,11 +128,19 @@ def resumed_config(run_dir: Path, requested: dict) -> RunConfig:
     if not path.is_file():
         raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
     base_values, origins = read_yaml_layer(path.read_text(), str(path))
-    for key, value in requested.items():
-        if key not in RESUMABLE_CHANGES and base_values.get(key) != value:
+    base = build_config([(base_values, origins)])
+    resumed = build_config([(base_values, origins), (requested, {k: "resume: " for k in requested})])
+    for key in requested:   # compared as parsed: `--seed 0` is the string "0" until then
+        if key not in RESUMABLE_CHANGES and _value(resumed, key) != _value(base, key):
             raise ConfigError(f"cannot change '{key}' when resuming {run_dir}: the run would not "
                               f"continue exactly; keys you may change: {', '.join(sorted(RESUMABLE_CHANGES))}")
-    return build_config([(base_values, origins), (requested, {k: "resume: " for k in requested})])
+    return resumed
+
+
+def _value(config: RunConfig, key: str):
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
 
 
 class StopRequest:
@@ -118,6 +162,8 @@ class StopRequest:
         if self.signal is not None:  # a second Ctrl-C means now
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
+        print(f"{self.signal}: stopping once this step ends, then writing a checkpoint "
+              f"(again to stop at once, losing the steps since the last checkpoint)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -160,15 +206,21 @@ def train(config: RunConfig, plan: Plan, run_dir: Path, *, resume: bool = False,
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory {run_dir} does not exist")
-    events = EventLog(run_dir)
-    try:
-        return _train(config, plan, run_dir, events, resume, out)
-    except BaseException as e:
-        if not isinstance(e, KeyboardInterrupt):
-            events.emit("error", message=f"{type(e).__name__}: {e}")
-        raise
-    finally:
-        events.close()
+    with RunLock(run_dir):
+        events = EventLog(run_dir)
+        try:
+            return _train(config, plan, run_dir, events, resume, out)
+        except BaseException as e:
+            if not isinstance(e, KeyboardInterrupt):
+                events.emit("error", message=f"{type(e).__name__}: {e}")
+            elif not list_checkpoints(run_dir):
+                out(f"interrupted before a checkpoint was written: `lowmem train --resume {run_dir}` "
+                    f"starts it over")
+            else:
+                out(f"interrupted: `lowmem train --resume {run_dir}` continues from its newest checkpoint")
+            raise
+        finally:
+            events.close()
 
 
 def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resume: bool, out) -> dict:
@@ -182,6 +234,8 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
         folder = find_resumable(run_dir, warn=damaged.append)
         checkpoint = load_checkpoint(folder)
         out(f"resuming {run_dir} from {folder.name}")
+        for aside in set_aside_damaged(run_dir, folder):
+            damaged.append(f"the damaged checkpoint is kept as {aside}, out of the way of new ones")
     for problem in damaged:
         out(f"warning: {problem}")
         events.emit("warning", message=problem)
@@ -263,7 +317,14 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
         f"{'' if gpu.get('kernels', 'on') == 'on' else ' (lowmem.kernels off: ' + gpu['kernels'] + ')'}; "
         f"{len(data.train)} training and {len(data.heldout)} held-out examples")
 
-    def run_eval(label: str) -> dict:
+    if not data.heldout:
+        message = "no held-out examples: evaluation is skipped (give --eval-data, or more data)"
+        out(f"warning: {message}")
+        events.emit("warning", message=message)
+
+    def run_eval(label: str) -> dict | None:
+        if not data.heldout:
+            return None
         result = evaluate(model, tokenizer, data.heldout, device, generate_answers=config.eval_generate,
                           max_new_tokens=config.max_new_tokens)
         em = result["exact_match"]
@@ -272,13 +333,21 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
         events.emit("eval", step=step, label=label, **result)
         return result
 
+    # The newest checkpoint's step and folder: asked again at the same step (a stop right after a
+    # scheduled save, `s` at the end, the end of a run resumed from its last step) it is that one,
+    # not a second write that would first have to delete it.
+    saved = {"step": step, "folder": folder} if checkpoint is not None else {"step": None}
+
     def checkpoint_now() -> Path:
+        if saved["step"] == step:
+            return saved["folder"]
         folder = save_checkpoint(
             run_dir, step, trainable={n: p for n, p in params}, optimizer=optimizer.state_dict(),
             state={"data": stream.state_dict()}, config=config.to_dict(), plan=plan.to_dict(),
             keep=config.keep_checkpoints,
             extra_dirs={"adapter": lambda d: save_adapter_for(model, plan, config, d)} if adapted else None)
         events.emit("checkpoint", step=step, path=str(folder))
+        saved.update(step=step, folder=folder)
         return folder
 
     before = run_eval("before") if not resume else None
@@ -326,7 +395,7 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
             model.save_pretrained(run_dir / "model")
             tokenizer.save_pretrained(run_dir / "model")
             out(f"model saved to {run_dir / 'model'}")
-        if before is not None:
+        if before is not None and after is not None:
             summary = f"held-out loss {before['loss']:.4f} -> {after['loss']:.4f}"
             if after["exact_match"] is not None:
                 summary += f", exact match {before['exact_match']:.1%} -> {after['exact_match']:.1%}"

@@ -59,3 +59,48 @@ def test_no_valid_checkpoint_is_an_error(tmp_path):
         find_resumable(tmp_path, warn=lambda m: None)
     with pytest.raises(CheckpointError, match="does not exist"):
         find_resumable(tmp_path / "nope")
+
+
+def test_a_manifest_without_its_file_list_is_damage_not_a_crash(tmp_path):
+    previous = _save(tmp_path, 1)
+    latest = _save(tmp_path, 2)
+    for text in ('{"step": 2}', '[1, 2]', '{"files": {"rng.pt": 3}}'):
+        (latest / "manifest.json").write_text(text)
+        assert "does not list the files" in verify(latest)
+        assert find_resumable(tmp_path, warn=lambda m: None) == previous
+
+
+def test_when_every_checkpoint_is_damaged_the_error_says_what_is_wrong_with_each(tmp_path):
+    for step in (1, 2):
+        folder = _save(tmp_path, step)
+        (folder / "rng.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"every one is damaged: step-2: rng.pt is missing; "
+                                              r"step-1: rng.pt is missing"):
+        find_resumable(tmp_path, warn=lambda m: None)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="has no checkpoint to resume from"):
+        find_resumable(tmp_path / "empty")
+
+
+def test_a_save_clears_what_killed_writes_left_and_damaged_newer_ones_are_set_aside(tmp_path):
+    from lowmem.checkpoint import set_aside_damaged
+
+    good = _save(tmp_path, 1)
+    damaged = _save(tmp_path, 2)
+    (damaged / "rng.pt").write_bytes(b"x")
+    stale = tmp_path / "checkpoints" / ".tmp-step-3-abc"
+    stale.mkdir()
+    assert set_aside_damaged(tmp_path, good) == [tmp_path / "checkpoints" / ".damaged-step-2"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-1"]
+    _save(tmp_path, 3, keep=2)            # would have pruned the good step-1 and kept step-2
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-1", "step-3"]
+    assert not stale.exists()
+
+
+def test_a_second_trainer_cannot_lock_a_run_directory_while_one_holds_it(tmp_path):
+    from lowmem.checkpoint import RunLock, check_unlocked
+
+    with RunLock(tmp_path):
+        with pytest.raises(CheckpointError, match=r"in use by a trainer \(pid \d+ on "):
+            check_unlocked(tmp_path)
+    check_unlocked(tmp_path)            # released when its holder lets go

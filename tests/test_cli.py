@@ -132,7 +132,7 @@ def test_generate_refuses_a_budget_nothing_fits_before_reading_weights(tiny_mode
     assert main(["generate", "Say 3.", "--model", str(tiny_model_dir), "--base", "fp32", "--vram",
                  str(int(needs["bf16"] / 0.95) + 1)]) == 2
     assert "--base auto takes the widest format that fits" in capsys.readouterr().err
-    for bad, says in (("0", "more than nothing"), ("lots", "expected a size like 24G")):
+    for bad, says in (("0G", "more than nothing"), ("0", "has no unit"), ("lots", "expected a size like 24G")):
         assert main(["generate", "hi", "--model", str(tiny_model_dir), "--vram", bad]) == 2
         assert says in capsys.readouterr().err
 
@@ -178,3 +178,79 @@ def test_resuming_a_finished_run_says_how_to_extend_it(tmp_path, tiny_model_dir,
     assert main(["train", "--resume", str(tmp_path / "f"), "steps=3", "--no-tui"]) == 0
     steps = [e["step"] for e in read_events(tmp_path / "f") if e["kind"] == "step"]
     assert steps == [1, 2, 3]
+
+
+def test_debug_may_follow_the_command():
+    from lowmem.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        main(["train", "lora.rnak=4", "--debug"])
+
+
+def test_a_file_that_is_not_a_gguf_model_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "fake.gguf").write_bytes(b"GGUF\x03\x00\x00\x00\x01")
+    assert main(["generate", "hi", "--model", str(tmp_path / "fake.gguf")]) == 2
+    assert f"\nModelError: {tmp_path / 'fake.gguf'}: cannot read it as a GGUF" in capsys.readouterr().err
+
+
+def test_a_model_folder_without_weights_is_refused_before_a_run_directory_exists(tmp_path, tiny_model_dir,
+                                                                                 capsys):
+    import shutil
+
+    shutil.copy(tiny_model_dir / "config.json", tmp_path / "config.json")
+    assert main(["train", "--model", str(tmp_path), "--runs-dir", str(tmp_path / "runs"), "--no-tui"]) == 2
+    assert "has a config.json but no weights" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_loram_layer_ratios_for_more_blocks_than_the_model_has_are_refused(capsys):
+    assert main(["plan", "--model", "smollm2-135m", "--method", "loram",
+                 "loram.layer_ratios=[" + ",".join(["0.5"] * 31) + "]"]) == 2
+    assert "loram.layer_ratios has 31 values but" in capsys.readouterr().err
+
+
+def _train_tiny(tiny_model_dir, data, runs, name, *extra):
+    return main(["train", "--model", str(tiny_model_dir), "--data", str(data), "--runs-dir", str(runs),
+                 "--name", name, "--steps", "2", "--micro-batch", "2", "--no-eval-generate", "--no-tui", *extra])
+
+
+def test_a_run_stopped_after_its_last_checkpoint_resumes_into_its_end(tmp_path, tiny_model_dir, tiny_chat_data,
+                                                                     capsys):
+    """Ctrl-C during the final evaluation leaves the last step's checkpoint but no adapter and no
+    `done`: resuming writes them (no more training), and only then is the run finished."""
+    import shutil
+
+    assert _train_tiny(tiny_model_dir, tiny_chat_data, tmp_path, "end") == 0
+    run = tmp_path / "end"
+    shutil.rmtree(run / "adapter")
+    events = (run / "events.jsonl").read_text().splitlines()
+    (run / "events.jsonl").write_text("".join(e + "\n" for e in events if '"kind": "done"' not in e))
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--no-tui"]) == 0
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    assert [e["kind"] for e in read_events(run)][-1] == "done"
+    assert not any(e["kind"] == "step" for e in read_events(run)[len(events):])    # nothing retrained
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == checkpoints   # nor re-saved
+    assert main(["train", "--resume", str(run), "--no-tui"]) == 2
+    assert "already finished its 2 steps" in capsys.readouterr().err
+
+
+def test_a_run_without_a_checkpoint_starts_over_on_resume_and_paths_are_kept_absolute(
+        tmp_path, tiny_model_dir, tiny_chat_data, capsys, monkeypatch):
+    import shutil
+
+    import yaml
+
+    shutil.copy(tiny_chat_data, tmp_path / "chats.jsonl")
+    monkeypatch.chdir(tmp_path)
+    assert _train_tiny(tiny_model_dir, "chats.jsonl", "runs", "over") == 0
+    run = tmp_path / "runs" / "over"
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"] == str(tmp_path / "chats.jsonl")
+    for name in ("checkpoints", "adapter"):
+        shutil.rmtree(run / name)
+    capsys.readouterr()
+    monkeypatch.chdir(tiny_model_dir)                       # another directory, as a later shell
+    assert main(["train", "--resume", str(run), "--no-tui", "--seed", "0"]) == 0   # an unchanged flag
+    assert "has no checkpoint: it stopped before one was written; starting it over" in capsys.readouterr().err
+    assert (run / "adapter" / "adapter_config.json").is_file()

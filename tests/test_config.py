@@ -97,3 +97,25 @@ def test_lora_targets_must_be_block_projections(targets):
                                           r"projection; adapters go on q_proj, k_proj"):
         load_config(overrides=[f"lora.targets={targets}"])
     assert load_config(overrides=["lora.targets=self_attn.q_proj,v_proj"]).lora.targets == ("self_attn.q_proj", "v_proj")
+
+
+def test_an_empty_yaml_value_is_null_and_an_empty_section_is_nothing(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("eval_data:\nname: ~\nlora:\nsteps: 7\n")
+    config = load_config(str(preset))
+    assert config.eval_data == RunConfig().eval_data and config.steps == 7
+    assert config.lora == RunConfig().lora
+
+
+def test_a_preset_that_is_not_utf8_or_is_a_directory_is_a_one_line_error(tmp_path):
+    (tmp_path / "p.yaml").write_bytes("steps: 3\n".encode("utf-16"))
+    with pytest.raises(ConfigError, match="p.yaml: not UTF-8 text"):
+        load_config(str(tmp_path / "p.yaml"))
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(str(tmp_path))
+
+
+def test_a_size_without_a_unit_is_refused_where_it_would_be_a_few_bytes():
+    with pytest.raises(ValueError, match="'24' has no unit: sizes are like 24G"):
+        parse_size("24")
+    assert parse_size("24G") == 24 * 2**30 and parse_size("1048576") == 2**20 and parse_size(24) == 24

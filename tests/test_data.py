@@ -110,3 +110,30 @@ def test_resume_with_different_data_is_refused(tokenizer, tiny_chat_data):
     state = BatchStream(examples, 4, 0, 0).state_dict()
     with pytest.raises(DataError, match="same data"):
         BatchStream(examples[:-1], 4, 0, 0).load_state_dict(state)
+
+
+def test_resuming_on_changed_data_of_the_same_size_is_refused():
+    from lowmem.data import BatchStream, Example
+    from lowmem.errors import DataError
+
+    examples = [Example((i, i + 1), (i, i + 1)) for i in range(6)]
+    stream = BatchStream(examples, 2, 0, 0)
+    stream.next()
+    state = stream.state_dict()
+    BatchStream(list(examples), 2, 0, 0).load_state_dict(state)
+    changed = examples[:5] + [Example((9, 9), (9, 9))]
+    with pytest.raises(DataError, match="training data changed"):
+        BatchStream(changed, 2, 0, 0).load_state_dict(state)
+    BatchStream(changed, 2, 0, 0).load_state_dict({k: v for k, v in state.items() if k != "fingerprint"})
+
+
+def test_data_that_is_not_utf8_or_is_a_directory_is_a_one_line_error(tmp_path):
+    from lowmem.data import read_records
+    from lowmem.errors import DataError
+
+    for name in ("x.jsonl", "x.txt"):
+        (tmp_path / name).write_bytes("hé".encode("utf-16"))
+        with pytest.raises(DataError, match=f"{name}: not UTF-8 text"):
+            read_records(tmp_path / name)
+    with pytest.raises(DataError, match="is a directory"):
+        read_records(tmp_path)

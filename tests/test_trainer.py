@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from lowmem.checkpoint import list_checkpoints
@@ -142,10 +143,19 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert lr_at(6, linear) == pytest.approx(0.1 + 0.9 * (1 - 4 / 8))
 
 
-def test_an_existing_run_directory_is_never_reused(tmp_path, tiny_model_dir, tiny_chat_data):
-    from lowmem.errors import ConfigError
+def test_a_run_directory_is_reused_only_while_it_holds_nothing_trained(tmp_path, tiny_model_dir, tiny_chat_data):
+    """A start that ended before its first checkpoint (Ctrl-C while loading, a bad setting) must
+    not block its name; one with a checkpoint, or with a trainer working in it, is never reused."""
+    from lowmem.checkpoint import RunLock, save_checkpoint
+    from lowmem.errors import CheckpointError, ConfigError
 
-    config, _, _ = _start(_config(tiny_model_dir, tiny_chat_data, tmp_path), "same")
+    config, _, run_dir = _start(_config(tiny_model_dir, tiny_chat_data, tmp_path), "same")
+    (run_dir / "events.jsonl").write_text('{"kind": "error"}\n')
+    with RunLock(run_dir), pytest.raises(CheckpointError, match="in use by a trainer .pid"):
+        new_run_dir(config)
+    assert new_run_dir(config) == run_dir and not (run_dir / "events.jsonl").exists()
+    save_checkpoint(run_dir, 1, trainable={"w": torch.zeros(2)}, optimizer={}, state={}, config={}, plan={},
+                    keep=1)
     with pytest.raises(ConfigError, match="already exists"):
         new_run_dir(config)
 
@@ -295,3 +305,14 @@ def test_offloading_and_chunked_loss_do_not_change_the_losses(tmp_path, tiny_mod
     plain_losses, saver_losses = _losses(tmp_path / "runs" / "plain"), _losses(tmp_path / "runs" / "saver")
     assert len(plain_losses) == 2
     assert saver_losses == pytest.approx(plain_losses, rel=1e-5)
+
+
+def test_an_event_after_a_partial_last_line_is_not_lost(tmp_path):
+    """A trainer killed mid-write leaves half a line; the next trainer's events must still read."""
+    from lowmem.events import EventLog
+
+    (tmp_path / "events.jsonl").write_text('{"kind": "step", "step": 1}\n{"kind": "st')
+    log = EventLog(tmp_path)
+    log.emit("start", step=1)
+    log.close()
+    assert [e["kind"] for e in read_events(tmp_path)] == ["step", "start"]

@@ -17,7 +17,7 @@ import yaml
 
 from lowmem.commands import add_config_flags, config_from_args
 from lowmem.config import parse_overrides
-from lowmem.errors import ConfigError
+from lowmem.errors import ConfigError, ModelError
 
 
 def register(sub) -> None:
@@ -50,6 +50,19 @@ def _requested(args) -> dict:
     return {**flags, **values}
 
 
+def with_absolute_paths(config):
+    """`config` with its local model and data paths absolute, as the run directory records them:
+    a run resumed, exported or answered with from another directory finds them still."""
+    import dataclasses
+
+    changes = {}
+    for key in ("model", "data", "eval_data"):
+        value = getattr(config, key)
+        if value and value != "embedded" and Path(value).expanduser().exists():
+            changes[key] = str(Path(value).expanduser().resolve())
+    return dataclasses.replace(config, **changes)
+
+
 def preflight(config) -> None:
     """Fail on a missing model or bad data before a run directory is made."""
     from lowmem.data import read_records
@@ -58,7 +71,9 @@ def preflight(config) -> None:
     for path in (config.data, config.eval_data):
         if path and path != "embedded":
             read_records(Path(path))
-    resolve_model_dir(config.model)
+    model_dir = resolve_model_dir(config.model)
+    if not any(model_dir.glob("*.safetensors")) and not any(model_dir.glob("pytorch_model*.bin")):
+        raise ModelError(f"{model_dir} has a config.json but no weights (*.safetensors or pytorch_model*.bin)")
 
 
 def run(args) -> int:
@@ -75,14 +90,27 @@ def run(args) -> int:
         if args.print_config:
             print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
             return 0
-        from lowmem.checkpoint import find_resumable
+        from lowmem.checkpoint import check_unlocked, find_resumable, list_checkpoints
+        from lowmem.trainer import read_run_files
 
+        # Everything that can refuse, before anything in the run directory changes.
+        check_unlocked(run_dir)
+        read_run_files(run_dir)
+        if not list_checkpoints(run_dir):
+            # It stopped before its first checkpoint (Ctrl-C while loading or evaluating, a
+            # crash): nothing trained was kept, so it starts over, in the same directory.
+            print(f"{run_dir} has no checkpoint: it stopped before one was written; starting it over",
+                  file=sys.stderr)
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+            return launch(run_dir, resume=False, no_tui=args.no_tui)
         folder = find_resumable(run_dir, warn=lambda m: None)  # fail here, not in a background process
         done_steps = json.loads((folder / "state.json").read_text())["step"]
-        if done_steps >= config.steps:
+        if done_steps >= config.steps and finished(run_dir, done_steps):
             raise ConfigError(f"{run_dir} already finished its {done_steps} steps; to train it longer: "
                               f"lowmem train --resume {run_dir} steps={done_steps * 2}")
-        # Extending the run (steps=...) is recorded so the run directory stays the truth.
+        # Extending the run (steps=...) is recorded so the run directory stays the truth. A run
+        # stopped after its last step's checkpoint but before its end (the final evaluation,
+        # the adapter) resumes into that end.
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         return launch(run_dir, resume=True, no_tui=args.no_tui)
 
@@ -91,11 +119,20 @@ def run(args) -> int:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
     preflight(config)
+    config = with_absolute_paths(config)
     plan = make_plan(config, spec_for(config.model), pinned_keys(args))
     run_dir = new_run_dir(config)
     write_run_files(run_dir, config, plan)
     print(f"run directory: {run_dir}", file=sys.stderr)
     return launch(run_dir, resume=False, no_tui=args.no_tui)
+
+
+def finished(run_dir: Path, step: int) -> bool:
+    """Whether the run wrote its end at `step`: a `done` event that says it finished there."""
+    from lowmem.events import read_events
+
+    return any(e.get("kind") == "done" and e.get("reason") == "finished" and e.get("step") == step
+               for e in read_events(run_dir))
 
 
 def launch(run_dir: Path, *, resume: bool, no_tui: bool) -> int:
