@@ -27,11 +27,11 @@ import torch
 import yaml
 
 from lowmem.errors import CheckpointError
+from lowmem.events import LOCK, this_host
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 MANIFEST = "manifest.json"
-LOCK = ".lock"
 
 
 class RunLock:
@@ -50,8 +50,6 @@ class RunLock:
             import fcntl
         except ImportError:      # not a POSIX system: no lock, as before
             return self
-        import socket
-
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -61,7 +59,7 @@ class RunLock:
             raise CheckpointError(f"{self.run_dir} is in use by a trainer ({holder}): wait for it to end, or "
                                   f"stop it (`lowmem monitor {self.run_dir}`, then q) and resume") from None
         os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        os.write(fd, f"pid {os.getpid()} on {this_host()}".encode())
         self._fd = fd
         return self
 

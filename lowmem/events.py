@@ -37,6 +37,7 @@ from typing import Any
 
 EVENTS_FILE = "events.jsonl"
 CONTROL_FILE = "control"
+LOCK = ".lock"                     # held by the trainer working in the run (lowmem.checkpoint.RunLock)
 CONTROL_REQUESTS = ("pause", "resume", "save", "stop")
 
 
@@ -135,3 +136,18 @@ class ControlReader:
     def poll(self) -> list[dict]:
         records, self.offset = read_jsonl_tail(self.path, self.offset)
         return [r for r in records if r.get("request") in CONTROL_REQUESTS]
+
+
+def lock_holder(run_dir: Path) -> int | None:
+    """The pid of the trainer that holds `run_dir` on this host, if it still runs; None when no
+    trainer has locked it or the one that did has ended. Reads the lock file only: taking the
+    lock, even for a moment, could refuse a trainer starting at that instant."""
+    import psutil
+
+    try:
+        words = (Path(run_dir) / LOCK).read_text().split()
+    except OSError:
+        return None
+    if len(words) != 4 or words[0] != "pid" or not words[1].isdigit() or words[3] != this_host():
+        return None
+    return int(words[1]) if psutil.pid_exists(int(words[1])) else None

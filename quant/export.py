@@ -190,11 +190,28 @@ def _dense_tensors(model: nn.Module, replaced: set[str], dtype: torch.dtype) -> 
     return out
 
 
+def check_outputs(outputs: dict[str, Path | None]) -> None:
+    """ModelError before anything is written when an output folder named by `outputs` ({flag:
+    path}) is a file, is not empty, or is named twice: an export writes all of them or none."""
+    seen: dict[Path, str] = {}
+    for flag, out in outputs.items():
+        if out is None:
+            continue
+        out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise ModelError(f"{flag} {out}: a file is there; choose an output folder")
+        if out.is_dir() and any(out.iterdir()):
+            raise ModelError(f"{flag} {out} already exists and is not empty; choose another output folder")
+        key = out.resolve()
+        if key in seen:
+            raise ModelError(f"{seen[key]} and {flag} both name {out}; give each output its own folder")
+        seen[key] = flag
+
+
 def _write_folder(out: Path, write: Callable[[Path], None]) -> Path:
     """Write into a temporary folder beside `out`, then rename: a failed export leaves nothing."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ModelError(f"{out} already exists and is not empty; choose another output folder")
+    check_outputs({"output": out})
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     try:

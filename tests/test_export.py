@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import re
 
 import pytest
 import torch
@@ -537,3 +538,21 @@ def test_a_streamed_export_leaves_out_tensors_the_model_does_not_define(tmp_path
     load_quantized_export(tmp_path / "q")
     with pytest.raises(ValueError, match="nothing to quantize"):
         quantize_streamed(tmp_path / "base", {}, tmp_path / "none", bits=4, group=32, source=tmp_path / "adapter")
+
+
+def test_every_output_is_checked_before_any_is_written(tmp_path, capsys):
+    """`--merged new --quantized taken` used to write the merged model, then refuse the second."""
+    from lowmem.cli import main
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "x").write_text("mine")
+    (tmp_path / "afile").write_text("")
+    cases = ((["--merged", str(tmp_path / "new"), "--quantized", str(taken)], "--quantized .* not empty"),
+             (["--merged", str(tmp_path / "afile")], "--merged .*: a file is there"),
+             (["--merged", str(tmp_path / "same"), "--dequantized", str(tmp_path / "same")],
+              "--dequantized and --merged both name"))
+    for flags, says in cases:
+        assert main(["export", str(tmp_path / "some-run"), *flags]) == 2
+        assert re.search(says, capsys.readouterr().err)
+    assert not (tmp_path / "new").exists() and not (tmp_path / "same").exists()

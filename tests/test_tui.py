@@ -342,6 +342,18 @@ async def test_q_on_a_live_run_asks_and_stop_sends_a_stop_request(live_run):
 
 
 @synchronous
+async def test_ctrl_c_asks_like_q_and_stop_sends_a_stop_request(live_run):
+    app = DashboardApp(live_run, poll_s=0.05)
+    async with app.run_test() as pilot:
+        await wait_until(pilot, loaded(app))
+        await pilot.press("ctrl+c")
+        assert type(app.screen).__name__ == "QuitScreen"
+        await pilot.press("s")
+    assert app.return_value == "stop"
+    assert control_requests(live_run) == ["stop"]
+
+
+@synchronous
 async def test_q_then_detach_leaves_the_trainer_alone(live_run):
     app = DashboardApp(live_run, poll_s=0.05)
     async with app.run_test() as pilot:
@@ -616,3 +628,29 @@ def test_a_trainer_on_another_host_is_read_not_declared_gone(tmp_path):
     local[0]["host"] = this_host()
     reader = RunReader(write_recorded_run(tmp_path / "local", local))
     assert reader.poll().trainer_gone and reader.over
+
+
+def test_a_run_no_trainer_took_is_declared_gone_after_the_grace_not_followed_forever(tmp_path, monkeypatch):
+    """A trainer that died while loading wrote no `start`: with nobody holding the run's lock
+    after the start grace, the reader ends; a live holder is waited for."""
+    import os
+
+    import lowmem.tui.reader as reader_module
+    from lowmem.events import LOCK, this_host
+
+    run = write_recorded_run(tmp_path / "never", [])
+    reader = RunReader(run)
+    assert not reader.poll().trainer_gone            # within the grace a trainer may still come
+    monkeypatch.setattr(reader_module, "START_GRACE_S", 0.0)
+    (run / LOCK).write_text(f"pid {os.getpid()} on {this_host()}")
+    assert not reader.poll().trainer_gone and not reader.over
+    (run / LOCK).write_text(f"pid {dead_pid()} on {this_host()}")
+    assert reader.poll().trainer_gone and reader.over
+
+
+def test_monitor_refuses_a_poll_interval_that_is_not_positive(tmp_path, capsys):
+    from lowmem.cli import main
+
+    run = write_recorded_run(tmp_path / "r")
+    assert main(["monitor", str(run), "--no-tui", "--poll", "-1"]) == 2
+    assert "--poll: expected a positive number of seconds" in capsys.readouterr().err

@@ -97,6 +97,10 @@ class DashboardApp(App[str]):
         Binding("p", "toggle_pause", "Pause/resume"),
         Binding("s", "save", "Save now"),
         Binding("q", "quit_prompt", "Quit"),
+        # Ctrl-C stops a run in the plain mode: here it asks the same question as q (stop with a
+        # checkpoint, or detach), rather than Textual's hint to press ctrl+q, which detached.
+        Binding("ctrl+c", "quit_prompt", show=False, priority=True),
+        Binding("ctrl+q", "quit_prompt", show=False, priority=True),
         Binding("question_mark", "help", "Help", key_display="?"),
     ]
 

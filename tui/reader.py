@@ -15,7 +15,7 @@ import psutil
 import yaml
 
 from lowmem.errors import LowmemError
-from lowmem.events import EVENTS_FILE, read_jsonl_tail, this_host
+from lowmem.events import EVENTS_FILE, lock_holder, read_jsonl_tail, this_host
 
 CONFIG_FILE = "config.yaml"
 PLAN_FILE = "plan.yaml"
@@ -23,6 +23,9 @@ PLAN_FILE = "plan.yaml"
 # A process whose creation time is later than this after the `start` event is a
 # different process that reused the pid, not our trainer.
 _PID_REUSE_SLACK_S = 5.0
+# How long a reader waits for a run without a `start` event to be taken by a trainer before
+# it concludes none will come (a trainer launched with the dashboard imports torch first).
+START_GRACE_S = 30.0
 
 
 def check_run_dir(run_dir: str | Path, *, require_run_files: bool = False) -> Path:
@@ -81,6 +84,8 @@ class RunReader:
         self._done = False            # `done` seen after the last `start`
         self._error = False           # `error` seen after the last `start`
         self._gone = False            # the trainer's pid is gone without `done`
+        self._opened = time.monotonic()
+        self._started_elsewhere = False   # a `start` from another host: no pid to watch
 
     def poll(self) -> Update:
         update = Update()
@@ -93,6 +98,12 @@ class RunReader:
                 self._read_events(update)
                 if not self._done:
                     update.trainer_gone = self._gone = True
+        elif (self.check_trainer and self._pid is None and not (self._done or self._error or self._gone)
+              and time.monotonic() - self._opened > START_GRACE_S and not self._started_elsewhere
+              and lock_holder(self.run_dir) is None):
+            # No `start` yet, and no trainer holds the run: it died loading (or was never
+            # started), and nothing will come. The grace lets a trainer just launched get there.
+            update.trainer_gone = self._gone = True
         return update
 
     @property
@@ -111,6 +122,7 @@ class RunReader:
                 # was recorded count as local.
                 local = event.get("host") in (None, this_host())
                 self._pid = event.get("pid") if local else None
+                self._started_elsewhere = not local
                 self._start_t = event.get("t")
                 self._done = self._error = self._gone = False
             elif kind == "done":

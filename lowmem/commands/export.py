@@ -44,6 +44,10 @@ def run(args) -> int:
     if args.group is not None and args.group < 1:
         raise ConfigError(f"--group: expected a positive number of weights, got {args.group}")
     as_path = lambda v: None if v is None else Path(v)  # noqa: E731
+    from lowmem.quant.export import check_outputs
+
+    check_outputs({"--quantized": as_path(args.quantized), "--dequantized": as_path(args.dequantized),
+                   "--merged": as_path(args.merged)})
     try:
         export_run(Path(args.run_dir), quantized=as_path(args.quantized),
                    dequantized=as_path(args.dequantized), merged=as_path(args.merged), bits=args.bits,
