@@ -74,14 +74,14 @@ def new_run_dir(config: RunConfig) -> Path:
     is working in it."""
     import shutil
 
-    from lowmem.checkpoint import RunLock, list_checkpoints
+    from lowmem.checkpoint import RunLock
 
     name = config.name or datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(config.runs_dir) / name
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"{run_dir} is a file, not a run directory; choose another --name or --runs-dir")
     if run_dir.is_dir() and any(run_dir.iterdir()):
-        if list_checkpoints(run_dir) or (run_dir / "adapter").exists() or (run_dir / "model").exists():
+        if not _holds_nothing_trained(run_dir):
             raise ConfigError(f"run directory {run_dir} already exists; resume it with "
                               f"`lowmem train --resume {run_dir}` or choose another --name")
         with RunLock(run_dir):
@@ -96,6 +96,26 @@ def new_run_dir(config: RunConfig) -> Path:
         raise ConfigError(f"cannot make the run directory {run_dir} (runs_dir={config.runs_dir}): "
                           f"{e.strerror or e}") from None
     return run_dir
+
+
+# What a run directory holds before its first checkpoint: files lowmem writes, nothing else.
+_EARLY_RUN_FILES = {"config.yaml", "plan.yaml", "events.jsonl", "control", "trainer.log", ".lock",
+                    "loram_index.json", "loram_aligned.safetensors"}
+
+
+def _holds_nothing_trained(run_dir: Path) -> bool:
+    """Whether `run_dir` is a run directory (config.yaml) that holds only what lowmem writes
+    before a first checkpoint: no checkpoint, no final weights, and nothing of anyone else's.
+    Only such a directory may be emptied for a new run."""
+    if not (run_dir / "config.yaml").is_file():
+        return False
+    for entry in run_dir.iterdir():
+        if entry.name == "checkpoints" and entry.is_dir():
+            if any(not p.name.startswith(".tmp-step-") for p in entry.iterdir()):
+                return False
+        elif entry.name not in _EARLY_RUN_FILES:
+            return False
+    return True
 
 
 def write_run_files(run_dir: Path, config: RunConfig, plan: Plan) -> None:

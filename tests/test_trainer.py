@@ -158,6 +158,15 @@ def test_a_run_directory_is_reused_only_while_it_holds_nothing_trained(tmp_path,
                     keep=1)
     with pytest.raises(ConfigError, match="already exists"):
         new_run_dir(config)
+    # A folder that is not a run, or holds anything lowmem did not write, is never emptied.
+    for name, files in (("notes", {"todo.txt": "mine"}), ("looks-like-a-run", {"config.yaml": "", "x.py": "1"})):
+        folder = tmp_path / "runs" / name
+        folder.mkdir()
+        for file, text in files.items():
+            (folder / file).write_text(text)
+        with pytest.raises(ConfigError, match="already exists"):
+            new_run_dir(config.replace(name=name))
+        assert sorted(p.name for p in folder.iterdir()) == sorted(files)
 
 
 def test_sigint_finishes_the_step_checkpoints_and_says_how_to_resume(tmp_path, tiny_model_dir, tiny_chat_data):
