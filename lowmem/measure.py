@@ -74,7 +74,8 @@ def _prune_first_units(model: nn.Module, spec: ModelSpec, plan: Plan) -> None:
     scores, only descending ones for lowmem.prune's own choice to follow."""
     from lowmem.prune import apply_index_map, layer_ratio_list, select
 
-    ratios = layer_ratio_list(spec.layers, plan.prune_ratio, plan.prune_keep_first, plan.prune_keep_last)
+    ratios = layer_ratio_list(spec.layers, plan.prune_ratio, plan.prune_keep_first, plan.prune_keep_last,
+                              dict(enumerate(plan.prune_layer_ratios)))
     first = {"group": -torch.arange(spec.kv_heads, dtype=torch.float32),
              "head": -torch.arange(spec.heads, dtype=torch.float32),
              "channel": -torch.arange(spec.intermediate, dtype=torch.float32)}

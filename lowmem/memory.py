@@ -227,7 +227,8 @@ def model_spec_for_plan(spec: ModelSpec, plan: Any) -> ModelSpec:
     """The shapes the run trains on: pruned by the plan's LoRAM ratio, if any."""
     ratio = _get(plan, "prune_ratio", 0.0)
     if ratio and not spec.blocks:
-        return spec.pruned(ratio, _get(plan, "prune_keep_first", 1), _get(plan, "prune_keep_last", 1))
+        return spec.pruned(ratio, _get(plan, "prune_keep_first", 1), _get(plan, "prune_keep_last", 1),
+                           _get(plan, "prune_layer_ratios", ()))
     return spec
 
 
@@ -874,7 +875,8 @@ def loram_prepare_bytes(spec: ModelSpec, plan: Any, criterion: str, align: bool 
         need = (c * spec.params + (4 + c) * spec.linear_params + saved_layer_bytes(spec, calibration)
                 + logits_bytes(spec, calibration))
     if align:
-        pruned = spec.pruned(plan.prune_ratio, plan.prune_keep_first, plan.prune_keep_last)
+        pruned = spec.pruned(plan.prune_ratio, plan.prune_keep_first, plan.prune_keep_last,
+                             _get(plan, "prune_layer_ratios", ()))
         blocks = pruned.params - pruned.embedding_params - pruned.head_params
         need = max(need, c * pruned.params + 3 * c * blocks + saved_layer_bytes(pruned, calibration)
                    + logits_bytes(pruned, calibration))

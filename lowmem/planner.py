@@ -114,6 +114,7 @@ class Plan:
     prune_ratio: float = 0.0         # LoRAM: share of heads / MLP channels pruned in middle blocks
     prune_keep_first: int = 1        # LoRAM: blocks kept whole at the start
     prune_keep_last: int = 1         # LoRAM: ... and at the end
+    prune_layer_ratios: tuple[float, ...] = ()   # LoRAM: the first blocks' own ratios (loram.layer_ratios)
     galore_rank: int | None = None   # GaLore: projection rank
     galore_per_layer: bool = False   # GaLore: update each weight in backward, free its gradient
     galore_embeddings: bool = False  # GaLore: project embeddings and head too (else 8-bit AdamW)
@@ -229,6 +230,7 @@ def plan_from_config(config: RunConfig) -> Plan:
         prune_ratio=config.loram.ratio if loram else 0.0,
         prune_keep_first=config.loram.keep_first,
         prune_keep_last=config.loram.keep_last,
+        prune_layer_ratios=tuple(config.loram.layer_ratios) if loram else (),
         galore_rank=galore_rank,
         galore_per_layer=config.galore.per_layer if galore else False,
         galore_embeddings=config.galore.embeddings if galore else False,
@@ -396,6 +398,8 @@ def _build(config: Any, spec: ModelSpec, device: str, level: _Level, variant: di
         prune_ratio=level.prune_ratio,
         prune_keep_first=int(_config_value(config, "loram.keep_first", 1)),
         prune_keep_last=int(_config_value(config, "loram.keep_last", 1)),
+        prune_layer_ratios=(tuple(_config_value(config, "loram.layer_ratios", ()) or ())
+                            if level.method == "loram" else ()),
         galore_rank=int(_config_value(config, "galore.rank", 0) or max(1, spec.hidden // 4)) if galore else None,
         galore_per_layer=bool(_config_value(config, "galore.per_layer", True)) if galore else False,
         galore_embeddings=bool(_config_value(config, "galore.embeddings", False)) if galore else False,
@@ -495,7 +499,8 @@ def _reasons(plan: Plan, spec: ModelSpec, config: Any, pinned: set[str]) -> tupl
                f"{format_size(plan.vram)} ({format_size(plan.usable)} usable after the "
                f"{plan.safety_margin:.0%} safety margin); predicted peak {format_size(b.total)}"]
     if plan.method == "loram":
-        pruned = spec.pruned(plan.prune_ratio, plan.prune_keep_first, plan.prune_keep_last)
+        pruned = spec.pruned(plan.prune_ratio, plan.prune_keep_first, plan.prune_keep_last,
+                             plan.prune_layer_ratios)
         reasons.append(f"nothing unpruned fits, so the base is pruned by {plan.prune_ratio:.0%} "
                        f"(the least pruning that fits): {spec.params:,} -> {pruned.params:,} parameters")
     faster = (("grad_checkpointing", "grad_checkpointing", False, "activation checkpointing"),

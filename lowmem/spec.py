@@ -32,6 +32,7 @@ import json
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -133,36 +134,50 @@ class ModelSpec:
 
     # ------------------------------------------------------------ pruning
 
-    def pruned(self, ratio: float, keep_first: int = 1, keep_last: int = 1) -> "ModelSpec":
+    def pruned(self, ratio: float, keep_first: int = 1, keep_last: int = 1,
+               layer_ratios: Sequence[float] = ()) -> "ModelSpec":
         """The shapes after structured pruning (LoRAM) of `ratio` of each middle block.
 
         Blocks [keep_first, layers − keep_last) keep a share (1 − ratio) of their
         KV groups, attention heads and MLP channels; the hidden size, embeddings,
-        head and the outer blocks are untouched:
+        head and the outer blocks are untouched. `layer_ratios` (loram.layer_ratios)
+        gives the first blocks their own ratios, in block order, over both. At ratio r:
 
-            K' = max(1, round(K·(1−ratio)))
-            g' = min(H/K, max(1, round(H·(1−ratio) / K')))   query heads per kept group
+            K' = max(1, round(K·(1−r)))
+            g' = min(H/K, max(1, round(H·(1−r) / K')))       query heads per kept group
             H' = K'·g'                                       (a group keeps at most its own heads)
-            I' = max(1, round(I·(1−ratio)))
+            I' = max(1, round(I·(1−r)))
 
         lowmem.prune.kept_counts prunes real models by the same rule.
         """
-        if not 0.0 <= ratio < 1.0:
-            raise ValueError(f"prune ratio must be in [0, 1), got {ratio}")
-        if ratio == 0.0:
+        for r in (ratio, *layer_ratios):
+            if not 0.0 <= r < 1.0:
+                raise ValueError(f"prune ratio must be in [0, 1), got {r}")
+        if len(layer_ratios) > self.layers:
+            raise ValueError(f"{len(layer_ratios)} layer ratios for {self.layers} blocks")
+        first = min(keep_first, self.layers)
+        last = min(keep_last, self.layers - first)
+        ratios = [0.0 if i < first or i >= self.layers - last else ratio for i in range(self.layers)]
+        ratios[:len(layer_ratios)] = [float(r) for r in layer_ratios]
+        if not any(ratios):
             return self
+        runs: list[list] = []
+        for r in ratios:
+            shape = self._pruned_block(r)
+            if runs and runs[-1][1] == shape:
+                runs[-1][0] += 1
+            else:
+                runs.append([1, shape])
+        name = f"{self.name} (pruned {ratio:.0%}{', per block' if layer_ratios else ''})"
+        return dataclasses.replace(self, name=name, blocks=tuple((n, b) for n, b in runs), prune_ratio=ratio)
+
+    def _pruned_block(self, ratio: float) -> BlockShape:
+        if ratio == 0.0:
+            return BlockShape(self.heads, self.kv_heads, self.intermediate)
         keep = 1.0 - ratio
         kv = max(1, _round(self.kv_heads * keep))
         heads = kv * min(self.heads // self.kv_heads, max(1, _round(self.heads * keep / kv)))
-        inter = max(1, _round(self.intermediate * keep))
-        first = min(keep_first, self.layers)
-        last = min(keep_last, self.layers - first)
-        middle = self.layers - first - last
-        full = BlockShape(self.heads, self.kv_heads, self.intermediate)
-        runs = [(first, full), (middle, BlockShape(heads, kv, inter)), (last, full)]
-        return dataclasses.replace(
-            self, name=f"{self.name} (pruned {ratio:.0%})",
-            blocks=tuple((n, b) for n, b in runs if n > 0), prune_ratio=ratio)
+        return BlockShape(heads, kv, max(1, _round(self.intermediate * keep)))
 
     # ------------------------------------------------------------ conversions
 

@@ -107,6 +107,11 @@ def test_pruned_parameter_count_matches_the_planners_spec():
     spec = from_hf_config(model.config.to_dict())
     prune(model, 0.5, criterion="magnitude")
     assert sum(p.numel() for p in model.parameters()) == spec.pruned(0.5, 1, 1).params
+    # loram.layer_ratios (the first blocks' own ratios) in the planner's spec as in the model.
+    model = _model()
+    prune(model, 0.5, criterion="magnitude", layer_ratios={0: 0.25, 1: 0.75, 2: 0.0})
+    per_block = spec.pruned(0.5, 1, 1, (0.25, 0.75, 0.0))
+    assert sum(p.numel() for p in model.parameters()) == per_block.params != spec.pruned(0.5, 1, 1).params
     # The shared formula: K' = round(K·0.5), H' = K'·round(H·0.5/K'), I' = round(I·0.5).
     assert kept_counts(9, 3, 1536, 0.5) == (4, 2, 768)   # SmolLM2-135M's middle blocks
     # A kept group never gets more query heads than it has (LLaMA-3.1-70B: 8 per group):

@@ -257,11 +257,14 @@ def _plan_rows(plan: Plan, spec: ModelSpec, prepare: dict[str, Any] | None = Non
     base = plan.base_format + (" (double quantization)" if plan.base_format == "nf4" and plan.double_quant else "")
     rows.append(("base weights", base))
     if plan.prune_ratio:
-        pruned = spec.pruned(plan.prune_ratio, plan.prune_keep_first, plan.prune_keep_last)
+        pruned = spec.pruned(plan.prune_ratio, plan.prune_keep_first, plan.prune_keep_last,
+                             plan.prune_layer_ratios)
         bits = 4 if plan.base_format == "nf4" else 16
         factor = spec.params / pruned.params * 16 / bits
         rows.append(("pruning", f"{plan.prune_ratio:.0%} of heads and MLP channels in blocks "
-                                f"{plan.prune_keep_first}..{spec.layers - plan.prune_keep_last - 1}: "
+                                f"{plan.prune_keep_first}..{spec.layers - plan.prune_keep_last - 1}"
+                                + (f" (blocks 0..{len(plan.prune_layer_ratios) - 1} at loram.layer_ratios)"
+                                   if plan.prune_layer_ratios else "") + ": "
                                 f"{pruned.params:,} parameters; reduction {factor:.2f}x "
                                 f"(params ratio x 16/{bits} bits, as the LoRAM paper counts; "
                                 f"the paper: {LORAM_PAPER_FACTOR}x for LLaMA-3.1-70B pruned 85% in NF4)"))
