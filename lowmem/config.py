@@ -327,9 +327,13 @@ def _flatten_node(node: yaml.Node, source: str, prefix: str = "") -> tuple[dict,
     origins: dict[str, str] = {}
     if not isinstance(node, yaml.MappingNode):
         raise ConfigError(f"{source}: line {node.start_mark.line + 1}: expected a mapping of key: value")
+    lines: dict[str, int] = {}
     for key_node, value_node in node.value:
         key = prefix + str(key_node.value)
         where = f"{source}: line {key_node.start_mark.line + 1}: "
+        if key in lines:      # YAML keeps the last silently; one of the two is a mistake
+            raise ConfigError(f"{where}'{key}' is given twice (also on line {lines[key]}); keep one")
+        lines[key] = key_node.start_mark.line + 1
         if isinstance(value_node, yaml.MappingNode):
             sub_values, sub_origins = _flatten_node(value_node, source, key + ".")
             values.update(sub_values)

@@ -84,6 +84,10 @@ def test_train_then_generate_with_the_run_adapter(tmp_path, tiny_model_dir, tiny
                                   "cpu", 6)[0] + "\n"
     assert main(["generate", "hi", "--adapter", str(tmp_path)]) == 2
     assert "no adapter here" in capsys.readouterr().err
+    (tmp_path / "early").mkdir()
+    (tmp_path / "early" / "config.yaml").write_text("steps: 2\n")
+    assert main(["generate", "hi", "--adapter", str(tmp_path / "early")]) == 2
+    assert "early: no adapter yet: the run has not finished (" in capsys.readouterr().err
 
 
 

@@ -119,3 +119,9 @@ def test_a_size_without_a_unit_is_refused_where_it_would_be_a_few_bytes():
     with pytest.raises(ValueError, match="'24' has no unit: sizes are like 24G"):
         parse_size("24")
     assert parse_size("24G") == 24 * 2**30 and parse_size("1048576") == 2**20 and parse_size(24) == 24
+
+
+def test_a_key_given_twice_in_a_preset_is_refused_with_both_lines(tmp_path):
+    (tmp_path / "p.yaml").write_text("steps: 3\nlora:\n  rank: 4\nsteps: 4\n")
+    with pytest.raises(ConfigError, match=r"p.yaml: line 4: 'steps' is given twice \(also on line 1\)"):
+        load_config(str(tmp_path / "p.yaml"))

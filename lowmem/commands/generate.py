@@ -14,7 +14,7 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 
-from lowmem.errors import ModelError
+from lowmem.errors import CheckpointError, ModelError
 
 SAFETY_MARGIN = 0.05       # as the planner keeps free (config key safety_margin)
 EXPORT_BITS, EXPORT_GROUP = (8, 4, 3, 2), 128     # what `lowmem export --quantized` writes, widest first
@@ -61,7 +61,10 @@ def find_adapter(path: Path) -> tuple[Path, str | None]:
         model = yaml.safe_load((path / "config.yaml").read_text()).get("model")
         if (path / "adapter" / ADAPTER_CONFIG).is_file():
             return path / "adapter", model
-        folder = find_resumable(path) / "adapter"
+        try:
+            folder = find_resumable(path, warn=lambda m: None) / "adapter"
+        except CheckpointError as e:
+            raise ModelError(f"{path}: no adapter yet: the run has not finished ({e})") from None
         if (folder / ADAPTER_CONFIG).is_file():
             return folder, model
     raise ModelError(f"{path}: no adapter here (expected {ADAPTER_CONFIG}, or a run directory with one)")
