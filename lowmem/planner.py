@@ -533,6 +533,11 @@ def make_plan(config: RunConfig, spec: ModelSpec, pinned: Iterable[str] | None =
     where the plan will run (default: `config.device` resolved on this machine).
     """
     pinned = set(pinned or ())
+    if config.method == "l4q" and config.lora.dropout > 0:
+        from lowmem.errors import ConfigError
+
+        raise ConfigError(f"lora.dropout={config.lora.dropout} with method l4q: L4Q quantizes W0 + s·BA as one "
+                          f"weight, so adapter dropout has nothing to act on; set lora.dropout=0")
     ratios = config.loram.layer_ratios
     if ratios and len(ratios) > spec.layers:
         from lowmem.errors import ConfigError

@@ -207,6 +207,13 @@ def test_a_model_folder_without_weights_is_refused_before_a_run_directory_exists
     assert not (tmp_path / "runs").exists()
 
 
+def test_l4q_with_adapter_dropout_is_refused_before_a_run_directory_exists(tmp_path, capsys):
+    assert main(["train", "--method", "l4q", "lora.dropout=0.1", "--runs-dir", str(tmp_path / "runs"),
+                 "--no-tui"]) == 2
+    assert "adapter dropout has nothing to act on" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_loram_layer_ratios_for_more_blocks_than_the_model_has_are_refused(capsys):
     assert main(["plan", "--model", "smollm2-135m", "--method", "loram",
                  "loram.layer_ratios=[" + ",".join(["0.5"] * 31) + "]"]) == 2
