@@ -40,9 +40,10 @@ class RunLock:
     process ends, however it ends, so a crash never leaves a run locked. The file names the
     holder (pid and host) for the error a second trainer gets."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, *, holder: bool = True):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK
+        self.holder = holder      # write this process in as the holder (a trainer), or only look
         self._fd: int | None = None
 
     def __enter__(self) -> "RunLock":
@@ -53,13 +54,17 @@ class RunLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
             os.close(fd)
             raise CheckpointError(f"{self.run_dir} is in use by a trainer ({holder}): wait for it to end, or "
                                   f"stop it (`lowmem monitor {self.run_dir}`, then q) and resume") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {this_host()}".encode())
+        except OSError:           # a file system without flock (Lustre's noflock, some FUSE): no lock
+            os.close(fd)
+            return self
+        if self.holder:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {this_host()}".encode())
         self._fd = fd
         return self
 
@@ -71,7 +76,7 @@ class RunLock:
 
 def check_unlocked(run_dir: Path) -> None:
     """CheckpointError naming the holder when a trainer is working in `run_dir` now."""
-    with RunLock(run_dir):
+    with RunLock(run_dir, holder=False):
         pass
 
 

@@ -40,12 +40,13 @@ def parse_size(text: str | int | float) -> int:
     if isinstance(text, bool):
         raise ValueError(f"expected a size like 24G, got {text!r}")
     if isinstance(text, (int, float)):
-        return int(text)
-    m = _SIZE_RE.match(str(text))
-    if not m:
-        raise ValueError(f"expected a size like 24G, 24GB, 24GiB, 500M or 0.5T, got {text!r}")
-    number, unit, suffix = m.groups()
-    if not unit and not suffix and float(number) < 1024:
+        number, unit, suffix = str(text), "", ""
+    else:
+        m = _SIZE_RE.match(str(text))
+        if not m:
+            raise ValueError(f"expected a size like 24G, 24GB, 24GiB, 500M or 0.5T, got {text!r}")
+        number, unit, suffix = m.groups()
+    if not unit and not suffix and float(number) < 1024:   # `vram: 24` in YAML as well as --vram 24
         raise ValueError(f"{str(text).strip()!r} has no unit: sizes are like {str(text).strip()}G or 500M "
                          f"(a bare number counts bytes)")
     return int(float(number) * _UNITS[unit.upper()])

@@ -128,26 +128,31 @@ def send_control(run_dir: Path, request: str) -> str:
 class ControlReader:
     """The trainer's side of the control channel: new requests since the last poll."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, since: float | None = None):
         self.path = Path(run_dir) / CONTROL_FILE
-        # Requests written before this run (or before a resume) are history, not orders.
-        self.offset = self.path.stat().st_size if self.path.exists() else 0
+        # Requests written before this run (or before a resume) are history, not orders; those
+        # stamped at or after `since` (when the trainer's process started) are for this trainer,
+        # though they came before it opened the channel (a stop sent while the model loaded).
+        records, self.offset = read_jsonl_tail(self.path, 0)
+        self._early = [r for r in records if since is not None and r.get("t", 0) >= since]
 
     def poll(self) -> list[dict]:
         records, self.offset = read_jsonl_tail(self.path, self.offset)
+        records, self._early = self._early + records, []
         return [r for r in records if r.get("request") in CONTROL_REQUESTS]
 
 
-def lock_holder(run_dir: Path) -> int | None:
-    """The pid of the trainer that holds `run_dir` on this host, if it still runs; None when no
-    trainer has locked it or the one that did has ended. Reads the lock file only: taking the
-    lock, even for a moment, could refuse a trainer starting at that instant."""
+def trainer_may_hold(run_dir: Path) -> bool:
+    """Whether a trainer may be working in `run_dir`: False only when its lock file names no
+    trainer, or one on this host that has ended. A trainer on another host (shared storage)
+    cannot be checked from here, so it may. Reads the lock file only: taking the lock, even
+    for a moment, could refuse a trainer starting at that instant."""
     import psutil
 
     try:
         words = (Path(run_dir) / LOCK).read_text().split()
     except OSError:
-        return None
-    if len(words) != 4 or words[0] != "pid" or not words[1].isdigit() or words[3] != this_host():
-        return None
-    return int(words[1]) if psutil.pid_exists(int(words[1])) else None
+        return False
+    if len(words) != 4 or words[0] != "pid" or not words[1].isdigit():
+        return False
+    return words[3] != this_host() or psutil.pid_exists(int(words[1]))

@@ -81,10 +81,10 @@ def new_run_dir(config: RunConfig) -> Path:
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"{run_dir} is a file, not a run directory; choose another --name or --runs-dir")
     if run_dir.is_dir() and any(run_dir.iterdir()):
-        if not _holds_nothing_trained(run_dir):
+        if not holds_nothing_trained(run_dir):
             raise ConfigError(f"run directory {run_dir} already exists; resume it with "
                               f"`lowmem train --resume {run_dir}` or choose another --name")
-        with RunLock(run_dir):
+        with RunLock(run_dir, holder=False):
             for entry in run_dir.iterdir():
                 if entry.name != ".lock":
                     shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
@@ -103,7 +103,7 @@ _EARLY_RUN_FILES = {"config.yaml", "plan.yaml", "events.jsonl", "control", "trai
                     "loram_index.json", "loram_aligned.safetensors"}
 
 
-def _holds_nothing_trained(run_dir: Path) -> bool:
+def holds_nothing_trained(run_dir: Path) -> bool:
     """Whether `run_dir` is a run directory (config.yaml) that holds only what lowmem writes
     before a first checkpoint: no checkpoint, no final weights, and nothing of anyone else's.
     Only such a directory may be emptied for a new run."""
@@ -233,17 +233,26 @@ def train(config: RunConfig, plan: Plan, run_dir: Path, *, resume: bool = False,
         except BaseException as e:
             if not isinstance(e, KeyboardInterrupt):
                 events.emit("error", message=f"{type(e).__name__}: {e}")
-            elif not list_checkpoints(run_dir):
-                out(f"interrupted before a checkpoint was written: `lowmem train --resume {run_dir}` "
-                    f"starts it over")
             else:
-                out(f"interrupted: `lowmem train --resume {run_dir}` continues from its newest checkpoint")
+                # Stopped outside the loop (loading, an evaluation): say so, and tell readers the
+                # trainer is over, as the loop's own interruption does.
+                saved = list_checkpoints(run_dir)
+                resume_cmd = f"lowmem train --resume {run_dir}"
+                if saved:
+                    out(f"interrupted: `{resume_cmd}` continues from its newest checkpoint")
+                else:
+                    out(f"interrupted before a checkpoint was written: `{resume_cmd}` starts it over")
+                events.emit("done", step=int(saved[-1].name[5:]) if saved else 0, reason="interrupted",
+                            resume=resume_cmd)
             raise
         finally:
             events.close()
 
 
 def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resume: bool, out) -> dict:
+    # Control requests from now on are for this trainer, even those sent while the model loads
+    # (a dashboard's stop), before the channel is opened below.
+    began = time.time()
     device = plan.device
     torch.manual_seed(config.seed)
     if device == "cpu":
@@ -323,7 +332,7 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
 
     # Opened before `start` is written: the dashboard sends requests only after it
     # sees `start`, and requests older than the reader are history.
-    control = ControlReader(run_dir)
+    control = ControlReader(run_dir, since=began)
     gpu = memstats.gpu_facts(device)
     events.emit("start", run=run_dir.name, model=config.model, method=plan.method, device=device,
                 steps=config.steps, start_step=step, seq_len=config.seq_len,

@@ -245,6 +245,9 @@ def test_a_run_stopped_after_its_last_checkpoint_resumes_into_its_end(tmp_path, 
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == checkpoints   # nor re-saved
     assert main(["train", "--resume", str(run), "--no-tui"]) == 2
     assert "already finished its 2 steps" in capsys.readouterr().err
+    shutil.rmtree(run / "checkpoints")           # to save disk: the adapter stays, and is never retrained
+    assert main(["train", "--resume", str(run), "--no-tui"]) == 2
+    assert "holds trained weights (adapter/ or model/): start a new run" in capsys.readouterr().err
 
 
 def test_a_run_without_a_checkpoint_starts_over_on_resume_and_paths_are_kept_absolute(

@@ -118,7 +118,9 @@ def test_a_preset_that_is_not_utf8_or_is_a_directory_is_a_one_line_error(tmp_pat
 def test_a_size_without_a_unit_is_refused_where_it_would_be_a_few_bytes():
     with pytest.raises(ValueError, match="'24' has no unit: sizes are like 24G"):
         parse_size("24")
-    assert parse_size("24G") == 24 * 2**30 and parse_size("1048576") == 2**20 and parse_size(24) == 24
+    with pytest.raises(ValueError, match="'24' has no unit"):
+        parse_size(24)                                  # `vram: 24` in a preset
+    assert parse_size("24G") == 24 * 2**30 and parse_size("1048576") == 2**20 and parse_size(2**20) == 2**20
 
 
 def test_a_key_given_twice_in_a_preset_is_refused_with_both_lines(tmp_path):

@@ -154,6 +154,7 @@ def test_a_run_directory_is_reused_only_while_it_holds_nothing_trained(tmp_path,
     with RunLock(run_dir), pytest.raises(CheckpointError, match="in use by a trainer .pid"):
         new_run_dir(config)
     assert new_run_dir(config) == run_dir and not (run_dir / "events.jsonl").exists()
+    write_run_files(run_dir, config, plan_from_config(config))     # a run again, now with a checkpoint
     save_checkpoint(run_dir, 1, trainable={"w": torch.zeros(2)}, optimizer={}, state={}, config={}, plan={},
                     keep=1)
     with pytest.raises(ConfigError, match="already exists"):
@@ -325,3 +326,34 @@ def test_an_event_after_a_partial_last_line_is_not_lost(tmp_path):
     log.emit("start", step=1)
     log.close()
     assert [e["kind"] for e in read_events(tmp_path)] == ["step", "start"]
+
+
+def test_a_request_sent_while_the_trainer_loads_is_obeyed_and_older_ones_are_history(tmp_path):
+    """A dashboard's stop sent after the trainer began but before it opened the control channel
+    (the model still loading) is for it; one from before it began is a past run's."""
+    import time
+
+    from lowmem.events import ControlReader
+
+    send_control(tmp_path, "stop")
+    time.sleep(0.01)
+    began = time.time()
+    send_control(tmp_path, "save")
+    assert [r["request"] for r in ControlReader(tmp_path, since=began).poll()] == ["save"]
+    assert ControlReader(tmp_path).poll() == []
+
+
+def test_ctrl_c_before_the_first_checkpoint_ends_the_run_for_readers_and_says_resume_starts_over(
+        tmp_path, tiny_model_dir, tiny_chat_data):
+    config, plan, run_dir = _start(_config(tiny_model_dir, tiny_chat_data, tmp_path), "early")
+    said = []
+
+    def interrupt_in_the_first_evaluation(message):
+        said.append(message)
+        if message.startswith("eval (before"):
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train(config, plan, run_dir, out=interrupt_in_the_first_evaluation)
+    assert said[-1] == f"interrupted before a checkpoint was written: `lowmem train --resume {run_dir}` starts it over"
+    done = read_events(run_dir)[-1]
+    assert done["kind"] == "done" and done["reason"] == "interrupted" and done["step"] == 0

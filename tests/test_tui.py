@@ -644,6 +644,8 @@ def test_a_run_no_trainer_took_is_declared_gone_after_the_grace_not_followed_for
     monkeypatch.setattr(reader_module, "START_GRACE_S", 0.0)
     (run / LOCK).write_text(f"pid {os.getpid()} on {this_host()}")
     assert not reader.poll().trainer_gone and not reader.over
+    (run / LOCK).write_text(f"pid {dead_pid()} on {this_host()}-elsewhere")   # cannot be checked here
+    assert not reader.poll().trainer_gone and not reader.over
     (run / LOCK).write_text(f"pid {dead_pid()} on {this_host()}")
     assert reader.poll().trainer_gone and reader.over
 

@@ -181,6 +181,8 @@ class DashboardApp(App[str]):
         self.push_screen(HelpScreen())
 
     def action_quit_prompt(self) -> None:
+        if isinstance(self.screen, QuitScreen):      # asked already: a second Ctrl-C stacks none
+            return
         if self.state.over:
             self.exit(self.closing_result())
             return

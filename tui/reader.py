@@ -15,7 +15,7 @@ import psutil
 import yaml
 
 from lowmem.errors import LowmemError
-from lowmem.events import EVENTS_FILE, lock_holder, read_jsonl_tail, this_host
+from lowmem.events import EVENTS_FILE, read_jsonl_tail, this_host, trainer_may_hold
 
 CONFIG_FILE = "config.yaml"
 PLAN_FILE = "plan.yaml"
@@ -100,7 +100,7 @@ class RunReader:
                     update.trainer_gone = self._gone = True
         elif (self.check_trainer and self._pid is None and not (self._done or self._error or self._gone)
               and time.monotonic() - self._opened > START_GRACE_S and not self._started_elsewhere
-              and lock_holder(self.run_dir) is None):
+              and not trainer_may_hold(self.run_dir)):
             # No `start` yet, and no trainer holds the run: it died loading (or was never
             # started), and nothing will come. The grace lets a trainer just launched get there.
             update.trainer_gone = self._gone = True

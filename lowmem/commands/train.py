@@ -17,7 +17,7 @@ import yaml
 
 from lowmem.commands import add_config_flags, config_from_args
 from lowmem.config import parse_overrides
-from lowmem.errors import ConfigError, ModelError
+from lowmem.errors import CheckpointError, ConfigError, ModelError
 
 
 def register(sub) -> None:
@@ -91,16 +91,22 @@ def run(args) -> int:
             print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
             return 0
         from lowmem.checkpoint import check_unlocked, find_resumable, list_checkpoints
-        from lowmem.trainer import read_run_files
+        from lowmem.trainer import holds_nothing_trained, read_run_files
 
         # Everything that can refuse, before anything in the run directory changes.
         check_unlocked(run_dir)
         read_run_files(run_dir)
         if not list_checkpoints(run_dir):
+            if not holds_nothing_trained(run_dir):
+                raise CheckpointError(f"{run_dir} has no checkpoint to continue from, but holds trained "
+                                      f"weights (adapter/ or model/): start a new run to train further")
             # It stopped before its first checkpoint (Ctrl-C while loading or evaluating, a
-            # crash): nothing trained was kept, so it starts over, in the same directory.
+            # crash): nothing trained was kept, so it starts over, in the same directory, with
+            # its events from the start that ended.
             print(f"{run_dir} has no checkpoint: it stopped before one was written; starting it over",
                   file=sys.stderr)
+            for stale in ("events.jsonl", "control"):
+                (run_dir / stale).unlink(missing_ok=True)
             (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
             return launch(run_dir, resume=False, no_tui=args.no_tui)
         folder = find_resumable(run_dir, warn=lambda m: None)  # fail here, not in a background process
