@@ -134,7 +134,8 @@ class ControlReader:
         # stamped at or after `since` (when the trainer's process started) are for this trainer,
         # though they came before it opened the channel (a stop sent while the model loaded).
         records, self.offset = read_jsonl_tail(self.path, 0)
-        self._early = [r for r in records if since is not None and r.get("t", 0) >= since]
+        # A request's `t` is rounded to the millisecond: compare at that precision.
+        self._early = [r for r in records if since is not None and r.get("t", 0) >= round(since, 3) - 0.001]
 
     def poll(self) -> list[dict]:
         records, self.offset = read_jsonl_tail(self.path, self.offset)

@@ -28,7 +28,9 @@ def register(sub) -> None:
                     "evaluation before and after. Options override a preset, key=value overrides "
                     "override options.")
     p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue a stopped run exactly from its newest valid checkpoint")
+                   help="continue a stopped run exactly from its newest valid checkpoint (a run stopped "
+                        "before its first checkpoint starts over); steps=N trains it longer, its "
+                        "learning-rate schedule stretched to the new length")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--no-tui", action="store_true",
                    help="plain progress lines instead of the dashboard (the default when stdout "
