@@ -78,6 +78,7 @@ class Budget:
     bytes: int
     device: str
     given: bool
+    host: int | None = None    # CUDA: the host's available RAM, which a dense base passes through
 
     @property
     def usable(self) -> int:
@@ -102,17 +103,34 @@ def device_budget(device: str, vram: str | None) -> Budget:
             raise ConfigError(f"--vram: {e}") from None
         if size <= 0:
             raise ConfigError(f"--vram must be more than nothing, got {vram!r}")
-        return Budget(size, device, True)
+        return Budget(size, device, True, _available_ram() if device == "cuda" else None)
     if device == "cuda":
         import torch
 
         from lowmem.memstats import device_memory
 
         free, _ = device_memory(torch.cuda.current_device())
-        return Budget(free, device, False)
+        return Budget(free, device, False, _available_ram())
     import psutil
 
     return Budget(psutil.virtual_memory().available, device, False)
+
+
+def _available_ram() -> int:
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def host_bytes(spec, fmt: str, budget: Budget) -> int:
+    """Host RAM that loading the base in `fmt` onto a GPU passes through: a dense base is read
+    whole by transformers before it moves (its weights in that dtype); NF4 arrives one tensor
+    at a time (lowmem.quant.nf4.load_nf4_model). 0 on the CPU, where it is the budget itself."""
+    from lowmem import memory
+
+    if budget.device != "cuda" or fmt not in ("fp32", "bf16"):
+        return 0
+    return memory.weight_bytes(spec, holding(fmt, budget.device))
 
 
 def holding(fmt: str, device: str, bits: int | None = None, group: int | None = None):
@@ -146,10 +164,17 @@ def choose_format(spec, budget: Budget, pinned: str, prompt_tokens: int, new_tok
 
     candidates = FORMATS[budget.device] if pinned == "auto" else (pinned,)
     needs = {fmt: need_bytes(spec, fmt, budget, prompt_tokens, new_tokens, adapter_params) for fmt in candidates}
+    host = {fmt: host_bytes(spec, fmt, budget) for fmt in candidates}
     for fmt, need in needs.items():
-        if need <= budget.usable:
+        if need <= budget.usable and (budget.host is None or host[fmt] <= budget.host):
             return fmt, need
-    figures = ", ".join(f"{format_size(n)} ({fmt} base)" for fmt, n in needs.items())
+    reasons = []
+    for fmt, n in needs.items():
+        if n > budget.usable:
+            reasons.append(f"{format_size(n)} ({fmt} base) is more than the budget")
+        else:
+            reasons.append(f"{format_size(n)} ({fmt} base) would fit, but loading it passes through "
+                           f"{format_size(host[fmt])} of host RAM, with {format_size(budget.host)} available")
     hints = []
     if pinned != "auto":
         hints.append("--base auto takes the widest format that fits")
@@ -160,8 +185,8 @@ def choose_format(spec, budget: Budget, pinned: str, prompt_tokens: int, new_tok
     if run is not None and bits is not None:
         hints.append(f"`lowmem export {run} --quantized DIR --bits {bits}` writes a {bits}-bit model with the "
                      f"adapter merged in, which fits: answer with --model DIR")
-    raise ModelError(f"answering with {name or spec.name} needs {figures}, more than {budget.describe()}"
-                     + "".join(f"; {h}" for h in hints))
+    raise ModelError(f"answering with {name or spec.name} does not fit here (budget: {budget.describe()}): "
+                     + "; ".join(reasons) + "".join(f"; {h}" for h in hints))
 
 
 def run(args) -> int:
