@@ -158,14 +158,15 @@ def test_generate_takes_nf4_where_only_nf4_fits(embedded_dir):
     assert fmt == "nf4" and need <= budget.usable
     with pytest.raises(ModelError, match="--device cpu"):
         choose_format(spec, Budget(budget.bytes // 4, "cuda", True), "auto", tokens, 16, 0)
-    # On a GPU a dense base passes whole through host RAM on its way (NF4 streams): with too
-    # little RAM for bf16, auto takes NF4, and a pinned bf16 says why it cannot.
+    # On a GPU a dense base that cannot stream (a .bin checkpoint) passes whole through host RAM
+    # on its way: with too little RAM for bf16, auto takes NF4, and a pinned bf16 says why not.
     roomy = Budget(2**40, "cuda", True, host=2**40)
-    assert choose_format(spec, roomy, "auto", tokens, 16, 0)[0] == "bf16"
+    assert choose_format(spec, roomy, "auto", tokens, 16, 0, streams=False)[0] == "bf16"
     little_ram = dataclasses.replace(roomy, host=spec.params)   # less than bf16's 2 bytes per weight
-    assert choose_format(spec, little_ram, "auto", tokens, 16, 0)[0] == "nf4"
+    assert choose_format(spec, little_ram, "auto", tokens, 16, 0, streams=False)[0] == "nf4"
+    assert choose_format(spec, little_ram, "auto", tokens, 16, 0, streams=True)[0] == "bf16"
     with pytest.raises(ModelError, match=r"\(bf16 base\) would fit, but loading it passes through .* of host RAM"):
-        choose_format(spec, little_ram, "bf16", tokens, 16, 0)
+        choose_format(spec, little_ram, "bf16", tokens, 16, 0, streams=False)
     # Where a 2-bit export fits and nothing wider does, the refusal says to write one.
     two_bits = Budget(int(need_bytes(spec, "int", Budget(1, "cuda", True), tokens, 16, 0, 2, 128) / 0.95) + 1,
                       "cuda", True)

@@ -250,3 +250,40 @@ def test_a_quantized_model_counts_its_parameters_as_the_dense_one():
     quantize_linears(model, TARGETS, torch.float32)
     assert sum(p.numel() for p in model.parameters()) < dense  # packed bytes, not weights
     assert parameter_count(model) == dense
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_dense_model_loads_one_tensor_at_a_time_into_what_transformers_would_build(sharded_dir, tmp_path,
+                                                                                     dtype):
+    """lowmem.model.load_model (load_streamed) reads safetensors one tensor at a time (on its way to a GPU the
+    host then holds one tensor, not the model): the same tensors as from_pretrained, a tensor
+    the model does not define left out, and never more live than the model plus one tensor."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from lowmem.measure import LiveTensorBytes, model_bytes
+    from lowmem.model import load_streamed
+
+    folder = tmp_path / "m"
+    shutil.copytree(sharded_dir, folder)
+    shard = sorted(folder.glob("model-*.safetensors"))[0]
+    tensors = load_file(str(shard))
+    tensors["model.rotary_emb.inv_freq"] = torch.ones(8)            # as old Llama checkpoints have
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.rotary_emb.inv_freq"] = shard.name
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    said = []
+    with LiveTensorBytes("cpu") as live:
+        model = load_streamed(folder, "cpu", dtype, log=said.append)
+    reference = AutoModelForCausalLM.from_pretrained(str(sharded_dir), dtype=dtype, attn_implementation="sdpa")
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert sorted(ours) == sorted(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) and ours[k].dtype == theirs[k].dtype for k in ours)
+    assert model.lm_head.weight is model.model.embed_tokens.weight and not model.training
+    assert torch.equal(model.model.rotary_emb.inv_freq, reference.model.rotary_emb.inv_freq)   # not the ones
+    assert "left out 1 tensors the model does not define, e.g. model.rotary_emb.inv_freq" in said[0]
+    largest = max(t.numel() * t.element_size() for t in theirs.values())
+    assert live.growth <= model_bytes(model) + 2 * largest, (live.growth, model_bytes(model))

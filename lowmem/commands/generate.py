@@ -122,13 +122,14 @@ def _available_ram() -> int:
     return psutil.virtual_memory().available
 
 
-def host_bytes(spec, fmt: str, budget: Budget) -> int:
-    """Host RAM that loading the base in `fmt` onto a GPU passes through: a dense base is read
-    whole by transformers before it moves (its weights in that dtype); NF4 arrives one tensor
-    at a time (lowmem.quant.nf4.load_nf4_model). 0 on the CPU, where it is the budget itself."""
+def host_bytes(spec, fmt: str, budget: Budget, streams: bool) -> int:
+    """Host RAM that loading the base in `fmt` onto a GPU passes through: one tensor at a time
+    when it `streams` (safetensors: lowmem.model.load_streamed, and NF4 always), else the whole
+    dense model, which transformers reads into host RAM before it moves (a .bin checkpoint, a
+    quantization_config). 0 on the CPU, where it is the budget itself."""
     from lowmem import memory
 
-    if budget.device != "cuda" or fmt not in ("fp32", "bf16"):
+    if budget.device != "cuda" or fmt not in ("fp32", "bf16") or streams:
         return 0
     return memory.weight_bytes(spec, holding(fmt, budget.device))
 
@@ -156,7 +157,8 @@ def need_bytes(spec, fmt: str, budget: Budget, prompt_tokens: int, new_tokens: i
 
 
 def choose_format(spec, budget: Budget, pinned: str, prompt_tokens: int, new_tokens: int,
-                  adapter_params: int, name: str = "", run: str | None = None) -> tuple[str, int]:
+                  adapter_params: int, name: str = "", run: str | None = None,
+                  streams: bool = True) -> tuple[str, int]:
     """(format, predicted bytes): `pinned`, or for "auto" the widest of FORMATS that fits the
     budget. ModelError naming `name` and every candidate's figure when none asked for fits,
     with what would: `run`, the run the adapter came from, could be exported smaller."""
@@ -164,7 +166,7 @@ def choose_format(spec, budget: Budget, pinned: str, prompt_tokens: int, new_tok
 
     candidates = FORMATS[budget.device] if pinned == "auto" else (pinned,)
     needs = {fmt: need_bytes(spec, fmt, budget, prompt_tokens, new_tokens, adapter_params) for fmt in candidates}
-    host = {fmt: host_bytes(spec, fmt, budget) for fmt in candidates}
+    host = {fmt: host_bytes(spec, fmt, budget, streams) for fmt in candidates}
     for fmt, need in needs.items():
         if need <= budget.usable and (budget.host is None or host[fmt] <= budget.host):
             return fmt, need
@@ -196,7 +198,7 @@ def run(args) -> int:
     from lowmem.evaluate import generate, render_chat
     from lowmem.lora import load_adapter, read_adapter_config
     from lowmem.memory import lora_params
-    from lowmem.model import load_model, load_tokenizer, resolve_model_dir
+    from lowmem.model import load_model, load_tokenizer, loads_streamed, resolve_model_dir
     from lowmem.planner import resolve_device
     from lowmem.quant.export import is_quantized_export, load_quantized_export, read_quant_config
     from lowmem.spec import LINEARS, spec_for
@@ -245,7 +247,7 @@ def run(args) -> int:
             adapter_params = lora_params(spec, cfg.get("target_modules") or (), int(cfg.get("r", 0)))
         run_dir = _exportable_run(args.adapter)
         fmt, need = choose_format(spec, budget, args.base, prompt_tokens, args.max_new_tokens, adapter_params,
-                                  name=ref, run=run_dir)
+                                  name=ref, run=run_dir, streams=loads_streamed(model_dir))
         note(f"{ref}: {fmt} base on {device}, predicted {format_size(need)} of {budget.describe()}")
         if fmt == "nf4":
             dtype = torch.bfloat16 if device == "cuda" else torch.float32
