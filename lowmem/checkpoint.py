@@ -163,13 +163,18 @@ def save_checkpoint(run_dir: Path, step: int, *, trainable: dict[str, torch.Tens
     return final
 
 
+def checkpoint_step(folder: Path) -> int:
+    """N of a `step-N` checkpoint folder."""
+    return int(folder.name[5:])
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Completed checkpoint folders, oldest first (temporary folders excluded)."""
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
     found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
+    return sorted(found, key=checkpoint_step)
 
 
 def verify(folder: Path) -> str | None:
@@ -224,10 +229,10 @@ def set_aside_damaged(run_dir: Path, resumed: Path) -> list[Path]:
     """Rename the damaged checkpoints newer than `resumed` (the one a run resumes from) to
     `.damaged-step-N`: kept for a look, but out of `list_checkpoints`, so that pruning the
     oldest does not delete a good checkpoint and keep a damaged one. Returns the new paths."""
-    step = int(resumed.name[5:])
+    step = checkpoint_step(resumed)
     moved = []
     for folder in list_checkpoints(run_dir):
-        if int(folder.name[5:]) > step and verify(folder) is not None:
+        if checkpoint_step(folder) > step and verify(folder) is not None:
             target = folder.with_name(f".damaged-{folder.name}")
             if target.exists():
                 shutil.rmtree(target, ignore_errors=True)

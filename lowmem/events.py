@@ -131,8 +131,8 @@ class ControlReader:
     def __init__(self, run_dir: Path, since: float | None = None):
         self.path = Path(run_dir) / CONTROL_FILE
         # Requests written before this run (or before a resume) are history, not orders; those
-        # stamped at or after `since` (when the trainer's process started) are for this trainer,
-        # though they came before it opened the channel (a stop sent while the model loaded).
+        # stamped at or after `since` (when the trainer began) are for this trainer, though they
+        # came before it opened the channel (a stop sent while the model loaded).
         records, self.offset = read_jsonl_tail(self.path, 0)
         # A request's `t` is rounded to the millisecond: compare at that precision.
         self._early = [r for r in records if since is not None and r.get("t", 0) >= round(since, 3) - 0.001]

@@ -121,28 +121,36 @@ def load_tokenizer(model_dir: Path):
 
 def load_model(ref: str, device: str = "cpu", dtype: torch.dtype = torch.float32, log=print, *,
                nf4_targets: tuple[str, ...] = (), double_quant: bool = True):
-    """(model, tokenizer, model_dir) for a reference; weights in `dtype` on `device`.
+    """(model, tokenizer, model_dir) for a reference; weights in `dtype` on `device`
+    (load_weights)."""
+    model_dir = resolve_model_dir(ref, log)
+    model = load_weights(model_dir, device, dtype, log, nf4_targets=nf4_targets, double_quant=double_quant)
+    return model, load_tokenizer(model_dir), model_dir
+
+
+def load_weights(model_dir: Path, device: str, dtype: torch.dtype, log=print, *,
+                 nf4_targets: tuple[str, ...] = (), double_quant: bool = True) -> nn.Module:
+    """The model of a local Hugging Face folder, weights in `dtype` on `device`.
 
     With `nf4_targets` those linears are NF4 (QLoRA), quantized as they are read
     so the full-precision model never exists (lowmem.quant.nf4); the rest is in `dtype`.
+    Without, safetensors are read one tensor at a time (load_streamed); other checkpoints
+    go through transformers.
     """
-    from transformers import AutoModelForCausalLM
-
-    model_dir = resolve_model_dir(ref, log)
     if nf4_targets:
         from lowmem.quant.nf4 import load_nf4_model
 
-        model = load_nf4_model(model_dir, device, dtype, nf4_targets, double_quant=double_quant)
-        return model, load_tokenizer(model_dir), model_dir
+        return load_nf4_model(model_dir, device, dtype, nf4_targets, double_quant=double_quant)
     if loads_streamed(model_dir):
-        return load_streamed(model_dir, device, dtype, log), load_tokenizer(model_dir), model_dir
+        return load_streamed(model_dir, device, dtype, log)
+    from transformers import AutoModelForCausalLM
+
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(model_dir), dtype=dtype, local_files_only=True, attn_implementation="sdpa")
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load the model in {model_dir}: {str(e).splitlines()[0]}") from None
-    model.to(device)
-    return model, load_tokenizer(model_dir), model_dir
+    return model.to(device)
 
 
 def loads_streamed(model_dir: Path) -> bool:
@@ -167,12 +175,10 @@ def load_streamed(model_dir: Path, device: str, dtype: torch.dtype, log=print) -
     1122.2 MiB peak RSS; in fp32, which needs no conversion, the same). Tensors the
     model does not define (an old checkpoint's rotary inv_freq) are left out, as transformers
     does; the generation defaults of generation_config.json are kept."""
-    from lowmem.quant.skeleton import empty_model, finish, read_tensors, set_tensor, shard_files
+    from lowmem.quant.skeleton import checkpoint_keys, empty_model, finish, read_tensors, set_tensor, shard_files
 
     model = empty_model(model_dir, dtype)
-    # What a checkpoint may set: parameters and persistent buffers. A non-persistent buffer
-    # (rotary inv_freq) is computed from the config, and an old checkpoint's copy is ignored.
-    defined = set(model.state_dict(keep_vars=True))
+    defined = checkpoint_keys(model)
     skipped = []
     for key, tensor in read_tensors(shard_files(model_dir)):
         if key not in defined:

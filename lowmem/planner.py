@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from lowmem.config import RunConfig, format_size
-from lowmem.errors import LowmemError
+from lowmem.errors import ConfigError, LowmemError
 from lowmem.memory import MemoryBreakdown, predict
 from lowmem.spec import LINEARS, ModelSpec
 
@@ -187,8 +187,6 @@ def resolve_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        from lowmem.errors import ConfigError
-
         raise ConfigError("device=cuda was asked for but torch sees no CUDA device "
                           "(is the CPU build of torch installed?)")
     return requested
@@ -534,14 +532,10 @@ def make_plan(config: RunConfig, spec: ModelSpec, pinned: Iterable[str] | None =
     """
     pinned = set(pinned or ())
     if config.method == "l4q" and config.lora.dropout > 0:
-        from lowmem.errors import ConfigError
-
         raise ConfigError(f"lora.dropout={config.lora.dropout} with method l4q: L4Q quantizes W0 + s·BA as one "
                           f"weight, so adapter dropout has nothing to act on; set lora.dropout=0")
     ratios = config.loram.layer_ratios
     if ratios and len(ratios) > spec.layers:
-        from lowmem.errors import ConfigError
-
         raise ConfigError(f"loram.layer_ratios has {len(ratios)} values but {spec.name} has {spec.layers} "
                           f"blocks: give at most one ratio per block, in block order")
     if config.vram is None:

@@ -41,6 +41,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from lowmem.spec import layer_ratio_list
+
 CRITERIA = ("taylor", "magnitude")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -269,20 +271,6 @@ def _taylor(linear: nn.Linear, grad_sum: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- choosing and cutting
-
-def layer_ratio_list(layers: int, ratio: float, keep_first: int = 1, keep_last: int = 1,
-                     layer_ratios: dict[int, float] | None = None) -> list[float]:
-    """The prune ratio of every block: `ratio` in the middle, 0 for the outer blocks kept whole,
-    and `layer_ratios[i]` wherever it is given (it wins over both)."""
-    first = min(keep_first, layers)
-    last = min(keep_last, layers - first)
-    ratios = [0.0 if i < first or i >= layers - last else ratio for i in range(layers)]
-    for i, r in (layer_ratios or {}).items():
-        if not 0 <= int(i) < layers:
-            raise ValueError(f"layer_ratios names layer {i}; this model has layers 0..{layers - 1}")
-        ratios[int(i)] = float(r)
-    return ratios
-
 
 def _top(scores: torch.Tensor, n: int) -> list[int]:
     # Ties broken by the lower index, so equal scores choose deterministically.

@@ -47,6 +47,20 @@ FAMILIES = ("llama", "mistral", "qwen2")
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def layer_ratio_list(layers: int, ratio: float, keep_first: int = 1, keep_last: int = 1,
+                     layer_ratios: dict[int, float] | None = None) -> list[float]:
+    """The prune ratio of every block (LoRAM; lowmem.prune cuts by it, ModelSpec.pruned counts by it): `ratio` in the middle, 0 for the outer blocks kept whole,
+    and `layer_ratios[i]` wherever it is given (it wins over both)."""
+    first = min(keep_first, layers)
+    last = min(keep_last, layers - first)
+    ratios = [0.0 if i < first or i >= layers - last else ratio for i in range(layers)]
+    for i, r in (layer_ratios or {}).items():
+        if not 0 <= int(i) < layers:
+            raise ValueError(f"layer_ratios names layer {i}; this model has layers 0..{layers - 1}")
+        ratios[int(i)] = float(r)
+    return ratios
+
+
 @dataclass(frozen=True)
 class BlockShape:
     """The shapes that differ between blocks of one model (only after pruning)."""
@@ -153,12 +167,7 @@ class ModelSpec:
         for r in (ratio, *layer_ratios):
             if not 0.0 <= r < 1.0:
                 raise ValueError(f"prune ratio must be in [0, 1), got {r}")
-        if len(layer_ratios) > self.layers:
-            raise ValueError(f"{len(layer_ratios)} layer ratios for {self.layers} blocks")
-        first = min(keep_first, self.layers)
-        last = min(keep_last, self.layers - first)
-        ratios = [0.0 if i < first or i >= self.layers - last else ratio for i in range(self.layers)]
-        ratios[:len(layer_ratios)] = [float(r) for r in layer_ratios]
+        ratios = layer_ratio_list(self.layers, ratio, keep_first, keep_last, dict(enumerate(layer_ratios)))
         if not any(ratios):
             return self
         runs: list[list] = []

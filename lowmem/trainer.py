@@ -29,8 +29,8 @@ import torch
 import yaml
 
 from lowmem import memstats
-from lowmem.checkpoint import (RunLock, find_resumable, list_checkpoints, load_checkpoint, save_checkpoint,
-                               set_aside_damaged, set_rng_state)
+from lowmem.checkpoint import (RunLock, checkpoint_step, find_resumable, list_checkpoints, load_checkpoint,
+                               save_checkpoint, set_aside_damaged, set_rng_state)
 from lowmem.config import RunConfig, format_size
 from lowmem.data import BatchStream, load_datasets
 from lowmem.errors import CheckpointError, ConfigError, ModelError
@@ -73,8 +73,6 @@ def new_run_dir(config: RunConfig) -> Path:
     its first checkpoint leaves it. That one is emptied and used again, unless a trainer
     is working in it."""
     import shutil
-
-    from lowmem.checkpoint import RunLock
 
     name = config.name or datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(config.runs_dir) / name
@@ -131,8 +129,6 @@ def read_run_files(run_dir: Path) -> tuple[RunConfig, Plan]:
     try:
         plan = Plan.from_dict(yaml.safe_load(path.read_text()))
     except (OSError, yaml.YAMLError, TypeError, ValueError, KeyError, AttributeError) as e:
-        from lowmem.checkpoint import list_checkpoints
-
         copies = [c / "plan.yaml" for c in list_checkpoints(run_dir) if (c / "plan.yaml").is_file()]
         copy = f"; the newest checkpoint keeps a copy: cp {copies[-1]} {path}" if copies else ""
         raise CheckpointError(f"{path}: cannot read the run's plan ({type(e).__name__}: "
@@ -242,7 +238,7 @@ def train(config: RunConfig, plan: Plan, run_dir: Path, *, resume: bool = False,
                     out(f"interrupted: `{resume_cmd}` continues from its newest checkpoint")
                 else:
                     out(f"interrupted before a checkpoint was written: `{resume_cmd}` starts it over")
-                events.emit("done", step=int(saved[-1].name[5:]) if saved else 0, reason="interrupted",
+                events.emit("done", step=checkpoint_step(saved[-1]) if saved else 0, reason="interrupted",
                             resume=resume_cmd)
             raise
         finally:
@@ -330,8 +326,8 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
         step = checkpoint["state"]["step"]
         set_rng_state(checkpoint["rng"])
 
-    # Opened before `start` is written: the dashboard sends requests only after it
-    # sees `start`, and requests older than the reader are history.
+    # Opened before `start` is written. Requests from before this train() began are history;
+    # later ones count, though they came while the model loaded (a dashboard's stop).
     control = ControlReader(run_dir, since=began)
     gpu = memstats.gpu_facts(device)
     events.emit("start", run=run_dir.name, model=config.model, method=plan.method, device=device,

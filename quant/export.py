@@ -385,7 +385,8 @@ def _rewrite_streamed(model_dir: Path, updates: dict[str, WeightUpdate], source:
     from safetensors.torch import save_file
 
     from lowmem.model import load_tokenizer
-    from lowmem.quant.skeleton import DTYPES, INDEX, empty_model, hf_config, read_tensors, shard_files
+    from lowmem.quant.skeleton import (DTYPES, INDEX, checkpoint_keys, empty_model, hf_config, read_tensors,
+                                       shard_files)
 
     model_dir = Path(model_dir)
     files = shard_files(model_dir)
@@ -394,7 +395,7 @@ def _rewrite_streamed(model_dir: Path, updates: dict[str, WeightUpdate], source:
     exact = {t for t in DTYPES.values() if t.is_floating_point and t.itemsize >= 2}
     # Tensors the model does not define (an old checkpoint's rotary inv_freq) are left out, as
     # loading the base drops them: the export holds what its loader expects, nothing else.
-    defined = set(empty_model(model_dir, torch.float32).state_dict())
+    defined = checkpoint_keys(empty_model(model_dir, torch.float32))
 
     def write(folder: Path) -> None:
         shard: dict[str, torch.Tensor] = {}

@@ -65,6 +65,13 @@ def empty_model(model_dir: Path, dtype: torch.dtype) -> nn.Module:
         return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
 
 
+def checkpoint_keys(model: nn.Module) -> set[str]:
+    """The tensor names a checkpoint may set in `model`: its parameters and persistent buffers.
+    A non-persistent buffer (rotary inv_freq) is computed from the config, so an old
+    checkpoint's copy is not one of them; transformers' loader drops such tensors too."""
+    return set(model.state_dict(keep_vars=True))
+
+
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
           "U8": torch.uint8, "BOOL": torch.bool,

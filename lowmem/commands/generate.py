@@ -111,9 +111,7 @@ def device_budget(device: str, vram: str | None) -> Budget:
 
         free, _ = device_memory(torch.cuda.current_device())
         return Budget(free, device, False, _available_ram())
-    import psutil
-
-    return Budget(psutil.virtual_memory().available, device, False)
+    return Budget(_available_ram(), device, False)
 
 
 def _available_ram() -> int:
@@ -132,6 +130,13 @@ def host_bytes(spec, fmt: str, budget: Budget, streams: bool) -> int:
     if budget.device != "cuda" or fmt not in ("fp32", "bf16") or streams:
         return 0
     return memory.weight_bytes(spec, holding(fmt, budget.device))
+
+
+def compute_dtype(fmt: str, device: str):
+    """The torch dtype a base held as `fmt` loads and computes in (holding's compute_dtype)."""
+    import torch
+
+    return torch.bfloat16 if holding(fmt, device).compute_dtype == "bfloat16" else torch.float32
 
 
 def holding(fmt: str, device: str, bits: int | None = None, group: int | None = None):
@@ -192,13 +197,11 @@ def choose_format(spec, budget: Budget, pinned: str, prompt_tokens: int, new_tok
 
 
 def run(args) -> int:
-    import torch
-
     from lowmem.config import format_size
     from lowmem.evaluate import generate, render_chat
     from lowmem.lora import load_adapter, read_adapter_config
     from lowmem.memory import lora_params
-    from lowmem.model import load_model, load_tokenizer, loads_streamed, resolve_model_dir
+    from lowmem.model import load_tokenizer, load_weights, loads_streamed, resolve_model_dir
     from lowmem.planner import resolve_device
     from lowmem.quant.export import is_quantized_export, load_quantized_export, read_quant_config
     from lowmem.spec import LINEARS, spec_for
@@ -235,7 +238,7 @@ def run(args) -> int:
                                                              if device == "cuda" else ""))
         note(f"{ref}: {meta['bits']}-bit export on {device}, predicted {format_size(need)} of "
              f"{budget.describe()}")
-        model, _ = load_quantized_export(ref, device, torch.bfloat16 if device == "cuda" else torch.float32)
+        model, _ = load_quantized_export(ref, device, compute_dtype("int", device))
     else:
         model_dir = resolve_model_dir(ref, log=note)
         spec = spec_for(str(model_dir))
@@ -249,12 +252,8 @@ def run(args) -> int:
         fmt, need = choose_format(spec, budget, args.base, prompt_tokens, args.max_new_tokens, adapter_params,
                                   name=ref, run=run_dir, streams=loads_streamed(model_dir))
         note(f"{ref}: {fmt} base on {device}, predicted {format_size(need)} of {budget.describe()}")
-        if fmt == "nf4":
-            dtype = torch.bfloat16 if device == "cuda" else torch.float32
-            model, tokenizer, _ = load_model(str(model_dir), device, dtype, log=note, nf4_targets=LINEARS)
-        else:
-            dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
-            model, tokenizer, _ = load_model(str(model_dir), device, dtype, log=note)
+        model = load_weights(model_dir, device, compute_dtype(fmt, device), note,
+                             nf4_targets=LINEARS if fmt == "nf4" else ())
     if adapter is not None:
         load_adapter(model, adapter)
     print(generate(model, tokenizer, [messages], device, args.max_new_tokens)[0])
