@@ -47,7 +47,8 @@ def parse_size(text: str | int | float) -> int:
             raise ValueError(f"expected a size like 24G, 24GB, 24GiB, 500M or 0.5T, got {text!r}")
         number, unit, suffix = m.groups()
     if not unit and not suffix and float(number) < 1024:   # `vram: 24` in YAML as well as --vram 24
-        raise ValueError(f"{str(text).strip()!r} has no unit: sizes are like {str(text).strip()}G or 500M "
+        example = f"{str(text).strip()}G" if float(number) > 0 else "24G"
+        raise ValueError(f"{str(text).strip()!r} has no unit: sizes are like {example} or 500M "
                          f"(a bare number counts bytes)")
     return int(float(number) * _UNITS[unit.upper()])
 
@@ -147,7 +148,10 @@ class RunConfig:
     vram: int | None = field(default=None, metadata=_key(
         "memory budget of the device (24G, 24GB, 24GiB, 500M, 0.5T; G = 2^30 bytes)", min=1, size=True))
     safety_margin: float = field(default=0.05, metadata=_key(
-        "share of --vram the planner keeps free for what it cannot predict", min=0.0, max=0.5))
+        "share of --vram (and --host-ram) the planner keeps free for what it cannot predict", min=0.0, max=0.5))
+    host_ram: int | None = field(default=None, metadata=_key(
+        "host RAM that offloaded activations may pin (64G, 500M); "
+        "none = what this machine has available when planning", min=1, size=True))
     target_tokens_per_step: int = field(default=0, metadata=_key(
         "tokens per optimizer step the planner keeps while it changes micro_batch; "
         "0 = micro_batch x grad_accum x seq_len", min=0, unit="tokens"))

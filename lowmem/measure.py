@@ -160,6 +160,7 @@ class Measurement:
     seconds_per_step: float   # after the first step (kernel compilation, cuBLAS set-up) when there are more
     device: str
     peak_op: str | None = None   # CPU: the op whose outputs reached the peak
+    pinned: int | None = None    # CUDA: peak pinned host bytes in use (offloaded activations)
 
     @property
     def error(self) -> float:
@@ -302,9 +303,13 @@ def measure(spec: ModelSpec, plan: Plan, config: RunConfig, steps: int = 3, cap:
     offload = OffloadActivations(device=plan.device) if plan.offload_activations else None
     stream = FixedBatch(spec.vocab, plan.micro_batch, plan.seq_len, config.seed)
     tracker = None if cuda else LiveTensorBytes(device.type)
+    pinned_start = None
     if cuda:
         torch.cuda.empty_cache()          # the build's freed dense blocks are not the step's
         torch.cuda.reset_peak_memory_stats()
+        if hasattr(torch.cuda, "host_memory_stats"):
+            torch.cuda.reset_peak_host_memory_stats()
+            pinned_start = torch.cuda.host_memory_stats()["active_bytes.current"]
     losses = []
     # The first step compiles the kernels and sets up cuBLAS: with more than one step, the
     # time per step is that of the others. CUDA work is waited for at both ends.
@@ -323,9 +328,11 @@ def measure(spec: ModelSpec, plan: Plan, config: RunConfig, steps: int = 3, cap:
     if cuda:
         free, total = torch.cuda.mem_get_info(device)
         reserved_now = torch.cuda.memory_reserved(device)
+        pinned = (None if pinned_start is None
+                  else torch.cuda.host_memory_stats()["active_bytes.peak"] - pinned_start)
         return Measurement(predicted, torch.cuda.max_memory_allocated(device) - start,
                            torch.cuda.max_memory_reserved(device), total - free - reserved_now, cap, tuple(losses),
-                           seconds, str(device))
+                           seconds, str(device), pinned=pinned)
     return Measurement(predicted, model_bytes(model) + tracker.growth, None, None, None, tuple(losses), seconds,
                        "cpu", tracker.peak_op)
 

@@ -83,6 +83,9 @@ ADAM8_BLOCK = 256
 ADAM8_MIN_NUMEL = 4096
 ADAM8_CODE_BYTES = 2 * 4 * 256
 
+#: Activation offloading leaves saved tensors smaller than this on the device.
+OFFLOAD_MIN_BYTES = 1024
+
 _DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "int8": 1}
 
 ADAPTER_METHODS = ("lora", "qlora", "loram", "l4q")
@@ -111,7 +114,7 @@ class MemoryBreakdown:
     temporaries: int    # dequantized weights, one block's backward buffers, cuBLAS workspace
     overhead: int       # CUDA context + allocator fragmentation (0 on the CPU)
     phase: str = "forward"   # when the peak happens: forward | backward | backward-end | optimizer
-    host: int = 0       # activations offloaded to pinned CPU memory; not in total
+    host: int = 0       # pinned CPU memory holding offloaded activations; not in total
 
     TERMS = ("weights", "adapters", "grads", "optimizer", "activations", "logits",
              "temporaries", "overhead")
@@ -465,30 +468,36 @@ def optimizer_bytes(spec: ModelSpec, plan: Any) -> int:
 
 # ---------------------------------------------------------------- activations
 
-def norm_saved_bytes(hidden: int, c: int, weight_trainable: bool) -> int:
-    """Per token, what one RMSNorm saves (its output is saved by the next linear).
+def norm_saved_tensors(hidden: int, c: int, weight_trainable: bool) -> list[int]:
+    """Per token, the tensors one RMSNorm saves (its output is saved by the next linear).
 
-        4·h + 4     the input upcast to fp32 (pow, mul) and rsqrt(mean(x²)+ε)
-        + c·h       the normalised x, when the norm weight is trained (weight·x)
+        4·h, 4      the input upcast to fp32 (pow, mul) and rsqrt(mean(x²)+ε)
+        c·h         the normalised x, when the norm weight is trained (weight·x)
     """
-    return 4 * hidden + 4 + (c * hidden if weight_trainable else 0)
+    return [4 * hidden, 4] + ([c * hidden] if weight_trainable else [])
 
 
-def attention_saved_bytes(block: BlockShape, head_dim: int, c: int, padding_mask: bool = False) -> int:
-    """Per token, what SDPA attention saves (flash / memory-efficient kernel).
+def norm_saved_bytes(hidden: int, c: int, weight_trainable: bool) -> int:
+    """Per token, what one RMSNorm saves: 4·h + 4 [+ c·h] (norm_saved_tensors)."""
+    return sum(norm_saved_tensors(hidden, c, weight_trainable))
 
-        c·(2·H·d + 2·K·d) + 4·H     q and output (H heads), k and v (K heads: GQA is
-                                    passed to the kernel unexpanded), an fp32
-                                    log-sum-exp per head
-        with a padding mask:        k and v are expanded to H heads first
-                                    (transformers only uses SDPA's GQA without a
-                                    mask): c·4·H·d + 4·H
+
+def attention_saved_tensors(block: BlockShape, head_dim: int, c: int, padding_mask: bool = False) -> list[int]:
+    """Per token, the tensors SDPA attention saves (flash / memory-efficient kernel).
+
+        c·H·d, c·K·d, c·K·d, c·H·d, 4·H     q, k, v (K heads: GQA is passed to the
+                                            kernel unexpanded), the output, an fp32
+                                            log-sum-exp per head
+        with a padding mask:                k and v are expanded to H heads first
+                                            (transformers only uses SDPA's GQA without
+                                            a mask): K → H
 
     q and k are the rotated copies (RoPE makes new tensors); o_proj's input is
     the attention output itself. No S×S matrix (see mask_saved_bytes for the mask).
     """
     kv_heads = block.heads if padding_mask else block.kv_heads
-    return c * (2 * block.heads * head_dim + 2 * kv_heads * head_dim) + 4 * block.heads
+    q, kv = c * block.heads * head_dim, c * kv_heads * head_dim
+    return [q, kv, kv, q, 4 * block.heads]
 
 
 def mask_saved_bytes(plan: Any) -> int:
@@ -500,37 +509,36 @@ def mask_saved_bytes(plan: Any) -> int:
     return compute_bytes(plan) * plan.micro_batch * plan.seq_len ** 2
 
 
-def mlp_saved_bytes(block: BlockShape, c: int, product_saved: bool = True) -> int:
-    """Per token, what the gated MLP saves: gate (silu's input), silu(gate) and up
-    (the product's operands), and the product itself when down_proj reads it for
-    a gradient.
-
-        3·c·I [+ c·I]
-    """
-    return (4 if product_saved else 3) * c * block.intermediate
+def mlp_saved_tensors(block: BlockShape, c: int, product_saved: bool = True) -> list[int]:
+    """Per token, the tensors the gated MLP saves: gate (silu's input), silu(gate)
+    and up (the product's operands), and the product itself when down_proj reads
+    it for a gradient; c·I each."""
+    return [c * block.intermediate] * (4 if product_saved else 3)
 
 
-def lora_saved_bytes(in_features: int, rank: int, c: int, dropout: float,
-                     mask_bytes: int = 1, input_needs_grad: bool = True) -> int:
-    """Per token, what one LoRA linear adds.
+def lora_saved_tensors(in_features: int, rank: int, c: int, dropout: float,
+                       mask_bytes: int = 1, input_needs_grad: bool = True) -> list[int]:
+    """Per token, the tensors one LoRA linear adds.
 
         c·r                          x·Aᵀ, read by B's gradient
-        + c·in + m·in                with dropout > 0: the dropped input (read by A's
+        c·in, m·in                   with dropout > 0: the dropped input (read by A's
                                      gradient) and the dropout mask (only when the
                                      input itself needs a gradient); m = 1 byte for
                                      CUDA's bool mask, c on the CPU, whose dropout
                                      multiplies by a mask in the input's dtype
     """
-    extra = 0
+    out = [c * rank]
     if dropout > 0:
-        extra = c * in_features + (mask_bytes * in_features if input_needs_grad else 0)
-    return c * rank + extra
+        out.append(c * in_features)
+        if input_needs_grad:
+            out.append(mask_bytes * in_features)
+    return out
 
 
-def block_saved_bytes(spec: ModelSpec, block: BlockShape, plan: Any, first: bool = False) -> int:
-    """Per token, everything one Llama block saves for backward.
+def block_saved_tensors(spec: ModelSpec, block: BlockShape, plan: Any, first: bool = False) -> list[int]:
+    """Per token, each tensor one Llama block saves for backward.
 
-        n1 + [c·h] + attention + n2 + [c·h] + mlp + Σ_targets lora
+        n1, [c·h], attention, n2, [c·h], mlp, lora per target
 
     The bracketed c·h are the norms' outputs, saved when a linear reading them
     needs them for a gradient: always in full training; with LoRA when one of
@@ -545,78 +553,88 @@ def block_saved_bytes(spec: ModelSpec, block: BlockShape, plan: Any, first: bool
     targets = set(_targets(plan)) if _is_adapter(plan) else set()
     dropout = _get(plan, "lora_dropout", 0.0) if targets else 0.0
 
-    def read_for_grad(names: set[str]) -> bool:
-        return full or (bool(targets & names) and dropout == 0)
+    def read_for_grad(names: set[str]) -> list[int]:
+        return [c * h] if full or (bool(targets & names) and dropout == 0) else []
 
-    n1 = 0 if (first and not full) else norm_saved_bytes(h, c, full)
-    total = n1 + (c * h if read_for_grad({"q_proj", "k_proj", "v_proj"}) else 0)
-    total += attention_saved_bytes(block, spec.head_dim, c, _get(plan, "padding_mask", False))
-    total += norm_saved_bytes(h, c, full) + (c * h if read_for_grad({"gate_proj", "up_proj"}) else 0)
-    total += mlp_saved_bytes(block, c, product_saved=read_for_grad({"down_proj"}))
+    out = [] if (first and not full) else norm_saved_tensors(h, c, full)
+    out += read_for_grad({"q_proj", "k_proj", "v_proj"})
+    out += attention_saved_tensors(block, spec.head_dim, c, _get(plan, "padding_mask", False))
+    out += norm_saved_tensors(h, c, full) + read_for_grad({"gate_proj", "up_proj"})
+    out += mlp_saved_tensors(block, c, product_saved=bool(read_for_grad({"down_proj"})))
     if targets and plan.method != "l4q":  # L4Q merges B·A into the weight: no x·Aᵀ to keep
         mask = c if _get(plan, "device", "cpu") == "cpu" else 1
         for name, (_, in_f) in spec.linear_shapes(block).items():
             if name in targets:
                 needs_grad = not (first and name in ("q_proj", "k_proj", "v_proj"))
-                total += lora_saved_bytes(in_f, plan.lora_rank, c, dropout, mask, needs_grad)
-    return total
+                out += lora_saved_tensors(in_f, plan.lora_rank, c, dropout, mask, needs_grad)
+    return out
 
 
-def saved_layer_bytes(spec: ModelSpec, plan: Any) -> int:
-    """Bytes the blocks, embeddings and final norm save for backward in one micro-batch.
+def block_saved_bytes(spec: ModelSpec, block: BlockShape, plan: Any, first: bool = False) -> int:
+    """Per token, everything one Llama block saves for backward (block_saved_tensors)."""
+    return sum(block_saved_tensors(spec, block, plan, first))
+
+
+def decoder_saved_tensors(spec: ModelSpec, plan: Any) -> list[int]:
+    """Bytes of each tensor the decoder (embeddings, blocks, final norm) saves for
+    backward in one micro-batch: what activation offloading sees, one entry a tensor.
 
     Without checkpointing:
-        N · Σ_blocks block_saved_bytes
-        + L · mask_saved_bytes      with a padding mask
-        + 2·S·d·c                   RoPE cos and sin (shared by all blocks)
-        + 8·N                       token ids (embedding gradient, full training only)
-        + N·final                   final norm: 4h + 4 [+ c·h trained weight] [+ c·h its
-                                    output, saved by a trained LM head; by the loss
-                                    itself when chunked]
+        N · block_saved_tensors, for each block
+        mask_saved_bytes            a block, with a padding mask
+        S·d·c, S·d·c                RoPE cos and sin (shared by all blocks)
+        8·N                         token ids (embedding gradient, full training only)
+        N · norm_saved_tensors      the final norm
+        c·r·in, c·out·r             under bf16 compute, LoRA's copies of A and B for
+                                    each targeted linear (A is saved to give x its
+                                    gradient, so not in the first block's q/k/v, which
+                                    read the frozen embeddings; with c = 4 `.to(float32)`
+                                    of an fp32 parameter is the parameter itself)
+        4·⌈in/group⌉                L4Q's gradient scales, each targeted linear
     With checkpointing only each block's input survives the forward:
-        N · L · c·h + 8·N + N·final
-    Under bf16 compute LoRA also saves its bf16 copies of A and B (lora_copy_bytes);
-    L4Q saves its gradient scales (l4q_grad_scale_bytes).
+        N·c·h a block, 8·N, N · norm_saved_tensors
     """
     c = compute_bytes(plan)
     n = plan.micro_batch * plan.seq_len
     h = spec.hidden
     full = _is_full(plan)
-    # The final norm's output is saved by a trained head's matmul; a chunked loss
-    # saves it itself (counted in saved_loss_bytes), trained head or not.
-    final = norm_saved_bytes(h, c, full) + (c * h if full and not _get(plan, "loss_chunk", 0) else 0)
-    total = n * final + (8 * n if full else 0)
+    out = [n * t for t in norm_saved_tensors(h, c, full)] + ([8 * n] if full else [])
     if _get(plan, "grad_checkpointing", False):
-        return total + n * spec.layers * c * h
+        return out + [n * c * h] * spec.layers
     for i, (count, block) in enumerate(spec.block_groups()):
-        per_block = block_saved_bytes(spec, block, plan)
-        total += n * count * per_block
         if i == 0:  # the first block sees the embeddings' output
-            total += n * (block_saved_bytes(spec, block, plan, first=True) - per_block)
-    total += spec.layers * mask_saved_bytes(plan)
-    total += 2 * plan.seq_len * spec.head_dim * c
-    if _is_adapter(plan) and c != 4:
-        total += lora_copy_bytes(spec, plan)
-    return total + l4q_grad_scale_bytes(spec, plan)   # saved by each L4Q linear's backward
+            out += [n * t for t in block_saved_tensors(spec, block, plan, first=True)]
+            count -= 1
+        out += [n * t for t in block_saved_tensors(spec, block, plan)] * count
+    if _get(plan, "padding_mask", False):
+        out += [mask_saved_bytes(plan)] * spec.layers
+    out += [plan.seq_len * spec.head_dim * c] * 2
+    targets = set(_targets(plan)) if _is_adapter(plan) else set()
+    copies = c != 4 and plan.method != "l4q"   # `.to(float32)` of an fp32 parameter is itself
+    group = _get(plan, "quant_group", 128)
+    for i, (count, block) in enumerate(spec.block_groups()):
+        for name, (o, in_f) in spec.linear_shapes(block).items():
+            if name not in targets:
+                continue
+            if plan.method == "l4q":
+                out += [4 * math.ceil(in_f / group)] * count
+            elif copies:
+                # A is saved to give x its gradient, so not where x needs none
+                skip_a = i == 0 and name in ("q_proj", "k_proj", "v_proj")
+                out += [c * plan.lora_rank * in_f] * (count - skip_a) + [c * o * plan.lora_rank] * count
+    return out
 
 
-def lora_copy_bytes(spec: ModelSpec, plan: Any) -> int:
-    """The compute-dtype copies of A and B that LoRA's matmuls save under bf16 compute.
+def saved_layer_bytes(spec: ModelSpec, plan: Any) -> int:
+    """Bytes the blocks, embeddings and final norm save for backward in one micro-batch.
 
-        c · (Σ r·(in+out) − Σ_first block's q/k/v r·in)
-
-    (A is saved to give x its gradient, so not where x needs none: the first
-    block's q/k/v read the frozen embeddings.) 0 when c = 4: `.to(float32)` of
-    an fp32 parameter is the parameter itself.
+        Σ decoder_saved_tensors
+        + N·c·h     the final norm's output, saved by a trained LM head's matmul (a
+                    chunked loss saves it itself: counted in saved_loss_bytes)
     """
-    c = compute_bytes(plan)
-    if c == 4 or not _is_adapter(plan) or plan.method == "l4q":  # L4Q reads A and B as they are
-        return 0
-    targets = set(_targets(plan))
-    first = spec.block_groups()[0][1]
-    skipped = sum(plan.lora_rank * i for name, (_, i) in spec.linear_shapes(first).items()
-                  if name in targets and name in ("q_proj", "k_proj", "v_proj"))
-    return c * (lora_params(spec, targets, plan.lora_rank) - skipped)
+    head_input = _is_full(plan) and not _get(plan, "loss_chunk", 0)
+    n = plan.micro_batch * plan.seq_len
+    return sum(decoder_saved_tensors(spec, plan)) + (n * compute_bytes(plan) * spec.hidden if head_input else 0)
 
 
 def saved_loss_bytes(spec: ModelSpec, plan: Any) -> int:
@@ -654,8 +672,9 @@ def activation_bytes(spec: ModelSpec, plan: Any, recompute: bool = False) -> tup
         + N·max block_saved_bytes             `recompute`: at the first block's backward
                                               under checkpointing, which rebuilds that
                                               block's saved tensors
-    Offloading moves saved block tensors to pinned CPU memory; two blocks' worth
-    stay on the device (the one in use and the one being prefetched).
+    Offloading moves every saved storage of at least OFFLOAD_MIN_BYTES
+    (decoder_saved_tensors) to pinned CPU memory; the widest block's worth twice
+    stays on the device (the block in use and the one being brought back).
     """
     n = plan.micro_batch * plan.seq_len
     c = compute_bytes(plan)
@@ -665,10 +684,32 @@ def activation_bytes(spec: ModelSpec, plan: Any, recompute: bool = False) -> tup
     per_block = n * c * spec.hidden if ckpt else widest
     device = saved + (widest if ckpt and recompute else 0)
     host = 0
-    if _get(plan, "offload_activations", False) and spec.layers > 2:
-        host = (spec.layers - 2) * per_block
+    if offloads(plan):
+        moved = sum(b for b in decoder_saved_tensors(spec, plan) if b >= OFFLOAD_MIN_BYTES)
+        host = max(0, moved - 2 * per_block)
         device -= host
     return device, host
+
+
+def offloads(plan: Any) -> bool:
+    """Whether the plan's activation offloading moves anything: on a CUDA device only
+    (on the CPU the host is the device, and lowmem.offload leaves tensors in place)."""
+    return bool(_get(plan, "offload_activations", False)) and _get(plan, "device", "cpu") == "cuda"
+
+
+def pinned_host_bytes(spec: ModelSpec, plan: Any) -> int:
+    """Pinned host memory that activation offloading holds: Σ 2^⌈log₂ b⌉ over the
+    decoder_saved_tensors b ≥ OFFLOAD_MIN_BYTES (each storage is copied once).
+
+    Every such tensor of a micro-batch's forward is on the host when the forward
+    ends. PyTorch's pinned-memory allocator rounds each block up to a power of two
+    (ATen's CachingHostAllocator) and keeps freed blocks for reuse, so the next
+    micro-batch reuses them and this is also what the process keeps pinned.
+    0 without offloading, and on the CPU.
+    """
+    if not offloads(plan):
+        return 0
+    return sum(1 << (b - 1).bit_length() for b in decoder_saved_tensors(spec, plan) if b >= OFFLOAD_MIN_BYTES)
 
 
 # ---------------------------------------------------------------- loss and temporaries
@@ -952,7 +993,7 @@ def predict(spec: ModelSpec, plan: "Plan") -> MemoryBreakdown:
     adapters = adapter_bytes(spec, plan)
     optimizer = optimizer_bytes(spec, plan)
     grads = gradient_bytes(spec, plan)
-    saved, host = activation_bytes(spec, plan)
+    saved, _ = activation_bytes(spec, plan)
     rebuilt, _ = activation_bytes(spec, plan, recompute=True)
     dequant = dequant_bytes(spec, plan)
     block_bwd = block_backward_bytes(spec, plan)
@@ -991,7 +1032,8 @@ def predict(spec: ModelSpec, plan: "Plan") -> MemoryBreakdown:
             best = (phase, allocated, terms)
     phase, allocated, terms = best
     return MemoryBreakdown(weights=weights, adapters=adapters, optimizer=optimizer,
-                           overhead=overhead_bytes(allocated, plan), phase=phase, host=host, **terms)
+                           overhead=overhead_bytes(allocated, plan), phase=phase,
+                           host=pinned_host_bytes(spec, plan), **terms)
 
 
 # ---------------------------------------------------------------- generation

@@ -2,11 +2,13 @@
 
 Under `with OffloadActivations():` every tensor autograd saves for backward
 passes through `pack`; one of at least `min_bytes` bytes that is not a
-parameter (nor a view of one) is copied to pinned host memory and its device
-memory is released. In backward, `unpack` brings it back; while one tensor is
-brought back, the next `prefetch` tensors in backward order (the earlier
-layers' inputs) are already being copied on the side stream, so the copy of
-layer i−1's input overlaps layer i's backward.
+parameter (nor a view of one) has its storage copied to pinned host memory,
+and its device memory is released. A storage is copied once however many
+saved tensors view it (q, k and v each save their own view of one input).
+In backward, `unpack` brings the storage back and rebuilds the same view of
+it; while one is brought back, the next `prefetch` storages in backward order
+(the earlier layers' inputs) are already being copied on the side stream, so
+the copy of layer i−1's input overlaps layer i's backward.
 
 Combined with activation checkpointing (non-reentrant `torch.utils.checkpoint`,
 what `model.gradient_checkpointing_enable(use_reentrant=False)` uses) the only
@@ -20,9 +22,10 @@ Memory, N = micro_batch·seq_len tokens, L layers, c = bytes of the compute dtyp
              in backward, the tensor in use and `prefetch` tensors arriving.
              With checkpointing: ≈ 2 layer inputs, 2·c·N·h (`lowmem.memory`
              counts "two blocks' worth stay on the device").
-    host:    every offloaded tensor once (a tensor saved several times, e.g. the
-             input of q/k/v projections, is copied once): with checkpointing
-             ≈ (L − 2)·c·N·h pinned.
+    host:    every offloaded storage once: with checkpointing ≈ L·c·N·h.
+             PyTorch's pinned allocator rounds each block up to a power of
+             two and keeps it for reuse; `lowmem.memory.pinned_host_bytes`
+             predicts the total from the storages the model saves.
 `stats` counts these bytes as they happen; on the CPU it says what would have
 moved, since host and device are the same memory there.
 
@@ -34,11 +37,14 @@ source alive until its copy ends), with prefetch and de-duplication added.
 from __future__ import annotations
 
 import contextlib
-import weakref
+import functools
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from lowmem.memory import OFFLOAD_MIN_BYTES
 
 
 @dataclass
@@ -58,13 +64,24 @@ class OffloadStats:
 
 @dataclass
 class _Entry:
-    """One offloaded tensor, possibly saved several times."""
+    """One offloaded storage: every saved tensor that views it, saved any number of times."""
 
-    host: torch.Tensor | None        # the host copy (on the CPU: the tensor itself)
+    host: torch.Tensor | None        # the storage's bytes on the host (on the CPU: the storage itself)
     nbytes: int
     saves: int = 1                   # saves not yet unpacked
     device: torch.Tensor | None = None   # brought back (or arriving) on the device
     ready: object = None             # CUDA event: the copy back has finished
+
+
+@dataclass(frozen=True)
+class _Saved:
+    """What `pack` hands autograd: the entry holding the storage, and how this tensor views it."""
+
+    entry: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int                      # in elements of `dtype`, as Tensor.storage_offset()
 
 
 class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
@@ -72,9 +89,10 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
 
     Enter it around the forward pass; backward may run inside or after it.
     Each saved tensor is unpacked once (no `retain_graph` / double backward).
+    What moves is the tensor's storage, once however many saved tensors view it.
     """
 
-    def __init__(self, min_bytes: int = 1024, prefetch: int = 1, max_in_flight: int = 4,
+    def __init__(self, min_bytes: int = OFFLOAD_MIN_BYTES, prefetch: int = 1, max_in_flight: int = 4,
                  pin_memory: bool = True, device: str | torch.device | None = None):
         self.min_bytes = min_bytes
         self.prefetch = prefetch
@@ -87,7 +105,8 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
         self._entries: dict[int, _Entry] = {}
         self._order: list[int] = []          # entry ids in pack (forward) order
         self._next_id = 0
-        self._alive: dict[int, tuple[weakref.ref, int]] = {}   # id(tensor) -> (ref, entry id)
+        # storage address -> (a weak reference to the storage, its version then, entry id)
+        self._alive: dict[int, tuple[StorageWeakRef, int, int]] = {}
         self._in_flight: list[tuple[torch.Tensor, object]] = []  # forward sources still being copied
         self._backward_started = False
         if self.cuda:
@@ -115,38 +134,47 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
         if not self._eligible(t):
             self.stats.kept_bytes += t.numel() * t.element_size()
             return t
-        known = self._alive.get(id(t))
-        if known is not None and known[0]() is t and known[1] in self._entries:
-            # The same tensor saved again (q, k and v projections share their input): one copy.
-            self._entries[known[1]].saves += 1
+        saved = functools.partial(_Saved, dtype=t.dtype, shape=tuple(t.shape), stride=t.stride(),
+                                  offset=t.storage_offset())
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        known = self._alive.get(key)
+        # While the recorded storage lives its address is not reused; an in-place
+        # write since then bumps the version its views share.
+        if (known is not None and not known[0].expired() and known[1] == t._version
+                and known[2] in self._entries):
+            # The same storage saved again (q, k and v projections read one input, each
+            # through its own view): one copy.
+            self._entries[known[2]].saves += 1
             self.stats.shared_saves += 1
-            return known[1]
-        nbytes = t.numel() * t.element_size()
+            return saved(entry=known[2])
+        nbytes = storage.nbytes()
         host = self._to_host(t)
         entry_id = self._next_id
         self._next_id += 1
         self._entries[entry_id] = _Entry(host=host, nbytes=nbytes)
         self._order.append(entry_id)
-        key = id(t)
-        self._alive[key] = (weakref.ref(t, lambda _, key=key: self._alive.pop(key, None)), entry_id)
+        self._alive[key] = (StorageWeakRef(storage), t._version, entry_id)
         self.stats.offloaded_bytes += nbytes
         self.stats.offloaded_tensors += 1
         self.stats.sizes.append(nbytes)
         self.stats.host_bytes += nbytes
         self.stats.peak_host_bytes = max(self.stats.peak_host_bytes, self.stats.host_bytes)
-        return entry_id
+        return saved(entry=entry_id)
 
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        """The bytes of t's whole storage on the host (on the CPU: the storage itself)."""
+        source = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
         if not self.cuda:
-            return t  # host and device are the same memory: nothing to copy
+            return source  # host and device are the same memory: nothing to copy
         compute = torch.cuda.current_stream(self.device)
         self._release_finished(compute)
-        host = torch.empty_like(t, device="cpu", pin_memory=self.pin_memory)
+        host = torch.empty_like(source, device="cpu", pin_memory=self.pin_memory)
         # WHY: t is written by kernels queued on the compute stream; the copy
         # must not read it before they finish.
         self.copy_stream.wait_stream(compute)
         with torch.cuda.stream(self.copy_stream):
-            host.copy_(t, non_blocking=True)
+            host.copy_(source, non_blocking=True)
             done = self.copy_stream.record_event()
         # WHY: t's memory belongs to the compute stream's pool. Once the forward
         # drops t the allocator may hand that memory to the next compute kernel
@@ -174,14 +202,15 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
             return packed
         if not self._backward_started:
             self._backward_started = True
+            self._alive.clear()   # the forward's saves are done
             if self.cuda:
                 self._release_finished(torch.cuda.current_stream(self.device), everything=True)
-        entry = self._entries.get(packed)
+        entry = self._entries.get(packed.entry)
         if entry is None:
             raise RuntimeError("offloaded activation unpacked twice: OffloadActivations does not "
                                "support retain_graph=True or double backward")
         self._bring_back(entry)
-        position = self._order.index(packed)
+        position = self._order.index(packed.entry)
         started = 0
         for earlier in reversed(self._order[:position]):   # next in backward order
             if started >= self.prefetch:
@@ -193,10 +222,10 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
             # WHY: the compute stream is about to read the tensor; its copy ran on
             # the side stream and must have landed first.
             torch.cuda.current_stream(self.device).wait_event(entry.ready)
-        tensor = entry.device
+        tensor = torch.as_strided(entry.device.view(packed.dtype), packed.shape, packed.stride, packed.offset)
         entry.saves -= 1
         if entry.saves == 0:
-            del self._entries[packed]
+            del self._entries[packed.entry]
             self._order.pop(position)
         return tensor
 

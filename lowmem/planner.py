@@ -70,13 +70,17 @@ class Rejection:
     """
 
     candidate: str        # e.g. "full", "lora", "loram 40% nf4"
-    total: int            # its smallest predicted peak, bytes
+    total: int            # its smallest predicted peak, bytes (term "host": its pinned host bytes)
     over: int             # bytes above the usable budget
-    term: str             # the term that broke the budget
+    term: str             # the term that broke the budget; "host" when it fit the device but
+                          # only by offloading more than the host's RAM can pin
     term_bytes: int       # that term in the candidate
     chosen_bytes: int | None = None   # the same term in the chosen plan
 
     def describe(self) -> str:
+        if self.term == "host":
+            return (f"{self.candidate}: fits the device only by offloading activations, which needs "
+                    f"{format_size(self.total)} of pinned host RAM, {format_size(self.over)} over")
         versus = "" if self.chosen_bytes is None else f" vs {format_size(self.chosen_bytes)} in the chosen plan"
         return (f"{self.candidate}: needs {format_size(self.total)}, {format_size(self.over)} over; "
                 f"{self.term} {format_size(self.term_bytes)}{versus}")
@@ -122,7 +126,8 @@ class Plan:
     loss_chunk: int = 0              # tokens per loss chunk; 0 = whole logits at once
     padding_mask: bool = False       # batches carry a padding mask into attention (the trainer's are
                                      # right-padded and need none; see memory.mask_saved_bytes)
-    safety_margin: float = 0.0       # share of vram kept free
+    safety_margin: float = 0.0       # share of vram (and host_ram) kept free
+    host_ram: int | None = None      # host RAM the offloaded activations may pin, bytes
     context_bytes: int | None = None # CUDA context as measured by a run on this machine's GPU
                                      # (lowmem.kernels.device); None: memory.CUDA_CONTEXT_BYTES
     breakdown: MemoryBreakdown | None = None   # predicted peak (lowmem.memory)
@@ -145,6 +150,11 @@ class Plan:
     def usable(self) -> int | None:
         """The part of the budget a plan may fill: vram · (1 − safety_margin)."""
         return None if self.vram is None else int(self.vram * (1 - self.safety_margin))
+
+    @property
+    def host_usable(self) -> int | None:
+        """The part of host_ram pinned activations may fill: host_ram · (1 − safety_margin)."""
+        return None if self.host_ram is None else int(self.host_ram * (1 - self.safety_margin))
 
     @property
     def label(self) -> str:
@@ -267,6 +277,19 @@ def safety_margin(config: Any) -> float:
     return float(_config_value(config, "safety_margin", DEFAULT_SAFETY_MARGIN))
 
 
+def host_ram(config: Any) -> int:
+    """Host RAM the plan's pinned activations may fill: `host_ram`, else what is available now."""
+    given = _config_value(config, "host_ram", None)
+    return int(given) if given else available_ram()
+
+
+def available_ram() -> int:
+    """RAM available on this machine now (psutil: free plus reclaimable caches)."""
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
 def target_tokens(config: Any) -> int:
     """Tokens per optimizer step to aim for: `target_tokens_per_step`, else the config's own."""
     return int(_config_value(config, "target_tokens_per_step", 0)
@@ -322,7 +345,9 @@ def _variants(config: Any, pinned: set[str]) -> list[dict[str, Any]]:
     if "micro_batch" in pinned:
         batches = [config.micro_batch]
     else:
-        top = max(1, target_tokens(config) // seq)
+        # A pinned accumulation is part of every step: the micro-batch makes up the rest.
+        per_micro_batch = seq * (config.grad_accum if "grad_accum" in pinned else 1)
+        top = max(1, target_tokens(config) // per_micro_batch)
         batches = sorted({top} | {2**k for k in range(top.bit_length()) if 2**k <= top}, reverse=True)
     ckpts = [config.grad_checkpointing] if "grad_checkpointing" in pinned else [False, True]
     offload_value = bool(_config_value(config, "offload", False))
@@ -353,17 +378,23 @@ def _variants(config: Any, pinned: set[str]) -> list[dict[str, Any]]:
 #: recomputes only the logits; checkpointing recomputes every block's forward
 #: (~+30% step time); offloading moves activations over PCIe and can stall on
 #: it, so it comes after checkpointing, as torchtune's memory guide advises.
+#: Offloading without checkpointing moves every saved tensor, not only the
+#: layer inputs (49 GiB against 2 GiB a micro-batch for Llama-3.1-8B at 8,192
+#: tokens), so it comes after the two together.
 SAVER_COST = {"loss_chunk": 1, "grad_checkpointing": 2, "offload_activations": 4}
+OFFLOAD_EVERYTHING_COST = 7
 
 
 def _slowness(variant: dict[str, Any]) -> tuple[int, int]:
     """Sort key, fastest first: fewer / cheaper memory savers, then larger micro-batches."""
     cost = sum(c for key, c in SAVER_COST.items() if variant[key])
+    if variant["offload_activations"] and not variant["grad_checkpointing"]:
+        cost += OFFLOAD_EVERYTHING_COST - SAVER_COST["offload_activations"]
     return cost, -variant["micro_batch"]
 
 
 def _build(config: Any, spec: ModelSpec, device: str, level: _Level, variant: dict[str, Any],
-           vram: int | None, margin: float) -> Plan:
+           vram: int | None, margin: float, host: int | None = None) -> Plan:
     dense = "bf16" if device == "cuda" else "fp32"
     adapter = level.method in ("lora", "qlora", "loram", "l4q")
     galore = level.method == "galore"
@@ -402,6 +433,7 @@ def _build(config: Any, spec: ModelSpec, device: str, level: _Level, variant: di
         galore_per_layer=bool(_config_value(config, "galore.per_layer", True)) if galore else False,
         galore_embeddings=bool(_config_value(config, "galore.embeddings", False)) if galore else False,
         safety_margin=margin,
+        host_ram=host,
         **variant,
     )
 
@@ -444,42 +476,66 @@ def quality(plan: Plan) -> tuple:
 class _Outcome:
     plan: Plan | None                 # the chosen plan, or None
     rejected: tuple[Rejection, ...]   # better levels that did not fit
-    smallest: Plan | None             # the smallest candidate seen (for the error)
+    smallest: Plan | None             # the smallest candidate the host can hold (for the error)
+    host_blocked: Plan | None = None  # of the candidates that fit the device but not the host, the least pinned
 
 
 def _search(config: Any, spec: ModelSpec, pinned: set[str], device: str) -> _Outcome:
     margin = safety_margin(config)
     usable = int(config.vram * (1 - margin))
+    host = host_ram(config)
+    host_usable = int(host * (1 - margin))
     variants = _variants(config, pinned)
-    failed: list[tuple[str, Plan]] = []     # better levels that did not fit: (label, smallest variant)
-    loram_failed: dict[str, tuple[str, Plan]] = {}
+    failed: list[tuple[str, Plan, bool]] = []   # better levels that did not fit: (label, plan, on the host)
+    loram_failed: dict[str, tuple[str, Plan, bool]] = {}
     smallest: Plan | None = None
+    smallest_any: Plan | None = None
+    host_blocked: Plan | None = None
     chosen: Plan | None = None
     for level in _levels(config, pinned):
-        level_smallest: Plan | None = None
+        level_smallest: Plan | None = None      # by device total, among plans the host can hold
+        level_blocked: Plan | None = None       # fits the device, not the host: the least pinned
         for variant in variants:
-            plan = _with_breakdown(_build(config, spec, device, level, variant, config.vram, margin), spec)
-            if plan.breakdown.total <= usable:
+            plan = _with_breakdown(_build(config, spec, device, level, variant, config.vram, margin, host), spec)
+            b = plan.breakdown
+            if b.total <= usable and b.host <= host_usable:
                 chosen = plan
                 break
-            if level_smallest is None or plan.breakdown.total < level_smallest.breakdown.total:
+            if b.total <= usable:
+                if level_blocked is None or b.host < level_blocked.breakdown.host:
+                    level_blocked = plan
+            elif b.host <= host_usable and (level_smallest is None or b.total < level_smallest.breakdown.total):
                 level_smallest = plan
+            if smallest_any is None or b.total < smallest_any.breakdown.total:
+                smallest_any = plan
         if chosen is not None:
             break
-        assert level_smallest is not None
-        if smallest is None or level_smallest.breakdown.total < smallest.breakdown.total:
+        if level_smallest is not None and (smallest is None or
+                                           level_smallest.breakdown.total < smallest.breakdown.total):
             smallest = level_smallest
+        if level_blocked is not None and (host_blocked is None or
+                                          level_blocked.breakdown.host < host_blocked.breakdown.host):
+            host_blocked = level_blocked
+        # A level that fit the device only by pinning too much is rejected for the host.
+        entry = ((level_blocked.label, level_blocked, True) if level_blocked is not None
+                 else (level_smallest.label, level_smallest, False) if level_smallest is not None else None)
+        if entry is None:
+            continue
         # LoRAM has a rung per prune ratio: keep only the last failure of each base
         # format, the rung just better than the one chosen (or, if none fits, the
         # most pruned), or the table would list nineteen of them.
         if level.method == "loram":
-            loram_failed[level.base] = (level_smallest.label, level_smallest)
+            loram_failed[level.base] = entry
         else:
-            failed.append((level_smallest.label, level_smallest))
+            failed.append(entry)
     failed += loram_failed.values()
     reference = chosen.breakdown if chosen is not None else None
     rejected = []
-    for label, plan in failed:
+    for label, plan, on_host in failed:
+        if on_host:
+            rejected.append(Rejection(label, plan.breakdown.host, plan.breakdown.host - host_usable, "host",
+                                      plan.breakdown.host, None if reference is None else reference.host))
+            continue
         term = _breaking_term(plan.breakdown, reference)
         rejected.append(Rejection(label, plan.breakdown.total, plan.breakdown.total - usable, term,
                                   getattr(plan.breakdown, term),
@@ -487,20 +543,27 @@ def _search(config: Any, spec: ModelSpec, pinned: set[str], device: str) -> _Out
     if chosen is not None:
         chosen = dataclasses.replace(chosen, rejected=tuple(rejected),
                                      reasons=_reasons(chosen, spec, config, pinned))
-    return _Outcome(chosen, tuple(rejected), smallest)
+    return _Outcome(chosen, tuple(rejected), smallest or smallest_any, host_blocked)
 
 
 def _reasons(plan: Plan, spec: ModelSpec, config: Any, pinned: set[str]) -> tuple[str, ...]:
     """Why each choice: the method, and what each slower setting saves."""
     b = plan.breakdown
-    reasons = [f"{plan.label}: the best method of this build that fits "
+    which = "the method you pinned, and it" if "method" in pinned else "the best method of this build that"
+    reasons = [f"{plan.label}: {which} fits "
                f"{format_size(plan.vram)} ({format_size(plan.usable)} usable after the "
                f"{plan.safety_margin:.0%} safety margin); predicted peak {format_size(b.total)}"]
     if plan.method == "loram":
         pruned = spec.pruned(plan.prune_ratio, plan.prune_keep_first, plan.prune_keep_last,
                              plan.prune_layer_ratios)
-        reasons.append(f"nothing unpruned fits, so the base is pruned by {plan.prune_ratio:.0%} "
-                       f"(the least pruning that fits): {spec.params:,} -> {pruned.params:,} parameters")
+        if "loram.ratio" in pinned:
+            why = f"the base is pruned by {plan.prune_ratio:.0%} (loram.ratio, pinned)"
+        elif "method" in pinned:
+            why = f"the base is pruned by {plan.prune_ratio:.0%}, the least pruning that fits"
+        else:
+            why = (f"nothing unpruned fits, so the base is pruned by {plan.prune_ratio:.0%} "
+                   f"(the least pruning that fits)")
+        reasons.append(f"{why}: {spec.params:,} -> {pruned.params:,} parameters")
     faster = (("grad_checkpointing", "grad_checkpointing", False, "activation checkpointing"),
               ("offload", "offload_activations", False, "activation offloading"),
               ("loss_chunk", "loss_chunk", 0, "chunked loss"))
@@ -511,6 +574,9 @@ def _reasons(plan: Plan, spec: ModelSpec, config: Any, pinned: set[str]) -> tupl
         elif value:
             without = predict(spec, dataclasses.replace(plan, **{attr: off})).total
             reasons.append(f"{text} on: without it the peak would be {format_size(without)}")
+        if key == "offload" and value and b.host and plan.host_usable is not None:
+            reasons[-1] += (f"; it pins {format_size(b.host)} of host RAM, of {format_size(plan.host_usable)} "
+                            f"usable ({format_size(plan.host_ram)} {_host_source(config)}, less the margin)")
     if "micro_batch" in pinned:
         reasons.append(f"micro_batch {plan.micro_batch}: pinned")
     else:
@@ -579,20 +645,23 @@ def _failure_message(config: RunConfig, spec: ModelSpec, pinned: set[str], devic
                      outcome: _Outcome) -> str:
     margin = safety_margin(config)
     usable = int(config.vram * (1 - margin))
-    small = outcome.smallest
+    small, blocked = outcome.smallest, outcome.host_blocked
     assert small is not None and small.breakdown is not None
-    gap = small.breakdown.total - usable
-    size, term = max((getattr(small.breakdown, t), t) for t in MemoryBreakdown.TERMS)
-    knobs = [f"checkpointing {'on' if small.grad_checkpointing else 'off'}",
-             f"micro_batch {small.micro_batch}"]
-    if small.offload_activations:
-        knobs.append("offload on")
-    if small.loss_chunk:
-        knobs.append(f"loss_chunk {small.loss_chunk}")
-    head = (f"nothing fits {format_size(config.vram)} ({format_size(usable)} usable after the "
-            f"{margin:.0%} safety margin) for {spec.name} at seq_len {config.seq_len}: the smallest "
-            f"plan ({small.label}, {', '.join(knobs)}) needs {format_size(small.breakdown.total)}, "
-            f"{format_size(gap)} over; its largest term is {term} ({format_size(size)})")
+    host_only = small.breakdown.total <= usable   # every plan that fits the device pins too much
+    if host_only:
+        assert blocked is not None and blocked.breakdown is not None
+        head = (f"nothing fits {format_size(config.vram)} ({format_size(usable)} usable after the "
+                f"{margin:.0%} safety margin) for {spec.name} at seq_len {config.seq_len} within the "
+                f"host's RAM: {_host_note(blocked, config)}")
+    else:
+        gap = small.breakdown.total - usable
+        size, term = max((getattr(small.breakdown, t), t) for t in MemoryBreakdown.TERMS)
+        head = (f"nothing fits {format_size(config.vram)} ({format_size(usable)} usable after the "
+                f"{margin:.0%} safety margin) for {spec.name} at seq_len {config.seq_len}: the smallest "
+                f"plan ({small.label}, {_knobs(small)}) needs {format_size(small.breakdown.total)}, "
+                f"{format_size(gap)} over; its largest term is {term} ({format_size(size)})")
+        if blocked is not None:
+            head += f". Closer: {_host_note(blocked, config)}"
 
     fixes: list[str] = []
     shorter = _largest_fitting_seq_len(config, spec, pinned, device)
@@ -614,13 +683,44 @@ def _failure_message(config: RunConfig, spec: ModelSpec, pinned: set[str], devic
             value = getattr(plan, {"offload": "offload_activations", "loram.ratio": "prune_ratio"}.get(key, key))
             fixes.append(f"unpin {key} ({plan.label} with {key}={_show(value)} fits, "
                          f"{format_size(plan.breakdown.total)})")
-    needed_gib = math.ceil(small.breakdown.total / (1 - margin) / 2**30 * 10) / 10
-    fixes.append(f"--vram {needed_gib:g}G or more")
+    if not host_only:
+        fixes.append(f"--vram {_gib_up(small.breakdown.total / (1 - margin))}G or more")
+    if blocked is not None:
+        fixes.append(f"a host with {_gib_up(blocked.breakdown.host / (1 - margin))}G of RAM free "
+                     f"(host_ram= plans for one)")
     message = head + ". Changes that fit: " + "; ".join(fixes)
     missing = [m for m in ("qlora", "loram") if m not in available_methods()]
     if missing and "method" not in pinned:
         message += f". Not in this build yet, and smaller: {', '.join(missing)}"
     return message
+
+
+def _knobs(plan: Plan) -> str:
+    knobs = [f"checkpointing {'on' if plan.grad_checkpointing else 'off'}", f"micro_batch {plan.micro_batch}"]
+    if plan.offload_activations:
+        knobs.append("offload on")
+    if plan.loss_chunk:
+        knobs.append(f"loss_chunk {plan.loss_chunk}")
+    return ", ".join(knobs)
+
+
+def _host_note(plan: Plan, config: Any) -> str:
+    """Why a plan that fits the device was refused: what it pins against what the host has."""
+    b = plan.breakdown
+    assert b is not None and plan.host_usable is not None
+    return (f"{plan.label} ({_knobs(plan)}) needs {format_size(b.total)} of device memory but pins "
+            f"{format_size(b.host)} of host RAM for offloaded activations, "
+            f"{format_size(b.host - plan.host_usable)} over the {format_size(plan.host_usable)} usable "
+            f"({format_size(plan.host_ram)} {_host_source(config)}, less the safety margin)")
+
+
+def _host_source(config: Any) -> str:
+    return "set by host_ram" if _config_value(config, "host_ram", None) else "available on this machine now"
+
+
+def _gib_up(n: float) -> str:
+    """n bytes in GiB, rounded up to a tenth."""
+    return f"{math.ceil(n / 2**30 * 10) / 10:g}"
 
 
 def _show(value: Any) -> str:

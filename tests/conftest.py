@@ -24,6 +24,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def host_with_64g_free(monkeypatch):
+    """Plans made in-process see 64 GiB of free host RAM, whatever this machine has free now,
+    so that a test's plan does not depend on the machine (a test sets host_ram to vary it)."""
+    monkeypatch.setattr("lowmem.planner.available_ram", lambda: 64 * 2**30)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensors: with several threads, start-up and spin-waiting cost more than the work,

@@ -1,5 +1,6 @@
 """lowmem.measure: plans run on random weights, and the measured peak against the memory model."""
 
+import dataclasses
 import json
 import warnings
 
@@ -246,3 +247,19 @@ def test_on_cuda_a_cap_below_the_plan_runs_out_of_memory():
     config, plan = gpu_plan("lora")
     with pytest.raises(torch.cuda.OutOfMemoryError):
         measure(GPU_SPEC, plan, config, steps=1, cap=plan.breakdown.allocated // 4)
+
+
+def test_a_cuda_measurement_of_an_offloaded_plan_reports_pinned_host_memory():
+    from lowmem.commands.plan import render_measured
+    from lowmem.measure import Measurement
+    from lowmem.memory import MemoryBreakdown
+
+    gib = 2**30
+    predicted = MemoryBreakdown(weights=5 * gib, adapters=0, grads=0, optimizer=0, activations=gib, logits=0,
+                                temporaries=0, overhead=gib, host=2 * gib)
+    m = Measurement(predicted, 6 * gib, 7 * gib, gib // 2, None, (10.5, 10.2), 1.5, "cuda:0", pinned=2 * gib + 2**20)
+    text = render_measured({"fits": True, "steps": 2, **m.to_dict()})
+    assert "pinned host peak 2.00GiB, predicted 2.00GiB" in text
+    without = Measurement(dataclasses.replace(predicted, host=0), 6 * gib, 7 * gib, gib // 2, None, (10.5,),
+                          1.5, "cuda:0", pinned=0)
+    assert "pinned" not in render_measured({"fits": True, "steps": 1, **without.to_dict()})

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 
 import pytest
 import torch
@@ -418,3 +419,76 @@ def test_generation_prediction_bounds_the_measured_peak(fmt, prompt, new):
     assert memory.weight_bytes(spec, plan) <= weights <= 1.01 * memory.weight_bytes(spec, plan)   # + rotary buffer
     measured = weights + live.growth
     assert measured <= predicted <= 1.10 * measured, (measured, predicted)
+
+
+# ---------------------------------------------------------------- what offloading moves
+
+def offloaded_sizes(model: torch.nn.Module, plan: Plan) -> list[int]:
+    """Bytes of each storage lowmem.offload moves in one micro-batch of the trainer's step."""
+    from lowmem.offload import OffloadActivations
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (plan.micro_batch, plan.seq_len))
+    offload = OffloadActivations(device="cpu")
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=plan.compute_dtype == "bfloat16"):
+        with offload:
+            hidden = model.model(input_ids=ids).last_hidden_state
+        loss = causal_lm_loss(hidden, model.lm_head.weight, ids, reduction="sum") / 100
+    loss.backward()
+    return offload.stats.sizes
+
+
+@pytest.mark.parametrize("method,ckpt,bf16,dropout", [
+    ("full", False, False, 0.0), ("full", False, True, 0.0), ("lora", False, True, 0.0),
+    ("lora", False, False, 0.1), ("lora", True, True, 0.0), ("qlora", False, False, 0.0),
+    ("l4q", False, True, 0.0)])
+def test_offloading_moves_each_predicted_storage_once(method, ckpt, bf16, dropout):
+    """Each tensor memory.decoder_saved_tensors lists is one storage the offloader moves
+    (q, k and v read one input through three views: one copy), and pinned_host_bytes is
+    those sizes rounded as the pinned allocator rounds them."""
+    config = tiny_config(tied=True)
+    plan = cpu_plan("lora" if method == "qlora" else method, micro_batch=2, seq_len=24,
+                    ckpt=ckpt, dropout=dropout, bf16=bf16)
+    torch.manual_seed(0)
+    if method == "qlora":
+        from lowmem.quant import nf4
+        plan = dataclasses.replace(plan, method="qlora", base_format="nf4", double_quant=True)
+        model = LlamaForCausalLM(config)
+        nf4.quantize_linears(model, ALL_LINEAR, torch.float32, double_quant=True)
+        apply_lora(model, plan.lora_rank, plan.lora_alpha, plan.lora_targets)
+    else:
+        model = build(config, plan)
+    sizes = offloaded_sizes(_checkpointed(model, plan), plan)
+    spec = from_hf_config(config.to_dict())
+    predicted_sizes = [b for b in memory.decoder_saved_tensors(spec, plan) if b >= memory.OFFLOAD_MIN_BYTES]
+    assert sorted(sizes) == sorted(predicted_sizes)
+    on_gpu = dataclasses.replace(plan, device="cuda", offload_activations=True)
+    if not dropout:   # the device decides only the dropout mask's bytes
+        rounded = sum(2 ** math.ceil(math.log2(b)) for b in sizes)
+        assert memory.pinned_host_bytes(spec, on_gpu) == rounded
+    assert memory.pinned_host_bytes(spec, dataclasses.replace(plan, offload_activations=True)) == 0   # CPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_on_cuda_pinned_host_memory_is_predicted(ckpt):
+    """The pinned blocks alive at the end of an offloaded forward are memory.pinned_host_bytes."""
+    from lowmem.offload import OffloadActivations
+
+    config = tiny_config(tied=False)
+    plan = dataclasses.replace(cpu_plan("lora", micro_batch=2, seq_len=256, ckpt=ckpt, bf16=True),
+                               device="cuda", offload_activations=True)
+    model = _checkpointed(build(config, plan).cuda(), plan)
+    ids = torch.randint(0, config.vocab_size, (plan.micro_batch, plan.seq_len), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_host_memory_stats()
+    before = torch.cuda.host_memory_stats()["active_bytes.current"]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        with OffloadActivations(device="cuda"):
+            hidden = model.model(input_ids=ids).last_hidden_state
+        loss = causal_lm_loss(hidden, model.lm_head.weight, ids, reduction="sum")
+    loss.backward()
+    torch.cuda.synchronize()
+    pinned = torch.cuda.host_memory_stats()["active_bytes.peak"] - before
+    assert pinned == memory.pinned_host_bytes(from_hf_config(config.to_dict()), plan)

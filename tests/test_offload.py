@@ -140,3 +140,34 @@ def test_on_cuda_offloading_lowers_peak_memory_and_keeps_gradients(base_model):
     assert_identical(plain, offloaded)
     assert offload.stats.offloaded_bytes > 0
     assert offload_peak < plain_peak
+
+
+def test_views_of_one_storage_travel_once_and_come_back_as_the_same_views():
+    x = torch.randn(6, 8, requires_grad=True)
+    offload = OffloadActivations(min_bytes=0)
+    with offload:
+        h = x * 2                                        # mul by a number saves nothing
+        a = h.reshape(3, 16).sin()                       # saves a view of h's storage
+        b = h.t().cos()                                  # ... another view of it
+        c = h[:, 2:5].sin()                              # ... and a slice, at an offset
+        out = a.sum() + b.sum() + c.sum()
+    out.backward()
+    h = h.detach()
+    expected = 2 * (h.cos() - h.sin())
+    expected[:, 2:5] += 2 * h[:, 2:5].cos()
+    assert torch.allclose(x.grad, expected)
+    assert offload.stats.sizes == [6 * 8 * 4] and offload.stats.shared_saves == 2
+
+
+def test_a_storage_written_in_place_after_its_save_is_copied_again():
+    # On CUDA the first copy holds h before the write; reusing it for the second
+    # save would hand backward stale values. (On the CPU nothing is copied, so only
+    # the decision shows.)
+    x = torch.randn(64, requires_grad=True)
+    offload = OffloadActivations(min_bytes=0)
+    with offload:
+        h = x * 1
+        h.sin()                    # saves h
+        h.mul_(3)                  # a new version of the storage
+        h.view(8, 8).sin()         # saves a view of the new h
+    assert offload.stats.offloaded_tensors == 2 and offload.stats.shared_saves == 0

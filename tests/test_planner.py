@@ -131,7 +131,7 @@ def test_offload_and_chunked_loss_are_used_once_built_and_respected_when_pinned(
     forced = make_plan(dataclasses.replace(cfg, vram=parse_size("48G"), offload=True, loss_chunk=512),
                        spec, {"method", "offload", "loss_chunk"}, device="cuda")
     assert (forced.offload_activations, forced.loss_chunk) == (True, 512)
-    assert "activation offloading on: pinned" in forced.reasons
+    assert any(r.startswith("activation offloading on: pinned; it pins") for r in forced.reasons)
 
 
 def test_faster_variants_come_first():
@@ -435,3 +435,105 @@ def test_plan_json_carries_the_loram_preparation(monkeypatch, capsys):
     assert prepare["bytes"] > 500 * 2**30
     _, out = run_plan(["--model", "llama-3.1-8b", "--vram", "24G", "--json"], capsys)
     assert "loram_prepare" not in json.loads(out)                       # a LoRA plan
+
+
+# ---------------------------------------------------------------- host RAM
+
+def long_qlora(**kw) -> RunConfig:
+    """Llama-3.1-8B at 8,192 tokens on a 12 GB card: QLoRA fits only with a saver."""
+    kw.setdefault("method", "qlora")
+    return config(vram=parse_size("12G"), seq_len=8192, micro_batch=1, grad_accum=8, **kw)
+
+
+def test_offloading_never_pins_more_than_the_hosts_ram(every_method):
+    spec = builtin_spec("llama-3.1-8b")
+    pins = {"grad_checkpointing"}
+    roomy = make_plan(long_qlora(host_ram=parse_size("128G"), grad_checkpointing=False), spec, pins, device="cuda")
+    tight = make_plan(long_qlora(host_ram=parse_size("32G"), grad_checkpointing=False), spec, pins, device="cuda")
+    for plan, host in ((roomy, "128G"), (tight, "32G")):
+        assert plan.host_ram == parse_size(host) and plan.breakdown.host <= plan.host_usable
+    # without checkpointing, offloading moves every saved tensor: QLoRA pins more than 32G,
+    # so with 32G the base is pruned until what it pins fits
+    assert roomy.method == "qlora" and roomy.offload_activations and roomy.breakdown.host > parse_size("32G")
+    assert tight.method == "loram" and tight.offload_activations
+    assert any("pins" in r and "set by host_ram" in r for r in tight.reasons)
+    assert next(r for r in tight.rejected if r.candidate == "qlora").term == "host"
+
+
+def test_offloading_comes_with_checkpointing_before_it_comes_alone(every_method):
+    plan = make_plan(long_qlora(host_ram=parse_size("128G")), builtin_spec("llama-3.1-8b"), {"method"},
+                     device="cuda")
+    assert plan.offload_activations and plan.grad_checkpointing
+    alone = predict_with(plan, grad_checkpointing=False, loss_chunk=256, spec="llama-3.1-8b")
+    assert alone.total <= plan.usable and alone.host <= plan.host_usable   # it fits, and is slower
+
+
+def test_offloaded_loram_blocks_never_count_below_nothing(every_method):
+    """LoRAM's pruned middle blocks save less than its whole first and last ones: the device
+    keeps the widest two, and no more is taken off than the blocks saved."""
+    from lowmem.memory import activation_bytes, model_spec_for_plan, saved_layer_bytes
+
+    spec = builtin_spec("llama-3.1-70b")
+    plan = make_plan(config(vram=parse_size("24G")), spec, device="cuda")
+    for ckpt in (False, True):
+        p = dataclasses.replace(plan, method="loram", prune_ratio=0.9, offload_activations=True,
+                                grad_checkpointing=ckpt, micro_batch=1, seq_len=2048)
+        pruned = model_spec_for_plan(spec, p)
+        assert pruned.params < spec.params / 5
+        device, moved = activation_bytes(pruned, p)
+        assert 0 < moved < saved_layer_bytes(pruned, p) and device > 0
+
+
+def test_a_pinned_accumulation_keeps_the_tokens_per_step(every_method):
+    plan = make_plan(config(vram=parse_size("80G"), seq_len=192, micro_batch=8, grad_accum=4),
+                     builtin_spec("llama-3.2-1b"), {"grad_accum"}, device="cuda")
+    assert plan.grad_accum == 4 and plan.tokens_per_step == 8 * 4 * 192
+
+
+def test_the_reasons_say_which_choices_were_pinned(every_method):
+    spec = builtin_spec("llama-3.1-8b")
+    qlora = make_plan(config(vram=parse_size("24G"), method="qlora"), spec, {"method"}, device="cuda")
+    assert qlora.reasons[0].startswith("qlora: the method you pinned, and it fits")
+    cfg = config(vram=parse_size("24G"), method="loram",
+                 loram=dataclasses.replace(RunConfig().loram, ratio=0.5))
+    loram = make_plan(cfg, spec, {"method", "loram.ratio"}, device="cuda")
+    assert any(r.startswith("the base is pruned by 50% (loram.ratio, pinned)") for r in loram.reasons)
+    free = make_plan(config(vram=parse_size("6G")), spec, device="cuda")
+    assert free.method == "loram" and any(r.startswith("nothing unpruned fits") for r in free.reasons)
+
+
+def test_a_better_method_refused_for_the_host_is_listed_as_such(every_method):
+    cfg = long_qlora(host_ram=parse_size("32G"), offload=True, grad_checkpointing=False)
+    plan = make_plan(cfg, builtin_spec("llama-3.1-8b"), {"offload", "grad_checkpointing"}, device="cuda")
+    assert plan.method == "loram" and plan.breakdown.host <= plan.host_usable
+    qlora = next(r for r in plan.rejected if r.candidate == "qlora")
+    assert qlora.term == "host" and qlora.over == qlora.total - plan.host_usable > 0
+    assert "pinned host RAM" in qlora.describe()
+
+
+def test_when_only_the_host_is_short_the_error_says_what_to_change(every_method):
+    cfg = long_qlora(host_ram=parse_size("32G"), offload=True, grad_checkpointing=False)
+    with pytest.raises(BudgetError) as err:
+        make_plan(cfg, builtin_spec("llama-3.1-8b"), {"method", "offload", "grad_checkpointing"}, device="cuda")
+    message = str(err.value)
+    assert "within the host's RAM" in message and "over the 30.40GiB usable (32.00GiB set by host_ram" in message
+    assert "unpin grad_checkpointing (qlora with grad_checkpointing=on fits" in message
+    assert re.search(r"a host with \d+(\.\d)?G of RAM free", message)
+    assert "--vram" not in message   # more device memory would not help
+
+
+def test_on_the_cpu_offloading_saves_nothing_and_is_never_chosen():
+    spec = builtin_spec("smollm2-135m")
+    cfg = config(vram=parse_size("1500M"), seq_len=4096, micro_batch=1, grad_accum=8, device="cpu")
+    plan = make_plan(cfg, spec, device="cpu")
+    assert not plan.offload_activations
+    on = predict_with(plan, offload_activations=True)
+    off = predict_with(plan, offload_activations=False)
+    assert on.total == off.total and on.host == 0
+    assert predict_with(plan, offload_activations=True, device="cuda").host > 0
+
+
+def predict_with(plan: Plan, spec: str = "smollm2-135m", **changes) -> MemoryBreakdown:
+    from lowmem.memory import predict
+
+    return predict(builtin_spec(spec), dataclasses.replace(plan, **changes))

@@ -154,6 +154,8 @@ def render_measured(m: dict[str, Any]) -> str:
                      + (f", under a {format_size(m['cap'])} cap" if m["cap"] else ""))
     elif m.get("peak_op"):
         lines.append(f"  the peak came at {m['peak_op']}")
+    if m.get("pinned") and m["predicted"]["host"]:
+        lines.append(f"  pinned host peak {format_size(m['pinned'])}, predicted {format_size(m['predicted']['host'])}")
     if not m["fits"]:
         lines.append(f"  DOES NOT FIT: {m['oom']}")
     if error < -UNDER_ESTIMATE_WARNING:
@@ -176,7 +178,9 @@ def plan_json(plan: Plan, spec: ModelSpec, prepare: dict[str, Any] | None = None
     if plan.vram is not None and plan.breakdown is not None:
         out["budget"] = {"vram": plan.vram, "safety_margin": plan.safety_margin,
                          "usable": plan.usable, "total": plan.breakdown.total,
-                         "spare": plan.usable - plan.breakdown.total}
+                         "spare": plan.usable - plan.breakdown.total,
+                         "host_ram": plan.host_ram, "host_usable": plan.host_usable,
+                         "host_pinned": plan.breakdown.host}
     if prepare is not None:
         out["loram_prepare"] = prepare
     return out
@@ -210,7 +214,7 @@ def render(plan: Plan, spec: ModelSpec, margin: float | None = None, prepare: di
         lines.append(f"  {term:<13}{format_size(size):>{width}}  {share:5.1f}%  {_TERM_NOTES[term]}")
     lines.append(f"  {'total':<13}{format_size(b.total):>{width}}")
     if b.host:
-        lines.append(f"  (host: {format_size(b.host)} of activations in pinned CPU memory)")
+        lines.append(f"  (host: {format_size(b.host)} of pinned CPU memory for offloaded activations)")
     lines.append("")
     if plan.vram is None:
         lines.append("budget    none given (--vram): this is the plan the config pins, unchecked")
@@ -219,6 +223,10 @@ def render(plan: Plan, spec: ModelSpec, margin: float | None = None, prepare: di
         lines.append(f"budget    {format_size(b.total)} of {format_size(usable)} usable "
                      f"({format_size(plan.vram)} - {plan.safety_margin:.0%} safety margin): fits, "
                      f"{format_size(usable - b.total)} spare")
+        if b.host and plan.host_usable is not None:
+            lines.append(f"host      {format_size(b.host)} pinned of {format_size(plan.host_usable)} usable "
+                         f"({format_size(plan.host_ram)} host RAM - {plan.safety_margin:.0%} safety margin): "
+                         f"fits, {format_size(plan.host_usable - b.host)} spare")
     if plan.rejected:
         lines += ["", "rejected  (better candidates that did not fit)"]
         lines += [f"  {r.describe()}" for r in plan.rejected]
