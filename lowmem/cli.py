@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 
 from lowmem import __version__
 from lowmem.errors import LowmemError
 
 COMMANDS = ("train", "plan", "monitor", "presets", "generate", "export")
+
+#: A config override given as a positional argument: dotted.key=value.
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # --debug goes before the command or anywhere after it.
     debug = "--debug" in argv
-    args = parser.parse_args([a for a in argv if a != "--debug"])
+    args, extra = parser.parse_known_args([a for a in argv if a != "--debug"])
+    if extra and isinstance(getattr(args, "overrides", None), list):
+        # argparse takes one run of key=value positionals; later runs, between options, come back
+        # unparsed: they are overrides too, in the order given.
+        overrides = [a for a in extra if OVERRIDE.match(a)]
+        args.overrides += overrides
+        extra = [a for a in extra if a not in overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

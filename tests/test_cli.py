@@ -1,5 +1,6 @@
 """The command line as a user meets it: one-line errors, presets, generate, python -m."""
 
+import json
 import subprocess
 import sys
 
@@ -279,3 +280,13 @@ def test_a_run_without_a_checkpoint_starts_over_on_resume_and_paths_are_kept_abs
     assert main(["train", "--resume", str(run), "--no-tui", "--seed", "0"]) == 0   # an unchanged flag
     assert "has no checkpoint: it stopped before one was written; starting it over" in capsys.readouterr().err
     assert (run / "adapter" / "adapter_config.json").is_file()
+
+
+def test_overrides_may_come_between_options(capsys):
+    assert main(["plan", "--model", "llama-3.1-8b", "seq_len=2048", "--vram", "24G", "lora.rank=64",
+                 "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert (plan["seq_len"], plan["lora_rank"]) == (2048, 64)
+    with pytest.raises(SystemExit):
+        main(["plan", "--model", "llama-3.1-8b", "seq_len=2048", "--vram", "24G", "bogus"])
+    assert "unrecognized arguments: bogus" in capsys.readouterr().err
