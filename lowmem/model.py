@@ -140,7 +140,7 @@ def load_weights(model_dir: Path, device: str, dtype: torch.dtype, log=print, *,
     if nf4_targets:
         from lowmem.quant.nf4 import load_nf4_model
 
-        return load_nf4_model(model_dir, device, dtype, nf4_targets, double_quant=double_quant)
+        return load_nf4_model(model_dir, device, dtype, nf4_targets, double_quant=double_quant, log=log)
     if loads_streamed(model_dir):
         return load_streamed(model_dir, device, dtype, log)
     from transformers import AutoModelForCausalLM

@@ -161,27 +161,34 @@ class LoadStats:
 
 def load_nf4_model(model_dir: Path, device: str, compute_dtype: torch.dtype,
                    targets: tuple[str, ...], *, double_quant: bool = True,
-                   stats: LoadStats | None = None) -> nn.Module:
+                   stats: LoadStats | None = None, log=None) -> nn.Module:
     """A causal LM from a Hugging Face safetensors folder with its `targets` linears in NF4.
 
     Weights are read one tensor at a time; a targeted linear's weight is
     quantized on `device` as soon as it arrives and its full-precision copy
-    dropped. Every other tensor is cast to `compute_dtype` and kept. The model
-    is returned in eval mode on `device`.
+    dropped. Every other tensor is cast to `compute_dtype` and kept. Tensors the
+    model does not define (an old checkpoint's rotary inv_freq) are left out, as
+    the dense loader (lowmem.model.load_streamed) and transformers do, and told
+    to `log`. The model is returned in eval mode on `device`.
     """
     from lowmem.errors import ModelError
-    from lowmem.quant.skeleton import (empty_model, finish, read_tensors, release_freed_memory,
-                                       set_tensor, shard_files)
+    from lowmem.quant.skeleton import (checkpoint_keys, empty_model, finish, read_tensors,
+                                       release_freed_memory, set_tensor, shard_files)
 
     stats = stats if stats is not None else LoadStats()
     model = empty_model(model_dir, compute_dtype)
+    defined = checkpoint_keys(model)   # before quantization renames the targets' tensors
     wanted = {f"{name}.weight": name for name in _targets_in(model, targets)}
     if not wanted:
         linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ModelError(f"lora.targets {list(targets)} match no linear layer; this model has {linear}")
+    skipped = []
     for key, tensor in read_tensors(shard_files(model_dir)):
         stats.tensors += 1
         stats.bytes_read += tensor.numel() * tensor.element_size()
+        if key not in defined:
+            skipped.append(key)
+            continue
         name = wanted.pop(key, None)
         if name is None:
             set_tensor(model, key, tensor.to(device=device, dtype=compute_dtype)
@@ -203,4 +210,6 @@ def load_nf4_model(model_dir: Path, device: str, compute_dtype: torch.dtype,
         release_freed_memory()
     if wanted:
         raise ModelError(f"{model_dir}: the model files lack {len(wanted)} weights, e.g. {next(iter(wanted))}")
+    if skipped and log is not None:
+        log(f"{model_dir}: left out {len(skipped)} tensors the model does not define, e.g. {skipped[0]}")
     return finish(model, device)

@@ -252,29 +252,52 @@ def test_a_quantized_model_counts_its_parameters_as_the_dense_one():
     assert parameter_count(model) == dense
 
 
+def with_stale_tensors(source, folder, keys):
+    """A copy of the sharded model `source` whose first shard also holds `keys` (eight ones each),
+    as old Llama checkpoints hold rotary inv_freq tensors the model now computes."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, folder)
+    shard = sorted(folder.glob("model-*.safetensors"))[0]
+    tensors = load_file(str(shard))
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    for key in keys:
+        tensors[key] = torch.ones(8)
+        index["weight_map"][key] = shard.name
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    return folder
+
+
+def test_an_nf4_load_leaves_out_what_the_model_does_not_define(sharded_dir, tmp_path):
+    """The computed rotary inv_freq is kept (not overwritten with the checkpoint's, in the compute
+    dtype), and a tensor of an older layout is left out, not refused: as the dense loader does."""
+    stale = ["model.rotary_emb.inv_freq", "model.layers.0.self_attn.rotary_emb.inv_freq"]
+    folder = with_stale_tensors(sharded_dir, tmp_path / "m", stale)
+    said = []
+    model = load_nf4_model(folder, "cpu", torch.bfloat16, TARGETS, log=said.append)
+    clean = load_nf4_model(sharded_dir, "cpu", torch.bfloat16, TARGETS)
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(model.model.rotary_emb.inv_freq, clean.model.rotary_emb.inv_freq)
+    assert said and said[0].startswith(f"{folder}: left out 2 tensors the model does not define, e.g. ")
+    ids = torch.randint(0, 512, (2, 10))
+    torch.testing.assert_close(model(ids).logits, clean(ids).logits, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_dense_model_loads_one_tensor_at_a_time_into_what_transformers_would_build(sharded_dir, tmp_path,
                                                                                      dtype):
     """lowmem.model.load_model (load_streamed) reads safetensors one tensor at a time (on its way to a GPU the
     host then holds one tensor, not the model): the same tensors as from_pretrained, a tensor
     the model does not define left out, and never more live than the model plus one tensor."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
     from lowmem.measure import LiveTensorBytes, model_bytes
     from lowmem.model import load_streamed
 
-    folder = tmp_path / "m"
-    shutil.copytree(sharded_dir, folder)
-    shard = sorted(folder.glob("model-*.safetensors"))[0]
-    tensors = load_file(str(shard))
-    tensors["model.rotary_emb.inv_freq"] = torch.ones(8)            # as old Llama checkpoints have
-    index = json.loads((folder / "model.safetensors.index.json").read_text())
-    index["weight_map"]["model.rotary_emb.inv_freq"] = shard.name
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    save_file(tensors, str(shard), metadata={"format": "pt"})
+    folder = with_stale_tensors(sharded_dir, tmp_path / "m", ["model.rotary_emb.inv_freq"])
     said = []
     with LiveTensorBytes("cpu") as live:
         model = load_streamed(folder, "cpu", dtype, log=said.append)
