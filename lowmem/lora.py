@@ -171,14 +171,13 @@ def read_adapter_config(folder: Path) -> dict:
 
 def load_adapter(model: nn.Module, folder: Path) -> list[str]:
     """Apply the adapter saved in `folder` (PEFT layout) to `model`; returns wrapped names."""
-    from safetensors.torch import load_file
-
     from lowmem.errors import ModelError
+    from lowmem.quant.skeleton import load_safetensors
 
     cfg = read_adapter_config(folder)
     names = apply_lora(model, cfg["r"], cfg["lora_alpha"], tuple(cfg["target_modules"]),
                        0.0, cfg.get("use_rslora", False))
-    state = load_file(str(Path(folder) / ADAPTER_WEIGHTS))
+    state = load_safetensors(Path(folder) / ADAPTER_WEIGHTS)
     modules = lora_modules(model)
     for key, tensor in state.items():
         module_name, _, param = key.removeprefix("base_model.model.").rpartition(".lora_")

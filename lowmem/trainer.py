@@ -417,6 +417,7 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
             else:
                 out(f"adapter saved to {run_dir / 'adapter'} (PEFT layout)")
         else:
+            model.config.use_cache = True   # switched off for training; the saved model generates
             model.save_pretrained(run_dir / "model")
             tokenizer.save_pretrained(run_dir / "model")
             out(f"model saved to {run_dir / 'model'}")

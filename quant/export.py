@@ -192,7 +192,8 @@ def _dense_tensors(model: nn.Module, replaced: set[str], dtype: torch.dtype) -> 
 
 def check_outputs(outputs: dict[str, Path | None]) -> None:
     """ModelError before anything is written when an output folder named by `outputs` ({flag:
-    path}) is a file, is not empty, or is named twice: an export writes all of them or none."""
+    path}) is a file, is not empty, is named twice, or cannot be made (a file on its path, a
+    folder not writable): an export writes all of them or none."""
     seen: dict[Path, str] = {}
     for flag, out in outputs.items():
         if out is None:
@@ -200,6 +201,13 @@ def check_outputs(outputs: dict[str, Path | None]) -> None:
         out = Path(out)
         if out.exists() and not out.is_dir():
             raise ModelError(f"{flag} {out}: a file is there; choose an output folder")
+        parent = out.absolute().parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ModelError(f"{flag} {out}: {parent} is a file, so no folder can be made in it")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ModelError(f"{flag} {out}: {parent} is not writable")
         if out.is_dir() and any(out.iterdir()):
             raise ModelError(f"{flag} {out} already exists and is not empty; choose another output folder")
         key = out.resolve()
@@ -336,14 +344,13 @@ class WeightUpdate:
 
 def adapter_updates(adapter: Path) -> dict[str, WeightUpdate]:
     """{base weight name: its update ΔW = s·B A} of a PEFT-layout adapter folder."""
-    from safetensors.torch import load_file
-
     from lowmem.lora import ADAPTER_WEIGHTS, read_adapter_config, scaling
+    from lowmem.quant.skeleton import load_safetensors
 
     cfg = read_adapter_config(adapter)
     scale = scaling(cfg["r"], cfg["lora_alpha"], bool(cfg.get("use_rslora")))
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in load_file(str(Path(adapter) / ADAPTER_WEIGHTS)).items():
+    for key, tensor in load_safetensors(Path(adapter) / ADAPTER_WEIGHTS).items():
         module, _, which = key.removeprefix("base_model.model.").rpartition(".lora_")
         if which not in ("A.weight", "B.weight"):
             raise ModelError(f"{adapter}: unexpected adapter tensor {key} (expected …lora_A.weight / …lora_B.weight)")
@@ -528,14 +535,13 @@ def run_updates(folder: Path, method: str, bits: int | None, group: int | None
     (default 4 / 128)."""
     if method != "l4q":
         return adapter_updates(folder), bits or 4, group or 128, "round-to-nearest"
-    from safetensors.torch import load_file
-
     from lowmem.lora import scaling
     from lowmem.quant.l4q import L4Q_WEIGHTS, read_l4q_config
+    from lowmem.quant.skeleton import load_safetensors
 
     cfg = read_l4q_config(folder)
     _as_trained("an L4Q run", cfg["bits"], cfg["group_size"], bits, group)
-    state = load_file(str(Path(folder) / L4Q_WEIGHTS))
+    state = load_safetensors(Path(folder) / L4Q_WEIGHTS)
     scale = scaling(cfg["rank"], cfg["alpha"], bool(cfg["rslora"]))
     updates = {}
     for name in cfg["modules"]:
@@ -609,18 +615,19 @@ def load_quantized_export(folder: str | Path, device: str = "cpu",
 
 # ---------------------------------------------------------------- a run directory
 
-def _run_folder(run_dir: Path, marker: str) -> Path | None:
-    """run_dir/adapter if it holds `marker`, else the newest valid checkpoint's adapter folder."""
+def _run_folder(run_dir: Path, marker: str) -> tuple[Path | None, str]:
+    """(run_dir/adapter if it holds `marker`, else the newest valid checkpoint's adapter folder,
+    or None; why there is none)."""
     from lowmem.checkpoint import find_resumable
     from lowmem.errors import CheckpointError
 
     if (run_dir / "adapter" / marker).is_file():
-        return run_dir / "adapter"
+        return run_dir / "adapter", ""
     try:
         folder = find_resumable(run_dir, warn=lambda m: None) / "adapter"
-    except CheckpointError:
-        return None
-    return folder if (folder / marker).is_file() else None
+    except CheckpointError as e:
+        return None, str(e)
+    return (folder, "") if (folder / marker).is_file() else (None, f"{folder} lacks {marker}")
 
 
 def run_adapter(run_dir: Path) -> tuple[str, str, Path]:
@@ -639,9 +646,9 @@ def run_adapter(run_dir: Path) -> tuple[str, str, Path]:
     if method not in ("lora", "qlora", "loram", "l4q"):
         raise ModelError(f"{run_dir}: a '{method}' run has no adapter to export; its model is in {run_dir / 'model'}")
     marker = L4Q_CONFIG if method == "l4q" else ADAPTER_CONFIG
-    folder = _run_folder(run_dir, marker)
+    folder, why = _run_folder(run_dir, marker)
     if folder is None:
-        raise ModelError(f"{run_dir}: no {marker} in adapter/ or in a checkpoint; has the run saved one yet?")
+        raise ModelError(f"{run_dir}: no {marker} in adapter/ or in a usable checkpoint ({why})")
     return model_ref, method, folder
 
 
@@ -658,6 +665,8 @@ def export_run(run_dir: Path, *, quantized: Path | None = None, dequantized: Pat
     from lowmem.model import resolve_model_dir
 
     model_ref, method, folder = run_adapter(Path(run_dir))
+    if folder != Path(run_dir) / "adapter":
+        log(f"{run_dir} has not finished: exporting its checkpoint {folder.parent.name}")
     written = []
     if merged is not None:
         if method == "l4q":

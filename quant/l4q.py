@@ -221,15 +221,14 @@ def read_l4q_config(folder: Path) -> dict:
 
 def load_l4q_state(model: nn.Module, folder: Path) -> list[str]:
     """Apply the L4Q layers saved in `folder` to a dense `model`; returns the wrapped names."""
-    from safetensors.torch import load_file
-
     from lowmem.errors import ModelError
+    from lowmem.quant.skeleton import load_safetensors
 
     cfg = read_l4q_config(folder)
     names = apply_l4q(model, cfg["rank"], cfg["alpha"], tuple(cfg["target_modules"]), cfg["bits"],
                       cfg["group_size"], 0.0, cfg["rslora"], cfg["symmetric"])
     modules = l4q_modules(model)
-    for key, tensor in load_file(str(Path(folder) / L4Q_WEIGHTS)).items():
+    for key, tensor in load_safetensors(Path(folder) / L4Q_WEIGHTS).items():
         module_name, _, pname = key.rpartition(".")
         target = getattr(modules.get(module_name), pname, None) if module_name in modules else None
         if target is None or target.shape != tensor.shape:

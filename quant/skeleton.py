@@ -72,6 +72,18 @@ def checkpoint_keys(model: nn.Module) -> set[str]:
     return set(model.state_dict(keep_vars=True))
 
 
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one small safetensors file (an adapter), or a ModelError naming the
+    file when it is missing, cut short or not safetensors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ModelError(f"{path} cannot be read ({e}): the file is damaged or incomplete") from None
+
+
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
           "U8": torch.uint8, "BOOL": torch.bool,

@@ -290,3 +290,38 @@ def test_overrides_may_come_between_options(capsys):
     with pytest.raises(SystemExit):
         main(["plan", "--model", "llama-3.1-8b", "seq_len=2048", "--vram", "24G", "bogus"])
     assert "unrecognized arguments: bogus" in capsys.readouterr().err
+
+
+def test_generate_points_each_kind_of_run_to_what_it_can_answer_with(tmp_path, tiny_model_dir):
+    import yaml
+
+    from lowmem.checkpoint import save_checkpoint
+    from lowmem.commands.generate import find_adapter
+    from lowmem.errors import ModelError
+    from lowmem.lora import apply_lora, save_adapter
+    from lowmem.model import load_model
+
+    def run(name, method):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.yaml").write_text(yaml.safe_dump({"model": str(tiny_model_dir), "method": method}))
+        (folder / "plan.yaml").write_text(yaml.safe_dump({"method": method}))
+        return folder
+
+    with pytest.raises(ModelError, match="no such folder"):
+        find_adapter(tmp_path / "nowhere")
+    with pytest.raises(ModelError, match=r"a 'full' run trains the whole model .* --model .*f/model"):
+        find_adapter(run("f", "full"))
+    with pytest.raises(ModelError, match=r"lowmem export .*l --quantized OUT`, then answer with --model OUT"):
+        find_adapter(run("l", "l4q"))
+    model, _, _ = load_model(str(tiny_model_dir))
+    apply_lora(model, 4, 8.0, ("q_proj",))
+    unfinished = run("u", "lora")
+    save_checkpoint(unfinished, 5, trainable={"x": torch.zeros(1)}, optimizer={}, state={}, config={}, plan={},
+                    keep=2, extra_dirs={"adapter": lambda d: save_adapter(
+                        model, d, rank=4, alpha=8.0, targets=("q_proj",), dropout=0.0, rslora=False,
+                        base_model=str(tiny_model_dir))})
+    said = []
+    folder, base = find_adapter(unfinished, said.append)
+    assert folder == unfinished / "checkpoints" / "step-5" / "adapter" and base == str(tiny_model_dir)
+    assert said == [f"{unfinished} has not finished: answering with its checkpoint step-5"]

@@ -11,7 +11,8 @@ import yaml
 from lowmem.lora import apply_lora, lora_modules, save_adapter
 from lowmem.model import tiny_llama
 from lowmem.quant import intk
-from lowmem.quant.export import (QUANT_CONFIG, is_quantized_export,
+from lowmem.errors import ModelError
+from lowmem.quant.export import (QUANT_CONFIG, export_run, is_quantized_export,
                                  load_quantized_export, quantize_model, save_dequantized, save_merged,
                                  save_quantized)
 from lowmem.quant.intk import IntKLinear
@@ -550,9 +551,70 @@ def test_every_output_is_checked_before_any_is_written(tmp_path, capsys):
     (tmp_path / "afile").write_text("")
     cases = ((["--merged", str(tmp_path / "new"), "--quantized", str(taken)], "--quantized .* not empty"),
              (["--merged", str(tmp_path / "afile")], "--merged .*: a file is there"),
+             (["--merged", str(tmp_path / "new"), "--quantized", str(tmp_path / "afile" / "sub")],
+              "--quantized .*afile is a file, so no folder can be made in it"),
              (["--merged", str(tmp_path / "same"), "--dequantized", str(tmp_path / "same")],
               "--dequantized and --merged both name"))
     for flags, says in cases:
         assert main(["export", str(tmp_path / "some-run"), *flags]) == 2
         assert re.search(says, capsys.readouterr().err)
     assert not (tmp_path / "new").exists() and not (tmp_path / "same").exists()
+
+
+def test_bits_without_a_quantized_output_are_refused(tmp_path, capsys):
+    from lowmem.cli import main
+
+    assert main(["export", str(tmp_path / "run"), "--merged", str(tmp_path / "m"), "--bits", "2"]) == 2
+    assert "--bits and --group choose the quantization of --quantized/--dequantized" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_damaged_adapter_file_is_named_not_a_traceback(tmp_path, tiny_model_dir):
+    model = _lora_on(tiny_model_dir)
+    run = _fake_run(tmp_path / "run", tiny_model_dir, "lora",
+                    lambda d: save_adapter(model, d, rank=4, alpha=8.0, targets=("q_proj", "up_proj"),
+                                           dropout=0.0, rslora=False, base_model=str(tiny_model_dir)))
+    weights = run / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ModelError, match="adapter_model.safetensors cannot be read .* damaged or incomplete"):
+        export_run(run, merged=tmp_path / "m", log=lambda m: None)
+    assert not (tmp_path / "m").exists()
+
+
+def test_an_unfinished_run_exports_its_newest_checkpoint_and_says_so(tmp_path, tiny_model_dir):
+    model = _lora_on(tiny_model_dir)
+    from lowmem.checkpoint import save_checkpoint
+
+    run = _fake_run(tmp_path / "run", tiny_model_dir, "lora", lambda d: None)
+    save_checkpoint(run, 3, trainable={"x": torch.zeros(1)}, optimizer={}, state={}, config={}, plan={}, keep=2,
+                    extra_dirs={"adapter": lambda d: save_adapter(
+                        model, d, rank=4, alpha=8.0, targets=("q_proj", "up_proj"), dropout=0.0, rslora=False,
+                        base_model=str(tiny_model_dir))})
+    said = []
+    export_run(run, merged=tmp_path / "m", log=said.append)
+    assert said[0] == f"{run} has not finished: exporting its checkpoint step-3"
+    assert (tmp_path / "m" / "config.json").is_file()
+
+
+def test_a_terminated_export_leaves_no_half_written_folder(tmp_path, monkeypatch):
+    import os
+    import signal
+    import time
+
+    import lowmem.quant.export as export_module
+    from lowmem.quant.export import _write_folder
+
+    def killed_while_writing(run_dir, *, merged, **_):
+        def write(folder):
+            (folder / "model.safetensors").write_bytes(b"partial")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        _write_folder(merged, write)
+
+    monkeypatch.setattr(export_module, "export_run", killed_while_writing)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stop:
+        _export([tmp_path / "run", "--merged", tmp_path / "out" / "m"])
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert list((tmp_path / "out").iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is before   # the command's handler is gone again

@@ -1,5 +1,6 @@
 """The training loop on a tiny model: exact resume, control requests, signals, outputs."""
 
+import json
 import os
 import signal
 import subprocess
@@ -130,7 +131,8 @@ def test_full_training_updates_every_weight_and_saves_the_model(tmp_path, tiny_m
     train(config, plan, run_dir, out=lambda m: None)
     start = next(e for e in read_events(run_dir) if e["kind"] == "start")
     assert start["trainable_params"] == start["total_params"]
-    assert (run_dir / "model" / "config.json").is_file()
+    saved = json.loads((run_dir / "model" / "config.json").read_text())
+    assert saved["use_cache"] is True     # training switches the cache off; the saved model generates
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():

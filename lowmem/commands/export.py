@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 from lowmem.errors import ConfigError
@@ -41,6 +42,9 @@ def run(args) -> int:
 
     if not (args.quantized or args.dequantized or args.merged):
         raise ConfigError("export: nothing to write; give --quantized OUT, --dequantized OUT and/or --merged OUT")
+    if (args.bits is not None or args.group is not None) and not (args.quantized or args.dequantized):
+        raise ConfigError("export: --bits and --group choose the quantization of --quantized/--dequantized; "
+                          "--merged writes unquantized weights")
     if args.group is not None and args.group < 1:
         raise ConfigError(f"--group: expected a positive number of weights, got {args.group}")
     as_path = lambda v: None if v is None else Path(v)  # noqa: E731
@@ -48,10 +52,18 @@ def run(args) -> int:
 
     check_outputs({"--quantized": as_path(args.quantized), "--dequantized": as_path(args.dequantized),
                    "--merged": as_path(args.merged)})
+    # SIGTERM (kill, a scheduler) ends the export as Ctrl-C does: its half-written folder is removed.
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         export_run(Path(args.run_dir), quantized=as_path(args.quantized),
                    dequantized=as_path(args.dequantized), merged=as_path(args.merged), bits=args.bits,
                    group=args.group, dtype=getattr(torch, DTYPES[args.dtype]))
     except ValueError as e:   # e.g. --bits 3 for a run that trained 4-bit step sizes
         raise ConfigError(f"export: {e}") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _terminate(signum, frame) -> None:
+    raise SystemExit(128 + signum)

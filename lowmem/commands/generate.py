@@ -48,17 +48,28 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def find_adapter(path: Path) -> tuple[Path, str | None]:
-    """(adapter folder, base model recorded by the run or None)."""
+def find_adapter(path: Path, note=None) -> tuple[Path, str | None]:
+    """(adapter folder, base model recorded by the run or None). A run that has not finished
+    answers with its newest valid checkpoint, which `note` is told."""
     import yaml
 
     from lowmem.checkpoint import find_resumable
     from lowmem.lora import ADAPTER_CONFIG, read_adapter_config
 
+    if not path.exists():
+        raise ModelError(f"--adapter {path}: no such folder")
     if (path / ADAPTER_CONFIG).is_file():
         return path, read_adapter_config(path).get("base_model_name_or_path")
     if (path / "config.yaml").is_file():
         model = yaml.safe_load((path / "config.yaml").read_text()).get("model")
+        plan = path / "plan.yaml"
+        method = (yaml.safe_load(plan.read_text()) or {}).get("method") if plan.is_file() else None
+        if method in ("full", "galore"):
+            raise ModelError(f"{path}: a '{method}' run trains the whole model and has no adapter; answer "
+                             f"with --model {path / 'model'}")
+        if method == "l4q":
+            raise ModelError(f"{path}: an L4Q run's adapter lives in its quantized weights; write them with "
+                             f"`lowmem export {path} --quantized OUT`, then answer with --model OUT")
         if (path / "adapter" / ADAPTER_CONFIG).is_file():
             return path / "adapter", model
         try:
@@ -66,6 +77,8 @@ def find_adapter(path: Path) -> tuple[Path, str | None]:
         except CheckpointError as e:
             raise ModelError(f"{path}: no adapter yet: the run has not finished ({e})") from None
         if (folder / ADAPTER_CONFIG).is_file():
+            if note is not None:
+                note(f"{path} has not finished: answering with its checkpoint {folder.parent.name}")
             return folder, model
     raise ModelError(f"{path}: no adapter here (expected {ADAPTER_CONFIG}, or a run directory with one)")
 
@@ -209,14 +222,14 @@ def run(args) -> int:
     if args.max_new_tokens < 1:
         raise ModelError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     device = resolve_device(args.device)
-    adapter, base = (find_adapter(Path(args.adapter)) if args.adapter else (None, None))
+    def note(message: str) -> None:          # beside the answer, which alone goes to stdout
+        print(message, file=sys.stderr)
+
+    adapter, base = (find_adapter(Path(args.adapter), note) if args.adapter else (None, None))
     ref = args.model or base or "smollm2-135m"
     budget = device_budget(device, args.vram)
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": args.prompt})
-
-    def note(message: str) -> None:          # beside the answer, which alone goes to stdout
-        print(message, file=sys.stderr)
 
     if is_quantized_export(ref):
         if adapter is not None:
