@@ -9,10 +9,12 @@ when known):
   offsets; a LoRA/QLoRA layer is merged (W0 + c·BA) and then round-to-nearest
   quantized with each group's min–max range (`bits`, `group`). Files:
 
-      quantization.json   {"format": "lowmem-intk", "version": 1, "bits": b,
+      quantization.json   {"format": "lowmem-intk", "version": 2, "bits": b,
                            "group_size": g, "symmetric": false,
                            "scale_dtype": "float16", "modules": [names], "source": {...}}
-      model.safetensors   (or shards of at most 2 GiB with model.safetensors.index.json)
+      lowmem-intk.safetensors   (or shards of at most 2 GiB with
+                          lowmem-intk.safetensors.index.json; version 1 named them
+                          model.safetensors, which transformers took for a plain model)
                           for each quantized linear <m> (out × in, G = ⌈in/g⌉):
                             <m>.qweight  uint8 (out, ⌈in·b/8⌉)   codes u = q − Qn, little-endian
                                                                 bit stream per row, rows padded
@@ -70,8 +72,16 @@ from lowmem.quant.l4q import L4QLinear, merged_weight
 
 QUANT_CONFIG = "quantization.json"
 FORMAT = "lowmem-intk"
-VERSION = 1
+VERSION = 2
 WEIGHTS = "model.safetensors"
+#: The packed tensors' file (version 2). Not model.safetensors: transformers would load the folder
+#: as a plain model, finding no weight under the projections' names, and start them at random.
+INTK_WEIGHTS = "lowmem-intk.safetensors"
+
+
+def packed_weights_name(version: int) -> str:
+    """The packed tensors' file name in a `lowmem-intk` folder of `version` (1 used WEIGHTS)."""
+    return WEIGHTS if version < 2 else INTK_WEIGHTS
 
 
 @dataclass
@@ -274,7 +284,7 @@ def save_quantized(model: nn.Module, quantized: dict[str, QuantizedWeight], out:
                 tensors[f"{name}.offsets"] = q.offsets.contiguous()
             if q.bias is not None:
                 tensors[f"{name}.bias"] = q.bias.to(dense_dtype).contiguous()
-        save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})
+        save_file(tensors, str(folder / INTK_WEIGHTS), metadata={"format": "pt"})
         _save_config(model, folder, dense_dtype, tokenizer)
         meta = {"format": FORMAT, "version": VERSION, "bits": first.bits, "group_size": first.group,
                 "symmetric": first.offsets is None,
@@ -380,19 +390,19 @@ def _check_base(model_dir: Path, files: list[Path], config, targets: set[str], s
 
 def _rewrite_streamed(model_dir: Path, updates: dict[str, WeightUpdate], source: Path, out: Path,
                       convert: Callable[[str, torch.Tensor, WeightUpdate], dict[str, torch.Tensor]], *,
-                      dtype: torch.dtype, shard_bytes: int, log, extra: Callable[[Path], None] | None = None
-                      ) -> Path:
+                      dtype: torch.dtype, shard_bytes: int, log, extra: Callable[[Path], None] | None = None,
+                      weights: str = WEIGHTS) -> Path:
     """`model_dir`'s safetensors rewritten one tensor at a time into the folder `out`: each weight
     named in `updates` becomes what `convert(name, tensor, update)` returns ({name: tensor}),
     every other floating tensor is cast to `dtype` (integer buffers copied). Shards of at
-    most `shard_bytes` with an index (one file when it all fits); the config (use_cache on,
+    most `shard_bytes` with an index (one file, `weights`, when it all fits); the config (use_cache on,
     dtype; untied when the head got its own update), generation config and tokenizer go
     beside; `extra(folder)` writes what else the format needs. Alive at once: one base
     tensor, what it becomes, and the shard being filled."""
     from safetensors.torch import save_file
 
     from lowmem.model import load_tokenizer
-    from lowmem.quant.skeleton import (DTYPES, INDEX, checkpoint_keys, empty_model, hf_config, read_tensors,
+    from lowmem.quant.skeleton import (DTYPES, checkpoint_keys, empty_model, hf_config, read_tensors,
                                        shard_files)
 
     model_dir = Path(model_dir)
@@ -413,7 +423,7 @@ def _rewrite_streamed(model_dir: Path, updates: dict[str, WeightUpdate], source:
         def flush() -> None:
             nonlocal shard, size
             if shard:
-                name = f"model-{len(names) + 1:05d}.safetensors"
+                name = f"{weights.removesuffix('.safetensors')}-{len(names) + 1:05d}.safetensors"
                 save_file(shard, str(folder / name), metadata={"format": "pt"})
                 names.append(name)
                 weight_map.update({key: name for key in shard})
@@ -445,10 +455,10 @@ def _rewrite_streamed(model_dir: Path, updates: dict[str, WeightUpdate], source:
             del written
         flush()
         if len(names) == 1:
-            os.rename(folder / names[0], folder / WEIGHTS)
+            os.rename(folder / names[0], folder / weights)
         else:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+            (folder / f"{weights}.index.json").write_text(json.dumps(index, indent=2) + "\n")
         config.use_cache = True
         config.dtype = _name(dtype)
         if "lm_head.weight" in updates and getattr(config, "tie_word_embeddings", False):
@@ -524,7 +534,8 @@ def quantize_streamed(model_dir: Path, updates: dict[str, WeightUpdate], out: Pa
         (folder / QUANT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 
     return _rewrite_streamed(model_dir, updates, Path(source), out, convert, dtype=dtype, shard_bytes=shard_bytes,
-                             log=log, extra=None if dequantize else quant_config)
+                             log=log, extra=None if dequantize else quant_config,
+                             weights=WEIGHTS if dequantize else INTK_WEIGHTS)
 
 
 def run_updates(folder: Path, method: str, bits: int | None, group: int | None
@@ -586,7 +597,8 @@ def load_quantized_export(folder: str | Path, device: str = "cpu",
     modules = set(meta["modules"])
     parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in modules}
     model = empty_model(folder, compute_dtype)
-    for key, tensor in read_tensors(shard_files(folder)):
+    weights = packed_weights_name(meta.get("version", 1))
+    for key, tensor in read_tensors(shard_files(folder, weights)):
         name, _, part = key.rpartition(".")
         if name in modules and part in ("qweight", "scales", "offsets", "bias"):
             parts[name][part] = tensor
@@ -595,7 +607,7 @@ def load_quantized_export(folder: str | Path, device: str = "cpu",
     for name, p in parts.items():
         old = model.get_submodule(name)
         if "qweight" not in p or "scales" not in p or (not meta["symmetric"] and "offsets" not in p):
-            raise ModelError(f"{folder}: layer {name} is incomplete in {WEIGHTS}")
+            raise ModelError(f"{folder}: layer {name} is incomplete in {weights}")
         parent_name, _, child = name.rpartition(".")
         layer = intk.IntKLinear(old.in_features, old.out_features, bits, group, p["qweight"], p["scales"],
                                 p.get("offsets"), p.get("bias"), compute_dtype)

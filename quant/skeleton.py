@@ -34,15 +34,17 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
 
-def shard_files(model_dir: Path) -> list[Path]:
-    """The model's safetensors files, in the order the index lists them."""
+def shard_files(model_dir: Path, single: str = SINGLE) -> list[Path]:
+    """The model's safetensors files, in the order the index lists them: `single` (model.safetensors)
+    or the shards its index (`single` + ".index.json") names."""
     model_dir = Path(model_dir)
-    if (model_dir / INDEX).is_file():
-        weight_map = json.loads((model_dir / INDEX).read_text())["weight_map"]
+    index = model_dir / f"{single}.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
         return [model_dir / f for f in dict.fromkeys(weight_map.values())]
-    if (model_dir / SINGLE).is_file():
-        return [model_dir / SINGLE]
-    raise ModelError(f"{model_dir}: no {SINGLE} or {INDEX}; expected a Hugging Face safetensors model")
+    if (model_dir / single).is_file():
+        return [model_dir / single]
+    raise ModelError(f"{model_dir}: no {single} or {index.name}; expected a Hugging Face safetensors model")
 
 
 def hf_config(model_dir: Path):

@@ -97,7 +97,8 @@ def test_default_export_is_genuinely_low_bit_and_close_to_the_trained_model(tmp_
     assert meta["bits"] == 4 and meta["group_size"] == 32 and meta["scale_dtype"] == "float16"
     from safetensors import safe_open
 
-    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+    assert not (tmp_path / "q" / "model.safetensors").exists()       # transformers must not take it for a model
+    with safe_open(str(tmp_path / "q" / "lowmem-intk.safetensors"), "pt") as f:
         qw = f.get_tensor("model.layers.0.mlp.down_proj.qweight")    # (64, 128): 128 4-bit codes per row
         assert qw.dtype == torch.uint8 and qw.shape == (64, 64)
         assert f.get_tensor("model.layers.0.mlp.down_proj.scales").shape == (64, 4)
@@ -465,7 +466,8 @@ def test_the_streamed_quantized_export_writes_what_quantizing_the_loaded_model_w
         assert streamed.keys() == whole.keys()
         for key in whole:
             assert torch.equal(streamed[key], whole[key]), (out, key)
-    assert (tmp_path / "q" / "model.safetensors.index.json").is_file()
+    assert (tmp_path / "q" / "lowmem-intk.safetensors.index.json").is_file()
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
     meta, reference = (json.loads((tmp_path / f / QUANT_CONFIG).read_text()) for f in ("q", "whole-q"))
     assert {k: meta[k] for k in ("bits", "group_size", "symmetric", "scale_dtype", "modules")} == \
         {k: reference[k] for k in ("bits", "group_size", "symmetric", "scale_dtype", "modules")}
@@ -618,3 +620,21 @@ def test_a_terminated_export_leaves_no_half_written_folder(tmp_path, monkeypatch
     assert stop.value.code == 128 + signal.SIGTERM
     assert list((tmp_path / "out").iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) is before   # the command's handler is gone again
+
+
+def test_transformers_refuses_a_packed_export_and_a_version_1_folder_still_loads(tmp_path):
+    """Version 1 named the packed tensors model.safetensors: transformers then loaded the folder as
+    a plain model with every projection missing, started at random."""
+    from transformers import AutoModelForCausalLM
+
+    model = _trained_l4q(4, group=32)
+    save_quantized(model, quantize_model(model), tmp_path / "q")
+    with pytest.raises(OSError, match="model.safetensors"):
+        AutoModelForCausalLM.from_pretrained(str(tmp_path / "q"))
+    loaded, _ = load_quantized_export(tmp_path / "q")
+    (tmp_path / "q" / "lowmem-intk.safetensors").rename(tmp_path / "q" / "model.safetensors")
+    meta = json.loads((tmp_path / "q" / QUANT_CONFIG).read_text())
+    (tmp_path / "q" / QUANT_CONFIG).write_text(json.dumps({**meta, "version": 1}))
+    old, _ = load_quantized_export(tmp_path / "q")
+    with torch.no_grad():
+        torch.testing.assert_close(old(IDS).logits, loaded(IDS).logits, rtol=0, atol=0)
