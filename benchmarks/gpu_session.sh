@@ -11,9 +11,10 @@
 #   check    the environment: torch, CUDA, bitsandbytes, NVRTC, why kernels would be off;
 #            both kernel modules compiled for this GPU and launched once against the reference
 #   tests    pytest -m gpu: the kernels against their references, loss and L4Q peaks, offloading,
-#            NF4, GaLore, and the memory model against max_memory_allocated per method
+#            NF4, GaLore, the memory model against max_memory_allocated per method, and the
+#            pinned host memory of offloading against memory.pinned_host_bytes
 #            (tests/test_kernels*.py, test_l4q, test_offload, test_quant_nf4, test_galore, test_measure,
-#            test_loram)
+#            test_loram, test_memory)
 #   plans    the planner's peak against max_memory_allocated: each method's plan for
 #            Llama-3.1-8B at --vram 24G and 16G, and the 70B QLoRAM plan at 24G, each under an
 #            allocator capped at the card size (benchmarks/plan_vs_measured.py)
@@ -73,7 +74,8 @@ PY
 tests() {
     timeout 540 $PY -m pytest -m gpu -q -p no:cacheprovider --import-mode=append tests/test_kernels.py \
         tests/test_kernels_cross_entropy.py tests/test_l4q.py tests/test_offload.py \
-        tests/test_quant_nf4.py tests/test_galore.py tests/test_measure.py tests/test_loram.py 2>&1
+        tests/test_quant_nf4.py tests/test_galore.py tests/test_measure.py tests/test_loram.py \
+        tests/test_memory.py 2>&1
 }
 
 plans() {

@@ -285,7 +285,7 @@ def test_plan_command_reports_an_impossible_budget_as_an_error(capsys):
     with pytest.raises(BudgetError, match="nothing fits"):
         run_plan(["--model", "llama-3.1-70b", "--vram", "6G"], capsys)
     code, out = run_plan(["--model", "llama-3.1-70b", "--vram", "6G", "--json"], capsys)
-    assert code == 1 and "nothing fits" in json.loads(out)["error"]
+    assert code == 2 and "nothing fits" in json.loads(out)["error"]
 
 
 def test_plan_command_lists_builtin_models(capsys):

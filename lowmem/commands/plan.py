@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     except BudgetError as e:
         if args.json:
             print(json.dumps({"model": spec.to_dict(), "error": str(e)}, indent=2))
-            return 1
+            return 2   # as without --json (every lowmem error exits 2)
         raise
     prepare = loram_prepare(plan, spec, config)
     measured = measure_plan(plan, spec, config, args.measure_steps) if args.measure else None
