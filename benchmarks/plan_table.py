@@ -9,6 +9,7 @@ the plan `lowmem plan` chooses and its predicted peak, twice: with the methods
 this build can train (lowmem.config.METHODS) and with every planned method
 and feature (QLoRA, GaLore, LoRAM, offloading, chunked loss, 8-bit AdamW),
 simulated, which is what the planner will choose once issues 4, 6 and 7 land.
+The simulated machine has HOST_RAM (64G) free for offloaded activations.
 
 Part 2: our prediction for setups whose peak memory other projects publish
 (QLoRA, GaLore and LoRAM papers, Unsloth, torchtune), with the settings they
@@ -71,8 +72,14 @@ def describe(plan) -> str:
     return f"{plan.label} ({', '.join(knobs)})"
 
 
+#: Host RAM the simulated machine has free for offloaded activations: fixed, so the table
+#: does not depend on the machine that prints it.
+HOST_RAM = "64G"
+
+
 def cell(model: str, gb: int, seq_len: int) -> str:
-    cfg = RunConfig(model=model, vram=parse_size(f"{gb}G"), seq_len=seq_len, micro_batch=8, grad_accum=1)
+    cfg = RunConfig(model=model, vram=parse_size(f"{gb}G"), host_ram=parse_size(HOST_RAM), seq_len=seq_len,
+                    micro_batch=8, grad_accum=1)
     try:
         plan = make_plan(cfg, builtin_spec(model), device="cuda")
     except BudgetError as e:

@@ -2,13 +2,14 @@
 
 Under `with OffloadActivations():` every tensor autograd saves for backward
 passes through `pack`; one of at least `min_bytes` bytes that is not a
-parameter (nor a view of one) has its storage copied to pinned host memory,
-and its device memory is released. A storage is copied once however many
-saved tensors view it (q, k and v each save their own view of one input).
-In backward, `unpack` brings the storage back and rebuilds the same view of
-it; while one is brought back, the next `prefetch` storages in backward order
-(the earlier layers' inputs) are already being copied on the side stream, so
-the copy of layer i−1's input overlaps layer i's backward.
+parameter (nor a view of one) has the bytes of its storage it reads (for a
+whole tensor, the whole storage) copied to pinned host memory, and its device
+memory is released. Those bytes are copied once however many saved tensors
+view them (q, k and v each save their own view of one input). In backward,
+`unpack` brings them back and rebuilds the same view; while one is brought
+back, the next `prefetch` copies in backward order (the earlier layers'
+inputs) are already on their way on the side stream, so the copy of layer
+i−1's input overlaps layer i's backward.
 
 Combined with activation checkpointing (non-reentrant `torch.utils.checkpoint`,
 what `model.gradient_checkpointing_enable(use_reentrant=False)` uses) the only
@@ -29,7 +30,7 @@ Memory, N = micro_batch·seq_len tokens, L layers, c = bytes of the compute dtyp
 `stats` counts these bytes as they happen; on the CPU it says what would have
 moved, since host and device are the same memory there.
 
-Correctness on CUDA rests on four orderings, each marked WHY below. The design
+Correctness on CUDA rests on five orderings, each marked WHY below. The design
 follows torchtune's `training/_activation_offloading.py` (streams, keeping the
 source alive until its copy ends), with prefetch and de-duplication added.
 """
@@ -37,7 +38,6 @@ source alive until its copy ends), with prefetch and de-duplication added.
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -64,10 +64,11 @@ class OffloadStats:
 
 @dataclass
 class _Entry:
-    """One offloaded storage: every saved tensor that views it, saved any number of times."""
+    """One offloaded span of a storage: every saved tensor that views it, saved any number of times."""
 
-    host: torch.Tensor | None        # the storage's bytes on the host (on the CPU: the storage itself)
-    nbytes: int
+    host: torch.Tensor | None        # the bytes on the host (on the CPU: a view of the storage itself)
+    nbytes: int                      # bytes copied: the span of the storage the first save reads
+    start: int = 0                   # where that span begins in the storage, bytes
     saves: int = 1                   # saves not yet unpacked
     device: torch.Tensor | None = None   # brought back (or arriving) on the device
     ready: object = None             # CUDA event: the copy back has finished
@@ -81,7 +82,7 @@ class _Saved:
     dtype: torch.dtype
     shape: tuple[int, ...]
     stride: tuple[int, ...]
-    offset: int                      # in elements of `dtype`, as Tensor.storage_offset()
+    offset: int                      # in elements of `dtype`, from the start of the entry's span
 
 
 class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
@@ -122,7 +123,7 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
 
     def _eligible(self, t: torch.Tensor) -> bool:
         return (type(t) is torch.Tensor and t.device.type == self.device.type and t.layout == torch.strided
-                and t.numel() * t.element_size() >= self.min_bytes)
+                and t.numel() > 0 and t.numel() * t.element_size() >= self.min_bytes)
 
     # ------------------------------------------------------------ forward
 
@@ -134,37 +135,42 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
         if not self._eligible(t):
             self.stats.kept_bytes += t.numel() * t.element_size()
             return t
-        saved = functools.partial(_Saved, dtype=t.dtype, shape=tuple(t.shape), stride=t.stride(),
-                                  offset=t.storage_offset())
         storage = t.untyped_storage()
-        key = storage.data_ptr()
-        known = self._alive.get(key)
-        # While the recorded storage lives its address is not reused; an in-place
-        # write since then bumps the version its views share.
-        if (known is not None and not known[0].expired() and known[1] == t._version
-                and known[2] in self._entries):
-            # The same storage saved again (q, k and v projections read one input, each
-            # through its own view): one copy.
-            self._entries[known[2]].saves += 1
-            self.stats.shared_saves += 1
-            return saved(entry=known[2])
-        nbytes = storage.nbytes()
-        host = self._to_host(t)
+        size = t.element_size()
+        start = t.storage_offset() * size       # the bytes t reads: [start, end)
+        end = start + (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))) * size
+        known = self._alive.get(storage.data_ptr())
+        if known is not None:
+            ref, version, entry_id = known
+            entry = self._entries.get(entry_id)
+            # The same storage (not merely the same address: a storage can move, by
+            # resize_ or set_), not written since (views share one version counter),
+            # and t within the span copied, at a whole number of t's elements from it.
+            if (entry is not None and not ref.expired() and ref == StorageWeakRef(storage)
+                    and version == t._version and entry.start <= start and end <= entry.start + entry.nbytes
+                    and (start - entry.start) % size == 0 and entry.nbytes % size == 0):
+                # q, k and v projections read one input, each through its own view: one copy.
+                entry.saves += 1
+                self.stats.shared_saves += 1
+                return _Saved(entry_id, t.dtype, tuple(t.shape), t.stride(), (start - entry.start) // size)
+        nbytes = end - start
+        host = self._to_host(t, start, nbytes)
         entry_id = self._next_id
         self._next_id += 1
-        self._entries[entry_id] = _Entry(host=host, nbytes=nbytes)
+        self._entries[entry_id] = _Entry(host=host, nbytes=nbytes, start=start)
         self._order.append(entry_id)
-        self._alive[key] = (StorageWeakRef(storage), t._version, entry_id)
+        self._alive[storage.data_ptr()] = (StorageWeakRef(storage), t._version, entry_id)
         self.stats.offloaded_bytes += nbytes
         self.stats.offloaded_tensors += 1
         self.stats.sizes.append(nbytes)
         self.stats.host_bytes += nbytes
         self.stats.peak_host_bytes = max(self.stats.peak_host_bytes, self.stats.host_bytes)
-        return saved(entry=entry_id)
+        return _Saved(entry_id, t.dtype, tuple(t.shape), t.stride(), 0)
 
-    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
-        """The bytes of t's whole storage on the host (on the CPU: the storage itself)."""
-        source = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
+    def _to_host(self, t: torch.Tensor, start: int, nbytes: int) -> torch.Tensor:
+        """The `nbytes` of t's storage from byte `start` on the host (on the CPU: a view of them)."""
+        whole = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
+        source = whole[start:start + nbytes]
         if not self.cuda:
             return source  # host and device are the same memory: nothing to copy
         compute = torch.cuda.current_stream(self.device)
@@ -178,22 +184,30 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
             done = self.copy_stream.record_event()
         # WHY: t's memory belongs to the compute stream's pool. Once the forward
         # drops t the allocator may hand that memory to the next compute kernel
-        # while the copy still reads it, so t is kept until the copy is done.
-        self._in_flight.append((t, done))
+        # while the copy still reads it, so the storage is kept (through `source`,
+        # which t's own later set_ or resize_ cannot move) until the copy is done.
+        self._in_flight.append((source, done))
         return host
 
     def _release_finished(self, compute, everything: bool = False) -> None:
         while self._in_flight:
-            t, done = self._in_flight[0]
+            _, done = self._in_flight[0]
             if not everything and done.query():
-                self._in_flight.pop(0)       # finished: t may be freed and reused at once
+                self._in_flight.pop(0)       # finished: the source may be freed and reused at once
             elif everything or len(self._in_flight) > self.max_in_flight:
-                # WHY: after this wait, any compute kernel that reuses t's memory
-                # runs after the copy has read it.
+                # WHY: after this wait, any compute kernel that reuses the source's
+                # memory runs after the copy has read it.
                 compute.wait_event(done)
                 self._in_flight.pop(0)
             else:
                 break
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        if self.cuda and self._in_flight:
+            # WHY: the copies still running hold their sources on the device through the
+            # loss; after this wait (of the compute stream, not the host) they may go.
+            self._release_finished(torch.cuda.current_stream(self.device), everything=True)
 
     # ------------------------------------------------------------ backward
 
@@ -222,7 +236,8 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
             # WHY: the compute stream is about to read the tensor; its copy ran on
             # the side stream and must have landed first.
             torch.cuda.current_stream(self.device).wait_event(entry.ready)
-        tensor = torch.as_strided(entry.device.view(packed.dtype), packed.shape, packed.stride, packed.offset)
+        span = entry.device.view(packed.dtype)   # as_strided's offset counts from its storage's start
+        tensor = torch.as_strided(span, packed.shape, packed.stride, span.storage_offset() + packed.offset)
         entry.saves -= 1
         if entry.saves == 0:
             del self._entries[packed.entry]

@@ -478,6 +478,7 @@ class _Outcome:
     rejected: tuple[Rejection, ...]   # better levels that did not fit
     smallest: Plan | None             # the smallest candidate the host can hold (for the error)
     host_blocked: Plan | None = None  # of the candidates that fit the device but not the host, the least pinned
+    smallest_any: Plan | None = None  # the smallest candidate, host or not
 
 
 def _search(config: Any, spec: ModelSpec, pinned: set[str], device: str) -> _Outcome:
@@ -495,6 +496,7 @@ def _search(config: Any, spec: ModelSpec, pinned: set[str], device: str) -> _Out
     for level in _levels(config, pinned):
         level_smallest: Plan | None = None      # by device total, among plans the host can hold
         level_blocked: Plan | None = None       # fits the device, not the host: the least pinned
+        level_any: Plan | None = None           # by device total, host or not
         for variant in variants:
             plan = _with_breakdown(_build(config, spec, device, level, variant, config.vram, margin, host), spec)
             b = plan.breakdown
@@ -506,8 +508,13 @@ def _search(config: Any, spec: ModelSpec, pinned: set[str], device: str) -> _Out
                     level_blocked = plan
             elif b.host <= host_usable and (level_smallest is None or b.total < level_smallest.breakdown.total):
                 level_smallest = plan
-            if smallest_any is None or b.total < smallest_any.breakdown.total:
-                smallest_any = plan
+            if level_any is None or b.total < level_any.breakdown.total:
+                level_any = plan
+        if chosen is not None:
+            break
+        assert level_any is not None
+        if smallest_any is None or level_any.breakdown.total < smallest_any.breakdown.total:
+            smallest_any = level_any
         if chosen is not None:
             break
         if level_smallest is not None and (smallest is None or
@@ -516,11 +523,11 @@ def _search(config: Any, spec: ModelSpec, pinned: set[str], device: str) -> _Out
         if level_blocked is not None and (host_blocked is None or
                                           level_blocked.breakdown.host < host_blocked.breakdown.host):
             host_blocked = level_blocked
-        # A level that fit the device only by pinning too much is rejected for the host.
+        # A level that fit the device only by pinning too much is rejected for the host;
+        # one over on both (offloading pinned on) by its smallest device total.
         entry = ((level_blocked.label, level_blocked, True) if level_blocked is not None
-                 else (level_smallest.label, level_smallest, False) if level_smallest is not None else None)
-        if entry is None:
-            continue
+                 else (level_smallest.label, level_smallest, False) if level_smallest is not None
+                 else (level_any.label, level_any, False))
         # LoRAM has a rung per prune ratio: keep only the last failure of each base
         # format, the rung just better than the one chosen (or, if none fits, the
         # most pruned), or the table would list nineteen of them.
@@ -543,7 +550,7 @@ def _search(config: Any, spec: ModelSpec, pinned: set[str], device: str) -> _Out
     if chosen is not None:
         chosen = dataclasses.replace(chosen, rejected=tuple(rejected),
                                      reasons=_reasons(chosen, spec, config, pinned))
-    return _Outcome(chosen, tuple(rejected), smallest or smallest_any, host_blocked)
+    return _Outcome(chosen, tuple(rejected), smallest, host_blocked, smallest_any)
 
 
 def _reasons(plan: Plan, spec: ModelSpec, config: Any, pinned: set[str]) -> tuple[str, ...]:
@@ -645,9 +652,12 @@ def _failure_message(config: RunConfig, spec: ModelSpec, pinned: set[str], devic
                      outcome: _Outcome) -> str:
     margin = safety_margin(config)
     usable = int(config.vram * (1 - margin))
-    small, blocked = outcome.smallest, outcome.host_blocked
+    blocked = outcome.host_blocked
+    # The smallest plan the host can hold; when there is none (offloading pinned on), the smallest.
+    small = outcome.smallest or outcome.smallest_any
     assert small is not None and small.breakdown is not None
     host_only = small.breakdown.total <= usable   # every plan that fits the device pins too much
+    both = outcome.smallest is None and not host_only   # every plan is over on the device and the host
     if host_only:
         assert blocked is not None and blocked.breakdown is not None
         head = (f"nothing fits {format_size(config.vram)} ({format_size(usable)} usable after the "
@@ -660,6 +670,10 @@ def _failure_message(config: RunConfig, spec: ModelSpec, pinned: set[str], devic
                 f"{margin:.0%} safety margin) for {spec.name} at seq_len {config.seq_len}: the smallest "
                 f"plan ({small.label}, {_knobs(small)}) needs {format_size(small.breakdown.total)}, "
                 f"{format_size(gap)} over; its largest term is {term} ({format_size(size)})")
+        if both:
+            head += (f", and it pins {format_size(small.breakdown.host)} of host RAM for offloaded activations, "
+                     f"over the {format_size(small.host_usable)} usable ({format_size(small.host_ram)} "
+                     f"{_host_source(config)}, less the safety margin)")
         if blocked is not None:
             head += f". Closer: {_host_note(blocked, config)}"
 
@@ -683,7 +697,10 @@ def _failure_message(config: RunConfig, spec: ModelSpec, pinned: set[str], devic
             value = getattr(plan, {"offload": "offload_activations", "loram.ratio": "prune_ratio"}.get(key, key))
             fixes.append(f"unpin {key} ({plan.label} with {key}={_show(value)} fits, "
                          f"{format_size(plan.breakdown.total)})")
-    if not host_only:
+    if both:
+        fixes.append(f"--vram {_gib_up(small.breakdown.total / (1 - margin))}G or more on a host with "
+                     f"{_gib_up(small.breakdown.host / (1 - margin))}G of RAM free (host_ram= plans for one)")
+    elif not host_only:
         fixes.append(f"--vram {_gib_up(small.breakdown.total / (1 - margin))}G or more")
     if blocked is not None:
         fixes.append(f"a host with {_gib_up(blocked.breakdown.host / (1 - margin))}G of RAM free "

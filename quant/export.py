@@ -679,22 +679,28 @@ def export_run(run_dir: Path, *, quantized: Path | None = None, dequantized: Pat
     model_ref, method, folder = run_adapter(Path(run_dir))
     if folder != Path(run_dir) / "adapter":
         log(f"{run_dir} has not finished: exporting its checkpoint {folder.parent.name}")
-    written = []
-    if merged is not None:
-        if method == "l4q":
-            raise ValueError("an L4Q model is exported quantized or dequantized, not merged unquantized")
-        written.append(merge_streamed(resolve_model_dir(model_ref, log), folder, merged, dtype=dtype, log=log))
-        log(f"merged model (Hugging Face, {_name(dtype)}) written to {merged}")
-    if quantized is not None or dequantized is not None:
-        updates, bits, group, how = run_updates(folder, method, bits, group)
-        model_dir = resolve_model_dir(model_ref, log)
-        source = {"run": str(run_dir), "method": method, "quantizer": how}
-        if quantized is not None:
-            written.append(quantize_streamed(model_dir, updates, quantized, bits=bits, group=group, source=folder,
-                                             dtype=dtype, meta_source=source, log=log))
-            log(f"{bits}-bit model ({how}, groups of {group}) written to {quantized}")
-        if dequantized is not None:
-            written.append(quantize_streamed(model_dir, updates, dequantized, bits=bits, group=group,
-                                             source=folder, dequantize=True, dtype=dtype, log=log))
-            log(f"dequantized {bits}-bit model (Hugging Face, {_name(dtype)}) written to {dequantized}")
+    if merged is not None and method == "l4q":
+        raise ValueError("an L4Q model is exported quantized or dequantized, not merged unquantized")
+    written: list[Path] = []
+    try:
+        if merged is not None:
+            written.append(merge_streamed(resolve_model_dir(model_ref, log), folder, merged, dtype=dtype, log=log))
+            log(f"merged model (Hugging Face, {_name(dtype)}) written to {merged}")
+        if quantized is not None or dequantized is not None:
+            updates, bits, group, how = run_updates(folder, method, bits, group)
+            model_dir = resolve_model_dir(model_ref, log)
+            source = {"run": str(run_dir), "method": method, "quantizer": how}
+            if quantized is not None:
+                written.append(quantize_streamed(model_dir, updates, quantized, bits=bits, group=group,
+                                                 source=folder, dtype=dtype, meta_source=source, log=log))
+                log(f"{bits}-bit model ({how}, groups of {group}) written to {quantized}")
+            if dequantized is not None:
+                written.append(quantize_streamed(model_dir, updates, dequantized, bits=bits, group=group,
+                                                 source=folder, dequantize=True, dtype=dtype, log=log))
+                log(f"dequantized {bits}-bit model (Hugging Face, {_name(dtype)}) written to {dequantized}")
+    except BaseException:
+        # All or none: an output that failed left nothing (_write_folder); the ones before it go too.
+        for done in written:
+            shutil.rmtree(done, ignore_errors=True)
+        raise
     return written

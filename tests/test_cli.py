@@ -321,6 +321,9 @@ def test_generate_points_each_kind_of_run_to_what_it_can_answer_with(tmp_path, t
                     keep=2, extra_dirs={"adapter": lambda d: save_adapter(
                         model, d, rank=4, alpha=8.0, targets=("q_proj",), dropout=0.0, rslora=False,
                         base_model=str(tiny_model_dir))})
+    (run("broken", "lora") / "plan.yaml").write_text("method: [lora\n")
+    with pytest.raises(ModelError, match=r"broken/plan.yaml cannot be read"):
+        find_adapter(tmp_path / "broken")
     said = []
     folder, base = find_adapter(unfinished, said.append)
     assert folder == unfinished / "checkpoints" / "step-5" / "adapter" and base == str(tiny_model_dir)

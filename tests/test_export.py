@@ -638,3 +638,20 @@ def test_transformers_refuses_a_packed_export_and_a_version_1_folder_still_loads
     old, _ = load_quantized_export(tmp_path / "q")
     with torch.no_grad():
         torch.testing.assert_close(old(IDS).logits, loaded(IDS).logits, rtol=0, atol=0)
+
+
+def test_an_export_that_fails_on_its_second_output_removes_the_first(tmp_path, tiny_model_dir, monkeypatch):
+    import lowmem.quant.export as export_module
+
+    model = _lora_on(tiny_model_dir)
+    run = _fake_run(tmp_path / "run", tiny_model_dir, "lora",
+                    lambda d: save_adapter(model, d, rank=4, alpha=8.0, targets=("q_proj", "up_proj"),
+                                           dropout=0.0, rslora=False, base_model=str(tiny_model_dir)))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export_module, "quantize_streamed", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export_run(run, merged=tmp_path / "m", quantized=tmp_path / "q", log=lambda m: None)
+    assert not (tmp_path / "m").exists() and not (tmp_path / "q").exists()

@@ -160,9 +160,9 @@ def test_views_of_one_storage_travel_once_and_come_back_as_the_same_views():
 
 
 def test_a_storage_written_in_place_after_its_save_is_copied_again():
-    # On CUDA the first copy holds h before the write; reusing it for the second
-    # save would hand backward stale values. (On the CPU nothing is copied, so only
-    # the decision shows.)
+    # The first copy was taken for the storage as it was; reusing it for the second
+    # save would hand backward what was there before the write. (On the CPU nothing
+    # is copied, so only the decision shows.)
     x = torch.randn(64, requires_grad=True)
     offload = OffloadActivations(min_bytes=0)
     with offload:
@@ -171,3 +171,47 @@ def test_a_storage_written_in_place_after_its_save_is_copied_again():
         h.mul_(3)                  # a new version of the storage
         h.view(8, 8).sin()         # saves a view of the new h
     assert offload.stats.offloaded_tensors == 2 and offload.stats.shared_saves == 0
+
+
+def test_a_slice_of_a_large_storage_travels_alone():
+    w = torch.randn(10, requires_grad=True)
+    big = torch.randn(1000)
+    offload = OffloadActivations(min_bytes=0)
+    with offload:
+        y = (w * big[10:20]).sum()                       # mul saves the slice for w's gradient
+    y.backward()
+    assert torch.equal(w.grad, big[10:20]) and offload.stats.sizes == [10 * 4]
+
+
+def test_a_view_whose_storage_ends_between_its_elements_comes_back():
+    """Four bf16 of a five-element storage seen as two float32: the storage's 10 bytes are no
+    whole number of float32s, the 8 bytes the view reads are."""
+    w = torch.randn(2, requires_grad=True)
+    v = torch.randn(5, dtype=torch.bfloat16)[:4].view(torch.float32)
+    offload = OffloadActivations(min_bytes=0)
+    with offload:
+        y = (w * v).sum()
+    y.backward()
+    assert torch.equal(w.grad, v) and offload.stats.sizes == [8]
+
+
+def test_a_new_storage_at_a_freed_address_is_not_taken_for_the_old_one():
+    """t1's storage moves (resize_) and a new tensor lands where it was: a different storage,
+    which must get its own copy (by address alone it would share t1's and get t1's values)."""
+    torch.manual_seed(0)
+    for _ in range(200):
+        w = torch.randn(4096, requires_grad=True)
+        offload = OffloadActivations(min_bytes=0)
+        with offload:
+            t1 = torch.randn(4096)
+            first = t1.clone()
+            y1 = (t1 * w).sum()
+            old = t1.data_ptr()
+            t1.resize_(1 << 20)
+            t2 = torch.randn(4096)
+            y2 = (t2 * w).sum()
+        if t2.data_ptr() == old:
+            (y1 + y2).backward()
+            assert offload.stats.shared_saves == 0 and torch.allclose(w.grad, first + t2)
+            return
+    pytest.skip("the allocator never put a new tensor at the freed address")

@@ -442,7 +442,8 @@ def test_plan_json_carries_the_loram_preparation(monkeypatch, capsys):
 def long_qlora(**kw) -> RunConfig:
     """Llama-3.1-8B at 8,192 tokens on a 12 GB card: QLoRA fits only with a saver."""
     kw.setdefault("method", "qlora")
-    return config(vram=parse_size("12G"), seq_len=8192, micro_batch=1, grad_accum=8, **kw)
+    kw.setdefault("vram", parse_size("12G"))
+    return config(seq_len=8192, micro_batch=1, grad_accum=8, **kw)
 
 
 def test_offloading_never_pins_more_than_the_hosts_ram(every_method):
@@ -537,3 +538,27 @@ def predict_with(plan: Plan, spec: str = "smollm2-135m", **changes) -> MemoryBre
     from lowmem.memory import predict
 
     return predict(builtin_spec(spec), dataclasses.replace(plan, **changes))
+
+
+def test_a_method_over_on_both_the_device_and_the_host_is_still_listed(every_method):
+    """Offloading pinned on: QLoRA needs more device memory than 9G and pins more than the host
+    has; it is rejected for the device, not left out of the table."""
+    cfg = long_qlora(vram=parse_size("9G"), host_ram=parse_size("32G"), offload=True, grad_checkpointing=False)
+    plan = make_plan(cfg, builtin_spec("llama-3.1-8b"), {"offload", "grad_checkpointing"}, device="cuda")
+    listed = {r.candidate: r for r in plan.rejected}
+    assert {"full", "galore", "lora", "qlora"} <= set(listed)
+    assert listed["qlora"].term != "host" and listed["qlora"].over > 0
+
+
+def test_when_device_and_host_are_both_short_the_fix_names_both(every_method):
+    cfg = long_qlora(vram=parse_size("9G"), host_ram=parse_size("32G"), offload=True, grad_checkpointing=False)
+    with pytest.raises(BudgetError) as err:
+        make_plan(cfg, builtin_spec("llama-3.1-8b"), {"method", "offload", "grad_checkpointing"}, device="cuda")
+    message = str(err.value)
+    assert "and it pins 49.18GiB of host RAM" in message
+    vram, host = re.search(r"--vram (\d+(?:\.\d)?)G or more on a host with (\d+(?:\.\d)?)G of RAM free",
+                           message).groups()
+    # the suggestion fits: that card on that host
+    fitted = make_plan(dataclasses.replace(cfg, vram=parse_size(f"{vram}G"), host_ram=parse_size(f"{host}G")),
+                       builtin_spec("llama-3.1-8b"), {"method", "offload", "grad_checkpointing"}, device="cuda")
+    assert fitted.method == "qlora"

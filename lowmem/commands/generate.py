@@ -61,9 +61,15 @@ def find_adapter(path: Path, note=None) -> tuple[Path, str | None]:
     if (path / ADAPTER_CONFIG).is_file():
         return path, read_adapter_config(path).get("base_model_name_or_path")
     if (path / "config.yaml").is_file():
-        model = yaml.safe_load((path / "config.yaml").read_text()).get("model")
-        plan = path / "plan.yaml"
-        method = (yaml.safe_load(plan.read_text()) or {}).get("method") if plan.is_file() else None
+        def read(name: str) -> dict:
+            try:
+                found = yaml.safe_load((path / name).read_text()) if (path / name).is_file() else {}
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+                raise ModelError(f"{path / name} cannot be read ({str(e).splitlines()[0]})") from None
+            return found if isinstance(found, dict) else {}
+
+        model = read("config.yaml").get("model")
+        method = read("plan.yaml").get("method")
         if method in ("full", "galore"):
             raise ModelError(f"{path}: a '{method}' run trains the whole model and has no adapter; answer "
                              f"with --model {path / 'model'}")
