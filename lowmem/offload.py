@@ -38,6 +38,7 @@ source alive until its copy ends), with prefetch and de-duplication added.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -74,7 +75,7 @@ class _Entry:
     ready: object = None             # CUDA event: the copy back has finished
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class _Saved:
     """What `pack` hands autograd: the entry holding the storage, and how this tensor views it."""
 
@@ -83,6 +84,7 @@ class _Saved:
     shape: tuple[int, ...]
     stride: tuple[int, ...]
     offset: int                      # in elements of `dtype`, from the start of the entry's span
+    forget: weakref.finalize | None = None   # runs if autograd drops this save unread
 
 
 class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
@@ -152,7 +154,7 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
                 # q, k and v projections read one input, each through its own view: one copy.
                 entry.saves += 1
                 self.stats.shared_saves += 1
-                return _Saved(entry_id, t.dtype, tuple(t.shape), t.stride(), (start - entry.start) // size)
+                return self._saved(entry_id, t, (start - entry.start) // size)
         nbytes = end - start
         host = self._to_host(t, start, nbytes)
         entry_id = self._next_id
@@ -165,7 +167,25 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
         self.stats.sizes.append(nbytes)
         self.stats.host_bytes += nbytes
         self.stats.peak_host_bytes = max(self.stats.peak_host_bytes, self.stats.host_bytes)
-        return _Saved(entry_id, t.dtype, tuple(t.shape), t.stride(), 0)
+        return self._saved(entry_id, t, 0)
+
+    def _saved(self, entry_id: int, t: torch.Tensor, offset: int) -> _Saved:
+        saved = _Saved(entry_id, t.dtype, tuple(t.shape), t.stride(), offset)
+        # A forward whose graph is freed without backward never unpacks its saves: when
+        # autograd drops one, its entry loses a save (and goes with its last).
+        saved.forget = weakref.finalize(saved, self._forget, entry_id)
+        return saved
+
+    def _forget(self, entry_id: int) -> None:
+        entry = self._entries.get(entry_id)
+        if entry is None:
+            return
+        entry.saves -= 1
+        if entry.saves == 0:
+            del self._entries[entry_id]
+            self._order.remove(entry_id)
+            if entry.device is None:
+                self.stats.host_bytes -= entry.nbytes
 
     def _to_host(self, t: torch.Tensor, start: int, nbytes: int) -> torch.Tensor:
         """The `nbytes` of t's storage from byte `start` on the host (on the CPU: a view of them)."""
@@ -223,6 +243,7 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
         if entry is None:
             raise RuntimeError("offloaded activation unpacked twice: OffloadActivations does not "
                                "support retain_graph=True or double backward")
+        packed.forget.detach()   # read: _forget must not count it again when autograd drops it
         self._bring_back(entry)
         position = self._order.index(packed.entry)
         started = 0

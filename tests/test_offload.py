@@ -215,3 +215,17 @@ def test_a_new_storage_at_a_freed_address_is_not_taken_for_the_old_one():
             assert offload.stats.shared_saves == 0 and torch.allclose(w.grad, first + t2)
             return
     pytest.skip("the allocator never put a new tensor at the freed address")
+
+
+def test_a_forward_never_backpropagated_leaves_nothing_behind():
+    x = torch.randn(64, 64, requires_grad=True)
+    offload = OffloadActivations(min_bytes=0)
+    with offload:
+        y = (x * 2).sin().cos().sum()    # a forward whose graph is dropped (an error before backward)
+    assert offload._entries
+    del y
+    assert not offload._entries and not offload._order and offload.stats.host_bytes == 0
+    with offload:
+        z = (x * 3).sin().cos().sum()
+    z.backward()
+    assert not offload._entries and torch.allclose(x.grad, -(3 * x).sin().sin() * (3 * x).cos() * 3)
