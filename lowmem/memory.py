@@ -665,30 +665,34 @@ def saved_activation_bytes(spec: ModelSpec, plan: Any) -> int:
     return saved_layer_bytes(spec, plan) + saved_loss_bytes(spec, plan)
 
 
-def activation_bytes(spec: ModelSpec, plan: Any, recompute: bool = False) -> tuple[int, int]:
-    """(on the device, offloaded to the host) activation bytes, the loss excluded.
+def activation_bytes(spec: ModelSpec, plan: Any) -> tuple[int, int]:
+    """(on the device, offloaded to the host) activation bytes at the end of the forward
+    pass, the loss excluded: saved_layer_bytes, less what offloading moves.
 
-        saved_layer_bytes                     at the end of the forward pass
-        + N·max block_saved_bytes             `recompute`: at the first block's backward
-                                              under checkpointing, which rebuilds that
-                                              block's saved tensors
     Offloading moves every saved storage of at least OFFLOAD_MIN_BYTES
-    (decoder_saved_tensors) to pinned CPU memory; the widest block's worth twice
+    (offloaded_tensors) to pinned CPU memory; the widest block's worth twice
     stays on the device (the block in use and the one being brought back).
     """
-    n = plan.micro_batch * plan.seq_len
-    c = compute_bytes(plan)
-    saved = saved_layer_bytes(spec, plan)
-    widest = n * max(block_saved_bytes(spec, b, plan) for _, b in spec.block_groups()) + mask_saved_bytes(plan)
-    ckpt = _get(plan, "grad_checkpointing", False)
-    per_block = n * c * spec.hidden if ckpt else widest
-    device = saved + (widest if ckpt and recompute else 0)
+    device = saved_layer_bytes(spec, plan)
     host = 0
     if offloads(plan):
-        moved = sum(b for b in decoder_saved_tensors(spec, plan) if b >= OFFLOAD_MIN_BYTES)
-        host = max(0, moved - 2 * per_block)
+        ckpt = _get(plan, "grad_checkpointing", False)
+        per_block = plan.micro_batch * plan.seq_len * compute_bytes(plan) * spec.hidden if ckpt \
+            else _widest_block_bytes(spec, plan)
+        host = max(0, sum(offloaded_tensors(spec, plan)) - 2 * per_block)
         device -= host
     return device, host
+
+
+def recomputed_block_bytes(spec: ModelSpec, plan: Any) -> int:
+    """Under checkpointing, what the first block's backward adds by rebuilding that block's
+    saved tensors: N·max block_saved_bytes (+ its padding mask); 0 without checkpointing."""
+    return _widest_block_bytes(spec, plan) if _get(plan, "grad_checkpointing", False) else 0
+
+
+def _widest_block_bytes(spec: ModelSpec, plan: Any) -> int:
+    n = plan.micro_batch * plan.seq_len
+    return n * max(block_saved_bytes(spec, b, plan) for _, b in spec.block_groups()) + mask_saved_bytes(plan)
 
 
 def offloads(plan: Any) -> bool:
@@ -697,9 +701,15 @@ def offloads(plan: Any) -> bool:
     return bool(_get(plan, "offload_activations", False)) and _get(plan, "device", "cpu") == "cuda"
 
 
+def offloaded_tensors(spec: ModelSpec, plan: Any) -> list[int]:
+    """Bytes of each storage activation offloading moves in one micro-batch: the
+    decoder_saved_tensors of at least OFFLOAD_MIN_BYTES (smaller ones stay on the device)."""
+    return [b for b in decoder_saved_tensors(spec, plan) if b >= OFFLOAD_MIN_BYTES]
+
+
 def pinned_host_bytes(spec: ModelSpec, plan: Any) -> int:
     """Pinned host memory that activation offloading holds: Σ 2^⌈log₂ b⌉ over the
-    decoder_saved_tensors b ≥ OFFLOAD_MIN_BYTES (each storage is copied once).
+    offloaded_tensors b (each storage is copied once).
 
     Every such tensor of a micro-batch's forward is on the host when the forward
     ends. PyTorch's pinned-memory allocator rounds each block up to a power of two
@@ -709,7 +719,7 @@ def pinned_host_bytes(spec: ModelSpec, plan: Any) -> int:
     """
     if not offloads(plan):
         return 0
-    return sum(1 << (b - 1).bit_length() for b in decoder_saved_tensors(spec, plan) if b >= OFFLOAD_MIN_BYTES)
+    return sum(1 << (b - 1).bit_length() for b in offloaded_tensors(spec, plan))
 
 
 # ---------------------------------------------------------------- loss and temporaries
@@ -994,7 +1004,7 @@ def predict(spec: ModelSpec, plan: "Plan") -> MemoryBreakdown:
     optimizer = optimizer_bytes(spec, plan)
     grads = gradient_bytes(spec, plan)
     saved, _ = activation_bytes(spec, plan)
-    rebuilt, _ = activation_bytes(spec, plan, recompute=True)
+    rebuilt = saved + recomputed_block_bytes(spec, plan)
     dequant = dequant_bytes(spec, plan)
     block_bwd = block_backward_bytes(spec, plan)
 

@@ -175,7 +175,8 @@ def load_streamed(model_dir: Path, device: str, dtype: torch.dtype, log=print) -
     1122.2 MiB peak RSS; in fp32, which needs no conversion, the same). Tensors the
     model does not define (an old checkpoint's rotary inv_freq) are left out, as transformers
     does; the generation defaults of generation_config.json are kept."""
-    from lowmem.quant.skeleton import checkpoint_keys, empty_model, finish, read_tensors, set_tensor, shard_files
+    from lowmem.quant.skeleton import (checkpoint_keys, empty_model, finish, left_out_note, read_tensors,
+                                       set_tensor, shard_files)
 
     model = empty_model(model_dir, dtype)
     defined = checkpoint_keys(model)
@@ -188,7 +189,7 @@ def load_streamed(model_dir: Path, device: str, dtype: torch.dtype, log=print) -
                    else tensor.to(device))
         del tensor
     if skipped:
-        log(f"{model_dir}: left out {len(skipped)} tensors the model does not define, e.g. {skipped[0]}")
+        log(left_out_note(model_dir, skipped))
     model = finish(model, device)
     if (model_dir / "generation_config.json").is_file():
         from transformers import GenerationConfig

@@ -92,7 +92,7 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
 
     Enter it around the forward pass; backward may run inside or after it.
     Each saved tensor is unpacked once (no `retain_graph` / double backward).
-    What moves is the tensor's storage, once however many saved tensors view it.
+    What moves is the part of its storage a tensor reads, once however many saved tensors view it.
     """
 
     def __init__(self, min_bytes: int = OFFLOAD_MIN_BYTES, prefetch: int = 1, max_in_flight: int = 4,
@@ -177,14 +177,17 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
         return saved
 
     def _forget(self, entry_id: int) -> None:
-        entry = self._entries.get(entry_id)
-        if entry is None:
-            return
+        if entry_id in self._entries:
+            self._drop_save(entry_id)
+
+    def _drop_save(self, entry_id: int) -> None:
+        """One save of the entry is done with (read, or dropped unread); the last takes the entry."""
+        entry = self._entries[entry_id]
         entry.saves -= 1
         if entry.saves == 0:
             del self._entries[entry_id]
             self._order.remove(entry_id)
-            if entry.device is None:
+            if entry.device is None:   # never brought back: its host copy goes now
                 self.stats.host_bytes -= entry.nbytes
 
     def _to_host(self, t: torch.Tensor, start: int, nbytes: int) -> torch.Tensor:
@@ -259,10 +262,7 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
             torch.cuda.current_stream(self.device).wait_event(entry.ready)
         span = entry.device.view(packed.dtype)   # as_strided's offset counts from its storage's start
         tensor = torch.as_strided(span, packed.shape, packed.stride, span.storage_offset() + packed.offset)
-        entry.saves -= 1
-        if entry.saves == 0:
-            del self._entries[packed.entry]
-            self._order.pop(position)
+        self._drop_save(packed.entry)
         return tensor
 
     def _bring_back(self, entry: _Entry) -> None:

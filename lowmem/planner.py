@@ -582,8 +582,7 @@ def _reasons(plan: Plan, spec: ModelSpec, config: Any, pinned: set[str]) -> tupl
             without = predict(spec, dataclasses.replace(plan, **{attr: off})).total
             reasons.append(f"{text} on: without it the peak would be {format_size(without)}")
         if key == "offload" and value and b.host and plan.host_usable is not None:
-            reasons[-1] += (f"; it pins {format_size(b.host)} of host RAM, of {format_size(plan.host_usable)} "
-                            f"usable ({format_size(plan.host_ram)} {_host_source(config)}, less the margin)")
+            reasons[-1] += f"; it pins {format_size(b.host)} of host RAM, of {_host_budget(plan, config)}"
     if "micro_batch" in pinned:
         reasons.append(f"micro_batch {plan.micro_batch}: pinned")
     else:
@@ -672,8 +671,7 @@ def _failure_message(config: RunConfig, spec: ModelSpec, pinned: set[str], devic
                 f"{format_size(gap)} over; its largest term is {term} ({format_size(size)})")
         if both:
             head += (f", and it pins {format_size(small.breakdown.host)} of host RAM for offloaded activations, "
-                     f"over the {format_size(small.host_usable)} usable ({format_size(small.host_ram)} "
-                     f"{_host_source(config)}, less the safety margin)")
+                     f"over the {_host_budget(small, config)}")
         if blocked is not None:
             head += f". Closer: {_host_note(blocked, config)}"
 
@@ -727,12 +725,15 @@ def _host_note(plan: Plan, config: Any) -> str:
     assert b is not None and plan.host_usable is not None
     return (f"{plan.label} ({_knobs(plan)}) needs {format_size(b.total)} of device memory but pins "
             f"{format_size(b.host)} of host RAM for offloaded activations, "
-            f"{format_size(b.host - plan.host_usable)} over the {format_size(plan.host_usable)} usable "
-            f"({format_size(plan.host_ram)} {_host_source(config)}, less the safety margin)")
+            f"{format_size(b.host - plan.host_usable)} over the {_host_budget(plan, config)}")
 
 
-def _host_source(config: Any) -> str:
-    return "set by host_ram" if _config_value(config, "host_ram", None) else "available on this machine now"
+def _host_budget(plan: Plan, config: Any) -> str:
+    """'30.40GiB usable (32.00GiB set by host_ram, less the safety margin)'."""
+    assert plan.host_ram is not None and plan.host_usable is not None
+    source = "set by host_ram" if _config_value(config, "host_ram", None) else "available on this machine now"
+    return (f"{format_size(plan.host_usable)} usable ({format_size(plan.host_ram)} {source}, "
+            f"less the safety margin)")
 
 
 def _gib_up(n: float) -> str:

@@ -172,7 +172,7 @@ def load_nf4_model(model_dir: Path, device: str, compute_dtype: torch.dtype,
     to `log`. The model is returned in eval mode on `device`.
     """
     from lowmem.errors import ModelError
-    from lowmem.quant.skeleton import (checkpoint_keys, empty_model, finish, read_tensors,
+    from lowmem.quant.skeleton import (checkpoint_keys, empty_model, finish, left_out_note, read_tensors,
                                        release_freed_memory, set_tensor, shard_files)
 
     stats = stats if stats is not None else LoadStats()
@@ -211,5 +211,5 @@ def load_nf4_model(model_dir: Path, device: str, compute_dtype: torch.dtype,
     if wanted:
         raise ModelError(f"{model_dir}: the model files lack {len(wanted)} weights, e.g. {next(iter(wanted))}")
     if skipped and log is not None:
-        log(f"{model_dir}: left out {len(skipped)} tensors the model does not define, e.g. {skipped[0]}")
+        log(left_out_note(model_dir, skipped))
     return finish(model, device)

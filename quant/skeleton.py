@@ -74,6 +74,11 @@ def checkpoint_keys(model: nn.Module) -> set[str]:
     return set(model.state_dict(keep_vars=True))
 
 
+def left_out_note(model_dir: Path, skipped: list[str]) -> str:
+    """What a loader says of the checkpoint tensors it left out (not in checkpoint_keys)."""
+    return f"{model_dir}: left out {len(skipped)} tensors the model does not define, e.g. {skipped[0]}"
+
+
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of one small safetensors file (an adapter), or a ModelError naming the
     file when it is missing, cut short or not safetensors."""

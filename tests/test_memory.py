@@ -461,7 +461,7 @@ def test_offloading_moves_each_predicted_storage_once(method, ckpt, bf16, dropou
         model = build(config, plan)
     sizes = offloaded_sizes(_checkpointed(model, plan), plan)
     spec = from_hf_config(config.to_dict())
-    predicted_sizes = [b for b in memory.decoder_saved_tensors(spec, plan) if b >= memory.OFFLOAD_MIN_BYTES]
+    predicted_sizes = memory.offloaded_tensors(spec, plan)
     assert sorted(sizes) == sorted(predicted_sizes)
     on_gpu = dataclasses.replace(plan, device="cuda", offload_activations=True)
     if not dropout:   # the device decides only the dropout mask's bytes

@@ -280,18 +280,9 @@ def run(args) -> int:
 
 
 def _exportable_run(adapter: str | None) -> str | None:
-    """`adapter` when it names a run `lowmem export --quantized --bits N` can write, else None (an
-    adapter folder, or an L4Q run, whose export keeps the bits it trained)."""
-    import yaml
-
-    if adapter is None or not (Path(adapter) / "config.yaml").is_file():
-        return None
-    plan = Path(adapter) / "plan.yaml"
-    try:
-        method = (yaml.safe_load(plan.read_text()) or {}).get("method") if plan.is_file() else None
-    except (OSError, yaml.YAMLError):
-        method = None
-    return None if method == "l4q" else adapter
+    """`adapter` when it names a run directory (which `lowmem export --quantized --bits N` can
+    write: find_adapter has refused an L4Q run, whose export keeps the bits it trained), else None."""
+    return adapter if adapter is not None and (Path(adapter) / "config.yaml").is_file() else None
 
 
 def _count_tokens(tokenizer, messages: list[dict], render_chat) -> int:
