@@ -106,6 +106,10 @@ def resolve_model_dir(ref: str, log=print) -> Path:
         return path
     if path.exists():
         raise ModelError(f"{path}: expected a model directory or a .gguf file")
+    if path.name.startswith(Path(EMBEDDED_FILE).stem + "-"):
+        # An adapter names the embedded model by its cached conversion, gone with the cache
+        log(f"{path} no longer exists; converting the embedded model again")
+        return convert_gguf(embedded_gguf(), log)
     raise ModelError(f"model '{ref}' is not a local directory or .gguf file, nor the embedded "
                      f"'{EMBEDDED_NAMES[0]}'; lowmem never downloads weights: pass a local path")
 

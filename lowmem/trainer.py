@@ -370,7 +370,7 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
             run_dir, step, trainable={n: p for n, p in params}, optimizer=optimizer.state_dict(),
             state={"data": stream.state_dict()}, config=config.to_dict(), plan=plan.to_dict(),
             keep=config.keep_checkpoints,
-            extra_dirs={"adapter": lambda d: save_adapter_for(model, plan, config, d)} if adapted else None)
+            extra_dirs={"adapter": lambda d: save_adapter_for(model, plan, config, d, model_dir)} if adapted else None)
         events.emit("checkpoint", step=step, path=str(folder))
         saved.update(step=step, folder=folder)
         return folder
@@ -410,7 +410,7 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
     else:
         after = run_eval("after")
         if adapted:
-            save_adapter_for(model, plan, config, run_dir / "adapter")
+            save_adapter_for(model, plan, config, run_dir / "adapter", model_dir)
             if plan.method == "l4q":
                 out(f"L4Q state saved to {run_dir / 'adapter'}; write the low-bit model with: "
                     f"lowmem export {run_dir} --quantized OUT")
@@ -536,17 +536,20 @@ def obey_control(control: ControlReader, events: EventLog, checkpoint_now, step:
         time.sleep(0.2)
 
 
-def save_adapter_for(model, plan: Plan, config: RunConfig, folder: Path) -> Path:
+def save_adapter_for(model, plan: Plan, config: RunConfig, folder: Path, model_dir: Path) -> Path:
+    # The base is named by the absolute folder the run loaded, which PEFT and transformers open
+    # offline from any directory; `config.model` may be relative or the embedded model's name.
+    base_model = str(Path(model_dir).resolve())
     if plan.method == "loram":  # recovered to the full model's shapes, PEFT layout
         from lowmem.loram import save_recovered_adapter
 
         return save_recovered_adapter(model, folder, rank=plan.lora_rank, alpha=plan.lora_alpha,
                                       targets=plan.lora_targets, dropout=plan.lora_dropout,
-                                      rslora=plan.lora_rslora, base_model=config.model)
+                                      rslora=plan.lora_rslora, base_model=base_model)
     if plan.method == "l4q":   # LoRA + step sizes + offsets; `lowmem export` reads them
         from lowmem.quant.l4q import save_l4q_state
 
-        return save_l4q_state(model, folder, base_model=config.model)
+        return save_l4q_state(model, folder, base_model=base_model)
     return save_adapter(model, folder, rank=plan.lora_rank, alpha=plan.lora_alpha,
                         targets=plan.lora_targets, dropout=plan.lora_dropout,
-                        rslora=plan.lora_rslora, base_model=config.model)
+                        rslora=plan.lora_rslora, base_model=base_model)

@@ -43,3 +43,13 @@ def test_a_few_lora_steps_on_the_embedded_model_lower_the_heldout_loss(tmp_path,
     train(config, plan, run_dir, out=lambda m: None)
     evals = [e["loss"] for e in read_events(run_dir) if e["kind"] == "eval"]
     assert evals[1] < evals[0] - 0.5
+
+
+def test_a_cleared_conversion_of_the_embedded_model_is_made_again(embedded_dir, monkeypatch):
+    """An adapter names the embedded base by its cached folder; once that folder is gone
+    (cache cleared, package reinstalled) the name still leads to the embedded model."""
+    gone = embedded_dir.parent / (embedded_dir.name.rsplit("-", 1)[0] + "-0000000000000000")
+    notes = []
+    assert resolve_model_dir(str(gone), log=notes.append) == embedded_dir
+    assert notes and "no longer exists" in notes[0]
+

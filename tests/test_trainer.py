@@ -75,6 +75,31 @@ def test_a_run_writes_its_contract_files_and_improves(tmp_path, tiny_model_dir, 
     assert step["mem"]["rss"] > 0
 
 
+def test_the_adapter_names_a_base_peft_opens_from_anywhere(tmp_path, tiny_model_dir, tiny_chat_data,
+                                                           monkeypatch):
+    """Given a relative model path, the run records the absolute folder it loaded, so
+    AutoPeftModelForCausalLM finds the base offline from another directory."""
+    from peft import AutoPeftModelForCausalLM
+
+    from lowmem.lora import load_adapter
+    from lowmem.model import load_model
+
+    monkeypatch.chdir(tiny_model_dir.parent)
+    config = _config(tiny_model_dir.name, tiny_chat_data, tmp_path, steps=2)
+    config, plan, run_dir = _start(config, "r")
+    train(config, plan, run_dir, out=lambda m: None)
+    recorded = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str(tiny_model_dir.resolve())
+
+    monkeypatch.chdir(tmp_path)
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(str(run_dir / "adapter")).eval()
+    ours, _, _ = load_model(recorded)
+    load_adapter(ours, run_dir / "adapter")
+    x = torch.randint(0, 100, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(x).logits, ours.eval()(x).logits, atol=1e-4, rtol=1e-4)
+
+
 def test_accumulation_gives_the_same_step_as_one_large_batch(tmp_path, tiny_model_dir, tiny_chat_data):
     results = []
     for name, mb, accum in (("one", 4, 1), ("two", 2, 2)):
