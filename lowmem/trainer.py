@@ -213,8 +213,12 @@ def _clock(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def train(config: RunConfig, plan: Plan, run_dir: Path, *, resume: bool = False, out=print) -> dict:
+def train(config: RunConfig, plan: Plan, run_dir: Path, *, resume: bool = False, out=print,
+          since: float | None = None) -> dict:
     """Run (or continue) training in `run_dir`; returns the `done` event.
+
+    Control requests stamped at or after `since` (default: now) are for this trainer; the
+    dashboard passes the time it started the trainer's process.
 
     Any failure is written to events.jsonl as an `error` event before it
     propagates, so a dashboard shows why the run ended.
@@ -225,7 +229,7 @@ def train(config: RunConfig, plan: Plan, run_dir: Path, *, resume: bool = False,
     with RunLock(run_dir):
         events = EventLog(run_dir)
         try:
-            return _train(config, plan, run_dir, events, resume, out)
+            return _train(config, plan, run_dir, events, resume, out, since)
         except BaseException as e:
             if not isinstance(e, KeyboardInterrupt):
                 events.emit("error", message=f"{type(e).__name__}: {e}")
@@ -245,10 +249,11 @@ def train(config: RunConfig, plan: Plan, run_dir: Path, *, resume: bool = False,
             events.close()
 
 
-def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resume: bool, out) -> dict:
-    # Control requests from now on are for this trainer, even those sent while the model loads
-    # (a dashboard's stop), before the channel is opened below.
-    began = time.time()
+def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resume: bool, out,
+           since: float | None) -> dict:
+    # Control requests from now on (or `since`) are for this trainer, even those sent while the
+    # model loads (a dashboard's stop), before the channel is opened below.
+    began = time.time() if since is None else since
     device = plan.device
     torch.manual_seed(config.seed)
     if device == "cpu":
@@ -326,8 +331,8 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
         step = checkpoint["state"]["step"]
         set_rng_state(checkpoint["rng"])
 
-    # Opened before `start` is written. Requests from before this train() began are history;
-    # later ones count, though they came while the model loaded (a dashboard's stop).
+    # Opened before `start` is written. Requests from before `began` are history; later ones
+    # count, though they came while the model loaded (a dashboard's stop).
     control = ControlReader(run_dir, since=began)
     gpu = memstats.gpu_facts(device)
     events.emit("start", run=run_dir.name, model=config.model, method=plan.method, device=device,

@@ -370,6 +370,21 @@ def test_a_request_sent_while_the_trainer_loads_is_obeyed_and_older_ones_are_his
     assert ControlReader(tmp_path).poll() == []
 
 
+def test_a_stop_sent_before_the_worker_started_training_is_obeyed(tmp_path, tiny_model_dir, tiny_chat_data):
+    """The dashboard starts the worker with --since (its launch time): a stop pressed while the
+    worker still imports torch stops the run after its first step instead of being history."""
+    import time
+
+    from lowmem.cli import main
+
+    config, plan, run_dir = _start(_config(tiny_model_dir, tiny_chat_data, tmp_path), "quick")
+    launched = time.time()
+    send_control(run_dir, "stop")
+    assert main(["worker", str(run_dir), "--since", repr(launched)]) == 0
+    done = read_events(run_dir)[-1]
+    assert done["kind"] == "done" and done["reason"] == "stopped" and done["step"] == 1
+
+
 def test_ctrl_c_before_the_first_checkpoint_ends_the_run_for_readers_and_says_resume_starts_over(
         tmp_path, tiny_model_dir, tiny_chat_data):
     config, plan, run_dir = _start(_config(tiny_model_dir, tiny_chat_data, tmp_path), "early")

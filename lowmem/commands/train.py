@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -43,6 +44,9 @@ def register(sub) -> None:
     w = sub.add_parser("worker")
     w.add_argument("run_dir")
     w.add_argument("--resume", action="store_true")
+    # When the dashboard started it: control requests from then on are for this worker,
+    # though sent while it still imported torch (a stop pressed at once).
+    w.add_argument("--since", type=float, default=None)
     w.set_defaults(func=run_worker)
 
 
@@ -151,7 +155,8 @@ def launch(run_dir: Path, *, resume: bool, no_tui: bool) -> int:
     from lowmem.tui import run_dashboard
 
     log = open(run_dir / "trainer.log", "a")
-    cmd = [sys.executable, "-m", "lowmem", "worker", str(run_dir)] + (["--resume"] if resume else [])
+    cmd = ([sys.executable, "-m", "lowmem", "worker", str(run_dir), "--since", repr(time.time())]
+           + (["--resume"] if resume else []))
     # Its own session: a detached run must survive the terminal that started it.
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True)
@@ -166,13 +171,13 @@ def launch(run_dir: Path, *, resume: bool, no_tui: bool) -> int:
     return code
 
 
-def train_here(run_dir: Path, resume: bool) -> int:
+def train_here(run_dir: Path, resume: bool, since: float | None = None) -> int:
     from lowmem.trainer import read_run_files, train
 
     config, plan = read_run_files(run_dir)
-    done = train(config, plan, run_dir, resume=resume)
+    done = train(config, plan, run_dir, resume=resume, since=since)
     return 130 if done["reason"] == "interrupted" else 0
 
 
 def run_worker(args) -> int:
-    return train_here(Path(args.run_dir), args.resume)
+    return train_here(Path(args.run_dir), args.resume, args.since)
