@@ -342,13 +342,17 @@ def _variants(config: Any, pinned: set[str]) -> list[dict[str, Any]]:
     """Speed-side settings, fastest first."""
     features = available_features()
     seq = config.seq_len
+    # The sequences per optimizer step that come nearest the target: with the accumulation free,
+    # each micro-batch divides them, so every variant trains on exactly that many tokens.
+    sequences = max(1, round(target_tokens(config) / seq))
     if "micro_batch" in pinned:
         batches = [config.micro_batch]
-    else:
+    elif "grad_accum" in pinned:
         # A pinned accumulation is part of every step: the micro-batch makes up the rest.
-        per_micro_batch = seq * (config.grad_accum if "grad_accum" in pinned else 1)
-        top = max(1, target_tokens(config) // per_micro_batch)
+        top = max(1, target_tokens(config) // (seq * config.grad_accum))
         batches = sorted({top} | {2**k for k in range(top.bit_length()) if 2**k <= top}, reverse=True)
+    else:
+        batches = [mb for mb in range(sequences, 0, -1) if sequences % mb == 0]
     ckpts = [config.grad_checkpointing] if "grad_checkpointing" in pinned else [False, True]
     offload_value = bool(_config_value(config, "offload", False))
     if "offload" in pinned:
@@ -368,7 +372,7 @@ def _variants(config: Any, pinned: set[str]) -> list[dict[str, Any]]:
                     if "grad_accum" in pinned:
                         accum = config.grad_accum
                     else:
-                        accum = max(1, -(-target_tokens(config) // (mb * seq)))
+                        accum = max(1, -(-sequences // mb))
                     out.append(dict(grad_checkpointing=ckpt, offload_activations=off,
                                     loss_chunk=chunk, micro_batch=mb, grad_accum=accum))
     return sorted(out, key=_slowness)

@@ -491,6 +491,24 @@ def test_a_pinned_accumulation_keeps_the_tokens_per_step(every_method):
     assert plan.grad_accum == 4 and plan.tokens_per_step == 8 * 4 * 192
 
 
+@pytest.mark.parametrize("sequences", [6, 7, 12])
+def test_every_budget_keeps_the_tokens_per_step_when_they_are_not_a_power_of_two(sequences):
+    """The micro-batch divides the sequences per step, so a budget that refuses the whole batch
+    never rounds a step of 7 sequences up to 4 x 2."""
+    target = sequences * 1024
+    seen = set()
+    for vram in ("80G", "40G", "30G", "26G", "24G", "22G", "20G", "18G"):
+        plan = plan_or_none(config(vram=parse_size(vram), method="lora", micro_batch=sequences,
+                                   grad_accum=1), "llama-2-7b", {"method"})
+        if plan is not None:
+            assert plan.tokens_per_step == target, (vram, plan.micro_batch, plan.grad_accum)
+            seen.add(plan.micro_batch)
+    assert len(seen) >= 2  # the budgets did make the planner split the batch
+    plan = make_plan(config(vram=parse_size("80G"), seq_len=1000, micro_batch=1, grad_accum=1,
+                            target_tokens_per_step=5100), builtin_spec("llama-3.2-1b"), (), device="cuda")
+    assert plan.tokens_per_step == 5000  # the nearest whole number of sequences
+
+
 def test_the_reasons_say_which_choices_were_pinned(every_method):
     spec = builtin_spec("llama-3.1-8b")
     qlora = make_plan(config(vram=parse_size("24G"), method="qlora"), spec, {"method"}, device="cuda")
