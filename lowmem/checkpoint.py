@@ -253,3 +253,38 @@ def load_checkpoint(folder: Path) -> dict[str, Any]:
         "config": yaml.safe_load((folder / "config.yaml").read_text()),
         "plan": yaml.safe_load((folder / "plan.yaml").read_text()),
     }
+
+
+def run_identity(run_dir: Path) -> tuple[str, str]:
+    """(model reference, method) of a run directory, read from its config.yaml and plan.yaml;
+    ModelError naming the file that is missing, unreadable or lacks the key."""
+    from lowmem.errors import ModelError
+
+    def read(name: str, key: str) -> str:
+        path = Path(run_dir) / name
+        try:
+            found = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ModelError(f"{run_dir} is not a run directory (no {name})") from None
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise ModelError(f"{path} cannot be read ({str(e).splitlines()[0]})") from None
+        value = found.get(key) if isinstance(found, dict) else None
+        if not isinstance(value, str) or not value:
+            raise ModelError(f"{path}: no '{key}' in it; the run directory is damaged")
+        return value
+
+    return read("config.yaml", "model"), read("plan.yaml", "method")
+
+
+def run_adapter_folder(run_dir: Path, marker: str) -> tuple[Path | None, str]:
+    """(run_dir/adapter if it holds `marker`, else the newest valid checkpoint's adapter folder,
+    or None; why there is none)."""
+    run_dir = Path(run_dir)
+    if (run_dir / "adapter" / marker).is_file():
+        return run_dir / "adapter", ""
+    try:
+        folder = find_resumable(run_dir, warn=lambda m: None) / "adapter"
+    except CheckpointError as e:
+        return None, str(e)
+    return (folder, "") if (folder / marker).is_file() else (None, f"{folder} lacks {marker}")
+

@@ -627,38 +627,19 @@ def load_quantized_export(folder: str | Path, device: str = "cpu",
 
 # ---------------------------------------------------------------- a run directory
 
-def _run_folder(run_dir: Path, marker: str) -> tuple[Path | None, str]:
-    """(run_dir/adapter if it holds `marker`, else the newest valid checkpoint's adapter folder,
-    or None; why there is none)."""
-    from lowmem.checkpoint import find_resumable
-    from lowmem.errors import CheckpointError
-
-    if (run_dir / "adapter" / marker).is_file():
-        return run_dir / "adapter", ""
-    try:
-        folder = find_resumable(run_dir, warn=lambda m: None) / "adapter"
-    except CheckpointError as e:
-        return None, str(e)
-    return (folder, "") if (folder / marker).is_file() else (None, f"{folder} lacks {marker}")
-
-
 def run_adapter(run_dir: Path) -> tuple[str, str, Path]:
     """(model reference, method, adapter folder) of a LoRA, QLoRA, LoRAM or L4Q run directory:
     run_dir/adapter when the run finished, else the newest valid checkpoint's."""
-    import yaml
-
+    from lowmem.checkpoint import run_adapter_folder, run_identity
     from lowmem.lora import ADAPTER_CONFIG
     from lowmem.quant.l4q import L4Q_CONFIG
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / "plan.yaml").is_file():
-        raise ModelError(f"{run_dir} is not a run directory (no config.yaml / plan.yaml)")
-    model_ref = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
-    method = yaml.safe_load((run_dir / "plan.yaml").read_text())["method"]
+    model_ref, method = run_identity(run_dir)
     if method not in ("lora", "qlora", "loram", "l4q"):
         raise ModelError(f"{run_dir}: a '{method}' run has no adapter to export; its model is in {run_dir / 'model'}")
     marker = L4Q_CONFIG if method == "l4q" else ADAPTER_CONFIG
-    folder, why = _run_folder(run_dir, marker)
+    folder, why = run_adapter_folder(run_dir, marker)
     if folder is None:
         raise ModelError(f"{run_dir}: no {marker} in adapter/ or in a usable checkpoint ({why})")
     return model_ref, method, folder

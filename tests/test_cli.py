@@ -85,10 +85,14 @@ def test_train_then_generate_with_the_run_adapter(tmp_path, tiny_model_dir, tiny
                                   "cpu", 6)[0] + "\n"
     assert main(["generate", "hi", "--adapter", str(tmp_path)]) == 2
     assert "no adapter here" in capsys.readouterr().err
-    (tmp_path / "early").mkdir()
-    (tmp_path / "early" / "config.yaml").write_text("steps: 2\n")
+    (tmp_path / "early").mkdir()   # started, no checkpoint yet
+    (tmp_path / "early" / "config.yaml").write_text(f"model: {tiny_model_dir}\nsteps: 2\n")
+    (tmp_path / "early" / "plan.yaml").write_text("method: lora\n")
     assert main(["generate", "hi", "--adapter", str(tmp_path / "early")]) == 2
     assert "early: no adapter yet: the run has not finished (" in capsys.readouterr().err
+    (tmp_path / "early" / "config.yaml").write_text("steps: 2\n")
+    assert main(["generate", "hi", "--adapter", str(tmp_path / "early")]) == 2
+    assert "early/config.yaml: no 'model' in it; the run directory is damaged" in capsys.readouterr().err
 
 
 

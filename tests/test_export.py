@@ -583,6 +583,25 @@ def test_a_damaged_adapter_file_is_named_not_a_traceback(tmp_path, tiny_model_di
     assert not (tmp_path / "m").exists()
 
 
+def test_a_run_directory_with_a_damaged_config_or_plan_is_named_not_a_traceback(tmp_path, capsys):
+    from lowmem.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for config, plan, says in (("model: [unclosed\n", "method: lora\n", r"run/config.yaml cannot be read \("),
+                               ("steps: 3\n", "method: lora\n", r"run/config.yaml: no 'model' in it"),
+                               ("model: m\n", "", r"run/plan.yaml: no 'method' in it"),
+                               ("model: m\n", None, r"run is not a run directory \(no plan.yaml\)")):
+        (run / "config.yaml").write_text(config)
+        (run / "plan.yaml").unlink(missing_ok=True)
+        if plan is not None:
+            (run / "plan.yaml").write_text(plan)
+        assert main(["export", str(run), "--merged", str(tmp_path / "m")]) == 2
+        err = capsys.readouterr().err
+        assert re.search(says, err) and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "m").exists()
+
+
 def test_an_unfinished_run_exports_its_newest_checkpoint_and_says_so(tmp_path, tiny_model_dir):
     model = _lora_on(tiny_model_dir)
     from lowmem.checkpoint import save_checkpoint

@@ -14,7 +14,7 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 
-from lowmem.errors import CheckpointError, ModelError
+from lowmem.errors import ModelError
 
 SAFETY_MARGIN = 0.05       # as the planner keeps free (config key safety_margin)
 EXPORT_BITS, EXPORT_GROUP = (8, 4, 3, 2), 128     # what `lowmem export --quantized` writes, widest first
@@ -51,9 +51,7 @@ def register(sub) -> None:
 def find_adapter(path: Path, note=None) -> tuple[Path, str | None]:
     """(adapter folder, base model recorded by the run or None). A run that has not finished
     answers with its newest valid checkpoint, which `note` is told."""
-    import yaml
-
-    from lowmem.checkpoint import find_resumable
+    from lowmem.checkpoint import run_adapter_folder, run_identity
     from lowmem.lora import ADAPTER_CONFIG, read_adapter_config
 
     if not path.exists():
@@ -61,31 +59,19 @@ def find_adapter(path: Path, note=None) -> tuple[Path, str | None]:
     if (path / ADAPTER_CONFIG).is_file():
         return path, read_adapter_config(path).get("base_model_name_or_path")
     if (path / "config.yaml").is_file():
-        def read(name: str) -> dict:
-            try:
-                found = yaml.safe_load((path / name).read_text()) if (path / name).is_file() else {}
-            except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-                raise ModelError(f"{path / name} cannot be read ({str(e).splitlines()[0]})") from None
-            return found if isinstance(found, dict) else {}
-
-        model = read("config.yaml").get("model")
-        method = read("plan.yaml").get("method")
+        model, method = run_identity(path)
         if method in ("full", "galore"):
             raise ModelError(f"{path}: a '{method}' run trains the whole model and has no adapter; answer "
                              f"with --model {path / 'model'}")
         if method == "l4q":
             raise ModelError(f"{path}: an L4Q run's adapter lives in its quantized weights; write them with "
                              f"`lowmem export {path} --quantized OUT`, then answer with --model OUT")
-        if (path / "adapter" / ADAPTER_CONFIG).is_file():
-            return path / "adapter", model
-        try:
-            folder = find_resumable(path, warn=lambda m: None) / "adapter"
-        except CheckpointError as e:
-            raise ModelError(f"{path}: no adapter yet: the run has not finished ({e})") from None
-        if (folder / ADAPTER_CONFIG).is_file():
-            if note is not None:
-                note(f"{path} has not finished: answering with its checkpoint {folder.parent.name}")
-            return folder, model
+        folder, why = run_adapter_folder(path, ADAPTER_CONFIG)
+        if folder is None:
+            raise ModelError(f"{path}: no adapter yet: the run has not finished ({why})")
+        if folder != path / "adapter" and note is not None:
+            note(f"{path} has not finished: answering with its checkpoint {folder.parent.name}")
+        return folder, model
     raise ModelError(f"{path}: no adapter here (expected {ADAPTER_CONFIG}, or a run directory with one)")
 
 
