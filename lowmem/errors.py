@@ -24,3 +24,8 @@ class ModelError(LowmemError):
 
 class CheckpointError(LowmemError):
     """A run directory or checkpoint that cannot be resumed from."""
+
+
+class DivergedError(LowmemError):
+    """Training produced a loss or gradient that is not finite (nan or inf)."""
+

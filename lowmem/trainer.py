@@ -33,7 +33,7 @@ from lowmem.checkpoint import (RunLock, checkpoint_step, find_resumable, list_ch
                                save_checkpoint, set_aside_damaged, set_rng_state)
 from lowmem.config import RunConfig, format_size
 from lowmem.data import BatchStream, load_datasets
-from lowmem.errors import CheckpointError, ConfigError, ModelError
+from lowmem.errors import CheckpointError, ConfigError, DivergedError, ModelError
 from lowmem.evaluate import autocast_for, evaluate
 from lowmem.events import ControlReader, EventLog, this_host
 from lowmem.loss import causal_lm_loss, count_targets
@@ -50,6 +50,10 @@ from lowmem.planner import Plan
 # computed, so the steps already planned keep their losses. `steps` is the exception that
 # lengthens the run: the learning-rate schedule then spans the new length from the step
 # resumed at (cosine and linear decay are stretched; warm-up is unchanged).
+# Steps in a row whose loss or gradient is not finite before a run stops as diverged. One such
+# step (a pathological batch) is skipped: its update is not applied, the weights stay finite.
+MAX_SKIPPED_STEPS = 3
+
 RESUMABLE_CHANGES = {"steps", "eval_every", "eval_max_examples", "eval_generate", "max_new_tokens",
                      "save_every", "keep_checkpoints", "log_every"}
 
@@ -384,17 +388,22 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
     progress = Progress(config.steps, step)
     reason = "finished"
     model.train()
+    skipped = 0   # diverged steps in a row
     with StopRequest() as stop:
         while step < config.steps:
             loss, grad_norm, tokens = train_step(model, optimizer, stream, plan, config, lr_at(step, config),
                                                  offload=offload)
             step += 1
+            skipped = skipped + 1 if not (math.isfinite(loss) and math.isfinite(grad_norm)) else 0
             progress.tokens += tokens
             text, fields = progress.line(step, loss, lr_at(step - 1, config), grad_norm)
             events.emit("step", step=step, steps=config.steps, loss=loss, lr=lr_at(step - 1, config),
                         grad_norm=grad_norm, mem=memstats.measure(device), **fields)
-            if step % config.log_every == 0 or step == config.steps:
+            if step % config.log_every == 0 or step == config.steps or skipped:
                 out(text)
+            if skipped:
+                diverged(step, loss, grad_norm, skipped, getattr(optimizer, "per_layer", False), config,
+                         saved["folder"] if saved["step"] is not None else None, events, out)
             if config.eval_every and step % config.eval_every == 0 and step < config.steps:
                 run_eval("periodic")
             if config.save_every and step % config.save_every == 0 and step < config.steps:
@@ -476,7 +485,8 @@ def train_step(model, optimizer, stream: BatchStream, plan: Plan, config: RunCon
 
     A `per_layer` optimizer (GaLore) applies each tensor's update inside
     backward, on the last micro-batch, and clips per tensor; the lr is set
-    before backward for it. Others step after backward, clipped globally.
+    before backward for it. Others step after backward, clipped globally, and
+    not at all when the loss or the gradient norm is not finite.
     """
     device = plan.device
     batches = [stream.next() for _ in range(plan.grad_accum)]
@@ -505,9 +515,35 @@ def train_step(model, optimizer, stream: BatchStream, plan: Plan, config: RunCon
         params = [p for group in optimizer.param_groups for p in group["params"]]
         max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        optimizer.step()
+        if math.isfinite(total_loss) and math.isfinite(grad_norm):
+            optimizer.step()
+        # else no update: nan or inf would reach every weight and moment (the loop says so)
     optimizer.zero_grad(set_to_none=True)
     return total_loss, grad_norm, tokens
+
+
+def diverged(step: int, loss: float, grad_norm: float, in_a_row: int, per_layer: bool, config: RunConfig,
+             last_checkpoint: Path | None, events: EventLog, out) -> None:
+    """A step whose loss or gradient norm is nan or inf: warn that its update was skipped, or
+    raise DivergedError when the weights took it (per-layer updates apply in backward) or when
+    MAX_SKIPPED_STEPS came in a row. Nothing after the divergence is saved."""
+    what = f"step {step}: loss {loss:g}, gradient norm {grad_norm:g}"
+    if not per_layer and in_a_row < MAX_SKIPPED_STEPS:
+        message = f"{what}: not finite, so its update was skipped (the weights are unchanged)"
+        out(f"warning: {message}")
+        events.emit("warning", message=message)
+        return
+    why = ("the per-layer updates applied it in backward" if per_layer
+           else f"{in_a_row} steps in a row were not finite")
+    kept = (f"the newest checkpoint, {last_checkpoint.name}, is from before it and is kept"
+            if last_checkpoint is not None else "no checkpoint was written before it")
+    remedies = [f"a lower lr (this one: {config.lr:g})"]
+    if not config.warmup_steps:
+        remedies.append("a warmup (warmup_steps=20)")
+    if not config.max_grad_norm:
+        remedies.append("clipping (max_grad_norm=1)")
+    raise DivergedError(f"{what}: training diverged ({why}); nothing after it is saved and {kept}. "
+                        f"Start a new run with {' or '.join(remedies)}")
 
 
 def obey_control(control: ControlReader, events: EventLog, checkpoint_now, step: int,

@@ -1,6 +1,7 @@
 """The training loop on a tiny model: exact resume, control requests, signals, outputs."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from lowmem.checkpoint import list_checkpoints
+from lowmem.checkpoint import checkpoint_step, list_checkpoints
 from lowmem.config import load_config
 from lowmem.events import read_events, send_control
 from lowmem.planner import plan_from_config
@@ -98,6 +99,57 @@ def test_the_adapter_names_a_base_peft_opens_from_anywhere(tmp_path, tiny_model_
     x = torch.randint(0, 100, (1, 7))
     with torch.no_grad():
         torch.testing.assert_close(peft_model(x).logits, ours.eval()(x).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_a_diverging_run_skips_non_finite_updates_then_stops_and_saves_nothing_after(
+        tmp_path, tiny_model_dir, tiny_chat_data):
+    from lowmem.errors import DivergedError
+    from lowmem.trainer import MAX_SKIPPED_STEPS
+
+    config = _config(tiny_model_dir, tiny_chat_data, tmp_path, steps=12, lr=1e30, warmup_steps=0,
+                     max_grad_norm=0, save_every=1, keep_checkpoints=2)
+    config, plan, run_dir = _start(config, "nan")
+    with pytest.raises(DivergedError, match=r"training diverged \(3 steps in a row were not finite\); nothing "
+                                            r"after it is saved and the newest checkpoint, step-\d+, is from "
+                                            r"before it and is kept\. Start a new run with a lower lr \(this "
+                                            r"one: 1e\+30\) or a warmup .* or clipping"):
+        train(config, plan, run_dir, out=lambda m: None)
+    events = read_events(run_dir)
+    steps = [e for e in events if e["kind"] == "step"]
+    bad = [e["step"] for e in steps if not (math.isfinite(e["loss"]) and math.isfinite(e["grad_norm"]))]
+    assert len(bad) == MAX_SKIPPED_STEPS and bad == list(range(bad[0], bad[0] + MAX_SKIPPED_STEPS))
+    assert steps[-1]["step"] == bad[-1] and events[-1]["kind"] == "error"
+    warned = [e["message"] for e in events if e["kind"] == "warning"]
+    assert len(warned) == MAX_SKIPPED_STEPS - 1 and all("update was skipped" in m for m in warned)
+    # The checkpoints written during the skipped steps hold the last finite weights, unchanged.
+    saved = list_checkpoints(run_dir)
+    assert saved and checkpoint_step(saved[-1]) == bad[-2]
+    from safetensors.torch import load_file
+    last, before = (load_file(str(f / "trainable.safetensors")) for f in saved[-1:] + saved[-2:-1])
+    for name, tensor in last.items():
+        assert torch.isfinite(tensor).all(), name
+        assert torch.equal(tensor, before[name]), name
+
+
+def test_a_non_finite_step_under_per_layer_updates_stops_at_once(tmp_path):
+    """GaLore's per-layer updates apply in backward: the first non-finite step has reached the
+    weights, so it cannot be skipped."""
+    from lowmem.config import RunConfig
+    from lowmem.errors import DivergedError
+    from lowmem.events import EventLog
+    from lowmem.trainer import diverged
+
+    events, said = EventLog(tmp_path), []
+    config = RunConfig(lr=0.01, warmup_steps=5, max_grad_norm=1.0)
+    diverged(7, float("nan"), 3.0, 1, False, config, None, events, said.append)
+    assert said == ["warning: step 7: loss nan, gradient norm 3: not finite, so its update was skipped "
+                    "(the weights are unchanged)"]
+    with pytest.raises(DivergedError, match=r"step 8: loss 2, gradient norm inf: training diverged \(the "
+                                            r"per-layer updates applied it in backward\); nothing after it is "
+                                            r"saved and no checkpoint was written before it\. Start a new run "
+                                            r"with a lower lr \(this one: 0.01\)$"):
+        diverged(8, 2.0, float("inf"), 1, True, config, None, events, said.append)
+    events.close()
 
 
 def test_accumulation_gives_the_same_step_as_one_large_batch(tmp_path, tiny_model_dir, tiny_chat_data):
