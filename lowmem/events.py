@@ -84,7 +84,7 @@ def read_jsonl_tail(path: Path, offset: int = 0) -> tuple[list[dict], int]:
     """Complete JSON lines of `path` from byte `offset`; returns them and the new offset.
 
     A last line without its newline is left for the next call; a complete line
-    that is not valid JSON is skipped (it cannot become valid later).
+    that is not a JSON object is skipped (it cannot become one later).
     """
     try:
         with open(path, "rb") as f:
@@ -98,9 +98,11 @@ def read_jsonl_tail(path: Path, offset: int = 0) -> tuple[list[dict], int]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = json.loads(line)
+        except ValueError:   # not JSON, or not UTF-8 (the NUL bytes a power loss leaves)
             continue
+        if isinstance(record, dict):
+            records.append(record)
     return records, offset + end
 
 
@@ -156,4 +158,11 @@ def trainer_may_hold(run_dir: Path) -> bool:
         return False
     if len(words) != 4 or words[0] != "pid" or not words[1].isdigit():
         return False
-    return words[3] != this_host() or psutil.pid_exists(int(words[1]))
+    if words[3] != this_host():
+        return True
+    try:   # a trainer that exited but is not yet reaped by `lowmem train` is a zombie: gone
+        return psutil.Process(int(words[1])).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True

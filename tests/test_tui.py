@@ -648,3 +648,235 @@ def test_monitor_refuses_a_poll_interval_that_is_not_positive(tmp_path, capsys):
     run = write_recorded_run(tmp_path / "r")
     assert main(["monitor", str(run), "--no-tui", "--poll", "-1"]) == 2
     assert "--poll: expected a positive number of seconds" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- runs that go wrong
+
+@synchronous
+async def test_a_diverged_run_shows_nan_and_the_chart_leaves_those_steps_out(tmp_path):
+    events = recorded_events(upto=8, finished=False, pid=dead_pid())
+    events[6]["loss"], events[7]["loss"] = float("nan"), float("inf")     # steps 6 and 7
+    run = write_recorded_run(tmp_path / "run", events)
+    app = DashboardApp(run, poll_s=0.05)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.state.step == 8)
+        assert "loss nan" not in panel_text(app, ProgressStrip)          # step 8 is finite again
+        chart = panel_text(app, "#loss")
+        assert "step 8" in chart and "nan" not in chart and "inf" not in chart
+    assert app.state.loss[6] != app.state.loss[6]                          # kept as nan, not dropped
+
+
+def test_a_thinned_chart_draws_the_dots_every_point_draws(monkeypatch):
+    """A long run's series is cut to a few points per dot column; the picture is the same."""
+    import lowmem.tui.chart as chart_module
+    from lowmem.tui.chart import LineChart, Series
+
+    points = [(step, 2.0 + math.sin(step / 37.0) + 0.3 * math.sin(step * 1.3)) for step in range(1, 20_001)]
+    points[5000] = (5001, float("nan"))                      # a diverged step breaks the line
+
+    from textual.geometry import Size
+
+    monkeypatch.setattr(LineChart, "size", property(lambda self: Size(90, 20)))
+
+    def draw() -> str:
+        chart = LineChart()
+        chart.series = [Series("train", points)]
+        chart.get_component_rich_style = lambda name: ""
+        return chart.render().plain
+
+    thinned = draw()
+    assert len(chart_module._thin(points, 1, 20_000, 2 * 80)) < 1000
+    monkeypatch.setattr(chart_module, "_thin", lambda points, *args: points)
+    assert thinned == draw()
+
+
+def test_a_corrupt_events_line_is_skipped_not_a_crash(tmp_path, capsys):
+    """A power loss leaves NUL bytes; a stray JSON value is not an event. Neither stops a reader."""
+    from lowmem.commands.monitor import print_progress
+    from lowmem.events import read_events
+
+    run = write_recorded_run(tmp_path / "run", recorded_events(upto=3, finished=False))
+    good = (run / EVENTS_FILE).read_bytes().splitlines(keepends=True)
+    (run / EVENTS_FILE).write_bytes(b"".join(good[:2]) + b"\0" * 4093 + b"\n" + b"[1, 2]\n" + b"".join(good[2:])
+                                    + json.dumps(recorded_events()[-1]).encode() + b"\n")
+    assert [e["kind"] for e in read_events(run)] == ["start", "step", "step", "step", "done"]
+    assert print_progress(run, poll_s=0.01) == 0
+    assert "done @ step 60" in capsys.readouterr().out
+
+
+def test_a_trainer_that_exited_unreaped_does_not_hold_its_run(tmp_path):
+    """`lowmem train` reaps its trainer only after the dashboard closes: until then a trainer
+    killed while loading is a zombie, which psutil still lists."""
+    import time
+
+    from lowmem.events import LOCK, this_host, trainer_may_hold
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 10
+        while __import__("psutil").Process(proc.pid).status() != "zombie" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        (tmp_path / LOCK).write_text(f"pid {proc.pid} on {this_host()}")
+        assert not trainer_may_hold(tmp_path)
+        (tmp_path / LOCK).write_text(f"pid {os.getpid()} on {this_host()}")
+        assert trainer_may_hold(tmp_path)
+    finally:
+        proc.wait()
+
+
+@synchronous
+async def test_a_resumed_run_waits_for_its_new_trainer_not_the_old_done(tmp_path):
+    """`lowmem train --resume` opens the dashboard on a stopped run: its losses chart, but its
+    status and its keys are the new trainer's."""
+    import time
+
+    events = recorded_events(upto=25, finished=False, pid=dead_pid())
+    events.append(dict(t=events[-1]["t"] + 1, kind="done", step=25, reason="stopped", resume="..."))
+    run = write_recorded_run(tmp_path / "run", events)
+    launched = time.time()
+    app = DashboardApp(run, poll_s=0.05, since=launched)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, loaded(app))
+        await pilot.pause(0.2)
+        assert "WAITING FOR TRAINER" in panel_text(app, TitleBar) and not app.state.over
+        assert len(app.state.loss) == 25
+        await pilot.press("p")
+        assert control_requests(run) == []
+        await pilot.press("q")
+        assert type(app.screen).__name__ == "QuitScreen"
+        await pilot.press("escape")
+        log = EventLog(run)
+        log.emit("start", run="qwen7b-alpaca", steps=60, pid=os.getpid(), resumed=True)
+        log.close()
+        await wait_until(pilot, lambda: app.state.status == "running")
+        assert "RUNNING" in panel_text(app, TitleBar)
+        await pilot.press("q", "s")
+    assert app.return_value == "stop" and control_requests(run) == ["stop"]
+
+
+@synchronous
+async def test_detaching_from_a_paused_run_says_it_stays_paused_and_r_resumes_it(live_run):
+    log = EventLog(live_run)
+    log.emit("paused", step=25)
+    log.close()
+    app = DashboardApp(live_run, poll_s=0.05)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.state.paused)
+        await pilot.press("q")
+        question = str(app.screen.query_one("#quit-question").render())
+        assert "The run is paused" in question and "it stays paused" in question
+        await pilot.press("r")
+    assert app.return_value == "detach" and control_requests(live_run) == ["resume"]
+
+
+def test_a_replaced_events_file_is_read_from_its_start(tmp_path):
+    """A run resumed before its first checkpoint starts over in a new events.jsonl; a monitor
+    that was following it reads the new file, not past its end."""
+    from lowmem.tui.state import RunState
+
+    run = write_recorded_run(tmp_path / "run", recorded_events(upto=9, finished=False))
+    reader, state = RunReader(run, check_trainer=False), RunState()
+    state.apply(reader.poll())
+    assert state.step == 9
+    (run / EVENTS_FILE).unlink()
+    write_recorded_run(run, recorded_events(upto=2, finished=False))
+    update = reader.poll()
+    assert update.restarted and [e["kind"] for e in update.events] == ["start", "step", "step"]
+    state.apply(update)
+    assert state.step == 2 and sorted(state.loss) == [1, 2]
+
+
+def test_a_file_read_well_again_clears_its_warning(tmp_path):
+    from lowmem.tui.state import RunState
+
+    run = write_recorded_run(tmp_path / "run", recorded_events(upto=2, finished=False))
+    (run / "config.yaml").write_text("")
+    reader, state = RunReader(run, check_trainer=False), RunState()
+    state.apply(reader.poll())
+    assert state.problems == ["config.yaml is not a mapping of key: value"]
+    (run / "config.yaml").write_text(yaml.safe_dump(CONFIG))
+    os.utime(run / "config.yaml", (T0, T0))
+    state.apply(reader.poll())
+    assert state.problems == [] and state.config["steps"] == 60
+
+
+def test_a_checkpoint_folder_is_refused_as_a_run_and_points_to_its_run(tmp_path, capsys):
+    from lowmem.cli import main
+
+    run = write_recorded_run(tmp_path / "run")
+    (run / "checkpoints" / "step-4").mkdir(parents=True)
+    (run / "checkpoints" / "step-4" / "manifest.json").write_text("{}")
+    assert main(["monitor", "--no-tui", str(run / "checkpoints" / "step-4")]) == 2
+    assert f"is a checkpoint, not a run: open its run directory {run.resolve()}" in capsys.readouterr().err
+
+
+def test_monitor_passes_its_poll_interval_to_the_dashboard(tmp_path, monkeypatch):
+    import lowmem.commands.monitor as monitor
+    import lowmem.tui
+
+    asked = {}
+    monkeypatch.setattr(monitor, "use_dashboard", lambda no_tui: True)
+    monkeypatch.setattr(lowmem.tui, "run_dashboard", lambda run_dir, **kw: asked.update(kw) or "finished")
+    args = parse_monitor(str(write_recorded_run(tmp_path / "run")), "--poll", "5")
+    assert args.func(args) == 0 and asked == {"poll_s": 5.0}
+
+
+# ---------------------------------------------------------------- what the plan says
+
+@synchronous
+async def test_offloaded_bytes_are_a_host_row_and_plan_keys_show(tmp_path):
+    """The plan's `host` is pinned CPU memory, not a device term; GaLore's per-layer updates
+    and L4Q's group size are shown under the keys the planner writes."""
+    plan = dict(PLAN, method="l4q", base_format="bf16", quant_group=64, galore_per_layer=True, extra={},
+                breakdown=dict(BREAKDOWN, host=int(4.25 * GiB)))
+    run = write_recorded_run(tmp_path / "run", plan=plan)
+    app = DashboardApp(run, poll_s=0.05)
+    async with app.run_test(size=(120, 48)) as pilot:
+        await wait_until(pilot, loaded(app))
+        memory = panel_text(app, MemoryPanel)
+        assert "host pinned 4.25GiB" in memory
+        assert not any(line.startswith("host ") and "─" in line or "█" in line and line.startswith("host")
+                       for line in memory.splitlines())
+        plan_text = panel_text(app, PlanPanel)
+        assert "bf16 (group 64)" in plan_text and "per-layer updates" in plan_text
+
+
+@synchronous
+async def test_a_short_memory_panel_drops_rows_in_the_documented_order(finished_run):
+    app = DashboardApp(finished_run, poll_s=0.05)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, loaded(app))
+        panel = app.query_one(MemoryPanel)
+        rows = panel.rows()
+        labels = lambda height: [r[1] for r in panel.fit(rows, height)]
+        full = [r[1] for r in rows if r[0] != "heading"]
+        assert "dev free" in full and "host rss" in full
+        # One row short: the headings go, then device free, host RSS and reserved, before any term.
+        assert "dev free" not in labels(len(full) - 1) and "activations" in labels(len(full) - 1)
+        assert "reserved" not in labels(len(full) - 3) and "activations" in labels(len(full) - 3)
+        # Dropping the terms frees seven rows: what went before them comes back while it fits.
+        assert labels(8) == ["budget", "plan total", "peak", "allocated", "reserved", "dev free", "host rss"]
+        assert labels(5) == ["budget", "plan total", "peak", "allocated", "reserved"]
+        assert labels(4) == ["budget", "plan total", "peak", "allocated"]
+        assert labels(3) == ["plan total", "peak", "allocated"]
+        assert labels(2) == ["plan total", "peak"]
+
+
+@synchronous
+async def test_below_twenty_rows_the_plan_gives_its_rows_to_memory(finished_run):
+    app = DashboardApp(finished_run, poll_s=0.05)
+    async with app.run_test(size=(80, 16)) as pilot:
+        await wait_until(pilot, loaded(app))
+        assert not app.query_one(PlanPanel).display
+        screen = screen_text(app)
+        assert "plan total" in screen and "peak" in screen
+
+
+@synchronous
+async def test_a_one_step_chart_names_that_step(tmp_path):
+    run = write_recorded_run(tmp_path / "run", recorded_events(upto=1, finished=False, pid=dead_pid()))
+    app = DashboardApp(run, poll_s=0.05)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.state.step == 1)
+        chart = panel_text(app, "#loss")
+        assert "step 1" in chart and "step 2" not in chart

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 __all__ = ["DashboardApp", "run_dashboard", "check_run_dir"]
 
 
-def run_dashboard(run_dir: str | Path) -> str:
+def run_dashboard(run_dir: str | Path, *, poll_s: float = 0.5, since: float | None = None) -> str:
     """Open the dashboard on a run directory; returns what the user chose on exit.
 
     "detach"    the dashboard closed and the trainer goes on (reattach: `lowmem monitor RUN_DIR`)
@@ -26,11 +26,13 @@ def run_dashboard(run_dir: str | Path) -> str:
     "finished"  the run had ended (a `done` event) when the dashboard closed
     "closed"    the run was over without `done` (crashed, or its trainer is gone)
 
+    `poll_s` is the time between reads of the run directory. `since` is when `lowmem train`
+    launched the trainer: events written before it are an earlier session's (a resume).
     Raises LowmemError if the run directory does not exist.
     """
     from .app import DashboardApp
 
-    app = DashboardApp(check_run_dir(run_dir))
+    app = DashboardApp(check_run_dir(run_dir), poll_s=poll_s, since=since)
     result = app.run()
     return result if result in ("detach", "stop") else app.closing_result()
 

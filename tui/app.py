@@ -34,6 +34,9 @@ from .state import RunState
 # line and the plan into three lines, so 80×24 keeps every essential figure.
 COMPACT_WIDTH = 100
 COMPACT_HEIGHT = 32
+# Below this height the plan panel gives its rows to memory (the title still names model and
+# method): the planned total and the measured peak must stay on screen.
+SHORT_HEIGHT = 20
 
 
 class RunUpdated(Message):
@@ -72,6 +75,7 @@ class DashboardScreen(Screen):
 
     def _fit(self, size: Size) -> None:
         self.set_class(size.width < COMPACT_WIDTH or size.height < COMPACT_HEIGHT, "-compact")
+        self.set_class(size.height < SHORT_HEIGHT, "-short")
 
     def show(self, state: RunState, pending: list[str], new_events: list[dict]) -> None:
         for panel in self.query("TitleBar, Banner, ProgressStrip, PlanPanel, MemoryPanel"):
@@ -104,12 +108,14 @@ class DashboardApp(App[str]):
         Binding("question_mark", "help", "Help", key_display="?"),
     ]
 
-    def __init__(self, run_dir: str | Path, *, poll_s: float = 0.5, check_trainer: bool = True):
+    def __init__(self, run_dir: str | Path, *, poll_s: float = 0.5, check_trainer: bool = True,
+                 since: float | None = None):
         super().__init__()
         self.run_dir = Path(run_dir)
         self.poll_s = poll_s
         self.check_trainer = check_trainer
-        self.state = RunState()
+        self.since = since                       # `lowmem train --resume`: when it launched the trainer
+        self.state = RunState(since=since)
         self.pending: dict[str, str] = {}        # control request id -> request, until acknowledged
         self.pause_wanted: bool | None = None    # what `p` last asked for, until the trainer says
         self.dashboard = DashboardScreen(id="dashboard")
@@ -128,7 +134,7 @@ class DashboardApp(App[str]):
     def read_run(self) -> None:
         """Polls the run directory until the app closes; never touches widgets."""
         worker = get_current_worker()
-        reader = RunReader(self.run_dir, check_trainer=self.check_trainer)
+        reader = RunReader(self.run_dir, check_trainer=self.check_trainer, since=self.since)
         while not worker.is_cancelled:
             update = reader.poll()
             if update:
@@ -161,7 +167,7 @@ class DashboardApp(App[str]):
             self.notify(f"the run is {self.state.status}: nothing to {request}", severity="warning")
             return None
         if self.state.start is None:
-            # The trainer only reads requests written after it opened the control channel.
+            # Nothing to pause or save before the trainer's `start`; q can still stop it.
             self.notify(f"the trainer has not started yet: {request} not sent", severity="warning")
             return None
         request_id = send_control(self.run_dir, request)
@@ -188,12 +194,12 @@ class DashboardApp(App[str]):
             return
 
         def chosen(choice: str | None) -> None:
-            if choice == "stop":
-                send_control(self.run_dir, "stop")
-            if choice in ("detach", "stop"):
-                self.exit(choice)
+            if choice in ("stop", "resume"):
+                send_control(self.run_dir, choice)
+            if choice in ("detach", "stop", "resume"):
+                self.exit("stop" if choice == "stop" else "detach")
 
-        self.push_screen(QuitScreen(), chosen)
+        self.push_screen(QuitScreen(paused=self.state.paused), chosen)
 
     def closing_result(self) -> str:
         """What closing means when no choice was asked: 'finished', 'closed' or 'detach'."""

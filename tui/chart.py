@@ -7,6 +7,7 @@ Series are drawn in order, so a later one (eval loss) shows on top of an earlier
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -44,6 +45,39 @@ def _line(x0: int, y0: int, x1: int, y1: int) -> list[tuple[int, int]]:
             y0 += sy
 
 
+def _thin(points: Sequence[tuple[float, float]], x_lo: float, x_hi: float,
+          columns: int) -> Sequence[tuple[float, float]]:
+    """At most the first, lowest, highest and last point of each dot column, in order: the same
+    dots as every point, without drawing 50,000 segments into 200 columns. A non-finite point
+    is kept where it falls, so the line still breaks there."""
+    if len(points) <= 4 * columns:
+        return points
+    out: list[tuple[float, float]] = []
+    column: list[tuple[float, float]] = []
+    current = None
+
+    def flush() -> None:
+        if column:
+            keep = {0, len(column) - 1,
+                    min(range(len(column)), key=lambda i: column[i][1]),
+                    max(range(len(column)), key=lambda i: column[i][1])}
+            out.extend(column[i] for i in sorted(keep))
+            column.clear()
+
+    for x, y in points:
+        if not math.isfinite(y):
+            flush()
+            out.append((x, y))
+            continue
+        key = round((x - x_lo) / ((x_hi - x_lo) or 1) * (columns - 1))
+        if key != current:
+            flush()
+            current = key
+        column.append((x, y))
+    flush()
+    return out
+
+
 class LineChart(Widget):
     """Series over steps, with the y range on the left and the step range below."""
 
@@ -66,7 +100,8 @@ class LineChart(Widget):
 
     def render(self) -> Text:
         width, height = self.size.width, self.size.height
-        points = [p for s in self.series for p in s.points]
+        # A diverged run logs nan or inf: those points are left out and break the line.
+        points = [p for s in self.series for p in s.points if math.isfinite(p[1])]
         if not points or width < 8 or height < 2:
             return Text(self.empty_text, style=self.get_component_rich_style("chart--empty"),
                         justify="center", no_wrap=True, overflow="ellipsis")
@@ -74,6 +109,7 @@ class LineChart(Widget):
         xs = [p[0] for p in points]
         ys = [p[1] for p in points]
         x_lo, x_hi = min(xs), max(xs)
+        x_last = x_hi                          # the axis names the real last step
         y_lo, y_hi = min(ys), max(ys)
         if y_hi == y_lo:
             pad = abs(y_lo) * 0.05 or 1.0
@@ -99,7 +135,10 @@ class LineChart(Widget):
         for index, s in enumerate(self.series):
             dots: list[tuple[int, int]] = []
             previous = None
-            for x, y in s.points:
+            for x, y in _thin(s.points, x_lo, x_hi, dots_w):
+                if not math.isfinite(y):
+                    previous = None
+                    continue
                 current = to_dot(x, y)
                 dots.extend(_line(*previous, *current) if previous else [current])
                 if s.marker:
@@ -124,7 +163,7 @@ class LineChart(Widget):
                 else:
                     text.append(" ")
             text.append("\n")
-        left, right = f"{x_lo:g}", f"step {x_hi:g}"
+        left, right = f"{x_lo:g}", f"step {x_last:g}"
         gap = max(plot_w - len(left) - len(right), 1)
         text.append(" " * (label_w - 1) + "└" + left + " " * gap + right, axis)
         return text

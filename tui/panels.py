@@ -148,7 +148,7 @@ TECHNIQUES = (
     (("grad_checkpointing", "activation_checkpointing"), "grad ckpt"),
     (("activation_offload", "offload_activations", "offload"), "offload"),
     (("chunked_loss", "loss_chunk", "loss_chunk_size"), "chunked loss"),
-    (("per_layer_updates", "per_layer_update"), "per-layer updates"),
+    (("galore_per_layer",), "per-layer updates"),
     (("double_quant",), "double quant"),
     (("paged_optimizer",), "paged optimizer"),
 )
@@ -170,7 +170,7 @@ class PlanPanel(Panel):
         add("model", s.lookup("model"))
         add("method", s.lookup("method"))
         weights = s.lookup("base_format", "weights_format")
-        group = s.lookup("group_size")
+        group = s.lookup("quant_group")
         if weights and group:
             weights = f"{weights} (group {group})"
         compute = s.lookup("compute_dtype")
@@ -258,6 +258,9 @@ class MemoryPanel(Panel):
             rows.append(("heading", "planned", None))
             rows += [("bar", k, v) for k, v in terms]
             rows.append(("bar", "total", total))
+        if s.planned_host is not None:
+            # Offloaded activations in pinned host memory: not on the device, so not a bar.
+            rows.append(("text", "host pinned", fmt_bytes(s.planned_host)))
         step = s.step
         rows.append(("heading", f"measured · {s.device}" + (f" · step {step}" if step is not None else ""), None))
         if not mem:
@@ -287,13 +290,20 @@ class MemoryPanel(Panel):
         rows = [("bar", "plan total", r[2]) if r[:2] == ("bar", "total") else r
                 for r in rows if r[0] != "heading"]
         terms = set(self.state.breakdown) - {"total"}
-        if len(rows) > height:
-            rows = [r for r in rows if not (r[0] == "bar" and r[1] in terms)]
-        for label in ("host rss", "dev free", "reserved", "budget", "allocated"):
-            if len(rows) <= height:
+        dropped: list[set[str]] = []
+        for drop in (("dev free", "context"), ("host rss", "host pinned"), ("reserved",), terms,
+                     ("budget",), ("allocated",)):
+            if sum(1 for r in rows if r[1] not in set().union(*dropped)) <= height:
                 break
-            rows = [r for r in rows if r[1] != label]
-        return rows[:max(height, 1)]
+            dropped.append(set(drop))
+        # The planned terms go all at once, which may free more rows than needed: what went
+        # before them comes back, the most important first, while it fits.
+        for group in reversed(dropped[:-1]):
+            back = set().union(*(g for g in dropped if g is not group))
+            if sum(1 for r in rows if r[1] not in back) <= height:
+                dropped.remove(group)
+        gone = set().union(*dropped)
+        return [r for r in rows if r[1] not in gone][:max(height, 1)]
 
     def render(self) -> Text:
         width, height = self.size.width, self.size.height

@@ -35,6 +35,9 @@ def check_run_dir(run_dir: str | Path, *, require_run_files: bool = False) -> Pa
         raise LowmemError(f"run directory {path} does not exist")
     if not path.is_dir():
         raise LowmemError(f"{path} is not a directory (expected a run directory such as runs/NAME)")
+    if path.resolve().parent.name == "checkpoints" and (path / "manifest.json").is_file():
+        raise LowmemError(f"{path} is a checkpoint, not a run: open its run directory "
+                          f"{path.resolve().parent.parent}")
     if require_run_files and not any((path / f).exists() for f in (EVENTS_FILE, CONFIG_FILE, PLAN_FILE)):
         raise LowmemError(f"{path} is not a run directory: it has no {EVENTS_FILE}, "
                           f"{CONFIG_FILE} or {PLAN_FILE}")
@@ -65,19 +68,33 @@ class Update:
     plan: dict | None = None          # set when plan.yaml was (re)read
     trainer_gone: bool = False        # the trainer exited without `done` or `error`
     problems: list[str] = field(default_factory=list)
+    restarted: bool = False           # events.jsonl was replaced (a run started over): `events` are all of it
 
     def __bool__(self) -> bool:
         return bool(self.events or self.config is not None or self.plan is not None
-                    or self.trainer_gone or self.problems)
+                    or self.trainer_gone or self.problems or self.restarted)
+
+
+def is_history(event: dict, since: float | None) -> bool:
+    """Whether an event was written before `since`: by an earlier session of the run, which says
+    nothing about the trainer that `lowmem train --resume` has just launched."""
+    t = event.get("t")
+    return since is not None and isinstance(t, (int, float)) and t < since - 0.001
 
 
 class RunReader:
-    """Follows one run directory. Not thread-safe: one reader per thread."""
+    """Follows one run directory. Not thread-safe: one reader per thread.
 
-    def __init__(self, run_dir: str | Path, *, check_trainer: bool = True):
+    With `since` (when `lowmem train` launched the trainer), a `start`, `done` or `error`
+    written before it is an earlier session's: the run is live from the next `start`.
+    """
+
+    def __init__(self, run_dir: str | Path, *, check_trainer: bool = True, since: float | None = None):
         self.run_dir = Path(run_dir)
         self.check_trainer = check_trainer
+        self.since = since
         self.offset = 0
+        self._inode: int | None = None
         self._mtimes: dict[str, float] = {}
         self._pid: int | None = None      # the trainer's pid, when it runs on this host
         self._start_t: float | None = None
@@ -113,8 +130,24 @@ class RunReader:
         return self._done or self._gone or (self._error and not watching)
 
     def _read_events(self, update: Update) -> None:
-        events, self.offset = read_jsonl_tail(self.run_dir / EVENTS_FILE, self.offset)
+        path = self.run_dir / EVENTS_FILE
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            info = None
+        if info is not None and self.offset and (info.st_ino != self._inode or info.st_size < self.offset):
+            # Replaced: a run resumed before its first checkpoint starts over in a new file.
+            self.offset = 0
+            update.restarted = True
+            update.events.clear()
+            self._pid, self._start_t = None, None
+            self._done = self._error = self._gone = self._started_elsewhere = False
+        if info is not None:
+            self._inode = info.st_ino
+        events, self.offset = read_jsonl_tail(path, self.offset)
         for event in events:
+            if is_history(event, self.since):
+                continue
             kind = event.get("kind")
             if kind == "start":
                 # A trainer on another host (a run directory on shared storage) has a pid that
@@ -151,9 +184,9 @@ class RunReader:
         return data
 
 
-def follow(run_dir: str | Path, poll_s: float = 0.5, *, check_trainer: bool = True):
+def follow(run_dir: str | Path, poll_s: float = 0.5, *, check_trainer: bool = True, since: float | None = None):
     """Yields Updates until the run is over (done, error, or the trainer gone)."""
-    reader = RunReader(run_dir, check_trainer=check_trainer)
+    reader = RunReader(run_dir, check_trainer=check_trainer, since=since)
     while True:
         update = reader.poll()
         if update:

@@ -36,6 +36,13 @@ QUIT_QUESTION = """\
   [b]s[/b]    stop: the trainer saves a checkpoint, then stops
   [b]esc[/b]  cancel: stay here"""
 
+QUIT_QUESTION_PAUSED = """\
+[b]The run is paused.[/b] Close the dashboard and…
+  [b]d[/b]    detach: it stays paused; reattach with lowmem monitor RUN_DIR, p resumes
+  [b]r[/b]    resume it, then detach: the run goes on
+  [b]s[/b]    stop: the trainer saves a checkpoint, then stops
+  [b]esc[/b]  cancel: stay here"""
+
 
 class HelpScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape,q,question_mark", "dismiss", "Close")]
@@ -47,24 +54,34 @@ class HelpScreen(ModalScreen[None]):
 
 
 class QuitScreen(ModalScreen[str | None]):
-    """Asks what happens to a live run: 'detach', 'stop', or None to stay."""
+    """Asks what happens to a live run: 'detach', 'stop', 'resume' (a paused run: resume it,
+    then detach), or None to stay."""
 
     BINDINGS = [
         Binding("d", "choose('detach')", "Detach"),
+        Binding("r", "choose('resume')", "Resume and detach", show=False),
         Binding("s", "choose('stop')", "Stop and save"),
         Binding("escape,c", "choose(None)", "Cancel"),
     ]
 
+    def __init__(self, paused: bool = False) -> None:
+        super().__init__()
+        self.paused = paused
+
     def compose(self) -> ComposeResult:
         with Vertical(id="quit-dialog"):
-            yield Static(QUIT_QUESTION, id="quit-question")
+            yield Static(QUIT_QUESTION_PAUSED if self.paused else QUIT_QUESTION, id="quit-question")
             with Horizontal(id="quit-buttons"):
                 yield Button("Detach", variant="primary", id="detach")
+                if self.paused:
+                    yield Button("Resume & detach", id="resume")
                 yield Button("Stop & save", variant="error", id="stop")
                 yield Button("Cancel", id="cancel")
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
-        self.dismiss(None if event.button.id == "cancel" else event.button.id)
+        self.action_choose(None if event.button.id == "cancel" else event.button.id)
 
     def action_choose(self, choice: str | None) -> None:
+        if choice == "resume" and not self.paused:
+            return
         self.dismiss(choice)

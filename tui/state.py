@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .reader import Update
+from .reader import Update, is_history
 
 # The log keeps this many lines; older ones scroll out of memory, not just off screen.
 MAX_LOG = 500
@@ -18,6 +18,9 @@ MAX_LOG = 500
 
 @dataclass
 class RunState:
+    # When `lowmem train --resume` launched the trainer: a start, done, error, pause or resume
+    # written before it is an earlier session's, so the status waits for the new `start`.
+    since: float | None = None
     config: dict = field(default_factory=dict)
     plan: dict = field(default_factory=dict)
     start: dict | None = None
@@ -36,6 +39,13 @@ class RunState:
     updates: int = 0
 
     def apply(self, update: Update) -> None:
+        if update.restarted:   # the run started over: what came before is gone
+            fresh = RunState(since=self.since, config=self.config, plan=self.plan, problems=self.problems)
+            self.__dict__.update(fresh.__dict__)
+        # A file read well again clears what was said about it (a resume rewrote it mid-read).
+        for name, read in (("config.yaml", update.config), ("plan.yaml", update.plan)):
+            if read is not None:
+                self.problems = [p for p in self.problems if not p.startswith(name)]
         if update.config is not None:
             self.config = update.config
         if update.plan is not None:
@@ -50,6 +60,11 @@ class RunState:
     def apply_event(self, event: dict) -> None:
         self.events_read += 1
         kind = event.get("kind")
+        if is_history(event, self.since) and kind not in ("step", "eval"):
+            # An earlier session's: its losses still chart, its start, end or pause say nothing now.
+            self.log.append(event)
+            del self.log[:-MAX_LOG]
+            return
         if kind == "step":
             step = event.get("step")
             self.last_step = event
@@ -92,7 +107,7 @@ class RunState:
             return str(self.done.get("reason") or "finished")
         if self.trainer_gone:
             return "ended"
-        if self.start is None and self.last_step is None:
+        if self.start is None and (self.last_step is None or self.since is not None):
             return "waiting"
         return "paused" if self.paused else "running"
 
@@ -160,7 +175,15 @@ class RunState:
         raw = self.plan.get("breakdown")
         if not isinstance(raw, dict):
             return {}
-        return {str(k): int(v) for k, v in raw.items() if _is_number(v)}
+        # `host` is pinned CPU memory for offloaded activations, not on the device: not a term here.
+        return {str(k): int(v) for k, v in raw.items() if _is_number(v) and k != "host"}
+
+    @property
+    def planned_host(self) -> int | None:
+        """Pinned host bytes the plan predicts for offloaded activations, when it offloads."""
+        raw = self.plan.get("breakdown")
+        value = raw.get("host") if isinstance(raw, dict) else None
+        return int(value) if _is_number(value) and value > 0 else None
 
     @property
     def run_name(self) -> str:

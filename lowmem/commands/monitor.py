@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if use_dashboard(args.no_tui):
         from lowmem.tui import run_dashboard
 
-        outcome = run_dashboard(run_dir)
+        outcome = run_dashboard(run_dir, poll_s=args.poll)
         if outcome in OUTCOMES:
             print(OUTCOMES[outcome].format(run_dir=run_dir))
         return 1 if outcome == "closed" else 0      # "closed": crashed, or the trainer is gone

@@ -155,18 +155,27 @@ def launch(run_dir: Path, *, resume: bool, no_tui: bool) -> int:
     from lowmem.tui import run_dashboard
 
     log = open(run_dir / "trainer.log", "a")
-    cmd = ([sys.executable, "-m", "lowmem", "worker", str(run_dir), "--since", repr(time.time())]
+    launched = time.time()
+    cmd = ([sys.executable, "-m", "lowmem", "worker", str(run_dir), "--since", repr(launched)]
            + (["--resume"] if resume else []))
     # Its own session: a detached run must survive the terminal that started it.
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True)
-    outcome = run_dashboard(run_dir)
+    # Events from before the launch are an earlier session's (a resume): the dashboard waits
+    # for this trainer's `start` rather than showing the old `done`.
+    outcome = run_dashboard(run_dir, since=launched)
     if outcome == "detach":
         print(OUTCOMES["detach"].format(run_dir=run_dir))
         return 0
     if outcome == "stop":
         print(OUTCOMES["stop"])
-    code = proc.wait()
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        # The trainer has its own session, so the Ctrl-C did not reach it: say where it is.
+        print(f"no longer waiting: the trainer (pid {proc.pid}) goes on; watch it with: "
+              f"lowmem monitor {run_dir}", file=sys.stderr)
+        return 130
     print(f"trainer output: {run_dir / 'trainer.log'}")
     return code
 
