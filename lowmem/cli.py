@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import re
@@ -27,7 +28,54 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"lowmem.commands.{name}").register(sub)
+    for command in sub.choices.values():
+        command.allow_abbrev = False    # `--save 10` must not quietly mean --save-every
     return parser
+
+
+def _command_parser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser | None:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    name = next((a for a in argv if not a.startswith("-")), None)
+    return sub.choices.get(name)
+
+
+def _normalise(command: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """Spellings argparse gets wrong, made plain: a value that starts with `-` (`--vram -1G`
+    reached argparse as an option), and a value on a true/false flag (`--offload=false`)."""
+    options = command._option_string_actions
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        action = options.get(token)
+        if (action is not None and action.nargs is None and i + 1 < len(argv)
+                and argv[i + 1].startswith("-") and argv[i + 1] not in options and argv[i + 1] != "--"):
+            out.append(f"{token}={argv[i + 1]}")
+            i += 2
+            continue
+        flag, eq, value = token.partition("=")
+        if eq and isinstance(options.get(flag), argparse.BooleanOptionalAction) and not flag.startswith("--no-"):
+            word = value.strip().lower()
+            if word in ("true", "yes", "on", "1"):
+                token = flag
+            elif word in ("false", "no", "off", "0"):
+                token = "--no-" + flag[2:]
+        out.append(token)
+        i += 1
+    return out
+
+
+def _unknown_option(command: argparse.ArgumentParser, option: str) -> str:
+    """`unknown option --stpes (did you mean --steps?)`; `--lora.rank` and `--lora_rank` are
+    pointed at `--lora-rank`."""
+    flag = option.split("=", 1)[0]
+    known = [o for o in command._option_string_actions if o.startswith("--")]
+    dashed = "--" + flag[2:].replace(".", "-").replace("_", "-")
+    starting = [o for o in known if o.startswith(flag)]
+    close = ([dashed] if dashed in known else starting if len(starting) == 1
+             else difflib.get_close_matches(flag, known, n=1, cutoff=0.7))
+    hint = f" (did you mean {close[0]}?)" if close else f"; `lowmem {command.prog.split()[-1]} --help` lists them"
+    return f"lowmem {command.prog.split()[-1]}: unknown option {flag}{hint}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,13 +91,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # --debug goes before the command or anywhere after it.
     debug = "--debug" in argv
-    args, extra = parser.parse_known_args([a for a in argv if a != "--debug"])
+    argv = [a for a in argv if a != "--debug"]
+    command = _command_parser(parser, argv)
+    if command is not None:
+        argv = _normalise(command, argv)
+    args, extra = parser.parse_known_args(argv)
     if extra and isinstance(getattr(args, "overrides", None), list):
         # argparse takes one run of key=value positionals; later runs, between options, come back
         # unparsed: they are overrides too, in the order given.
         overrides = [a for a in extra if OVERRIDE.match(a)]
         args.overrides += overrides
         extra = [a for a in extra if a not in overrides]
+    options = [a for a in extra if a.startswith("--")]
+    if options and command is not None:
+        print(_unknown_option(command, options[0]), file=sys.stderr)
+        return 2
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
@@ -65,3 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`lowmem presets | head`): nothing more to say, and nowhere to.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -24,6 +25,16 @@ from lowmem.errors import ConfigError
 # Methods this build can train. The planner issue adds qlora, l4q, galore, loram
 # here as each lands; an unknown method is refused by validation, never ignored.
 METHODS = ("lora", "full", "qlora", "l4q", "loram", "galore")
+
+# The peak learning rate of a method when the config does not set one: adapters learn from
+# zero and take a large one; full fine-tuning moves pretrained weights and takes a small one;
+# GaLore's update is scaled by galore.scale (0.25), so 2e-4 moves weights as 5e-5 does.
+METHOD_LR = {"full": 5e-5, "galore": 2e-4}
+
+
+def default_lr(method: str) -> float:
+    return METHOD_LR.get(method, RunConfig.__dataclass_fields__["lr"].default)
+
 
 # Optional memory techniques this build has; the planner only tries these.
 FEATURES: tuple[str, ...] = ("offload", "chunked_loss", "adamw8bit")
@@ -62,9 +73,11 @@ def format_size(n: int | None) -> str:
     return f"{n}B"
 
 
-def _key(help: str, *, min: float | None = None, max: float | None = None,
+def _key(help: str, *, min: float | None = None, max: float | None = None, above: float | None = None,
          choices: tuple | None = None, unit: str = "", size: bool = False) -> dict:
-    return {"help": help, "min": min, "max": max, "choices": choices, "unit": unit, "size": size}
+    """`min`/`max` bound a number inclusively, `above` exclusively (a value that must be positive)."""
+    return {"help": help, "min": min, "max": max, "above": above, "choices": choices, "unit": unit,
+            "size": size}
 
 
 @dataclass(frozen=True)
@@ -72,7 +85,7 @@ class LoraConfig:
     """Low-rank adapters: y = x Wᵀ + s · dropout(x) Aᵀ Bᵀ, s = alpha/rank (or alpha/√rank)."""
 
     rank: int = field(default=16, metadata=_key("adapter rank r", min=1, max=4096))
-    alpha: float = field(default=32.0, metadata=_key("scaling numerator alpha", min=0))
+    alpha: float = field(default=32.0, metadata=_key("scaling numerator alpha", above=0))
     dropout: float = field(default=0.0, metadata=_key("dropout on the adapter input", min=0, max=0.99))
     targets: tuple[str, ...] = field(
         default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
@@ -111,7 +124,7 @@ class LoramConfig:
     quantize: bool = field(default=False, metadata=_key("NF4-quantize the pruned base (QLoRAM)"))
     align_steps: int = field(default=0, metadata=_key(
         "continual pre-training steps of the pruned model on the training text before LoRA; 0 = none", min=0))
-    align_lr: float = field(default=1e-5, metadata=_key("alignment learning rate", min=0.0))
+    align_lr: float = field(default=1e-5, metadata=_key("alignment learning rate", above=0.0))
     align_subset: str = field(default="all", metadata=_key(
         "weights the alignment trains", choices=("all", "attention", "mlp")))
 
@@ -123,7 +136,7 @@ class GaloreConfig:
     rank: int = field(default=0, metadata=_key("projection rank r; 0 = hidden/4", min=0, max=65536))
     update_gap: int = field(default=200, metadata=_key(
         "refresh the projection (SVD of the gradient) every T steps", min=1, unit="steps"))
-    scale: float = field(default=0.25, metadata=_key("scale alpha of the projected-back update", min=0.0))
+    scale: float = field(default=0.25, metadata=_key("scale alpha of the projected-back update", above=0.0))
     per_layer: bool = field(default=True, metadata=_key(
         "update each weight inside backward and free its gradient (clips per tensor)"))
     embeddings: bool = field(default=False, metadata=_key(
@@ -159,10 +172,13 @@ class RunConfig:
     micro_batch: int = field(default=8, metadata=_key("sequences per forward/backward", min=1))
     grad_accum: int = field(default=1, metadata=_key("micro-batches per optimizer step", min=1))
     steps: int = field(default=50, metadata=_key("optimizer steps", min=1))
-    lr: float = field(default=2e-3, metadata=_key("peak learning rate", min=0.0))
+    lr: float = field(default=2e-3, metadata=_key(
+        "peak learning rate; unset, it follows the method: 2e-3 for adapters, 5e-5 full, 2e-4 GaLore",
+        above=0.0))
     schedule: str = field(default="cosine", metadata=_key(
         "learning-rate decay after warmup", choices=("cosine", "linear", "constant")))
-    warmup_steps: int = field(default=5, metadata=_key("linear warmup steps", min=0))
+    warmup_steps: int = field(default=5, metadata=_key(
+        "linear warmup steps; unset, a tenth of the steps up to 5", min=0))
     min_lr_ratio: float = field(default=0.1, metadata=_key("final lr as a share of lr", min=0.0, max=1.0))
     weight_decay: float = field(default=0.0, metadata=_key("AdamW weight decay", min=0.0))
     adam_betas: tuple[float, ...] = field(default=(0.9, 0.999), metadata=_key("AdamW betas (two numbers)"))
@@ -222,6 +238,16 @@ def _did_you_mean(key: str) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+# Text keys that cannot be empty, with what they expect.
+REQUIRED_TEXT = {"model": "a model: a local folder, a .gguf file or smollm2-135m",
+                 "data": "training data: a .jsonl or .txt file, or embedded"}
+
+
+def _section_of(key: str) -> str | None:
+    """The first key of section `key` (lora -> lora.rank), when `key` names a section."""
+    return next((k for k in all_keys() if k.startswith(key + ".")), None)
+
+
 def _coerce(key: str, f: dataclasses.Field, value: Any, where: str) -> Any:
     """Convert `value` to the field's type and check its range, or raise ConfigError."""
     meta, ftype = f.metadata, str(f.type)
@@ -230,7 +256,7 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, where: str) -> Any:
         return ConfigError(f"{where}key '{key}': expected {expected}, got {value!r}")
 
     if meta.get("size"):
-        if value is None or value == "":
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null", "auto")):
             return None
         try:
             value = parse_size(value)
@@ -249,6 +275,8 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, where: str) -> Any:
             value = tuple(float(v) for v in value)
         except (TypeError, ValueError):
             raise bad("a list of numbers") from None
+        if not all(math.isfinite(v) for v in value):
+            raise bad("a list of finite numbers")
         if key == "adam_betas" and (len(value) != 2 or not all(0 <= b < 1 for b in value)):
             raise bad("two numbers in [0, 1)")
     elif ftype == "bool":
@@ -275,6 +303,8 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
         value = float(value)
+        if not math.isfinite(value):
+            raise bad("a finite number")
     elif ftype == "str":
         if value is None:
             value = ""
@@ -294,9 +324,11 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}key '{key}': expected one of {', '.join(map(str, meta['choices']))}, "
                           f"got {value!r}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        lo, hi = meta.get("min"), meta.get("max")
+        lo, hi, above = meta.get("min"), meta.get("max"), meta.get("above")
         if lo is not None and value < lo:
             raise ConfigError(f"{where}key '{key}': {value} is below the minimum {lo}")
+        if above is not None and value <= above:
+            raise ConfigError(f"{where}key '{key}': expected a number above {above:g}, got {value:g}")
         if hi is not None and value > hi:
             raise ConfigError(f"{where}key '{key}': {value} is above the maximum {hi}")
     return value
@@ -310,12 +342,32 @@ def build_config(layers: Iterable[tuple[dict[str, Any], dict[str, str]]]) -> Run
     """
     keys = all_keys()
     merged: dict[str, Any] = {}
+    set_at: dict[str, str] = {}
     for values, origins in layers:
         for key, value in values.items():
-            where = origins.get(key, "")
+            where = set_at[key] = origins.get(key, "")
             if key not in keys:
+                first = _section_of(key)
+                if first is not None:
+                    leaf = first.split(".", 1)[1]
+                    raise ConfigError(f"{where}'{key}' is a section, not a value: set its keys, as "
+                                      f"{first}=… or in YAML `{key}:` with `  {leaf}: …` under it")
                 raise ConfigError(f"{where}unknown key '{key}'{_did_you_mean(key)}")
             merged[key] = _coerce(key, keys[key], value, where)
+    for key, expected in REQUIRED_TEXT.items():
+        # Checked once merged: a preset may leave one empty for a flag to fill (`--model`).
+        if key in merged and not merged[key].strip():
+            raise ConfigError(f"{set_at[key]}key '{key}' is empty: expected {expected} "
+                              f"(--{key} or {key}=…)")
+    # Unset keys whose good value depends on others.
+    steps = merged.get("steps", RunConfig.steps)
+    if "warmup_steps" not in merged:
+        merged["warmup_steps"] = min(RunConfig.warmup_steps, steps // 10)
+    elif merged["warmup_steps"] > steps:
+        raise ConfigError(f"{set_at['warmup_steps']}key 'warmup_steps': {merged['warmup_steps']} warmup steps "
+                          f"in a run of {steps} steps: the learning rate would never reach lr; give at most {steps}")
+    if "lr" not in merged:
+        merged["lr"] = default_lr(merged.get("method", RunConfig.method))
 
     def section(name: str) -> dict[str, Any]:
         return {k.split(".", 1)[1]: v for k, v in merged.items() if k.startswith(name + ".")}
@@ -327,12 +379,19 @@ def build_config(layers: Iterable[tuple[dict[str, Any], dict[str, str]]]) -> Run
 
 # ---------------------------------------------------------------- YAML with line numbers
 
-def _flatten_node(node: yaml.Node, source: str, prefix: str = "") -> tuple[dict, dict]:
+def _explicit_tag(node: yaml.Node) -> bool:
+    """Whether the YAML text tags the value itself (`!!int 7`, `!env X`): its node starts at the `!`."""
+    mark = node.start_mark
+    return bool(mark.buffer) and mark.buffer[mark.pointer:mark.pointer + 1] == "!"
+
+
+def _flatten_node(node: yaml.Node, source: str, prefix: str = "",
+                  lines: dict[str, int] | None = None) -> tuple[dict, dict]:
     values: dict[str, Any] = {}
     origins: dict[str, str] = {}
     if not isinstance(node, yaml.MappingNode):
         raise ConfigError(f"{source}: line {node.start_mark.line + 1}: expected a mapping of key: value")
-    lines: dict[str, int] = {}
+    lines = {} if lines is None else lines     # by full key: `lora.rank:` and `lora: {rank:}` clash
     for key_node, value_node in node.value:
         key = prefix + str(key_node.value)
         where = f"{source}: line {key_node.start_mark.line + 1}: "
@@ -340,13 +399,25 @@ def _flatten_node(node: yaml.Node, source: str, prefix: str = "") -> tuple[dict,
             raise ConfigError(f"{where}'{key}' is given twice (also on line {lines[key]}); keep one")
         lines[key] = key_node.start_mark.line + 1
         if isinstance(value_node, yaml.MappingNode):
-            sub_values, sub_origins = _flatten_node(value_node, source, key + ".")
+            sub_values, sub_origins = _flatten_node(value_node, source, key + ".", lines)
             values.update(sub_values)
             origins.update(sub_origins)
         else:
-            # Constructed from the node itself: an empty value (`eval_data:`) is None, where
-            # re-serializing the node would give YAML that does not parse.
-            value = yaml.SafeLoader("").construct_object(value_node, deep=True)
+            field_type = str(all_keys()[key].type) if key in all_keys() else ""
+            if (field_type == "str" and isinstance(value_node, yaml.ScalarNode) and value_node.style is None
+                    and value_node.value != "" and not _explicit_tag(value_node)):
+                # A text key takes the text as written: `name: 007` is "007", `name: on` is "on".
+                value = value_node.value
+            else:
+                # Constructed from the node itself: an empty value (`eval_data:`) is None, where
+                # re-serializing the node would give YAML that does not parse.
+                try:
+                    value = yaml.SafeLoader("").construct_object(value_node, deep=True)
+                except (yaml.YAMLError, ValueError, TypeError, IndexError) as e:
+                    problem = (getattr(e, "problem", None) or (str(e).splitlines() or ["?"])[0]
+                               if value_node.value else "there is no value after the tag")
+                    raise ConfigError(f"{where}'{key}': cannot read the value "
+                                      f"{value_node.tag.rsplit(':', 1)[-1]} {value_node.value!r} ({problem})") from None
             if value is None and not prefix and any(k.startswith(key + ".") for k in all_keys()):
                 continue        # an empty section (`lora:` with nothing under it)
             values[key] = value
@@ -376,10 +447,14 @@ def parse_overrides(items: Iterable[str]) -> tuple[dict, dict]:
             raise ConfigError(f"override '{item}': expected key=value, e.g. lora.rank=16")
         key, raw = item.split("=", 1)
         key = key.strip()
-        try:
-            values[key] = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            values[key] = raw
+        field_ = all_keys().get(key)
+        if field_ is not None and str(field_.type) == "str":
+            values[key] = raw.strip()       # text as typed: name=007 is "007", not 7
+        else:
+            try:
+                values[key] = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError:
+                values[key] = raw
         origins[key] = f"override '{item}': "
     return values, origins
 

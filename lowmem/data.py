@@ -214,7 +214,9 @@ def load_datasets(config, tokenizer) -> Datasets:
     train, truncated = build_examples(train_records, tokenizer, config.seq_len)
     heldout, held_truncated = build_examples(heldout_records, tokenizer, config.seq_len)
     if not train:
-        raise DataError(f"{config.data}: no example has tokens to learn from")
+        why = (f": at seq_len={config.seq_len} the prompts fill every sequence, so no answer token "
+               f"is left to learn; raise seq_len" if truncated else "")
+        raise DataError(f"{config.data}: no example has tokens to learn from{why}")
     if config.packing:
         train = pack(train, config.seq_len)
     if config.eval_max_examples:

@@ -610,6 +610,11 @@ def make_plan(config: RunConfig, spec: ModelSpec, pinned: Iterable[str] | None =
     if config.method == "l4q" and config.lora.dropout > 0:
         raise ConfigError(f"lora.dropout={config.lora.dropout} with method l4q: L4Q quantizes W0 + s·BA as one "
                           f"weight, so adapter dropout has nothing to act on; set lora.dropout=0")
+    rank = config.galore.rank
+    if rank and rank >= spec.hidden and (config.method == "galore" or "method" not in pinned):
+        raise ConfigError(f"galore.rank={rank} is not below {spec.name}'s hidden size {spec.hidden}: the "
+                          f"projection would keep every direction and save no memory; give less "
+                          f"(0 = hidden/4 = {max(1, spec.hidden // 4)})")
     ratios = config.loram.layer_ratios
     if ratios and len(ratios) > spec.layers:
         raise ConfigError(f"loram.layer_ratios has {len(ratios)} values but {spec.name} has {spec.layers} "

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from lowmem.cli import main
 from lowmem.events import read_events
@@ -26,6 +27,59 @@ def test_errors_are_one_line_without_traceback(capsys):
     assert main(["train", "lora.rnak=4"]) == 2
     err = capsys.readouterr().err
     assert err == "ConfigError: override 'lora.rnak=4': unknown key 'lora.rnak' (did you mean 'lora.rank'?)\n"
+
+
+def test_presets_name_alone_shows_it(capsys):
+    assert main(["presets", "smoke"]) == 0
+    assert "steps: 4" in capsys.readouterr().out
+    assert main(["presets", "smok"]) == 2
+    assert "unknown preset 'smok' (did you mean 'smoke'?)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--vram", "-1G"], "ConfigError: --vram: key 'vram': expected a size like 24G"),
+    (["--lr", "-1e-3"], "ConfigError: --lr: key 'lr': expected a number above 0, got -0.001"),
+    (["--stpes", "10"], "lowmem train: unknown option --stpes (did you mean --steps?)"),
+    (["--lora.rank", "4"], "lowmem train: unknown option --lora.rank (did you mean --lora-rank?)"),
+    (["--lora_rank", "4"], "lowmem train: unknown option --lora_rank (did you mean --lora-rank?)"),
+    (["--save", "10"], "lowmem train: unknown option --save (did you mean --save-every?)"),
+])
+def test_flag_mistakes_get_one_line_that_names_the_fix(capsys, argv, says):
+    """`--vram -1G` reached argparse as an option and printed its usage; an abbreviation
+    (`--save 10`) was quietly taken for --save-every."""
+    assert main(["train", *argv, "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(says) and len(err.splitlines()) == 1 and "usage" not in err, err
+
+
+def test_a_true_false_flag_takes_a_value_after_an_equals_sign(capsys):
+    assert main(["train", "--grad-checkpointing=yes", "--offload=false", "--print-config"]) == 0
+    out = yaml.safe_load(capsys.readouterr().out)
+    assert out["grad_checkpointing"] is True and out["offload"] is False
+
+
+def test_output_cut_short_by_a_closed_pipe_is_not_a_traceback():
+    """`lowmem presets | head -1`: the reader is gone before lowmem writes."""
+    proc = subprocess.Popen([sys.executable, "-m", "lowmem", "presets"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141 and err == "", err
+
+
+def test_the_learning_rate_follows_the_method_the_planner_chose(tmp_path, tiny_model_dir, tiny_chat_data, capsys):
+    """`lowmem train --vram 8G` on a small model plans a full fine-tune: it gets full's lr, not
+    the adapters' 2e-3, which made such a run's loss rise."""
+    common = ["train", "--no-tui", "--vram", "8G", "--device", "cpu", "--model", str(tiny_model_dir),
+              "--data", str(tiny_chat_data), "--runs-dir", str(tmp_path), "steps=1", "seq_len=64",
+              "micro_batch=2", "eval_generate=false", "eval_max_examples=2"]
+    assert main([*common, "name=auto"]) == 0
+    assert "lr 5e-05: the default for full (set lr to choose)" in capsys.readouterr().err
+    assert yaml.safe_load((tmp_path / "auto" / "plan.yaml").read_text())["method"] == "full"
+    assert yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())["lr"] == 5e-5
+    assert main([*common, "name=mine", "lr=1e-3"]) == 0
+    assert "the default for full" not in capsys.readouterr().err
+    assert yaml.safe_load((tmp_path / "mine" / "config.yaml").read_text())["lr"] == 1e-3
 
 
 def test_debug_shows_the_traceback():

@@ -54,10 +54,21 @@ def test_bad_yaml_names_the_line(tmp_path):
     ("adam_betas=0.9", "a list of numbers"),
     ("adam_betas=0.9,1.5", "two numbers in"),
     ("lr", "expected key=value"),
+    ("lr=0", "key 'lr': expected a number above 0, got 0"),
+    ("lr=.inf", "key 'lr': expected a finite number, got inf"),
+    ("lr=nan", "key 'lr': expected a finite number, got nan"),
+    ("max_grad_norm=.nan", "expected a finite number"),
+    ("adam_betas=0.9,nan", "a list of finite numbers"),
+    ("lora.alpha=0", "key 'lora.alpha': expected a number above 0"),
+    ("galore.scale=0", "expected a number above 0"),
+    ("model=", "key 'model' is empty: expected a model"),
+    ("data=", "key 'data' is empty: expected training data"),
+    ("lora=4", r"'lora' is a section, not a value: set its keys, as lora.rank=…"),
+    ("steps=4 warmup_steps=9", "warmup_steps': 9 warmup steps in a run of 4 steps: .* give at most 4"),
 ])
 def test_bad_values_are_refused_with_the_key_and_what_was_expected(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(overrides=[override])
+        load_config(overrides=override.split(" "))
 
 
 def test_missing_preset_file_is_named(tmp_path):
@@ -69,7 +80,11 @@ def test_every_shipped_preset_is_valid():
     presets = list_presets()
     assert "demo-cpu" in presets
     for name in presets:
-        assert isinstance(load_config(name), RunConfig)
+        try:
+            assert isinstance(load_config(name), RunConfig)
+        except ConfigError as e:       # a preset for your own model asks for it
+            assert "key 'model' is empty" in str(e) and name == "chat-lora-cuda", (name, e)
+            assert load_config(name, {"model": "./my-llama"}).model == "./my-llama"
 
 
 def test_defaults_are_the_demo_preset():
@@ -127,3 +142,37 @@ def test_a_key_given_twice_in_a_preset_is_refused_with_both_lines(tmp_path):
     (tmp_path / "p.yaml").write_text("steps: 3\nlora:\n  rank: 4\nsteps: 4\n")
     with pytest.raises(ConfigError, match=r"p.yaml: line 4: 'steps' is given twice \(also on line 1\)"):
         load_config(str(tmp_path / "p.yaml"))
+
+
+def test_unset_lr_and_warmup_follow_the_method_and_the_steps():
+    """A LoRA learning rate on a full fine-tune made the smoke run's loss rise (2.79 -> 5.02)."""
+    assert load_config(overrides=["method=full"]).lr == 5e-5
+    assert load_config(overrides=["method=galore"]).lr == 2e-4
+    assert load_config(overrides=["method=qlora"]).lr == 2e-3
+    assert load_config(overrides=["method=full", "lr=1e-4"]).lr == 1e-4      # a set lr stays
+    assert load_config(overrides=["steps=4"]).warmup_steps == 0              # was 5: never at peak
+    assert load_config(overrides=["steps=30"]).warmup_steps == 3
+    assert load_config(overrides=["steps=500"]).warmup_steps == 5
+    assert load_config(overrides=["steps=4", "warmup_steps=4"]).warmup_steps == 4
+
+
+def test_yaml_tags_text_keys_and_duplicates_across_forms(tmp_path):
+    preset = tmp_path / "p.yaml"
+    for text, message in (("steps: !!int abc\n", r"line 1: 'steps': cannot read the value int 'abc'"),
+                          ("model: !env HOME\n", r"line 1: 'model': cannot read the value !env 'HOME'"),
+                          ("lr: !!float\n", r"line 1: 'lr': cannot read the value float '' \(there is no value"),
+                          ("lora.rank: 8\nlora:\n  rank: 4\n", r"line 3: 'lora.rank' is given twice \(also on line 1\)"),
+                          ("lora: 8\n", r"line 1: 'lora' is a section, not a value")):
+        preset.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_config(str(preset))
+    preset.write_text("name: 007\ndata: on\nmodel: !!str 1.10\n")
+    config = load_config(str(preset), overrides=["eval_data=1.10"])
+    assert (config.name, config.data, config.model, config.eval_data) == ("007", "on", "1.10", "1.10")
+    assert load_config(overrides=["name=007"]).name == "007"
+
+
+@pytest.mark.parametrize("text", ["none", "NONE", "auto", ""])
+def test_a_size_key_takes_none_for_no_budget(text):
+    assert load_config(overrides=[f"vram={text}", f"host_ram={text}"]).vram is None
+

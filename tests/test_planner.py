@@ -14,8 +14,8 @@ import yaml
 
 import lowmem.config
 from lowmem.commands import plan as plan_command
-from lowmem.config import LoraConfig, RunConfig, parse_size
-from lowmem.errors import LowmemError
+from lowmem.config import GaloreConfig, LoraConfig, RunConfig, parse_size
+from lowmem.errors import ConfigError, LowmemError
 from lowmem.memory import MemoryBreakdown
 from lowmem.planner import BudgetError, Plan, make_plan, plan_from_config, quality
 from lowmem.spec import builtin_spec
@@ -580,3 +580,13 @@ def test_when_device_and_host_are_both_short_the_fix_names_both(every_method):
     fitted = make_plan(dataclasses.replace(cfg, vram=parse_size(f"{vram}G"), host_ram=parse_size(f"{host}G")),
                        builtin_spec("llama-3.1-8b"), {"method", "offload", "grad_checkpointing"}, device="cuda")
     assert fitted.method == "qlora"
+
+
+def test_a_galore_rank_as_large_as_the_model_is_refused(every_method):
+    """Projected to the hidden size, GaLore keeps every direction: the run would save nothing."""
+    spec = builtin_spec("llama-3.2-1b")
+    with pytest.raises(ConfigError, match=rf"galore.rank=5000 is not below .* hidden size {spec.hidden}.*"
+                                          rf"0 = hidden/4 = {spec.hidden // 4}"):
+        make_plan(config(method="galore", galore=GaloreConfig(rank=5000)), spec, {"method"}, device="cuda")
+    plan = make_plan(config(method="galore", galore=GaloreConfig(rank=64)), spec, {"method"}, device="cuda")
+    assert plan.galore_rank == 64

@@ -9,12 +9,19 @@ def register(sub) -> None:
     p = sub.add_parser("presets", help="list presets, or show one",
                        description="List the shipped presets (a model family x budget x goal), "
                                    "or print one with `lowmem presets show NAME`.")
-    p.add_argument("action", nargs="?", choices=("list", "show"), default="list")
+    p.add_argument("action", nargs="?", default="list", metavar="list|show|NAME",
+                   help="list them (default), or show one: `show NAME`, or just NAME")
     p.add_argument("name", nargs="?", help="preset to show")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if args.action not in ("list", "show"):
+        if args.name:
+            from lowmem.errors import ConfigError
+
+            raise ConfigError(f"lowmem presets {args.action} {args.name}: expected `list`, `show NAME` or NAME")
+        args.action, args.name = "show", args.action      # `lowmem presets smoke` shows smoke
     if args.action == "show":
         if not args.name:
             print("usage: lowmem presets show NAME")

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from lowmem.commands import add_config_flags, config_from_args
-from lowmem.config import parse_overrides
+from lowmem.config import default_lr, parse_overrides
 from lowmem.errors import CheckpointError, ConfigError, ModelError
 
 
@@ -132,7 +132,12 @@ def run(args) -> int:
         return 0
     preflight(config)
     config = with_absolute_paths(config)
-    plan = make_plan(config, spec_for(config.model), pinned_keys(args))
+    pinned = pinned_keys(args)
+    plan = make_plan(config, spec_for(config.model), pinned)
+    if "lr" not in pinned and default_lr(plan.method) != config.lr:
+        # The planner chose another method than the config's: its learning rate goes with it.
+        print(f"lr {default_lr(plan.method):g}: the default for {plan.method} (set lr to choose)", file=sys.stderr)
+        config = config.replace(lr=default_lr(plan.method))
     run_dir = new_run_dir(config)
     write_run_files(run_dir, config, plan)
     print(f"run directory: {run_dir}", file=sys.stderr)
