@@ -39,10 +39,15 @@ def _command_parser(parser: argparse.ArgumentParser, argv: list[str]) -> argpars
     return sub.choices.get(name)
 
 
+_WORDS = ("true", "yes", "on", "1", "false", "no", "off", "0")
+
+
 def _normalise(command: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     """Spellings argparse gets wrong, made plain: a value that starts with `-` (`--vram -1G`
-    reached argparse as an option), and a value on a true/false flag (`--offload=false`)."""
+    reached argparse as an option), and a value on a true/false flag (`--offload=false`, and
+    `--offload false` where a lone word would be taken for a key=value override)."""
     options = command._option_string_actions
+    takes_overrides = any(a.dest == "overrides" for a in command._actions)
     out: list[str] = []
     i = 0
     while i < len(argv):
@@ -54,11 +59,15 @@ def _normalise(command: argparse.ArgumentParser, argv: list[str]) -> list[str]:
             i += 2
             continue
         flag, eq, value = token.partition("=")
+        if (not eq and isinstance(action, argparse.BooleanOptionalAction) and not token.startswith("--no-")
+                and i + 1 < len(argv) and argv[i + 1].lower() in _WORDS and takes_overrides):
+            eq, value = "=", argv[i + 1]     # `--offload false`: not an override named "false"
+            i += 1
         if eq and isinstance(options.get(flag), argparse.BooleanOptionalAction) and not flag.startswith("--no-"):
             word = value.strip().lower()
-            if word in ("true", "yes", "on", "1"):
+            if word in _WORDS[:4]:
                 token = flag
-            elif word in ("false", "no", "off", "0"):
+            elif word in _WORDS[4:]:
                 token = "--no-" + flag[2:]
         out.append(token)
         i += 1

@@ -56,6 +56,9 @@ def test_a_true_false_flag_takes_a_value_after_an_equals_sign(capsys):
     assert main(["train", "--grad-checkpointing=yes", "--offload=false", "--print-config"]) == 0
     out = yaml.safe_load(capsys.readouterr().out)
     assert out["grad_checkpointing"] is True and out["offload"] is False
+    assert main(["train", "--grad-checkpointing", "no", "--packing", "on", "--print-config"]) == 0
+    out = yaml.safe_load(capsys.readouterr().out)
+    assert out["grad_checkpointing"] is False and out["packing"] is True
 
 
 def test_output_cut_short_by_a_closed_pipe_is_not_a_traceback():
