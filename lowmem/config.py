@@ -168,7 +168,9 @@ class RunConfig:
     target_tokens_per_step: int = field(default=0, metadata=_key(
         "tokens per optimizer step the planner keeps while it changes micro_batch; "
         "0 = micro_batch x grad_accum x seq_len", min=0, unit="tokens"))
-    seq_len: int = field(default=192, metadata=_key("tokens per sequence (longer ones are truncated)", min=8, unit="tokens"))
+    seq_len: int = field(default=192, metadata=_key(
+        "tokens per sequence (longer examples are cut; one whose answer starts past it is left out, "
+        "with a warning)", min=8, unit="tokens"))
     micro_batch: int = field(default=8, metadata=_key("sequences per forward/backward", min=1))
     grad_accum: int = field(default=1, metadata=_key("micro-batches per optimizer step", min=1))
     steps: int = field(default=50, metadata=_key("optimizer steps", min=1))
@@ -188,7 +190,9 @@ class RunConfig:
         "move tensors saved for backward to pinned CPU memory (with grad_checkpointing: layer inputs only)"))
     loss_chunk: int = field(default=0, metadata=_key(
         "tokens per loss chunk: logits of one chunk at a time; 0 = all at once", min=0, unit="tokens"))
-    packing: bool = field(default=False, metadata=_key("pack several examples into each sequence"))
+    packing: bool = field(default=False, metadata=_key(
+        "pack several examples into each sequence (fewer pad tokens; an example can attend to the "
+        "ones before it in its sequence, as no block mask is built)"))
     eval_every: int = field(default=0, metadata=_key("held-out eval every N steps; 0 = only before and after", min=0))
     eval_max_examples: int = field(default=0, metadata=_key("cap on held-out examples; 0 = all", min=0))
     eval_generate: bool = field(default=True, metadata=_key("also generate answers and score exact match"))

@@ -1,10 +1,12 @@
 """Data files to token batches, with loss only where the model should learn.
 
-Accepted inputs, one record per JSONL line:
+Accepted records:
   - chat:        {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
   - instruction: {"instruction": "...", "input": "..." (optional), "output": "..."}
   - text:        {"text": "..."}
-and plain `.txt` files (the whole file is text, cut into seq_len pieces).
+in a `.jsonl` file, or a `.json` file holding a list of them, and plain `.txt`
+files (the whole file is text, cut into seq_len pieces). A byte-order mark is
+skipped.
 Chat and instruction records train on assistant/output tokens only (labels
 are -100 elsewhere); text trains on every token. `embedded` is the shipped
 task dataset with its fixed held-out split.
@@ -53,13 +55,19 @@ def _as_messages(record: dict, where: str) -> list[dict] | None:
                                 f"and a text content, got {json.dumps(m)[:80]}")
         if not any(m["role"] == "assistant" for m in messages):
             raise DataError(f"{where}: no assistant message, so nothing to learn from")
+        if messages[0]["role"] == "assistant":
+            raise DataError(f"{where}: the conversation opens with the assistant, so nothing prompts its "
+                            f"first answer; start with a user (or system) message")
         return messages
     if "instruction" in record:
-        if not isinstance(record.get("output"), str):
-            raise DataError(f"{where}: an instruction record needs an 'output' text")
-        prompt = str(record["instruction"])
+        for key, required in (("instruction", True), ("output", True), ("input", False)):
+            value = record.get(key)
+            if (required or value is not None) and not isinstance(value, str):
+                raise DataError(f"{where}: an instruction record needs {key!r} as text"
+                                + ("" if required else " (or leave it out)") + f", got {json.dumps(value)[:40]}")
+        prompt = record["instruction"]
         if record.get("input"):
-            prompt += "\n\n" + str(record["input"])
+            prompt += "\n\n" + record["input"]
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
     if "text" in record:
         if not isinstance(record["text"], str):
@@ -76,34 +84,42 @@ def read_records(path: Path) -> list[tuple[list[dict] | None, str | None]]:
         raise DataError(f"{path} is a directory; expected a .jsonl or .txt data file")
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".json", ".txt"):
+        raise DataError(f"{path}: expected a .jsonl file (one JSON record per line), a .json list of "
+                        f"records, or a .txt file")
+    data = path.read_bytes()
     try:
-        return _read_records(path)
+        text = data.decode("utf-8-sig")       # a byte-order mark is not data
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
-
-
-def _read_records(path: Path) -> list[tuple[list[dict] | None, str | None]]:
-    if path.suffix == ".txt":
-        text = path.read_text(encoding="utf-8")
+        at = e.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        line = data[:at].count(b"\n") + 1
+        raise DataError(f"{path}: line {line}: not UTF-8 text ({e.reason}); save the file as UTF-8") from None
+    if suffix == ".txt":
         if not text.strip():
             raise DataError(f"{path}: the file is empty")
         return [(None, text)]
-    if path.suffix not in (".jsonl", ".json"):
-        raise DataError(f"{path}: expected a .jsonl or .txt file")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    if suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        lines = [(f"{path}: record {i}", item) for i, item in enumerate(items, 1)]
+    else:
+        lines = []
+        for number, line in enumerate(text.split("\n"), 1):   # not splitlines: U+2028 may sit in a string
             if not line.strip():
                 continue
-            where = f"{path}: line {number}"
             try:
-                record = json.loads(line)
+                lines.append((f"{path}: line {number}", json.loads(line)))
             except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object")
-            messages = _as_messages(record, where)
-            records.append((messages, None) if messages is not None else (None, record["text"]))
+                raise DataError(f"{path}: line {number}: malformed JSON ({e.msg} at column {e.colno})") from None
+    records = []
+    for where, record in lines:
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object")
+        messages = _as_messages(record, where)
+        records.append((messages, None) if messages is not None else (None, record["text"]))
     if not records:
         raise DataError(f"{path}: no records; the dataset is empty")
     return records
@@ -115,8 +131,11 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = F
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
-    # A base model without a template: a plain, stable layout.
-    text = "".join(f"### {m['role'].capitalize()}:\n{m['content']}\n\n" for m in messages)
+    # A base model without a template: a plain, stable layout. An answer ends with the end-of-
+    # sequence token, inside the learned span, so the tuned model learns to stop.
+    eos = getattr(tokenizer, "eos_token", None) or ""
+    text = "".join(f"### {m['role'].capitalize()}:\n{m['content']}{eos if m['role'] == 'assistant' else ''}\n\n"
+                   for m in messages)
     return text + ("### Assistant:\n" if add_generation_prompt else "")
 
 
@@ -141,20 +160,22 @@ def tokenize_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]
     return ids, labels
 
 
-def build_examples(records, tokenizer, seq_len: int) -> tuple[list[Example], int]:
-    """Examples and the number of truncated sequences."""
-    examples, truncated = [], 0
+def build_examples(records, tokenizer, seq_len: int) -> tuple[list[Example], int, int]:
+    """Examples; how many were cut to seq_len; how many were dropped, their answers wholly past it."""
+    examples, truncated, dropped = [], 0, 0
     for messages, text in records:
         if messages is not None:
             ids, labels = tokenize_chat(tokenizer, messages)
             prompt = answer = None
             if messages[-1]["role"] == "assistant":
                 prompt, answer = tuple(messages[:-1]), messages[-1]["content"]
-            if len(ids) > seq_len:
-                truncated += 1
-                ids, labels = ids[:seq_len], labels[:seq_len]
+            cut = len(ids) > seq_len
+            ids, labels = ids[:seq_len], labels[:seq_len]
             if any(l != IGNORE for l in labels):
                 examples.append(Example(tuple(ids), tuple(labels), prompt, answer))
+                truncated += cut
+            else:
+                dropped += 1
         else:
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             if tokenizer.eos_token_id is not None:
@@ -164,7 +185,17 @@ def build_examples(records, tokenizer, seq_len: int) -> tuple[list[Example], int
                 piece = ids[i:i + seq_len]
                 if len(piece) > 1:
                     examples.append(Example(tuple(piece), tuple(piece)))
-    return examples, truncated
+    return examples, truncated, dropped
+
+
+def fingerprint(examples: list[Example]) -> str:
+    """SHA-256 of every example's tokens and labels, in order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(repr((e.input_ids, e.labels)).encode())
+    return h.hexdigest()
 
 
 def pack(examples: list[Example], seq_len: int) -> list[Example]:
@@ -189,8 +220,10 @@ def pack(examples: list[Example], seq_len: int) -> list[Example]:
 class Datasets:
     train: list[Example]
     heldout: list[Example]
-    truncated: int
+    truncated: int          # examples cut to seq_len (train and held-out)
     source: str
+    dropped: int = 0        # training examples left out: no answer token within seq_len
+    heldout_dropped: int = 0
 
 
 def load_datasets(config, tokenizer) -> Datasets:
@@ -211,17 +244,17 @@ def load_datasets(config, tokenizer) -> Datasets:
             held = set(order[:n_held])
             heldout_records = [r for i, r in enumerate(train_records) if i in held]
             train_records = [r for i, r in enumerate(train_records) if i not in held]
-    train, truncated = build_examples(train_records, tokenizer, config.seq_len)
-    heldout, held_truncated = build_examples(heldout_records, tokenizer, config.seq_len)
+    train, truncated, dropped = build_examples(train_records, tokenizer, config.seq_len)
+    heldout, held_truncated, held_dropped = build_examples(heldout_records, tokenizer, config.seq_len)
     if not train:
         why = (f": at seq_len={config.seq_len} the prompts fill every sequence, so no answer token "
-               f"is left to learn; raise seq_len" if truncated else "")
+               f"is left to learn; raise seq_len" if dropped else "")
         raise DataError(f"{config.data}: no example has tokens to learn from{why}")
     if config.packing:
         train = pack(train, config.seq_len)
     if config.eval_max_examples:
         heldout = heldout[: config.eval_max_examples]
-    return Datasets(train, heldout, truncated + held_truncated, config.data)
+    return Datasets(train, heldout, truncated + held_truncated, config.data, dropped, held_dropped)
 
 
 # ---------------------------------------------------------------- batching
@@ -265,13 +298,8 @@ class BatchStream:
         return collate([self.examples[i] for i in take], self.pad_id)
 
     def fingerprint(self) -> str:
-        """SHA-256 of every example's tokens and labels, in order: what the position indexes into."""
-        import hashlib
-
-        h = hashlib.sha256()
-        for e in self.examples:
-            h.update(repr((e.input_ids, e.labels)).encode())
-        return h.hexdigest()
+        """What the position indexes into: `fingerprint(examples)`."""
+        return fingerprint(self.examples)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor, "examples": len(self.examples),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -32,8 +33,8 @@ from lowmem import memstats
 from lowmem.checkpoint import (RunLock, checkpoint_step, find_resumable, list_checkpoints, load_checkpoint,
                                save_checkpoint, set_aside_damaged, set_rng_state)
 from lowmem.config import RunConfig, format_size
-from lowmem.data import BatchStream, load_datasets
-from lowmem.errors import CheckpointError, ConfigError, DivergedError, ModelError
+from lowmem.data import BatchStream, fingerprint, load_datasets
+from lowmem.errors import CheckpointError, ConfigError, DataError, DivergedError, ModelError
 from lowmem.evaluate import autocast_for, evaluate
 from lowmem.events import ControlReader, EventLog, this_host
 from lowmem.loss import causal_lm_loss, count_targets
@@ -298,8 +299,14 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
                                                  nf4_targets=() if loram else nf4_targets,
                                                  double_quant=plan.double_quant)
         data = load_datasets(config, tokenizer)
+    notes = []
     if data.truncated:
-        message = f"{data.truncated} sequences were longer than seq_len={config.seq_len} and were truncated"
+        notes.append(f"{data.truncated} examples were longer than seq_len={config.seq_len} and were cut to it")
+    for count, which in ((data.dropped, "training"), (data.heldout_dropped, "held-out")):
+        if count:
+            notes.append(f"{count} {which} examples were left out: at seq_len={config.seq_len} the prompt "
+                         f"leaves no answer token to learn from (raise seq_len to keep them)")
+    for message in notes:
         out(f"warning: {message}")
         events.emit("warning", message=message)
     if loram and not streamed:
@@ -317,6 +324,7 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
     n_trainable = sum(p.numel() for _, p in params)
     n_total = parameter_count(model)
     stream = BatchStream(data.train, plan.micro_batch, config.seed, tokenizer.pad_token_id)
+    heldout_print = fingerprint(data.heldout)
 
     optimizer = build_optimizer(params, plan, config)
     offload = OffloadActivations(device=device) if plan.offload_activations else None
@@ -331,7 +339,19 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
             for name, tensor in checkpoint["trainable"].items():
                 named[name].copy_(tensor)
         optimizer.load_state_dict(checkpoint["optimizer"])
-        stream.load_state_dict(checkpoint["state"]["data"])
+        try:
+            stream.load_state_dict(checkpoint["state"]["data"])
+        except DataError:
+            # Refused: the run directory goes back to what it was before this resume asked for
+            # anything (`lowmem train --resume RUN steps=N` wrote steps into config.yaml).
+            if (folder / "config.yaml").is_file():
+                shutil.copyfile(folder / "config.yaml", run_dir / "config.yaml")
+            raise
+        if checkpoint["state"].get("heldout", heldout_print) != heldout_print:   # older checkpoints: not kept
+            message = ("the held-out data changed since the checkpoint was made: evaluations from "
+                       "here on are not comparable with the earlier ones")
+            out(f"warning: {message}")
+            events.emit("warning", message=message)
         step = checkpoint["state"]["step"]
         set_rng_state(checkpoint["rng"])
 
@@ -377,7 +397,8 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
             return saved["folder"]
         folder = save_checkpoint(
             run_dir, step, trainable={n: p for n, p in params}, optimizer=optimizer.state_dict(),
-            state={"data": stream.state_dict()}, config=config.to_dict(), plan=plan.to_dict(),
+            state={"data": stream.state_dict(), "heldout": heldout_print}, config=config.to_dict(),
+            plan=plan.to_dict(),
             keep=config.keep_checkpoints,
             extra_dirs={"adapter": lambda d: save_adapter_for(model, plan, config, d, model_dir)} if adapted else None)
         events.emit("checkpoint", step=step, path=str(folder))

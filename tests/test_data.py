@@ -24,7 +24,7 @@ def test_chat_loss_is_only_on_assistant_turns(tokenizer):
 
 def test_instruction_records_become_a_user_turn_and_an_answer(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "i.jsonl", [{"instruction": "Add", "input": "2 and 3", "output": "5"}])
-    (examples, _) = build_examples(read_records(path), tokenizer, 256)
+    (examples, _, _) = build_examples(read_records(path), tokenizer, 256)
     ex = examples[0]
     assert _learned_text(tokenizer, ex.input_ids, ex.labels) == "5<|im_end|>\n"
     assert ex.prompt[-1] == {"role": "user", "content": "Add\n\n2 and 3"} and ex.answer == "5"
@@ -33,18 +33,20 @@ def test_instruction_records_become_a_user_turn_and_an_answer(tmp_path, tokenize
 def test_text_is_learned_everywhere_and_long_text_is_cut_not_dropped(tmp_path, tokenizer):
     path = tmp_path / "t.txt"
     path.write_text("word " * 100)
-    examples, truncated = build_examples(read_records(path), tokenizer, 32)
-    assert truncated == 0
+    examples, truncated, dropped = build_examples(read_records(path), tokenizer, 32)
+    assert truncated == dropped == 0
     assert all(len(e.input_ids) <= 32 and e.labels == e.input_ids for e in examples)
     assert sum(len(e.input_ids) for e in examples) == len(tokenizer("word " * 100)["input_ids"]) + 1
 
 
-def test_long_chat_is_truncated_and_counted(tmp_path, tokenizer):
+def test_long_chat_is_truncated_and_counted_and_one_with_no_answer_left_is_dropped_and_counted(
+        tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "c.jsonl", [
-        {"messages": [{"role": "user", "content": "x " * 200}, {"role": "assistant", "content": "ok " * 50}]},
+        {"messages": [{"role": "user", "content": "x " * 20}, {"role": "assistant", "content": "ok " * 80}]},
+        {"messages": [{"role": "user", "content": "x " * 200}, {"role": "assistant", "content": "ok"}]},
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}])
-    examples, truncated = build_examples(read_records(path), tokenizer, 64)
-    assert truncated == 1
+    examples, truncated, dropped = build_examples(read_records(path), tokenizer, 64)
+    assert (len(examples), truncated, dropped) == (2, 1, 1)
     assert max(len(e.input_ids) for e in examples) <= 64
 
 
@@ -54,6 +56,10 @@ def test_long_chat_is_truncated_and_counted(tmp_path, tokenizer):
     ('{"prompt": "x"}', r"line 2: expected a record with 'messages'"),
     ('{"messages": [{"role": "robot", "content": "x"}]}', r"line 2: each message needs a role"),
     ('{"messages": [{"role": "user", "content": "x"}]}', r"line 2: no assistant message"),
+    ('{"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}',
+     r"line 2: the conversation opens with the assistant"),
+    ('{"instruction": null, "output": "x"}', r"line 2: an instruction record needs 'instruction' as text"),
+    ('{"instruction": "a", "input": 123, "output": "x"}', r"line 2: .*needs 'input' as text \(or leave it out\)"),
 ])
 def test_malformed_jsonl_names_the_file_and_line(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
@@ -86,7 +92,7 @@ def test_user_data_without_eval_file_holds_out_a_fixed_share(tmp_path, tokenizer
 
 
 def test_packing_fills_sequences_without_exceeding_seq_len(tokenizer, tiny_chat_data):
-    examples, _ = build_examples(read_records(tiny_chat_data), tokenizer, 128)
+    examples, _, _ = build_examples(read_records(tiny_chat_data), tokenizer, 128)
     packed = pack(examples, 128)
     assert len(packed) < len(examples)
     assert all(len(p.input_ids) <= 128 for p in packed)
@@ -94,7 +100,7 @@ def test_packing_fills_sequences_without_exceeding_seq_len(tokenizer, tiny_chat_
 
 
 def test_batch_stream_resumes_at_the_same_position(tokenizer, tiny_chat_data):
-    examples, _ = build_examples(read_records(tiny_chat_data), tokenizer, 64)
+    examples, _, _ = build_examples(read_records(tiny_chat_data), tokenizer, 64)
     first = BatchStream(examples, 5, seed=3, pad_id=0)
     for _ in range(7):  # crosses an epoch boundary (24 examples, 5 per batch)
         first.next()
@@ -106,7 +112,7 @@ def test_batch_stream_resumes_at_the_same_position(tokenizer, tiny_chat_data):
 
 
 def test_resume_with_different_data_is_refused(tokenizer, tiny_chat_data):
-    examples, _ = build_examples(read_records(tiny_chat_data), tokenizer, 64)
+    examples, _, _ = build_examples(read_records(tiny_chat_data), tokenizer, 64)
     state = BatchStream(examples, 4, 0, 0).state_dict()
     with pytest.raises(DataError, match="same data"):
         BatchStream(examples[:-1], 4, 0, 0).load_state_dict(state)
@@ -132,8 +138,34 @@ def test_data_that_is_not_utf8_or_is_a_directory_is_a_one_line_error(tmp_path):
     from lowmem.errors import DataError
 
     for name in ("x.jsonl", "x.txt"):
-        (tmp_path / name).write_bytes("hé".encode("utf-16"))
-        with pytest.raises(DataError, match=f"{name}: not UTF-8 text"):
+        (tmp_path / name).write_bytes('{"text": "a"}\n{"text": "b"}\n'.encode() + "hé".encode("latin-1"))
+        with pytest.raises(DataError, match=f"{name}: line 3: not UTF-8 text"):
             read_records(tmp_path / name)
     with pytest.raises(DataError, match="is a directory"):
         read_records(tmp_path)
+
+
+def test_a_byte_order_mark_a_json_list_and_an_upper_case_suffix_are_read(tmp_path, tokenizer):
+    record = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(record).encode() + b"\n")
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfHello there")
+    (tmp_path / "list.json").write_text(json.dumps([record, {"text": "plain"}], indent=2))
+    (tmp_path / "UPPER.JSONL").write_text(json.dumps(record) + "\n")
+    assert read_records(tmp_path / "bom.jsonl") == read_records(tmp_path / "UPPER.JSONL") == [
+        (record["messages"], None)]
+    assert read_records(tmp_path / "bom.txt") == [(None, "Hello there")]
+    assert read_records(tmp_path / "list.json") == [(record["messages"], None), (None, "plain")]
+    (tmp_path / "bad.json").write_text('[{"text": "a"},\n {"prompt": 1}]')
+    with pytest.raises(DataError, match=r"bad.json: record 2: expected a record with 'messages'"):
+        read_records(tmp_path / "bad.json")
+
+
+def test_without_a_chat_template_an_answer_ends_with_the_learned_eos(tokenizer, monkeypatch):
+    """A base model learns to stop only if the end of an answer is in what it learns."""
+    monkeypatch.setattr(tokenizer, "chat_template", None)
+    ids, labels = tokenize_chat(tokenizer, [{"role": "user", "content": "Hi"},
+                                            {"role": "assistant", "content": "Hello"}])
+    learned = [i for i, l in zip(ids, labels) if l != IGNORE]
+    assert tokenizer.eos_token_id in learned
+    assert _learned_text(tokenizer, ids, labels).startswith("Hello" + tokenizer.eos_token)
+

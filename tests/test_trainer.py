@@ -152,6 +152,27 @@ def test_a_non_finite_step_under_per_layer_updates_stops_at_once(tmp_path):
     events.close()
 
 
+def test_a_refused_resume_leaves_the_run_as_it_was_and_changed_heldout_data_is_said(
+        tmp_path, tiny_model_dir, tiny_chat_data):
+    from lowmem.cli import main
+
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(tiny_chat_data.read_text().splitlines(keepends=True)[:3]))
+    config, plan, run_dir = _start(_config(tiny_model_dir, tiny_chat_data, tmp_path, steps=2,
+                                           eval_data=str(held)), "r")
+    train(config, plan, run_dir, out=lambda m: None)
+    original = tiny_chat_data.read_text()
+    tiny_chat_data.write_text(original.replace("number 5.", "number 7."))        # same size, other tokens
+    assert main(["train", "--resume", str(run_dir), "steps=4", "--no-tui"]) == 2
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["steps"] == 2    # as it was
+    tiny_chat_data.write_text(original)
+    held.write_text(held.read_text().replace("number 1.", "number 9."))
+    assert main(["train", "--resume", str(run_dir), "steps=4", "--no-tui"]) == 0
+    warnings = [e["message"] for e in read_events(run_dir) if e["kind"] == "warning"]
+    assert any(w.startswith("the held-out data changed since the checkpoint") for w in warnings)
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["steps"] == 4
+
+
 def test_accumulation_gives_the_same_step_as_one_large_batch(tmp_path, tiny_model_dir, tiny_chat_data):
     results = []
     for name, mb, accum in (("one", 4, 1), ("two", 2, 2)):
