@@ -52,6 +52,8 @@ def _normalise(command: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     i = 0
     while i < len(argv):
         token = argv[i]
+        if token == "--":                  # what follows is for the command as written
+            return out + argv[i:]
         action = options.get(token)
         if (action is not None and action.nargs is None and i + 1 < len(argv)
                 and argv[i + 1].startswith("-") and argv[i + 1] not in options and argv[i + 1] != "--"):

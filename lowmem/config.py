@@ -338,11 +338,13 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, where: str) -> Any:
     return value
 
 
-def build_config(layers: Iterable[tuple[dict[str, Any], dict[str, str]]]) -> RunConfig:
+def build_config(layers: Iterable[tuple[dict[str, Any], dict[str, str]]], *, resuming: bool = False) -> RunConfig:
     """Merge flat `{dotted_key: value}` layers onto the defaults and validate.
 
     Each layer comes with `{dotted_key: where}` telling where a value came from
     (`presets/x.yaml: line 7: ` or `override: `), used in error messages.
+    `resuming`: the layers are a run's own config.yaml and what a resume changes; its
+    schedule is the run's, so it is not checked against the new steps.
     """
     keys = all_keys()
     merged: dict[str, Any] = {}
@@ -367,7 +369,7 @@ def build_config(layers: Iterable[tuple[dict[str, Any], dict[str, str]]]) -> Run
     steps = merged.get("steps", RunConfig.steps)
     if "warmup_steps" not in merged:
         merged["warmup_steps"] = min(RunConfig.warmup_steps, steps // 10)
-    elif merged["warmup_steps"] > steps:
+    elif merged["warmup_steps"] > steps and not resuming:
         raise ConfigError(f"{set_at['warmup_steps']}key 'warmup_steps': {merged['warmup_steps']} warmup steps "
                           f"in a run of {steps} steps: the learning rate would never reach lr; give at most {steps}")
     if "lr" not in merged:
@@ -409,7 +411,8 @@ def _flatten_node(node: yaml.Node, source: str, prefix: str = "",
         else:
             field_type = str(all_keys()[key].type) if key in all_keys() else ""
             if (field_type == "str" and isinstance(value_node, yaml.ScalarNode) and value_node.style is None
-                    and value_node.value != "" and not _explicit_tag(value_node)):
+                    and value_node.value != "" and not _explicit_tag(value_node)
+                    and value_node.tag != "tag:yaml.org,2002:null"):      # `null` and `~` stay empty
                 # A text key takes the text as written: `name: 007` is "007", `name: on` is "on".
                 value = value_node.value
             else:
@@ -452,8 +455,9 @@ def parse_overrides(items: Iterable[str]) -> tuple[dict, dict]:
         key, raw = item.split("=", 1)
         key = key.strip()
         field_ = all_keys().get(key)
-        if field_ is not None and str(field_.type) == "str":
-            values[key] = raw.strip()       # text as typed: name=007 is "007", not 7
+        if field_ is not None and str(field_.type) == "str" and not raw.strip()[:1] in ("'", '"'):
+            # Text as typed: name=007 is "007", not 7; null and ~ clear it, as in YAML.
+            values[key] = "" if raw.strip() in ("null", "~", "Null", "NULL") else raw.strip()
         else:
             try:
                 values[key] = yaml.safe_load(raw) if raw.strip() else ""

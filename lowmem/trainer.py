@@ -149,8 +149,9 @@ def resumed_config(run_dir: Path, requested: dict) -> RunConfig:
     if not path.is_file():
         raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
     base_values, origins = read_yaml_layer(path.read_text(), str(path))
-    base = build_config([(base_values, origins)])
-    resumed = build_config([(base_values, origins), (requested, {k: "resume: " for k in requested})])
+    base = build_config([(base_values, origins)], resuming=True)
+    resumed = build_config([(base_values, origins), (requested, {k: "resume: " for k in requested})],
+                           resuming=True)
     for key in requested:   # compared as parsed: `--seed 0` is the string "0" until then
         if key not in RESUMABLE_CHANGES and _value(resumed, key) != _value(base, key):
             raise ConfigError(f"cannot change '{key}' when resuming {run_dir}: the run would not "
@@ -560,7 +561,7 @@ def diverged(step: int, loss: float, grad_norm: float, in_a_row: int, per_layer:
             if last_checkpoint is not None else "no checkpoint was written before it")
     remedies = [f"a lower lr (this one: {config.lr:g})"]
     if not config.warmup_steps:
-        remedies.append("a warmup (warmup_steps=20)")
+        remedies.append(f"a warmup (warmup_steps={max(1, min(20, config.steps // 10))})")
     if not config.max_grad_norm:
         remedies.append("clipping (max_grad_norm=1)")
     raise DivergedError(f"{what}: training diverged ({why}); nothing after it is saved and {kept}. "

@@ -1,4 +1,5 @@
 import pytest
+import yaml
 
 from lowmem.config import (RunConfig, all_keys, list_presets, load_config, parse_size,
                            read_yaml_layer)
@@ -175,4 +176,26 @@ def test_yaml_tags_text_keys_and_duplicates_across_forms(tmp_path):
 @pytest.mark.parametrize("text", ["none", "NONE", "auto", ""])
 def test_a_size_key_takes_none_for_no_budget(text):
     assert load_config(overrides=[f"vram={text}", f"host_ram={text}"]).vram is None
+
+
+def test_null_clears_a_text_key_and_quotes_are_not_part_of_it(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("eval_data: null\nname: ~\nmodel: ./m\n")
+    config = load_config(str(preset))
+    assert (config.eval_data, config.name, config.model) == ("", "", "./m")
+    config = load_config(overrides=["eval_data=null", 'name="my run"', "model='./m'"])
+    assert (config.eval_data, config.name, config.model) == ("", "my run", "./m")
+
+
+def test_a_resume_keeps_its_schedule_even_when_steps_shrink_below_warmup(tmp_path):
+    """A run's config.yaml is its schedule: resuming it with fewer steps is not refused for
+    its warmup (the check is for new configs)."""
+    from lowmem.trainer import resumed_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(RunConfig(steps=100, warmup_steps=20).to_dict()))
+    assert resumed_config(run, {"steps": 4}).warmup_steps == 20
+    (run / "config.yaml").write_text(yaml.safe_dump(RunConfig(steps=3, warmup_steps=5).to_dict()))
+    assert resumed_config(run, {}).steps == 3          # written before the check existed
 

@@ -509,6 +509,16 @@ def test_every_budget_keeps_the_tokens_per_step_when_they_are_not_a_power_of_two
     assert plan.tokens_per_step == 5000  # the nearest whole number of sequences
 
 
+def test_a_prime_number_of_sequences_runs_as_a_few_large_micro_batches_not_one_at_a_time():
+    """127 and 13 have no divisor but 1 and themselves: a power of two that overshoots by at most an
+    eighth (8 x 16 = 128, 2 x 7 = 14) splits the step; none that overshoots more (4 x 4 = 16 for 13)."""
+    spec = builtin_spec("llama-2-7b")
+    for sequences, expected in ((127, (8, 16)), (13, (2, 7))):
+        plan = make_plan(config(vram=parse_size("30G"), method="lora", seq_len=256, micro_batch=sequences,
+                                grad_accum=1), spec, {"method"}, device="cuda")
+        assert (plan.micro_batch, plan.grad_accum) == expected, (sequences, plan.micro_batch, plan.grad_accum)
+
+
 def test_the_reasons_say_which_choices_were_pinned(every_method):
     spec = builtin_spec("llama-3.1-8b")
     qlora = make_plan(config(vram=parse_size("24G"), method="qlora"), spec, {"method"}, device="cuda")

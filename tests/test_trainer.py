@@ -131,9 +131,32 @@ def test_a_diverging_run_skips_non_finite_updates_then_stops_and_saves_nothing_a
         assert torch.equal(tensor, before[name]), name
 
 
-def test_a_non_finite_step_under_per_layer_updates_stops_at_once(tmp_path):
+def test_a_galore_run_with_per_layer_updates_stops_at_its_first_non_finite_step(
+        tmp_path, tiny_model_dir, tiny_chat_data, monkeypatch):
     """GaLore's per-layer updates apply in backward: the first non-finite step has reached the
-    weights, so it cannot be skipped."""
+    weights, so the run stops there, and no checkpoint holds it."""
+    from lowmem import trainer
+    from lowmem.errors import DivergedError
+
+    calls = {"n": 0}
+    real = trainer.causal_lm_loss
+
+    def loss_nan_on_the_third_step(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(trainer, "causal_lm_loss", loss_nan_on_the_third_step)
+    config, plan, run_dir = _start(_config(tiny_model_dir, tiny_chat_data, tmp_path, steps=5, method="galore",
+                                           lr=1e-3, save_every=1), "g")
+    assert plan.galore_per_layer
+    with pytest.raises(DivergedError, match=r"step 3: loss nan, .*\(the per-layer updates applied it"):
+        train(config, plan, run_dir, out=lambda m: None)
+    assert [checkpoint_step(c) for c in list_checkpoints(run_dir)] == [1, 2]
+
+
+def test_the_divergence_advice_is_what_the_config_accepts(tmp_path):
+    """GaLore's per-layer updates stop at once; a skipped step warns; the warmup suggested fits the run."""
     from lowmem.config import RunConfig
     from lowmem.errors import DivergedError
     from lowmem.events import EventLog
@@ -149,6 +172,10 @@ def test_a_non_finite_step_under_per_layer_updates_stops_at_once(tmp_path):
                                             r"saved and no checkpoint was written before it\. Start a new run "
                                             r"with a lower lr \(this one: 0.01\)$"):
         diverged(8, 2.0, float("inf"), 1, True, config, None, events, said.append)
+    short = RunConfig(lr=0.01, steps=12, warmup_steps=0, max_grad_norm=1.0)
+    with pytest.raises(DivergedError, match=r"or a warmup \(warmup_steps=1\)$") as raised:
+        diverged(9, 2.0, float("nan"), 3, False, short, None, events, said.append)
+    assert load_config(overrides=["steps=12", raised.value.args[0].rsplit("(", 1)[1].rstrip(")")]).warmup_steps == 1
     events.close()
 
 

@@ -663,6 +663,12 @@ async def test_a_diverged_run_shows_nan_and_the_chart_leaves_those_steps_out(tmp
         assert "loss nan" not in panel_text(app, ProgressStrip)          # step 8 is finite again
         chart = panel_text(app, "#loss")
         assert "step 8" in chart and "nan" not in chart and "inf" not in chart
+        log = EventLog(run)
+        log.emit("step", step=9, steps=60, loss=float("nan"), lr=1e-4, grad_norm=float("nan"))
+        log.close()
+        await wait_until(pilot, lambda: app.state.step == 9)
+        assert "loss nan" in panel_text(app, ProgressStrip) and "|g| nan" in panel_text(app, ProgressStrip)
+        assert "step 8" in panel_text(app, "#loss")                       # the last finite step
     assert app.state.loss[6] != app.state.loss[6]                          # kept as nan, not dropped
 
 
@@ -784,6 +790,12 @@ def test_a_replaced_events_file_is_read_from_its_start(tmp_path):
     assert update.restarted and [e["kind"] for e in update.events] == ["start", "step", "step"]
     state.apply(update)
     assert state.step == 2 and sorted(state.loss) == [1, 2]
+    # Rewritten in place (the same inode) and already longer than what was read: its first line,
+    # a `start` of another time, tells it apart.
+    longer = recorded_events(upto=12, finished=False, t0=T0 + 1000)
+    (run / EVENTS_FILE).write_text("".join(json.dumps(e) + "\n" for e in longer))
+    update = reader.poll()
+    assert update.restarted and len(update.events) == len(longer)
 
 
 def test_a_file_read_well_again_clears_its_warning(tmp_path):

@@ -95,6 +95,7 @@ class RunReader:
         self.since = since
         self.offset = 0
         self._inode: int | None = None
+        self._first = b""                 # the first line of the events file being followed
         self._mtimes: dict[str, float] = {}
         self._pid: int | None = None      # the trainer's pid, when it runs on this host
         self._start_t: float | None = None
@@ -135,9 +136,11 @@ class RunReader:
             info = path.stat()
         except FileNotFoundError:
             info = None
-        if info is not None and self.offset and (info.st_ino != self._inode or info.st_size < self.offset):
-            # Replaced: a run resumed before its first checkpoint starts over in a new file.
-            self.offset = 0
+        if info is not None and self.offset and (info.st_ino != self._inode or info.st_size < self.offset
+                                                 or self._head(path) != self._first):
+            # Replaced: a run resumed before its first checkpoint starts over in a new file (which
+            # may get the old one's inode back: its first line, a `start` with its time, differs).
+            self.offset, self._first = 0, b""
             update.restarted = True
             update.events.clear()
             self._pid, self._start_t = None, None
@@ -145,6 +148,8 @@ class RunReader:
         if info is not None:
             self._inode = info.st_ino
         events, self.offset = read_jsonl_tail(path, self.offset)
+        if self.offset and not self._first:
+            self._first = self._head(path)
         for event in events:
             if is_history(event, self.since):
                 continue
@@ -163,6 +168,15 @@ class RunReader:
             elif kind == "error":
                 self._error = True
         update.events.extend(events)
+
+    @staticmethod
+    def _head(path: Path) -> bytes:
+        """The file's first line (its `start` event): which file this is."""
+        try:
+            with open(path, "rb") as f:
+                return f.readline(4096)
+        except OSError:
+            return b""
 
     def _read_yaml(self, name: str, update: Update) -> dict | None:
         path = self.run_dir / name
