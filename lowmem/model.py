@@ -110,6 +110,9 @@ def resolve_model_dir(ref: str, log=print) -> Path:
         # An adapter names the embedded model by its cached conversion, gone with the cache
         log(f"{path} no longer exists; converting the embedded model again")
         return convert_gguf(embedded_gguf(), log)
+    if path.parent == cache_dir() / "models":
+        raise ModelError(f"{path} was lowmem's conversion of a GGUF file and is no longer in the cache: "
+                         f"give that .gguf file again with --model")
     raise ModelError(f"model '{ref}' is not a local directory or .gguf file, nor the embedded "
                      f"'{EMBEDDED_NAMES[0]}'; lowmem never downloads weights: pass a local path")
 

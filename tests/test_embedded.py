@@ -2,6 +2,7 @@
 
 import pytest
 
+from lowmem.errors import ModelError
 from lowmem.model import embedded_gguf, load_model, resolve_model_dir
 
 pytestmark = pytest.mark.slow
@@ -52,4 +53,6 @@ def test_a_cleared_conversion_of_the_embedded_model_is_made_again(embedded_dir, 
     notes = []
     assert resolve_model_dir(str(gone), log=notes.append) == embedded_dir
     assert notes and "no longer exists" in notes[0]
+    with pytest.raises(ModelError, match=r"was lowmem's conversion of a GGUF file .* give that .gguf file again"):
+        resolve_model_dir(str(embedded_dir.parent / "my-model.Q8_0-0123456789abcdef"))
 
