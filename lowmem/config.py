@@ -33,7 +33,7 @@ METHOD_LR = {"full": 5e-5, "galore": 2e-4}
 
 
 def default_lr(method: str) -> float:
-    return METHOD_LR.get(method, RunConfig.__dataclass_fields__["lr"].default)
+    return METHOD_LR.get(method, RunConfig.lr)
 
 
 # Optional memory techniques this build has; the planner only tries these.
@@ -398,6 +398,7 @@ def _flatten_node(node: yaml.Node, source: str, prefix: str = "",
     if not isinstance(node, yaml.MappingNode):
         raise ConfigError(f"{source}: line {node.start_mark.line + 1}: expected a mapping of key: value")
     lines = {} if lines is None else lines     # by full key: `lora.rank:` and `lora: {rank:}` clash
+    keys = all_keys()
     for key_node, value_node in node.value:
         key = prefix + str(key_node.value)
         where = f"{source}: line {key_node.start_mark.line + 1}: "
@@ -409,7 +410,7 @@ def _flatten_node(node: yaml.Node, source: str, prefix: str = "",
             values.update(sub_values)
             origins.update(sub_origins)
         else:
-            field_type = str(all_keys()[key].type) if key in all_keys() else ""
+            field_type = str(keys[key].type) if key in keys else ""
             if (field_type == "str" and isinstance(value_node, yaml.ScalarNode) and value_node.style is None
                     and value_node.value != "" and not _explicit_tag(value_node)
                     and value_node.tag != "tag:yaml.org,2002:null"):      # `null` and `~` stay empty
@@ -425,7 +426,7 @@ def _flatten_node(node: yaml.Node, source: str, prefix: str = "",
                                if value_node.value else "there is no value after the tag")
                     raise ConfigError(f"{where}'{key}': cannot read the value "
                                       f"{value_node.tag.rsplit(':', 1)[-1]} {value_node.value!r} ({problem})") from None
-            if value is None and not prefix and any(k.startswith(key + ".") for k in all_keys()):
+            if value is None and not prefix and any(k.startswith(key + ".") for k in keys):
                 continue        # an empty section (`lora:` with nothing under it)
             values[key] = value
             origins[key] = where
@@ -455,7 +456,7 @@ def parse_overrides(items: Iterable[str]) -> tuple[dict, dict]:
         key, raw = item.split("=", 1)
         key = key.strip()
         field_ = all_keys().get(key)
-        if field_ is not None and str(field_.type) == "str" and not raw.strip()[:1] in ("'", '"'):
+        if field_ is not None and str(field_.type) == "str" and raw.strip()[:1] not in ("'", '"'):
             # Text as typed: name=007 is "007", not 7; null and ~ clear it, as in YAML.
             values[key] = "" if raw.strip() in ("null", "~", "Null", "NULL") else raw.strip()
         else:
