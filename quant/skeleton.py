@@ -44,6 +44,11 @@ def shard_files(model_dir: Path, single: str = SINGLE) -> list[Path]:
         return [model_dir / f for f in dict.fromkeys(weight_map.values())]
     if (model_dir / single).is_file():
         return [model_dir / single]
+    if single == SINGLE and any(model_dir.glob("pytorch_model*.bin")):
+        raise ModelError(f"{model_dir} holds PyTorch .bin weights, which lowmem cannot read one tensor at a "
+                         f"time; write a safetensors copy once (it loads the whole model into RAM): python -c "
+                         f"\"from transformers import AutoModelForCausalLM as M; "
+                         f"M.from_pretrained('{model_dir}', dtype='auto').save_pretrained('{model_dir}-st')\"")
     raise ModelError(f"{model_dir}: no {single} or {index.name}; expected a Hugging Face safetensors model")
 
 

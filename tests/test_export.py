@@ -674,3 +674,25 @@ def test_an_export_that_fails_on_its_second_output_removes_the_first(tmp_path, t
     with pytest.raises(OSError, match="No space left"):
         export_run(run, merged=tmp_path / "m", quantized=tmp_path / "q", log=lambda m: None)
     assert not (tmp_path / "m").exists() and not (tmp_path / "q").exists()
+
+
+def test_a_bin_checkpoint_is_refused_with_a_conversion_that_works(tmp_path):
+    """Streamed export reads safetensors one tensor at a time; a PyTorch .bin folder gets the
+    one-time command that writes a safetensors copy, and that copy is read."""
+    import shlex
+    import subprocess
+    import sys
+
+    from lowmem.quant.skeleton import read_tensors, shard_files
+
+    model = tiny_llama(seed=1)
+    model.config.save_pretrained(tmp_path / "old")
+    torch.save(model.state_dict(), tmp_path / "old" / "pytorch_model.bin")
+    with pytest.raises(ModelError, match="holds PyTorch .bin weights") as refused:
+        shard_files(tmp_path / "old")
+    command = str(refused.value).split("into RAM): ", 1)[1]
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", "-c"]
+    subprocess.run([sys.executable, "-c", argv[2]], check=True, capture_output=True)
+    tensors = dict(read_tensors(shard_files(tmp_path / "old-st")))
+    assert torch.equal(tensors["model.embed_tokens.weight"], model.model.embed_tokens.weight)
