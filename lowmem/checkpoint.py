@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import yaml
 
-from lowmem.errors import CheckpointError
+from lowmem.errors import CheckpointError, ModelError
 from lowmem.events import LOCK, this_host
 
 CHECKPOINTS = "checkpoints"
@@ -258,8 +258,6 @@ def load_checkpoint(folder: Path) -> dict[str, Any]:
 def run_identity(run_dir: Path) -> tuple[str, str]:
     """(model reference, method) of a run directory, read from its config.yaml and plan.yaml;
     ModelError naming the file that is missing, unreadable or lacks the key."""
-    from lowmem.errors import ModelError
-
     def read(name: str, key: str) -> str:
         path = Path(run_dir) / name
         try:

@@ -150,19 +150,33 @@ def trainer_may_hold(run_dir: Path) -> bool:
     trainer, or one on this host that has ended. A trainer on another host (shared storage)
     cannot be checked from here, so it may. Reads the lock file only: taking the lock, even
     for a moment, could refuse a trainer starting at that instant."""
-    import psutil
-
     try:
         words = (Path(run_dir) / LOCK).read_text().split()
     except OSError:
         return False
     if len(words) != 4 or words[0] != "pid" or not words[1].isdigit():
         return False
-    if words[3] != this_host():
+    return words[3] != this_host() or trainer_alive(int(words[1]), None)
+
+
+# A process whose creation time is later than this after the `start` event is a
+# different process that reused the pid, not our trainer.
+_PID_REUSE_SLACK_S = 5.0
+
+
+def trainer_alive(pid: int, started_t: float | None) -> bool:
+    """Whether the trainer with this pid (that wrote a `start` event at `started_t`, when
+    known) still runs on this host."""
+    import psutil
+
+    try:
+        proc = psutil.Process(int(pid))
+        if proc.status() == psutil.STATUS_ZOMBIE:   # exited, not yet reaped by `lowmem train`
+            return False
+        if started_t is not None and proc.create_time() > started_t + _PID_REUSE_SLACK_S:
+            return False
         return True
-    try:   # a trainer that exited but is not yet reaped by `lowmem train` is a zombie: gone
-        return psutil.Process(int(words[1])).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
+    except (psutil.NoSuchProcess, ValueError, TypeError):
         return False
     except psutil.AccessDenied:
         return True

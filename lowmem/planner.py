@@ -522,8 +522,6 @@ def _search(config: Any, spec: ModelSpec, pinned: set[str], device: str) -> _Out
         assert level_any is not None
         if smallest_any is None or level_any.breakdown.total < smallest_any.breakdown.total:
             smallest_any = level_any
-        if chosen is not None:
-            break
         if level_smallest is not None and (smallest is None or
                                            level_smallest.breakdown.total < smallest.breakdown.total):
             smallest = level_smallest

@@ -662,14 +662,14 @@ def export_run(run_dir: Path, *, quantized: Path | None = None, dequantized: Pat
         log(f"{run_dir} has not finished: exporting its checkpoint {folder.parent.name}")
     if merged is not None and method == "l4q":
         raise ValueError("an L4Q model is exported quantized or dequantized, not merged unquantized")
+    model_dir = resolve_model_dir(model_ref, log)
     written: list[Path] = []
     try:
         if merged is not None:
-            written.append(merge_streamed(resolve_model_dir(model_ref, log), folder, merged, dtype=dtype, log=log))
+            written.append(merge_streamed(model_dir, folder, merged, dtype=dtype, log=log))
             log(f"merged model (Hugging Face, {_name(dtype)}) written to {merged}")
         if quantized is not None or dequantized is not None:
             updates, bits, group, how = run_updates(folder, method, bits, group)
-            model_dir = resolve_model_dir(model_ref, log)
             source = {"run": str(run_dir), "method": method, "quantizer": how}
             if quantized is not None:
                 written.append(quantize_streamed(model_dir, updates, quantized, bits=bits, group=group,

@@ -11,18 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import yaml
 
 from lowmem.errors import LowmemError
-from lowmem.events import EVENTS_FILE, read_jsonl_tail, this_host, trainer_may_hold
+from lowmem.events import EVENTS_FILE, read_jsonl_tail, this_host, trainer_alive, trainer_may_hold
 
 CONFIG_FILE = "config.yaml"
 PLAN_FILE = "plan.yaml"
 
-# A process whose creation time is later than this after the `start` event is a
-# different process that reused the pid, not our trainer.
-_PID_REUSE_SLACK_S = 5.0
 # How long a reader waits for a run without a `start` event to be taken by a trainer before
 # it concludes none will come (a trainer launched with the dashboard imports torch first).
 START_GRACE_S = 30.0
@@ -42,21 +38,6 @@ def check_run_dir(run_dir: str | Path, *, require_run_files: bool = False) -> Pa
         raise LowmemError(f"{path} is not a run directory: it has no {EVENTS_FILE}, "
                           f"{CONFIG_FILE} or {PLAN_FILE}")
     return path
-
-
-def trainer_alive(pid: int, started_t: float | None) -> bool:
-    """Whether the trainer that wrote a `start` event with this pid still runs on this host."""
-    try:
-        proc = psutil.Process(int(pid))
-        if proc.status() == psutil.STATUS_ZOMBIE:   # exited, not yet reaped by `lowmem train`
-            return False
-        if started_t is not None and proc.create_time() > started_t + _PID_REUSE_SLACK_S:
-            return False
-        return True
-    except (psutil.NoSuchProcess, ValueError, TypeError):
-        return False
-    except psutil.AccessDenied:
-        return True
 
 
 @dataclass

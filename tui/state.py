@@ -61,10 +61,9 @@ class RunState:
         self.events_read += 1
         kind = event.get("kind")
         if is_history(event, self.since) and kind not in ("step", "eval"):
-            # An earlier session's: its losses still chart, its start, end or pause say nothing now.
-            self.log.append(event)
-            del self.log[:-MAX_LOG]
-            return
+            # An earlier session's: its losses still chart, its start, end or pause say nothing
+            # now; it is only logged.
+            kind = None
         if kind == "step":
             step = event.get("step")
             self.last_step = event

@@ -32,9 +32,10 @@ def register(sub) -> None:
                    help="continue a stopped run exactly from its newest valid checkpoint (a run stopped "
                         "before its first checkpoint starts over); steps=N trains it longer, its "
                         "learning-rate schedule stretched to the new length")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit (before planning: with --vram, "
-                        "`lowmem plan` shows the method and settings the planner picks, and an unset lr "
-                        "follows that method)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config and exit (before planning: with --vram, `lowmem plan` "
+                        "shows the method and settings the planner picks, and an unset lr follows that "
+                        "method)")
     p.add_argument("--no-tui", action="store_true",
                    help="plain progress lines instead of the dashboard (the default when stdout "
                         "is not a terminal, or CI is set)")
