@@ -146,7 +146,7 @@ def comparisons() -> list[dict]:
     # rank 1024, batch 16, activation checkpointing, seq 256 (the C4 scripts' max length): 22.8G.
     # Pre-training on fixed-length C4 chunks: no padding.
     b, _ = _plan("llama-7b", "galore", seq_len=256, micro_batch=16, optimizer="galore-adamw8bit",
-                 optimizer_state_bits=8, galore_rank=1024, galore_per_layer=True, padding_mask=False)
+                 optimizer_state_bits=8, galore_rank=1024, galore_per_layer=True, masked_attention=False)
     add("GaLore paper / repo", "LLaMA-7B 8-bit GaLore r1024 per-layer, batch 16 x 256, ckpt", 22.8,
         "22.8G (README; 'fits 24 GB RTX 4090')", b,
         "unit of '22.8G' unstated; read as GiB (torch's allocator reports GiB)", "galore" in methods)
@@ -181,15 +181,15 @@ def comparisons() -> list[dict]:
     # Packed sequences: no padding mask.
     tt_targets = ("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     b, _ = _plan("llama-3.1-8b", "lora", seq_len=2048, micro_batch=2, rank=8, targets=tt_targets, chunk=512,
-                 padding_mask=False)
+                 masked_attention=False)
     add("torchtune", "Llama-3.1-8B LoRA r8, batch 2 x 2048, ckpt, chunked CE", 16.2, "16.2 GiB", b,
         "torch memory stats: set against our allocated", True, kind="torch")
     b, _ = _plan("llama-3.1-8b", "qlora", seq_len=2048, micro_batch=2, rank=8, targets=tt_targets, chunk=512,
-                 padding_mask=False)
+                 masked_attention=False)
     add("torchtune", "Llama-3.1-8B QLoRA r8, batch 2 x 2048, ckpt, chunked CE", 7.4, "7.4 GiB", b,
         "torch memory stats: set against our allocated", "qlora" in methods, kind="torch")
     b, _ = _plan("llama-3.1-8b", "full", seq_len=2048, micro_batch=2, chunk=512, optimizer="adamw8bit",
-                 optimizer_state_bits=8, padding_mask=False)
+                 optimizer_state_bits=8, masked_attention=False)
     add("torchtune", "Llama-3.1-8B full, 8-bit AdamW, batch 2 x 2048, ckpt, chunked CE", 18.9, "18.9 GiB",
         b, "theirs: paged 8-bit AdamW + optimizer step in backward (gradients freed at once); "
         "no lowmem plan does that for full training", "full" in methods, kind="other")

@@ -191,8 +191,8 @@ class RunConfig:
     loss_chunk: int = field(default=0, metadata=_key(
         "tokens per loss chunk: logits of one chunk at a time; 0 = all at once", min=0, unit="tokens"))
     packing: bool = field(default=False, metadata=_key(
-        "pack several examples into each sequence (fewer pad tokens; an example can attend to the "
-        "ones before it in its sequence, as no block mask is built)"))
+        "pack several examples into each sequence: fewer pad tokens; each example still attends "
+        "only to itself, through a block-diagonal mask the plan counts (a batch × seq² mask per layer)"))
     eval_every: int = field(default=0, metadata=_key("held-out eval every N steps; 0 = only before and after", min=0))
     eval_max_examples: int = field(default=0, metadata=_key("cap on held-out examples; 0 = all", min=0))
     eval_generate: bool = field(default=True, metadata=_key("also generate answers and score exact match"))

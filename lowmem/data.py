@@ -34,6 +34,7 @@ class Example:
     labels: tuple[int, ...]
     prompt: tuple[dict, ...] | None = None   # chat messages before the final answer (for generation)
     answer: str | None = None                # the final assistant message (for exact match)
+    segments: tuple[int, ...] = ()           # packed: the lengths of the examples it holds, in order
 
 
 # ---------------------------------------------------------------- reading records
@@ -201,18 +202,21 @@ def fingerprint(examples: list[Example]) -> str:
 def pack(examples: list[Example], seq_len: int) -> list[Example]:
     """Concatenate examples into sequences of at most seq_len tokens (greedy, in order).
 
-    Packed examples attend across their boundaries; that is the usual trade for
-    fewer padding tokens, and is why packing is off by default.
+    Each packed sequence keeps its examples' lengths (`segments`): `collate`
+    restarts the positions at each one, and the model then attends within an
+    example only (see `decoder_inputs`). Each example's first token is no target,
+    as it is not when the example trains alone: nothing of it comes before.
     """
-    packed, ids, labels = [], [], []
+    packed, ids, labels, segments = [], [], [], []
     for ex in examples:
         if ids and len(ids) + len(ex.input_ids) > seq_len:
-            packed.append(Example(tuple(ids), tuple(labels)))
-            ids, labels = [], []
+            packed.append(Example(tuple(ids), tuple(labels), segments=tuple(segments)))
+            ids, labels, segments = [], [], []
         ids += ex.input_ids
-        labels += ex.labels
+        labels += (IGNORE,) + ex.labels[1:]
+        segments.append(len(ex.input_ids))
     if ids:
-        packed.append(Example(tuple(ids), tuple(labels)))
+        packed.append(Example(tuple(ids), tuple(labels), segments=tuple(segments)))
     return packed
 
 
@@ -260,7 +264,8 @@ def load_datasets(config, tokenizer) -> Datasets:
 # ---------------------------------------------------------------- batching
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids, attention_mask and labels."""
+    """Right-padded input_ids, attention_mask and labels; with packed examples, also
+    position_ids that restart at each packed example (and run on through the padding)."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -270,7 +275,29 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if any(len(e.segments) > 1 for e in examples):
+        positions = torch.empty((len(examples), width), dtype=torch.long)
+        for i, e in enumerate(examples):
+            lengths = list(e.segments or (len(e.input_ids),))
+            lengths[-1] += width - len(e.input_ids)   # the padding continues the last example
+            positions[i] = torch.cat([torch.arange(n) for n in lengths])
+        batch["position_ids"] = positions
+    return batch
+
+
+def decoder_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a decoder takes from a collated batch.
+
+    No attention mask: batches are right-padded, so a real token never sees a
+    pad (pads only follow it), and without a mask SDPA takes its causal path; no
+    batch × seq² mask is built and saved in every block. Packed batches pass
+    `position_ids` instead; transformers reads each restart as the start of a new
+    sequence and masks attention to block-diagonal (a mask the planner counts).
+    """
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    return {"input_ids": batch["input_ids"]}
 
 
 class BatchStream:

@@ -123,6 +123,7 @@ def align(model: nn.Module, batches: Iterable[dict[str, torch.Tensor] | torch.Te
     paper aligns once, offline, so that the small model's knowledge matches the
     large one it stands in for. Leaves every parameter frozen afterwards.
     """
+    from lowmem.data import decoder_inputs
     from lowmem.loss import causal_lm_loss
 
     if subset not in ALIGN_SUBSETS:
@@ -156,8 +157,7 @@ def align(model: nn.Module, batches: Iterable[dict[str, torch.Tensor] | torch.Te
             if isinstance(batch, torch.Tensor):
                 batch = {"input_ids": batch, "attention_mask": torch.ones_like(batch), "labels": batch}
             batch = {k: v.to(device) for k, v in batch.items()}
-            hidden = model.get_decoder()(input_ids=batch["input_ids"],
-                                         attention_mask=batch["attention_mask"]).last_hidden_state
+            hidden = model.get_decoder()(**decoder_inputs(batch)).last_hidden_state
             loss = causal_lm_loss(hidden, model.get_output_embeddings().weight, batch["labels"])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))

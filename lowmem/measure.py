@@ -44,12 +44,18 @@ INIT_STD = 0.02   # the Llama initializer's; any finite values would do
 
 
 class FixedBatch:
-    """A BatchStream stand-in: one random full-length batch, every time."""
+    """A BatchStream stand-in: one random full-length batch, every time; `packed`, each row
+    holds two examples, as lowmem.data.collate gives packed ones (and the model masks them)."""
 
-    def __init__(self, vocab: int, micro_batch: int, seq_len: int, seed: int = 0):
+    def __init__(self, vocab: int, micro_batch: int, seq_len: int, seed: int = 0, packed: bool = False):
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, vocab, (micro_batch, seq_len), generator=g)
         self.batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+        if packed and seq_len > 1:
+            half = seq_len // 2
+            self.batch["position_ids"] = torch.cat([torch.arange(half), torch.arange(seq_len - half)]).repeat(
+                micro_batch, 1)
+            self.batch["labels"][:, half] = -100
 
     def next(self) -> dict[str, torch.Tensor]:
         return self.batch
@@ -301,7 +307,7 @@ def measure(spec: ModelSpec, plan: Plan, config: RunConfig, steps: int = 3, cap:
     model.train()
     optimizer = build_optimizer(trainable_parameters(model), plan, config)
     offload = OffloadActivations(device=plan.device) if plan.offload_activations else None
-    stream = FixedBatch(spec.vocab, plan.micro_batch, plan.seq_len, config.seed)
+    stream = FixedBatch(spec.vocab, plan.micro_batch, plan.seq_len, config.seed, packed=plan.masked_attention)
     tracker = None if cuda else LiveTensorBytes(device.type)
     pinned_start = None
     if cuda:

@@ -20,9 +20,9 @@ Where the numbers come from:
   q, k, v, the output and a log-sum-exp per head and token, never the S×S
   score matrix). The per-op list below was read off
   `torch.autograd.graph.saved_tensors_hooks` on the CPU and is checked against
-  it in tests/test_memory.py. It assumes no attention mask tensor is passed
-  (causal, right-padded batches); a padding mask makes PyTorch fall back to the
-  math kernel, which does materialise B·H·S² scores.
+  it in tests/test_memory.py. Right-padded batches pass no attention mask
+  (causal); packed batches do (block-diagonal, `masked_attention`), which costs
+  a mask per block and k, v expanded to every head (see mask_saved_bytes).
 * Transient buffers (loss backward, dequantized weights, one block's
   backward) are upper estimates from the ops involved, stated per function.
 * CUDA context and allocator overhead are constants from the literature, NOT
@@ -482,29 +482,29 @@ def norm_saved_bytes(hidden: int, c: int, weight_trainable: bool) -> int:
     return sum(norm_saved_tensors(hidden, c, weight_trainable))
 
 
-def attention_saved_tensors(block: BlockShape, head_dim: int, c: int, padding_mask: bool = False) -> list[int]:
+def attention_saved_tensors(block: BlockShape, head_dim: int, c: int, masked_attention: bool = False) -> list[int]:
     """Per token, the tensors SDPA attention saves (flash / memory-efficient kernel).
 
         c·H·d, c·K·d, c·K·d, c·H·d, 4·H     q, k, v (K heads: GQA is passed to the
                                             kernel unexpanded), the output, an fp32
                                             log-sum-exp per head
-        with a padding mask:                k and v are expanded to H heads first
+        with masked attention:              k and v are expanded to H heads first
                                             (transformers only uses SDPA's GQA without
                                             a mask): K → H
 
     q and k are the rotated copies (RoPE makes new tensors); o_proj's input is
     the attention output itself. No S×S matrix (see mask_saved_bytes for the mask).
     """
-    kv_heads = block.heads if padding_mask else block.kv_heads
+    kv_heads = block.heads if masked_attention else block.kv_heads
     q, kv = c * block.heads * head_dim, c * kv_heads * head_dim
     return [q, kv, kv, q, 4 * block.heads]
 
 
 def mask_saved_bytes(plan: Any) -> int:
-    """Per block, with a padding mask: SDPA converts the boolean (B, 1, S, S) mask
-    into an additive one in the compute dtype and saves it, c·B·S².
-    0 without a mask (causal, right-padded batches need none)."""
-    if not _get(plan, "padding_mask", False):
+    """Per block, with masked attention (packed batches): SDPA converts the boolean
+    (B, 1, S, S) block-diagonal mask into an additive one in the compute dtype and
+    saves it, c·B·S². 0 without a mask (causal, right-padded batches need none)."""
+    if not _get(plan, "masked_attention", False):
         return 0
     return compute_bytes(plan) * plan.micro_batch * plan.seq_len ** 2
 
@@ -558,7 +558,7 @@ def block_saved_tensors(spec: ModelSpec, block: BlockShape, plan: Any, first: bo
 
     out = [] if (first and not full) else norm_saved_tensors(h, c, full)
     out += read_for_grad({"q_proj", "k_proj", "v_proj"})
-    out += attention_saved_tensors(block, spec.head_dim, c, _get(plan, "padding_mask", False))
+    out += attention_saved_tensors(block, spec.head_dim, c, _get(plan, "masked_attention", False))
     out += norm_saved_tensors(h, c, full) + read_for_grad({"gate_proj", "up_proj"})
     out += mlp_saved_tensors(block, c, product_saved=bool(read_for_grad({"down_proj"})))
     if targets and plan.method != "l4q":  # L4Q merges B·A into the weight: no x·Aᵀ to keep
@@ -581,8 +581,9 @@ def decoder_saved_tensors(spec: ModelSpec, plan: Any) -> list[int]:
 
     Without checkpointing:
         N · block_saved_tensors, for each block
-        mask_saved_bytes            a block, with a padding mask
-        S·d·c, S·d·c                RoPE cos and sin (shared by all blocks)
+        mask_saved_bytes            a block, with masked attention (packing)
+        S·d·c, S·d·c                RoPE cos and sin (shared by all blocks; packed
+                                    batches: B·S·d·c each, as positions differ by row)
         8·N                         token ids (embedding gradient, full training only)
         N · norm_saved_tensors      the final norm
         c·r·in, c·out·r             under bf16 compute, LoRA's copies of A and B for
@@ -606,9 +607,10 @@ def decoder_saved_tensors(spec: ModelSpec, plan: Any) -> list[int]:
             out += [n * t for t in block_saved_tensors(spec, block, plan, first=True)]
             count -= 1
         out += [n * t for t in block_saved_tensors(spec, block, plan)] * count
-    if _get(plan, "padding_mask", False):
+    if _get(plan, "masked_attention", False):
         out += [mask_saved_bytes(plan)] * spec.layers
-    out += [plan.seq_len * spec.head_dim * c] * 2
+    rows = plan.micro_batch if _get(plan, "masked_attention", False) else 1   # packed: positions per row
+    out += [rows * plan.seq_len * spec.head_dim * c] * 2
     targets = set(_targets(plan)) if _is_adapter(plan) else set()
     copies = c != 4 and plan.method != "l4q"   # `.to(float32)` of an fp32 parameter is itself
     group = _get(plan, "quant_group", 128)

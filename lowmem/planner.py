@@ -124,8 +124,8 @@ class Plan:
     galore_embeddings: bool = False  # GaLore: project embeddings and head too (else 8-bit AdamW)
     offload_activations: bool = False  # saved activations to pinned CPU memory
     loss_chunk: int = 0              # tokens per loss chunk; 0 = whole logits at once
-    padding_mask: bool = False       # batches carry a padding mask into attention (the trainer's are
-                                     # right-padded and need none; see memory.mask_saved_bytes)
+    masked_attention: bool = False   # batches carry a mask into attention: packed sequences attend
+                                     # within their examples (memory.mask_saved_bytes); padded ones need none
     safety_margin: float = 0.0       # share of vram (and host_ram) kept free
     host_ram: int | None = None      # host RAM the offloaded activations may pin, bytes
     context_bytes: int | None = None # CUDA context as measured by a run on this machine's GPU
@@ -244,6 +244,7 @@ def plan_from_config(config: RunConfig) -> Plan:
         galore_embeddings=config.galore.embeddings if galore else False,
         offload_activations=config.offload,
         loss_chunk=config.loss_chunk,
+        masked_attention=config.packing,
     )
 
 
@@ -439,6 +440,7 @@ def _build(config: Any, spec: ModelSpec, device: str, level: _Level, variant: di
         galore_rank=int(_config_value(config, "galore.rank", 0) or max(1, spec.hidden // 4)) if galore else None,
         galore_per_layer=bool(_config_value(config, "galore.per_layer", True)) if galore else False,
         galore_embeddings=bool(_config_value(config, "galore.embeddings", False)) if galore else False,
+        masked_attention=bool(_config_value(config, "packing", False)),
         safety_margin=margin,
         host_ram=host,
         **variant,

@@ -41,6 +41,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from lowmem.data import decoder_inputs
 from lowmem.spec import layer_ratio_list
 
 CRITERIA = ("taylor", "magnitude")
@@ -249,7 +250,7 @@ def importance(model: nn.Module, criterion: str = "taylor",
         device = linears[0].weight.device
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
-            hidden = model.get_decoder()(input_ids=batch["input_ids"]).last_hidden_state
+            hidden = model.get_decoder()(**decoder_inputs(batch)).last_hidden_state
             labels = batch.get("labels", batch["input_ids"])
             loss = causal_lm_loss(hidden, model.get_output_embeddings().weight, labels, reduction="sum",
                                   chunk_size=loss_chunk)
@@ -506,7 +507,7 @@ def _block_inputs(decoder: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[t
     decoder.layers = nn.ModuleList(_Recorder(b, calls) for b in blocks)
     try:
         with torch.no_grad():
-            decoder(input_ids=batch["input_ids"], use_cache=False)   # right-padded: no mask (see importance)
+            decoder(**decoder_inputs(batch), use_cache=False)   # right-padded: no mask (see decoder_inputs)
     finally:
         decoder.layers = blocks
     if len(calls) != len(blocks):

@@ -33,7 +33,7 @@ from lowmem import memstats
 from lowmem.checkpoint import (RunLock, checkpoint_step, find_resumable, list_checkpoints, load_checkpoint,
                                save_checkpoint, set_aside_damaged, set_rng_state)
 from lowmem.config import RunConfig, format_size
-from lowmem.data import BatchStream, fingerprint, load_datasets
+from lowmem.data import BatchStream, decoder_inputs, fingerprint, load_datasets
 from lowmem.errors import CheckpointError, ConfigError, DataError, DivergedError, ModelError
 from lowmem.evaluate import autocast_for, evaluate
 from lowmem.events import ControlReader, EventLog, this_host
@@ -500,11 +500,7 @@ def train_step(model, optimizer, stream: BatchStream, plan: Plan, config: RunCon
                offload: OffloadActivations | None = None) -> tuple[float, float, int]:
     """One optimizer step over `plan.grad_accum` micro-batches; returns (loss, grad norm, tokens).
 
-    No attention mask goes into the model: batches are right-padded, so a real
-    token never sees a pad (pads only follow it) and positions are 0..n either
-    way; without a mask SDPA takes its causal path and no batch × seq² mask is
-    built and saved for backward in every block.
-
+    The model gets `decoder_inputs` (no attention mask but for packed batches).
     A `per_layer` optimizer (GaLore) applies each tensor's update inside
     backward, on the last micro-batch, and clips per tensor; the lr is set
     before backward for it. Others step after backward, clipped globally, and
@@ -524,7 +520,7 @@ def train_step(model, optimizer, stream: BatchStream, plan: Plan, config: RunCon
             optimizer.begin_micro_batch(i, len(batches))
         with autocast_for(device):
             with offload if offload is not None else contextlib.nullcontext():
-                hidden = decoder(input_ids=batch["input_ids"]).last_hidden_state
+                hidden = decoder(**decoder_inputs(batch)).last_hidden_state
             loss = causal_lm_loss(hidden, head.weight, batch["labels"], reduction="sum",
                                   chunk_size=plan.loss_chunk) / max(targets, 1)
         loss.backward()

@@ -99,6 +99,22 @@ def test_packing_fills_sequences_without_exceeding_seq_len(tokenizer, tiny_chat_
     assert sum(len(p.input_ids) for p in packed) == sum(len(e.input_ids) for e in examples)
 
 
+def test_packed_examples_restart_their_positions_and_do_not_predict_across_a_boundary():
+    from lowmem.data import Example, collate
+
+    a, b, c = (Example(tuple(range(10 * k, 10 * k + n)), tuple(range(10 * k, 10 * k + n))) for k, n in
+               ((1, 3), (2, 4), (3, 5)))
+    packed = pack([a, b, c], 8)
+    assert [p.segments for p in packed] == [(3, 4), (5,)]
+    assert packed[0].input_ids == a.input_ids + b.input_ids
+    # b's first token is no target: nothing of b comes before it, as when b trains alone.
+    assert packed[0].labels == (IGNORE, 11, 12, IGNORE, 21, 22, 23)
+    batch = collate(packed, pad_id=0)
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6]]
+    assert batch["attention_mask"].tolist() == [[1] * 7, [1] * 5 + [0] * 2]
+    assert "position_ids" not in collate([a, b], pad_id=0)   # unpacked: causal, no positions needed
+
+
 def test_batch_stream_resumes_at_the_same_position(tokenizer, tiny_chat_data):
     examples, _, _ = build_examples(read_records(tiny_chat_data), tokenizer, 64)
     first = BatchStream(examples, 5, seed=3, pad_id=0)

@@ -99,6 +99,8 @@ CASES = [
     ("galore", "grad_checkpointing=true", "loss_chunk=64"),
     ("full", "grad_checkpointing=false", "loss_chunk=64"),
     ("full", "grad_accum=2"),
+    ("lora", "packing=true", "grad_checkpointing=false"),   # a block-diagonal mask in every block
+    ("full", "packing=true", "grad_checkpointing=true"),
 ]
 
 
@@ -230,6 +232,7 @@ def uncapped_afterwards():
     ("loram", ("loram.ratio=0.5",)),
     ("galore", ("grad_checkpointing=true",)),
     ("lora", ("offload=true", "grad_checkpointing=true")),
+    ("lora", ("packing=true",)),
 ])
 def test_on_cuda_the_memory_model_predicts_max_memory_allocated(method, settings):
     """The issue-3 check, per method: predicted allocated peak vs torch.cuda.max_memory_allocated()

@@ -58,11 +58,12 @@ def count_step(model: torch.nn.Module, plan: Plan, seed: int = 0) -> dict[str, i
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (plan.micro_batch, plan.seq_len))
     labels = ids.clone()
-    mask = None
-    if plan.padding_mask:  # a right-padded batch, as the trainer's collate makes it
-        mask = torch.ones_like(ids)
-        mask[-1, plan.seq_len * 2 // 3:] = 0
-        labels[mask == 0] = -100
+    inputs = {"input_ids": ids}
+    if plan.masked_attention:  # packed rows, as the trainer's collate makes them: a second example from S/3
+        cut = plan.seq_len // 3
+        positions = torch.cat([torch.arange(cut), torch.arange(plan.seq_len - cut)])
+        inputs["position_ids"] = positions.repeat(plan.micro_batch, 1)
+        labels[:, cut] = -100
     param_storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -76,7 +77,7 @@ def count_step(model: torch.nn.Module, plan: Plan, seed: int = 0) -> dict[str, i
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        hidden = model.model(**inputs).last_hidden_state
         chunk = {"chunk_size": plan.loss_chunk} if plan.loss_chunk else {}
         # As the trainer calls it: summed, then divided by the number of targets.
         loss = causal_lm_loss(hidden, model.lm_head.weight, labels, reduction="sum", **chunk) / 100
@@ -139,17 +140,24 @@ def test_bf16_prediction_matches_counted_bytes(method):
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_without_a_padding_mask_attention_saves_no_mask_and_unexpanded_kv(method):
+def test_packed_batches_save_a_mask_per_block_and_expanded_kv_which_padded_ones_do_not(method):
     config = tiny_config(tied=False)
     spec = from_hf_config(config.to_dict())
-    plan = dataclasses.replace(cpu_plan(method, micro_batch=2, seq_len=24), padding_mask=False)
+    plan = cpu_plan(method, micro_batch=2, seq_len=24)
+    assert not plan.masked_attention
     counted = count_step(build(config, plan), plan)
     assert_close(predicted(spec, plan), counted)
-    masked = dataclasses.replace(plan, padding_mask=True)
+    packed = plan_from_config(RunConfig(method=method, device="cpu", micro_batch=2, seq_len=24, packing=True,
+                                        lora=LoraConfig(rank=8, alpha=16.0)))
+    assert packed.masked_attention
+    packed_counted = count_step(build(config, packed), packed)
+    assert_close(predicted(spec, packed), packed_counted)
     n, b = plan.micro_batch * plan.seq_len, spec.block_groups()[0][1]
-    extra = spec.layers * (4 * plan.micro_batch * plan.seq_len ** 2               # the additive masks
-                           + n * 4 * 2 * (b.heads - b.kv_heads) * spec.head_dim)  # k, v expanded
-    assert memory.saved_activation_bytes(spec, masked) - counted["saved"] == extra
+    extra = (spec.layers * (4 * plan.micro_batch * plan.seq_len ** 2               # the additive masks
+                            + n * 4 * 2 * (b.heads - b.kv_heads) * spec.head_dim)  # k, v expanded
+             + 2 * (plan.micro_batch - 1) * plan.seq_len * spec.head_dim * 4)      # RoPE tables per row
+    assert packed_counted["saved"] - counted["saved"] == extra
+    assert memory.saved_activation_bytes(spec, packed) - memory.saved_activation_bytes(spec, plan) == extra
 
 
 @pytest.mark.parametrize("method,ckpt", [("full", False), ("lora", False), ("full", True)])

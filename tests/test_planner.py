@@ -600,3 +600,23 @@ def test_a_galore_rank_as_large_as_the_model_is_refused(every_method):
         make_plan(config(method="galore", galore=GaloreConfig(rank=5000)), spec, {"method"}, device="cuda")
     plan = make_plan(config(method="galore", galore=GaloreConfig(rank=64)), spec, {"method"}, device="cuda")
     assert plan.galore_rank == 64
+
+
+def test_packing_is_planned_with_the_memory_its_attention_mask_takes(capsys):
+    """Packed batches attend through a block-diagonal mask: a budget that fits the padded
+    plan with a large micro-batch gives the packed one a smaller micro-batch (or checkpointing)."""
+    spec = builtin_spec("llama-3.1-8b")
+    for cfg in (config(vram=parse_size("44G"), method="lora", seq_len=4096),
+                config(vram=None, method="lora", seq_len=4096, device="cpu")):
+        padded = make_plan(cfg, spec, {"method"}, device="cuda")
+        packed = make_plan(cfg.replace(packing=True), spec, {"method"}, device="cuda")
+        assert packed.masked_attention and not padded.masked_attention
+        assert Plan.from_dict(packed.to_dict()).masked_attention
+        if cfg.vram is None:   # the same knobs, the mask on top
+            assert packed.breakdown.activations > padded.breakdown.activations
+        else:
+            assert packed.tokens_per_step == padded.tokens_per_step
+            assert (packed.micro_batch, packed.grad_checkpointing) != (padded.micro_batch, padded.grad_checkpointing)
+            assert packed.breakdown.total <= packed.usable
+    code, out = run_plan(["--model", "llama-3.1-8b", "--vram", "44G", "packing=true"], capsys)
+    assert code == 0 and "packed (a block-diagonal attention mask per layer)" in out

@@ -38,8 +38,9 @@ def _losses(run_dir):
     return [e["loss"] for e in read_events(run_dir) if e["kind"] == "step"]
 
 
-def test_resume_continues_the_loss_sequence_exactly(tmp_path, tiny_model_dir, tiny_chat_data):
-    config = _config(tiny_model_dir, tiny_chat_data, tmp_path)
+@pytest.mark.parametrize("packing", [False, True])
+def test_resume_continues_the_loss_sequence_exactly(tmp_path, tiny_model_dir, tiny_chat_data, packing):
+    config = _config(tiny_model_dir, tiny_chat_data, tmp_path, packing=packing)
     train(*_start(config, "straight"), out=lambda m: None)
 
     config_b, plan_b, run_b = _start(config, "stopped")
@@ -211,6 +212,42 @@ def test_accumulation_gives_the_same_step_as_one_large_batch(tmp_path, tiny_mode
     for (loss_a, norm_a), (loss_b, norm_b) in zip(*results):
         assert loss_a == pytest.approx(loss_b, rel=1e-5)
         assert norm_a == pytest.approx(norm_b, rel=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_packed_examples_train_as_they_would_alone(family):
+    """Loss and gradient of a packed sequence are those of its examples in a padded batch:
+    positions restart and attention stays within each example (mistral: a sliding window)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lowmem.config import RunConfig
+    from lowmem.data import BatchStream, Example, collate, pack
+    from lowmem.loss import causal_lm_loss
+    from lowmem.trainer import train_step
+
+    extra = {"sliding_window": 4} if family == "mistral" else {}
+    hf = AutoConfig.for_model(family, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                              initializer_range=0.2, use_cache=False, attn_implementation="sdpa", **extra)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(hf)
+    g = torch.Generator().manual_seed(1)
+    examples = [Example(tuple(ids), tuple(ids)) for ids in
+                (torch.randint(1, 64, (n,), generator=g).tolist() for n in (5, 9, 6))]
+    config = RunConfig(method="full", device="cpu", seq_len=32, max_grad_norm=0.0)
+    results = []
+    for examples_, micro_batch in ((examples, 3), (pack(examples, 32), 1)):
+        plan = plan_from_config(config.replace(micro_batch=micro_batch, grad_accum=1))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        loss, norm, _ = train_step(model, optimizer, BatchStream(examples_, micro_batch, 0, 0), plan, config, 0.0)
+        results.append((loss, norm))
+    (alone, alone_norm), (packed, packed_norm) = results
+    assert packed == pytest.approx(alone, rel=1e-5) and packed_norm == pytest.approx(alone_norm, rel=1e-4)
+    # Without the restarting positions the examples would see each other and the loss would differ.
+    batch = collate(pack(examples, 32), 0)
+    hidden = model.get_decoder()(input_ids=batch["input_ids"]).last_hidden_state
+    leaky = float(causal_lm_loss(hidden, model.get_output_embeddings().weight, batch["labels"]).detach())
+    assert abs(leaky - alone) > 1e-4 * alone   # ten times the tolerance of the match above
 
 
 def test_control_requests_are_obeyed_and_acknowledged(tmp_path, tiny_model_dir, tiny_chat_data):

@@ -288,7 +288,9 @@ def _plan_rows(plan: Plan, spec: ModelSpec, prepare: dict[str, Any] | None = Non
         opt += f", GaLore rank {plan.galore_rank}" + (", per-layer updates" if plan.galore_per_layer else "")
     rows.append(("optimizer", opt))
     rows.append(("batch", f"micro_batch {plan.micro_batch} x grad_accum {plan.grad_accum} x seq_len "
-                          f"{plan.seq_len} = {plan.tokens_per_step:,} tokens per step"))
+                          f"{plan.seq_len} = {plan.tokens_per_step:,} tokens per step"
+                          + (", packed (a block-diagonal attention mask per layer)" if plan.masked_attention
+                             else "")))
     rows.append(("memory savers", f"checkpointing {'on' if plan.grad_checkpointing else 'off'}, "
                                   f"offload {'on' if plan.offload_activations else 'off'}, "
                                   f"loss {'chunks of ' + str(plan.loss_chunk) if plan.loss_chunk else 'whole'}"))
