@@ -230,30 +230,48 @@ class Datasets:
     heldout_dropped: int = 0
 
 
-def load_datasets(config, tokenizer) -> Datasets:
-    """Train and held-out examples for a RunConfig."""
+def split_records(config) -> tuple[list, list]:
+    """(training records, held-out records) for a RunConfig, read and split, not tokenized."""
     if config.data == "embedded":
         train_path, heldout_path = embedded_paths()
-        train_records = read_records(train_path)
-        heldout_records = read_records(Path(config.eval_data) if config.eval_data else heldout_path)
-    else:
-        train_records = read_records(Path(config.data))
-        if config.eval_data:
-            heldout_records = read_records(Path(config.eval_data))
-        else:
-            # A fixed split: the same records are held out on every run with this seed.
-            order = list(range(len(train_records)))
-            random.Random(config.seed).shuffle(order)
-            n_held = int(len(order) * config.eval_fraction)
-            held = set(order[:n_held])
-            heldout_records = [r for i, r in enumerate(train_records) if i in held]
-            train_records = [r for i, r in enumerate(train_records) if i not in held]
+        return read_records(train_path), read_records(Path(config.eval_data) if config.eval_data else heldout_path)
+    train_records = read_records(Path(config.data))
+    if config.eval_data:
+        return train_records, read_records(Path(config.eval_data))
+    # A fixed split: the same records are held out on every run with this seed.
+    order = list(range(len(train_records)))
+    random.Random(config.seed).shuffle(order)
+    held = set(order[:int(len(order) * config.eval_fraction)])
+    return ([r for i, r in enumerate(train_records) if i not in held],
+            [r for i, r in enumerate(train_records) if i in held])
+
+
+def _nothing_to_learn(config, dropped: int) -> DataError:
+    why = (f": at seq_len={config.seq_len} the prompts fill every sequence, so no answer token "
+           f"is left to learn; raise seq_len" if dropped else "")
+    return DataError(f"{config.data}: no example has tokens to learn from{why}")
+
+
+def check_learnable(config, tokenizer, train_records: list) -> None:
+    """Raise the DataError training would raise when no training record has a token to
+    learn from. Tokenizes records only until the first that has one: on usable data that
+    is the first record, so a run can be refused before its directory exists at no cost."""
+    dropped = 0
+    for record in train_records:
+        examples, _, gone = build_examples([record], tokenizer, config.seq_len)
+        if examples:
+            return
+        dropped += gone
+    raise _nothing_to_learn(config, dropped)
+
+
+def load_datasets(config, tokenizer) -> Datasets:
+    """Train and held-out examples for a RunConfig."""
+    train_records, heldout_records = split_records(config)
     train, truncated, dropped = build_examples(train_records, tokenizer, config.seq_len)
     heldout, held_truncated, held_dropped = build_examples(heldout_records, tokenizer, config.seq_len)
     if not train:
-        why = (f": at seq_len={config.seq_len} the prompts fill every sequence, so no answer token "
-               f"is left to learn; raise seq_len" if dropped else "")
-        raise DataError(f"{config.data}: no example has tokens to learn from{why}")
+        raise _nothing_to_learn(config, dropped)
     if config.packing:
         train = pack(train, config.seq_len)
     if config.eval_max_examples:

@@ -30,7 +30,7 @@ def autocast_for(device: str):
 def heldout_loss(model, examples: list[Example], pad_id: int, device: str, batch_size: int = 16) -> float:
     """Mean next-token loss over every labelled token of the held-out examples.
 
-    Batches are right-padded, so no attention mask is needed (see trainer.train_step).
+    Batches are right-padded, so no attention mask is needed (see data.decoder_inputs).
     """
     was_training = model.training
     model.eval()

@@ -10,6 +10,7 @@ import yaml
 
 from lowmem.cli import main
 from lowmem.events import read_events
+from tests.conftest import write_jsonl
 
 
 def test_presets_lists_each_with_its_summary(capsys):
@@ -278,6 +279,19 @@ def test_a_model_folder_without_weights_is_refused_before_a_run_directory_exists
     assert main(["train", "--model", str(tmp_path), "--runs-dir", str(tmp_path / "runs"), "--no-tui"]) == 2
     assert "has a config.json but no weights" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_data_with_nothing_to_learn_at_this_seq_len_is_refused_before_a_run_directory_exists(
+        tmp_path, tiny_model_dir, capsys):
+    long_prompt = {"messages": [{"role": "user", "content": "word " * 80}, {"role": "assistant", "content": "ok"}]}
+    data = write_jsonl(tmp_path / "long.jsonl", [long_prompt] * 6)
+    argv = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--runs-dir", str(tmp_path / "runs"),
+            "--no-tui", "--no-eval-generate", "steps=1", "micro_batch=2"]
+    assert main([*argv, "seq_len=32"]) == 2
+    assert "no example has tokens to learn from: at seq_len=32 the prompts fill every sequence" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    assert main([*argv, "seq_len=160"]) == 0   # the same data, with room for the answers
 
 
 def test_l4q_with_adapter_dropout_is_refused_before_a_run_directory_exists(tmp_path, capsys):

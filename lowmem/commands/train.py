@@ -74,15 +74,14 @@ def with_absolute_paths(config):
 
 def preflight(config) -> None:
     """Fail on a missing model or bad data before a run directory is made."""
-    from lowmem.data import read_records
-    from lowmem.model import resolve_model_dir
+    from lowmem.data import check_learnable, split_records
+    from lowmem.model import load_tokenizer, resolve_model_dir
 
-    for path in (config.data, config.eval_data):
-        if path and path != "embedded":
-            read_records(Path(path))
+    train_records, _ = split_records(config)
     model_dir = resolve_model_dir(config.model)
     if not any(model_dir.glob("*.safetensors")) and not any(model_dir.glob("pytorch_model*.bin")):
         raise ModelError(f"{model_dir} has a config.json but no weights (*.safetensors or pytorch_model*.bin)")
+    check_learnable(config, load_tokenizer(model_dir), train_records)
 
 
 def run(args) -> int:
