@@ -159,6 +159,25 @@ def resumed_config(run_dir: Path, requested: dict) -> RunConfig:
     return resumed
 
 
+def set_aside_final_weights(run_dir: Path, step: int) -> list[str]:
+    """A finished run trained further: its final adapter/ or model/ (of `step`, where it ended)
+    is renamed <name>-step-<step>, kept but out of the way, so that nothing (generate, export)
+    takes it for the run's newest weights while the run goes on. Returns what was moved."""
+    moved = []
+    for name in ("adapter", "model"):
+        final = run_dir / name
+        if not final.is_dir():
+            continue
+        aside, n = run_dir / f"{name}-step-{step}", 1
+        while aside.exists():
+            n += 1
+            aside = run_dir / f"{name}-step-{step}.{n}"
+        final.rename(aside)
+        moved.append(f"{name}/ from the end at step {step} is kept as {aside.name}; until the run "
+                     f"finishes again, its newest checkpoint holds its newest weights")
+    return moved
+
+
 def _value(config: RunConfig, key: str):
     for part in key.split("."):
         config = getattr(config, part)
@@ -355,6 +374,10 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
             events.emit("warning", message=message)
         step = checkpoint["state"]["step"]
         set_rng_state(checkpoint["rng"])
+        if step < config.steps:
+            for message in set_aside_final_weights(run_dir, step):
+                out(f"note: {message}")
+                events.emit("warning", message=message)
 
     # Opened before `start` is written. Requests from before `began` are history; later ones
     # count, though they came while the model loaded (a dashboard's stop).

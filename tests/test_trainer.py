@@ -201,6 +201,32 @@ def test_a_refused_resume_leaves_the_run_as_it_was_and_changed_heldout_data_is_s
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["steps"] == 4
 
 
+def test_a_finished_run_trained_further_sets_its_old_adapter_aside_and_answers_with_its_newest(
+        tmp_path, tiny_model_dir, tiny_chat_data):
+    from lowmem.checkpoint import run_adapter_folder
+    from lowmem.lora import ADAPTER_CONFIG
+
+    config, plan, run_dir = _start(_config(tiny_model_dir, tiny_chat_data, tmp_path, steps=2), "longer")
+    train(config, plan, run_dir, out=lambda m: None)
+    final = (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+    longer = config.replace(steps=5)
+
+    def stop_after_step_3(message):
+        if message.startswith("step 3/"):
+            send_control(run_dir, "stop")
+
+    notes = []
+    done = train(longer, plan, run_dir, resume=True, out=lambda m: (notes.append(m), stop_after_step_3(m)))
+    assert done["reason"] == "stopped"
+    assert not (run_dir / "adapter").exists()
+    assert (run_dir / "adapter-step-2" / "adapter_model.safetensors").read_bytes() == final   # kept
+    assert any(m.startswith("note: adapter/ from the end at step 2 is kept as adapter-step-2") for m in notes)
+    assert run_adapter_folder(run_dir, ADAPTER_CONFIG)[0] == run_dir / "checkpoints" / "step-3" / "adapter"
+    train(longer, plan, run_dir, resume=True, out=lambda m: None)
+    assert run_adapter_folder(run_dir, ADAPTER_CONFIG)[0] == run_dir / "adapter"
+    assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() != final
+
+
 def test_accumulation_gives_the_same_step_as_one_large_batch(tmp_path, tiny_model_dir, tiny_chat_data):
     results = []
     for name, mb, accum in (("one", 4, 1), ("two", 2, 2)):
