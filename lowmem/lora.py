@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -169,22 +170,103 @@ def read_adapter_config(folder: Path) -> dict:
     return read_folder_json(folder, ADAPTER_CONFIG, "an adapter folder (PEFT layout)")
 
 
-def load_adapter(model: nn.Module, folder: Path) -> list[str]:
-    """Apply the adapter saved in `folder` (PEFT layout) to `model`; returns wrapped names."""
+@dataclass(frozen=True)
+class AdapterFile:
+    """A PEFT-layout LoRA adapter as read from its folder, checked against itself."""
+
+    folder: Path
+    rank: int
+    alpha: float
+    rslora: bool
+    targets: tuple[str, ...] | None         # target_modules' names; None: PEFT's regex or "all-linear"
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]   # module name -> (A (r, in), B (out, r))
+
+    @property
+    def scale(self) -> float:
+        return scaling(self.rank, self.alpha, self.rslora)
+
+    @property
+    def wrapped(self) -> tuple[str, ...]:
+        """The linear names to wrap: target_modules, else those the tensors name."""
+        return self.targets or tuple(sorted({name.rsplit(".", 1)[-1] for name in self.pairs}))
+
+    def missing(self, modules) -> list[str]:
+        """Of `modules` (names of a model's linears), those target_modules names that this
+        adapter holds no tensors for: an incomplete file. A pattern (or layers_to_transform)
+        may leave layers out, so then none is missing."""
+        if self.targets is None:
+            return []
+        return [m for m in modules if m.rsplit(".", 1)[-1] in self.targets and m not in self.pairs]
+
+
+def read_adapter(folder: Path) -> AdapterFile:
+    """The adapter in `folder`; a ModelError naming the file and key when its config or its
+    tensors are not a LoRA adapter's (rank, alpha, targets, an A and a B of that rank per layer)."""
     from lowmem.errors import ModelError
     from lowmem.quant.skeleton import load_safetensors
 
-    cfg = read_adapter_config(folder)
-    names = apply_lora(model, cfg["r"], cfg["lora_alpha"], tuple(cfg["target_modules"]),
-                       0.0, cfg.get("use_rslora", False))
-    state = load_safetensors(Path(folder) / ADAPTER_WEIGHTS)
+    folder = Path(folder)
+    cfg, where = read_adapter_config(folder), folder / ADAPTER_CONFIG
+    rank, alpha, targets = cfg.get("r"), cfg.get("lora_alpha"), cfg.get("target_modules")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ModelError(f"{where}: 'r' must be the adapter's rank, a positive integer; found {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise ModelError(f"{where}: 'lora_alpha' must be a positive number; found {alpha!r}")
+    if not (isinstance(targets, str) and targets) and not (
+            isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
+        raise ModelError(f"{where}: 'target_modules' must be a list of layer names or a pattern; found {targets!r}")
+    rslora = cfg.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        raise ModelError(f"{where}: 'use_rslora' must be true or false; found {rslora!r}")
+    pattern = isinstance(targets, str) or cfg.get("layers_to_transform") is not None
+    targets = None if pattern else tuple(targets)
+
+    weights = folder / ADAPTER_WEIGHTS
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_safetensors(weights).items():
+        module, _, which = key.removeprefix("base_model.model.").rpartition(".lora_")
+        if which not in ("A.weight", "B.weight") or tensor.ndim != 2:
+            raise ModelError(f"{weights}: unexpected tensor {key} {tuple(tensor.shape)} (expected "
+                             f"…lora_A.weight and …lora_B.weight matrices)")
+        found.setdefault(module, {})[which[0]] = tensor
+    if not found:
+        raise ModelError(f"{weights}: holds no LoRA tensors")
+    pairs = {}
+    for module, got in found.items():
+        if set(got) != {"A", "B"}:
+            raise ModelError(f"{weights}: {module} has lora_{next(iter(got))} without lora_"
+                             f"{'B' if 'A' in got else 'A'}: the file is incomplete")
+        a, b = got["A"], got["B"]
+        if a.shape[0] != rank or b.shape[1] != rank:
+            raise ModelError(f"{weights}: {module} has tensors of rank {a.shape[0]} ({tuple(a.shape)}, "
+                             f"{tuple(b.shape)}), but {ADAPTER_CONFIG} says r={rank}")
+        if targets is not None and module.rsplit(".", 1)[-1] not in targets:
+            raise ModelError(f"{weights}: tensors for {module}, which target_modules {list(targets)} "
+                             f"does not name")
+        pairs[module] = (a, b)
+    return AdapterFile(folder, rank, float(alpha), rslora, targets, pairs)
+
+
+def load_adapter(model: nn.Module, folder: Path | AdapterFile) -> list[str]:
+    """Apply the adapter saved in `folder` (PEFT layout) to `model`; returns wrapped names."""
+    from lowmem.errors import ModelError
+
+    adapter = folder if isinstance(folder, AdapterFile) else read_adapter(folder)
+    try:
+        names = apply_lora(model, adapter.rank, adapter.alpha, adapter.wrapped, 0.0, adapter.rslora)
+    except ValueError as e:
+        raise ModelError(f"{adapter.folder / ADAPTER_CONFIG}: {e}") from None
     modules = lora_modules(model)
-    for key, tensor in state.items():
-        module_name, _, param = key.removeprefix("base_model.model.").rpartition(".lora_")
-        module = modules.get(module_name)
-        target = None if module is None else (module.lora_A if param == "A.weight" else module.lora_B)
-        if target is None or target.shape != tensor.shape:
-            raise ModelError(f"{folder}: adapter tensor {key} {tuple(tensor.shape)} does not fit this model")
+    for name, (a, b) in adapter.pairs.items():
+        module = modules.get(name)
+        if module is None or module.lora_A.shape != a.shape or module.lora_B.shape != b.shape:
+            raise ModelError(f"{adapter.folder}: adapter tensors of {name} {tuple(a.shape)}, {tuple(b.shape)} "
+                             f"do not fit this model")
         with torch.no_grad():
-            target.copy_(tensor)
+            module.lora_A.copy_(a)
+            module.lora_B.copy_(b)
+    missing = adapter.missing(names)
+    if missing:
+        raise ModelError(f"{adapter.folder / ADAPTER_WEIGHTS}: the file is incomplete: no tensors for "
+                         f"{len(missing)} of the {len(names)} layers that target_modules names, e.g. {missing[0]}")
     return names

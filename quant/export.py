@@ -353,30 +353,37 @@ class WeightUpdate:
 
 
 def adapter_updates(adapter: Path) -> dict[str, WeightUpdate]:
-    """{base weight name: its update ΔW = s·B A} of a PEFT-layout adapter folder."""
-    from lowmem.lora import ADAPTER_WEIGHTS, read_adapter_config, scaling
-    from lowmem.quant.skeleton import load_safetensors
+    """{base weight name: its update ΔW = s·B A} of a PEFT-layout adapter folder (lora.read_adapter
+    checks it); `_check_base` then finds any targeted weight it holds no update for."""
+    from lowmem.lora import read_adapter
 
-    cfg = read_adapter_config(adapter)
-    scale = scaling(cfg["r"], cfg["lora_alpha"], bool(cfg.get("use_rslora")))
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in load_safetensors(Path(adapter) / ADAPTER_WEIGHTS).items():
-        module, _, which = key.removeprefix("base_model.model.").rpartition(".lora_")
-        if which not in ("A.weight", "B.weight"):
-            raise ModelError(f"{adapter}: unexpected adapter tensor {key} (expected …lora_A.weight / …lora_B.weight)")
-        pairs.setdefault(f"{module}.weight", {})[which[0]] = tensor
-    for name, pair in pairs.items():
-        if set(pair) != {"A", "B"}:
-            raise ModelError(f"{adapter}: {name} has lora_{next(iter(pair))} without its partner")
-    return {name: WeightUpdate(p["A"], p["B"], scale) for name, p in pairs.items()}
+    found = read_adapter(Path(adapter))
+    updates = AdapterUpdates({f"{module}.weight": WeightUpdate(a, b, found.scale)
+                              for module, (a, b) in found.pairs.items()})
+    updates.missing = found.missing
+    return updates
 
 
-def _check_base(model_dir: Path, files: list[Path], config, targets: set[str], source: Path) -> None:
-    """Before anything is read or written: every target is in the base's headers, none is float8."""
+class AdapterUpdates(dict):
+    """adapter_updates' result: {weight name: WeightUpdate}, and `missing(module names)`, the
+    targeted modules the adapter file holds no tensors for (lora.AdapterFile.missing)."""
+
+    missing: Callable[[list[str]], list[str]] = staticmethod(lambda modules: [])
+
+
+def _check_base(model_dir: Path, files: list[Path], config, updates: dict, source: Path) -> None:
+    """Before anything is read or written: every target is in the base's headers, an adapter
+    updates every weight its target_modules names, none is float8."""
     from lowmem.quant.skeleton import _header
 
     stored = {key: info["dtype"] for path in files for key, info in _header(path)[0].items()}
-    missing = sorted(targets - set(stored))
+    missing = sorted(set(updates) - set(stored))
+    if not missing and isinstance(updates, AdapterUpdates):
+        modules = [k.removesuffix(".weight") for k in stored if k.endswith(".weight")]
+        incomplete = updates.missing(modules)
+        if incomplete:
+            raise ModelError(f"{source}: the adapter file is incomplete: no tensors for {len(incomplete)} "
+                             f"layer(s) that target_modules names, e.g. {incomplete[0]}")
     if missing:
         tied = " (tied to the embeddings, so the checkpoint has no tensor of its own)" \
             if missing[0] == "lm_head.weight" and getattr(config, "tie_word_embeddings", False) else ""
@@ -408,7 +415,7 @@ def _rewrite_streamed(model_dir: Path, updates: dict[str, WeightUpdate], source:
     model_dir = Path(model_dir)
     files = shard_files(model_dir)
     config = hf_config(model_dir)
-    _check_base(model_dir, files, config, set(updates), source)
+    _check_base(model_dir, files, config, updates, source)
     exact = {t for t in DTYPES.values() if t.is_floating_point and t.itemsize >= 2}
     # Tensors the model does not define (an old checkpoint's rotary inv_freq) are left out, as
     # loading the base drops them: the export holds what its loader expects, nothing else.

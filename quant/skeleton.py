@@ -90,6 +90,13 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    path = Path(path)
+    if not path.is_file():
+        bin_file = path.with_suffix(".bin")
+        if bin_file.is_file():
+            raise ModelError(f"{path.parent}: the tensors are in {bin_file.name}, a pickle lowmem does not read; "
+                             f"save them as {path.name} (PEFT: save_pretrained(folder, safe_serialization=True))")
+        raise ModelError(f"{path.parent}: no {path.name} here")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:

@@ -291,6 +291,32 @@ def test_the_streamed_merge_writes_exactly_what_the_in_memory_merge_writes(tmp_p
     assert (tmp_path / "streamed" / "tokenizer_config.json").is_file()
 
 
+def test_an_incomplete_or_mislabelled_adapter_is_refused_before_an_export_is_written(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file, save_file
+
+    from lowmem.errors import ModelError
+    from lowmem.quant.export import merge_streamed, quantize_streamed, run_updates
+
+    model = _lora_on(tiny_model_dir)
+    adapter = tmp_path / "adapter"
+    save_adapter(model, adapter, rank=4, alpha=8.0, targets=("q_proj", "up_proj"), dropout=0.0,
+                 rslora=False, base_model=str(tiny_model_dir))
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if "layers.1." not in k}, str(adapter / "adapter_model.safetensors"))
+    with pytest.raises(ModelError, match=r"adapter file is incomplete: no tensors for 2 layer\(s\) .*model.layers.1."):
+        merge_streamed(tiny_model_dir, adapter, tmp_path / "merged", dtype=torch.float32, log=lambda m: None)
+    updates, bits, group, _ = run_updates(adapter, "lora", None, None)
+    with pytest.raises(ModelError, match=r"adapter file is incomplete"):
+        quantize_streamed(tiny_model_dir, updates, tmp_path / "q", bits=bits, group=group, source=adapter,
+                          log=lambda m: None)
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
+    with pytest.raises(ModelError, match=r"has tensors of rank 4 .* but adapter_config.json says r=8"):
+        merge_streamed(tiny_model_dir, adapter, tmp_path / "merged", dtype=torch.float32, log=lambda m: None)
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "q").exists()
+
+
 def test_the_streamed_merge_holds_one_tensor_at_a_time(tmp_path):
     """What the merge allocates beyond the adapter: one base tensor, its merged copy and the
     shard being filled; never the whole model (the test reads the live tensor bytes)."""

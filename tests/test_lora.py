@@ -141,3 +141,67 @@ def test_a_missing_or_malformed_config_is_an_error_naming_the_file(tmp_path):
     (tmp_path / "l4q_config.json").write_text("[1, 2]")
     with pytest.raises(ModelError, match=r"l4q_config.json: expected a JSON object, found list"):
         load_l4q_state(model, tmp_path)
+
+
+def _damaged_copies(tmp_path):
+    """A saved adapter, and copies of it damaged as a hand-edited or half-copied one can be."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    ours = tiny_llama()
+    apply_lora(ours, 4, 8.0, TARGETS)
+    _randomize_b(ours)
+    good = tmp_path / "good"
+    save_adapter(ours, good, rank=4, alpha=8.0, targets=TARGETS, dropout=0.0, rslora=False, base_model="t")
+    tensors = load_file(str(good / "adapter_model.safetensors"))
+
+    def copy(name, config=None, keep=lambda key: True):
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        if config:
+            cfg = json.loads((folder / "adapter_config.json").read_text())
+            cfg.update(config)
+            (folder / "adapter_config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v != "DROP"}))
+        save_file({k: v for k, v in tensors.items() if keep(k)}, str(folder / "adapter_model.safetensors"))
+        return folder
+
+    return ours, good, copy
+
+
+@pytest.mark.parametrize("config,keep,says", [
+    ({"r": 8}, None, r"has tensors of rank 4 .* but adapter_config.json says r=8"),
+    ({"r": "DROP"}, None, r"adapter_config.json: 'r' must be the adapter's rank, a positive integer; found None"),
+    ({"lora_alpha": "16"}, None, r"'lora_alpha' must be a positive number; found '16'"),
+    ({"target_modules": ["q_proj"]}, None, r"tensors for .*_proj, which target_modules \['q_proj'\] does not name"),
+    (None, lambda k: "layers.1." not in k, r"the file is incomplete: no tensors for 7 of the 14 layers that "
+                                           r"target_modules names, e.g. model.layers.1.self_attn.q_proj"),
+    (None, lambda k: "lora_B" not in k, r"has lora_A without lora_B: the file is incomplete"),
+    (None, lambda k: False, r"holds no LoRA tensors"),
+])
+def test_a_damaged_adapter_is_refused_naming_the_file_and_what_is_wrong(tmp_path, config, keep, says):
+    from lowmem.errors import ModelError
+    from lowmem.lora import read_adapter
+
+    _, _, copy = _damaged_copies(tmp_path)
+    damaged = copy("damaged", config, keep or (lambda key: True))
+    with pytest.raises(ModelError, match=says):
+        load_adapter(tiny_llama(), damaged)
+    if "incomplete: no tensors" not in says:          # read alone cannot know the model's layers
+        with pytest.raises(ModelError, match=says):
+            read_adapter(damaged)
+
+
+def test_a_pattern_in_target_modules_loads_the_layers_the_tensors_name(tmp_path):
+    """PEFT also writes target_modules as a regex or "all-linear": the tensors say which layers."""
+    ours, _, copy = _damaged_copies(tmp_path)
+    x = torch.randint(0, 512, (1, 7))
+    for pattern in ("all-linear", r".*\.(q|k|v|o|gate|up|down)_proj"):
+        again = tiny_llama()
+        load_adapter(again, copy(f"p{len(pattern)}", {"target_modules": pattern}))
+        torch.testing.assert_close(again(x).logits, ours(x).logits)
+    # Layers a pattern leaves out have no tensors, and stay as the base has them.
+    only_first = copy("first", {"target_modules": r"model\.layers\.0\..*"}, lambda k: "layers.0." in k)
+    names = load_adapter(tiny_llama(), only_first)
+    assert any("layers.1." in n for n in names)

@@ -204,7 +204,7 @@ def choose_format(spec, budget: Budget, pinned: str, prompt_tokens: int, new_tok
 def run(args) -> int:
     from lowmem.config import format_size
     from lowmem.evaluate import generate, render_chat
-    from lowmem.lora import load_adapter, read_adapter_config
+    from lowmem.lora import load_adapter, read_adapter
     from lowmem.memory import lora_params
     from lowmem.model import load_tokenizer, load_weights, loads_streamed, resolve_model_dir
     from lowmem.planner import resolve_device
@@ -245,14 +245,19 @@ def run(args) -> int:
              f"{budget.describe()}")
         model, _ = load_quantized_export(ref, device, compute_dtype("int", device))
     else:
-        model_dir = resolve_model_dir(ref, log=note)
+        try:
+            model_dir = resolve_model_dir(ref, log=note)
+        except ModelError as e:
+            if args.model or not base:
+                raise
+            raise ModelError(f"{e} (the base named by {args.adapter}'s adapter; --model gives another)") from None
         spec = spec_for(str(model_dir))
         tokenizer = load_tokenizer(model_dir)
         prompt_tokens = _count_tokens(tokenizer, messages, render_chat)
         adapter_params = 0
         if adapter is not None:
-            cfg = read_adapter_config(adapter)
-            adapter_params = lora_params(spec, cfg.get("target_modules") or (), int(cfg.get("r", 0)))
+            adapter = read_adapter(adapter)   # checked before the base loads
+            adapter_params = lora_params(spec, adapter.wrapped, adapter.rank)
         run_dir = _exportable_run(args.adapter)
         fmt, need = choose_format(spec, budget, args.base, prompt_tokens, args.max_new_tokens, adapter_params,
                                   name=ref, run=run_dir, streams=loads_streamed(model_dir))
