@@ -95,6 +95,19 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def write_run_file(path: Path, text: str) -> None:
+    """Replace a run directory's file (config.yaml, plan.yaml) whole or not at all: a write that
+    fails (a full disk) leaves the old one, never an empty or cut one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        _fsync_write(tmp, text.encode())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"{path}: cannot be written ({e.strerror or e}); it is unchanged") from None
+
+
 def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -156,11 +169,18 @@ def save_checkpoint(run_dir: Path, step: int, *, trainable: dict[str, torch.Tens
     pointer = root / f".{LATEST}.tmp"
     _fsync_write(pointer, final.name.encode())
     os.replace(pointer, root / LATEST)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".tmp-step-*"):    # writes a killed trainer left half done
-        shutil.rmtree(stale, ignore_errors=True)
+    prune_checkpoints(run_dir, keep, final)
     return final
+
+
+def prune_checkpoints(run_dir: Path, keep: int, newest: Path) -> None:
+    """Delete all but the newest `keep` checkpoints (never `newest`, the one a run holds now)
+    and the half-done writes a killed trainer left."""
+    for old in list_checkpoints(run_dir)[:-keep]:
+        if old != newest:
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in (Path(run_dir) / CHECKPOINTS).glob(".tmp-step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def checkpoint_step(folder: Path) -> int:
@@ -202,16 +222,16 @@ def verify(folder: Path) -> str | None:
 
 
 def find_resumable(run_dir: Path, warn=print) -> Path:
-    """The newest checkpoint that verifies, starting from `latest`; warns about bad ones."""
+    """The newest checkpoint that verifies; warns about bad ones.
+
+    By step, not by `latest`: a trainer killed between renaming a checkpoint into place
+    and moving the pointer leaves a newer one that is complete (its manifest was written
+    last). Resuming from the pointer instead would start a second timeline beside it,
+    whose checkpoints pruning by step would then delete first."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory {run_dir} does not exist")
     candidates = list_checkpoints(run_dir)
-    pointer = run_dir / CHECKPOINTS / LATEST
-    if pointer.is_file():
-        named = run_dir / CHECKPOINTS / pointer.read_text().strip()
-        if named in candidates:  # newer leftovers after the pointer are not trusted first
-            candidates = [c for c in candidates if c != named] + [named]
     problems = []
     for folder in reversed(candidates):
         problem = verify(folder)

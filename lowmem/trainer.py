@@ -31,7 +31,8 @@ import yaml
 
 from lowmem import memstats
 from lowmem.checkpoint import (RunLock, checkpoint_step, find_resumable, list_checkpoints, load_checkpoint,
-                               save_checkpoint, set_aside_damaged, set_rng_state)
+                               prune_checkpoints, save_checkpoint, set_aside_damaged, set_rng_state,
+                               write_run_file)
 from lowmem.config import RunConfig, format_size
 from lowmem.data import BatchStream, decoder_inputs, fingerprint, load_datasets
 from lowmem.errors import CheckpointError, ConfigError, DataError, DivergedError, ModelError
@@ -122,8 +123,8 @@ def holds_nothing_trained(run_dir: Path) -> bool:
 
 
 def write_run_files(run_dir: Path, config: RunConfig, plan: Plan) -> None:
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    (run_dir / "plan.yaml").write_text(yaml.safe_dump(plan.to_dict(), sort_keys=False))
+    write_run_file(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    write_run_file(run_dir / "plan.yaml", yaml.safe_dump(plan.to_dict(), sort_keys=False))
 
 
 def read_run_files(run_dir: Path) -> tuple[RunConfig, Plan]:
@@ -133,12 +134,16 @@ def read_run_files(run_dir: Path) -> tuple[RunConfig, Plan]:
     config = resumed_config(run_dir, {})
     try:
         plan = Plan.from_dict(yaml.safe_load(path.read_text()))
-    except (OSError, yaml.YAMLError, TypeError, ValueError, KeyError, AttributeError) as e:
-        copies = [c / "plan.yaml" for c in list_checkpoints(run_dir) if (c / "plan.yaml").is_file()]
-        copy = f"; the newest checkpoint keeps a copy: cp {copies[-1]} {path}" if copies else ""
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, TypeError, ValueError, KeyError, AttributeError) as e:
         raise CheckpointError(f"{path}: cannot read the run's plan ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else 'empty'}){copy}") from None
+                              f"{str(e).splitlines()[0] if str(e) else 'empty'}){_copy_hint(run_dir, 'plan.yaml')}"
+                              ) from None
     return config, plan
+
+
+def _copy_hint(run_dir: Path, name: str) -> str:
+    copies = [c / name for c in list_checkpoints(run_dir) if (c / name).is_file()]
+    return f"; the newest checkpoint keeps a copy: cp {copies[-1]} {Path(run_dir) / name}" if copies else ""
 
 
 def resumed_config(run_dir: Path, requested: dict) -> RunConfig:
@@ -148,7 +153,13 @@ def resumed_config(run_dir: Path, requested: dict) -> RunConfig:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
-    base_values, origins = read_yaml_layer(path.read_text(), str(path))
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} cannot be read ({e}){_copy_hint(run_dir, 'config.yaml')}") from None
+    if not text.strip():
+        raise CheckpointError(f"{path} is empty{_copy_hint(run_dir, 'config.yaml')}")
+    base_values, origins = read_yaml_layer(text, str(path))
     base = build_config([(base_values, origins)], resuming=True)
     resumed = build_config([(base_values, origins), (requested, {k: "resume: " for k in requested})],
                            resuming=True)
@@ -374,6 +385,7 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
             events.emit("warning", message=message)
         step = checkpoint["state"]["step"]
         set_rng_state(checkpoint["rng"])
+        prune_checkpoints(run_dir, config.keep_checkpoints, folder)   # what kills left behind
         if step < config.steps:
             for message in set_aside_final_weights(run_dir, step):
                 out(f"note: {message}")

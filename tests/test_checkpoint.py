@@ -27,6 +27,26 @@ def test_only_the_newest_k_are_kept(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-3", "step-4"]
 
 
+def test_a_complete_checkpoint_the_pointer_never_reached_is_resumed_and_never_pruned(tmp_path):
+    """Killed between the rename and the pointer: step-6 is whole, `latest` still says step-4.
+    Resuming from step-4 would run a second timeline whose checkpoints (step-5) the pruning by
+    step deletes first, and the run after would resume from the stale step-6."""
+    from lowmem.checkpoint import prune_checkpoints
+
+    _save(tmp_path, 4, keep=1)
+    newest = _save(tmp_path, 6, keep=1)
+    (tmp_path / "checkpoints" / "latest").write_text("step-4")
+    assert find_resumable(tmp_path) == newest
+    # The one just written survives a keep of 1 whatever else is there.
+    (tmp_path / "checkpoints" / "step-6").rename(tmp_path / "checkpoints" / "step-9")
+    assert (_save(tmp_path, 7, keep=1)).is_dir()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-7", "step-9"]
+    # A resume clears what kills left: half-done writes and checkpoints beyond the keep.
+    (tmp_path / "checkpoints" / ".tmp-step-8-x").mkdir()
+    prune_checkpoints(tmp_path, 1, tmp_path / "checkpoints" / "step-9")
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()] == ["step-9"]
+
+
 def test_a_crash_while_writing_leaves_the_previous_checkpoint_whole(tmp_path):
     good = _save(tmp_path, 1)
 

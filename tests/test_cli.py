@@ -403,3 +403,35 @@ def test_generate_points_each_kind_of_run_to_what_it_can_answer_with(tmp_path, t
     folder, base = find_adapter(unfinished, said.append)
     assert folder == unfinished / "checkpoints" / "step-5" / "adapter" and base == str(tiny_model_dir)
     assert said == [f"{unfinished} has not finished: answering with its checkpoint step-5"]
+
+
+def test_a_resume_refuses_fewer_steps_than_done_and_an_emptied_config_and_writes_whole_files(
+        tmp_path, tiny_model_dir, tiny_chat_data, capsys, monkeypatch):
+    import lowmem.checkpoint
+    from lowmem.errors import CheckpointError
+
+    assert _train_tiny(tiny_model_dir, tiny_chat_data, tmp_path, "r", "save_every=1", "steps=3") == 0
+    run = tmp_path / "r"
+    # As if stopped after step 3's checkpoint, before its end.
+    (run / "adapter").rename(tmp_path / "moved")
+    events = (run / "events.jsonl").read_text().splitlines()
+    (run / "events.jsonl").write_text("".join(e + "\n" for e in events if '"kind": "done"' not in e))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "steps=2", "--no-tui"]) == 2
+    assert f"steps=2 is fewer than the 3 {run} has trained" in capsys.readouterr().err
+    # A full disk while config.yaml is rewritten: the old one stays, whole.
+    before = (run / "config.yaml").read_text()
+
+    def full_disk(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(lowmem.checkpoint, "_fsync_write", full_disk)
+    with pytest.raises(CheckpointError, match=r"config.yaml: cannot be written \(No space left on device\); "
+                                              r"it is unchanged"):
+        lowmem.checkpoint.write_run_file(run / "config.yaml", "steps: 9\n")
+    assert (run / "config.yaml").read_text() == before and not list(run.glob(".config.yaml*"))
+    monkeypatch.undo()
+    (run / "config.yaml").write_text("")
+    assert main(["train", "--resume", str(run), "--no-tui"]) == 2
+    assert (f"config.yaml is empty; the newest checkpoint keeps a copy: cp {run / 'checkpoints'}"
+            in capsys.readouterr().err)

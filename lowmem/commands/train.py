@@ -98,7 +98,7 @@ def run(args) -> int:
         if args.print_config:
             print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
             return 0
-        from lowmem.checkpoint import check_unlocked, find_resumable, list_checkpoints
+        from lowmem.checkpoint import check_unlocked, find_resumable, list_checkpoints, write_run_file
         from lowmem.trainer import holds_nothing_trained, read_run_files
 
         # Everything that can refuse, before anything in the run directory changes.
@@ -115,17 +115,20 @@ def run(args) -> int:
                   file=sys.stderr)
             for stale in ("events.jsonl", "control"):
                 (run_dir / stale).unlink(missing_ok=True)
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+            write_run_file(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
             return launch(run_dir, resume=False, no_tui=args.no_tui)
         folder = find_resumable(run_dir, warn=lambda m: None)  # fail here, not in a background process
         done_steps = json.loads((folder / "state.json").read_text())["step"]
         if done_steps >= config.steps and finished(run_dir, done_steps):
             raise ConfigError(f"{run_dir} already finished its {done_steps} steps; to train it longer: "
                               f"lowmem train --resume {run_dir} steps={done_steps * 2}")
+        if config.steps < done_steps:
+            raise ConfigError(f"steps={config.steps} is fewer than the {done_steps} {run_dir} has trained; "
+                              f"give steps={done_steps} to finish it there, or more to go on")
         # Extending the run (steps=...) is recorded so the run directory stays the truth. A run
         # stopped after its last step's checkpoint but before its end (the final evaluation,
         # the adapter) resumes into that end.
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        write_run_file(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
         return launch(run_dir, resume=True, no_tui=args.no_tui)
 
     config = config_from_args(args)
