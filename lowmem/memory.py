@@ -192,8 +192,9 @@ def intk_bytes(out_features: int, in_features: int, bits: int, group: int,
 
 def linear_weight_bytes(out_features: int, in_features: int, fmt: str, *,
                         double_quant: bool = True, bits: int | None = None,
-                        group: int | None = None) -> int:
-    """One frozen or trained linear weight in format `fmt` (fp32 | bf16 | int8 | nf4 | intK)."""
+                        group: int | None = None, scale_bytes: int = 2) -> int:
+    """One frozen or trained linear weight in format `fmt` (fp32 | bf16 | int8 | nf4 | intK;
+    intK with `scale_bytes` per step size and offset)."""
     n = out_features * in_features
     if fmt in ("fp32", "bf16", "fp16"):
         return dense_bytes(n, fmt)
@@ -202,7 +203,7 @@ def linear_weight_bytes(out_features: int, in_features: int, fmt: str, *,
     if fmt == "nf4":
         return nf4_bytes(n, double_quant)
     if fmt == "int":
-        return intk_bytes(out_features, in_features, bits or 4, group or 128)
+        return intk_bytes(out_features, in_features, bits or 4, group or 128, scale_bytes=scale_bytes)
     raise ValueError(f"unknown weight format '{fmt}'")
 
 
@@ -272,10 +273,12 @@ def weight_bytes(spec: ModelSpec, plan: Any) -> int:
         fmt = dense_dtype(plan)
     dq = _get(plan, "double_quant", True)
     bits, group = getattr(plan, "quant_bits", None), getattr(plan, "quant_group", None)
+    scale_bytes = _get(plan, "quant_scale_bytes", 2)   # an export's: 4 for an L4Q run's
     total = 0
     for count, block in spec.block_groups():
         for out_f, in_f in spec.linear_shapes(block).values():
-            total += count * linear_weight_bytes(out_f, in_f, fmt, double_quant=dq, bits=bits, group=group)
+            total += count * linear_weight_bytes(out_f, in_f, fmt, double_quant=dq, bits=bits, group=group,
+                                                 scale_bytes=scale_bytes)
     dense = spec.params - spec.linear_params
     return total + dense_bytes(dense, dense_dtype(plan))
 

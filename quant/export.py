@@ -19,8 +19,8 @@ when known):
                             <m>.qweight  uint8 (out, ⌈in·b/8⌉)   codes u = q − Qn, little-endian
                                                                 bit stream per row, rows padded
                                                                 to whole bytes
-                            <m>.scales   float16 (out, G)        step sizes s
-                            <m>.offsets  float16 (out, G)        offsets β (absent if symmetric)
+                            <m>.scales   float16 (out, G)        step sizes s (float32: L4Q runs)
+                            <m>.offsets  float16 (out, G)        offsets β (absent if symmetric; as scales)
                             <m>.bias     (out,)                   if the layer has one
                           every other tensor under its Hugging Face name, in the dense
                           dtype (tied weights once, as save_pretrained does)
@@ -209,6 +209,8 @@ def check_outputs(outputs: dict[str, Path | None]) -> None:
         if out is None:
             continue
         out = Path(out)
+        if out.is_symlink():
+            raise ModelError(f"{flag} {out}: a symbolic link is there; give the folder itself")
         if out.exists() and not out.is_dir():
             raise ModelError(f"{flag} {out}: a file is there; choose an output folder")
         parent = out.absolute().parent
@@ -223,6 +225,10 @@ def check_outputs(outputs: dict[str, Path | None]) -> None:
         key = out.resolve()
         if key in seen:
             raise ModelError(f"{seen[key]} and {flag} both name {out}; give each output its own folder")
+        for other, other_flag in seen.items():
+            if key.is_relative_to(other) or other.is_relative_to(key):
+                inner, outer = (flag, other_flag) if key.is_relative_to(other) else (other_flag, flag)
+                raise ModelError(f"{inner}'s folder is inside {outer}'s; give each output a folder of its own")
         seen[key] = flag
 
 
@@ -579,13 +585,25 @@ def is_quantized_export(path: str | Path) -> bool:
 
 
 def read_quant_config(folder: Path) -> dict:
+    """The export's quantization.json, checked: a ModelError naming the key that is not what
+    `lowmem export --quantized` writes."""
+    from lowmem.lora import read_folder_json
+
     path = Path(folder) / QUANT_CONFIG
-    if not path.is_file():
-        raise ModelError(f"{folder}: no {QUANT_CONFIG}; expected a folder written by `lowmem export --quantized`")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT or meta.get("version", 0) > VERSION:
+    meta = read_folder_json(folder, QUANT_CONFIG, "a folder written by `lowmem export --quantized`")
+    if meta.get("format") != FORMAT or not isinstance(meta.get("version", 0), int) or meta.get("version", 0) > VERSION:
         raise ModelError(f"{path}: format {meta.get('format')} v{meta.get('version')} is not "
                          f"{FORMAT} v{VERSION} or older; upgrade lowmem")
+    checks = (("bits", lambda v: v in intk.BITS, f"one of {intk.BITS}"),
+              ("group_size", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
+              ("modules", lambda v: isinstance(v, list) and v and all(isinstance(m, str) for m in v),
+               "the list of quantized modules"),
+              ("scale_dtype", lambda v: v in ("float16", "bfloat16", "float32"), "float16, bfloat16 or float32"))
+    for key, ok, expected in checks:
+        if key == "scale_dtype" and key not in meta:
+            continue
+        if not ok(meta.get(key)):
+            raise ModelError(f"{path}: '{key}' must be {expected}; found {meta.get(key)!r}: the export is damaged")
     return meta
 
 
@@ -612,9 +630,20 @@ def load_quantized_export(folder: str | Path, device: str = "cpu",
         else:
             set_tensor(model, key, tensor.to(compute_dtype) if tensor.is_floating_point() else tensor)
     for name, p in parts.items():
-        old = model.get_submodule(name)
-        if "qweight" not in p or "scales" not in p or (not meta["symmetric"] and "offsets" not in p):
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise ModelError(f"{folder / QUANT_CONFIG}: lists {name}, which this model does not have: "
+                             f"the export is damaged") from None
+        if "qweight" not in p or "scales" not in p or (not meta.get("symmetric") and "offsets" not in p):
             raise ModelError(f"{folder}: layer {name} is incomplete in {weights}")
+        expected = {"qweight": (old.out_features, -(-old.in_features * bits // 8)),
+                    "scales": (old.out_features, intk.num_groups(old.in_features, group))}
+        expected["offsets"] = expected["scales"]
+        for part, shape in expected.items():
+            if part in p and tuple(p[part].shape) != shape:
+                raise ModelError(f"{folder}: {name}.{part} is {tuple(p[part].shape)}, but {bits}-bit codes in "
+                                 f"groups of {group} need {shape}: {QUANT_CONFIG} and {weights} disagree")
         parent_name, _, child = name.rpartition(".")
         layer = intk.IntKLinear(old.in_features, old.out_features, bits, group, p["qweight"], p["scales"],
                                 p.get("offsets"), p.get("bias"), compute_dtype)
@@ -658,7 +687,8 @@ def export_run(run_dir: Path, *, quantized: Path | None = None, dequantized: Pat
     """Write the asked-for outputs of a LoRA, QLoRA, LoRAM or L4Q run; returns their folders.
 
     `bits`/`group` choose the round-to-nearest quantization of a LoRA/QLoRA/LoRAM run
-    (default 4 / 128); an L4Q run exports with the bits and groups it trained. Every
+    (default 4 / 128, float16 scales); an L4Q run exports with the bits, groups and float32
+    step sizes it trained, so that with `dtype` float32 it computes what it trained. Every
     output is written while the base streams from its files, one tensor at a time
     (`merge_streamed`, `quantize_streamed`), so a 70B base exports in a few GiB of RAM.
     """
@@ -678,13 +708,18 @@ def export_run(run_dir: Path, *, quantized: Path | None = None, dequantized: Pat
         if quantized is not None or dequantized is not None:
             updates, bits, group, how = run_updates(folder, method, bits, group)
             source = {"run": str(run_dir), "method": method, "quantizer": how}
+            # L4Q's learned step sizes and offsets are kept as trained: float16 would move its
+            # grid, and the model would no longer be the one trained. Min-max ones are float16.
+            scales = torch.float32 if method == "l4q" else torch.float16
             if quantized is not None:
                 written.append(quantize_streamed(model_dir, updates, quantized, bits=bits, group=group,
-                                                 source=folder, dtype=dtype, meta_source=source, log=log))
+                                                 source=folder, dtype=dtype, scale_dtype=scales,
+                                                 meta_source=source, log=log))
                 log(f"{bits}-bit model ({how}, groups of {group}) written to {quantized}")
             if dequantized is not None:
                 written.append(quantize_streamed(model_dir, updates, dequantized, bits=bits, group=group,
-                                                 source=folder, dequantize=True, dtype=dtype, log=log))
+                                                 source=folder, dequantize=True, dtype=dtype, scale_dtype=scales,
+                                                 log=log))
                 log(f"dequantized {bits}-bit model (Hugging Face, {_name(dtype)}) written to {dequantized}")
     except BaseException:
         # All or none: an output that failed left nothing (_write_folder); the ones before it go too.

@@ -111,9 +111,17 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
 
 def _header(path: Path) -> tuple[dict, int]:
     """(tensor entries, offset of the data) of a safetensors file."""
-    with open(path, "rb", buffering=0) as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
+    size = Path(path).stat().st_size
+    try:
+        with open(path, "rb", buffering=0) as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > size - 8:
+                raise ValueError(f"a header of {length} bytes in a file of {size}")
+            header = json.loads(f.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path} is not a safetensors file ({e}): the file is damaged or incomplete") from None
     header.pop("__metadata__", None)
     return header, 8 + length
 

@@ -12,7 +12,7 @@ from lowmem.lora import apply_lora, lora_modules, save_adapter
 from lowmem.model import tiny_llama
 from lowmem.quant import intk
 from lowmem.errors import ModelError
-from lowmem.quant.export import (QUANT_CONFIG, export_run, is_quantized_export,
+from lowmem.quant.export import (QUANT_CONFIG, export_run, is_quantized_export, read_quant_config,
                                  load_quantized_export, quantize_model, save_dequantized, save_merged,
                                  save_quantized)
 from lowmem.quant.intk import IntKLinear
@@ -200,9 +200,10 @@ def test_export_command_writes_a_quantized_l4q_run_that_generate_can_load(tmp_pa
     assert tokenizer is not None and tokenizer.pad_token is not None
     ids = torch.randint(0, 1000, (1, 9))
     with torch.no_grad():
-        # fp16 scales (the default): within rounding of the training-time model
-        trained = model(ids).logits
-        assert float((loaded(ids).logits - trained).norm() / trained.norm()) < 0.01
+        # The learned fp32 step sizes, kept: the model that trained, exactly
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    assert read_quant_config(tmp_path / "q")["scale_dtype"] == "float32"
+    with torch.no_grad():
         hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
         torch.testing.assert_close(hf(ids).logits, loaded(ids).logits, rtol=1e-5, atol=1e-5)
         generated = loaded.generate(ids, max_new_tokens=3, do_sample=False)
@@ -213,6 +214,40 @@ def test_export_command_writes_a_quantized_l4q_run_that_generate_can_load(tmp_pa
         _export([run, "--quantized", tmp_path / "q3", "--bits", "3"])
     with pytest.raises(ModelError, match="not empty"):
         _export([run, "--quantized", tmp_path / "q"])
+
+
+def test_a_damaged_quantized_export_is_refused_naming_what_is_wrong(tmp_path, tiny_model_dir):
+    import shutil
+
+    model = _lora_on(tiny_model_dir)
+    run = _fake_run(tmp_path / "run", tiny_model_dir, "lora",
+                    lambda d: save_adapter(model, d, rank=4, alpha=8.0, targets=("q_proj", "up_proj"), dropout=0.0,
+                                           rslora=False, base_model=str(tiny_model_dir)))
+    assert _export([run, "--quantized", tmp_path / "q", "--group", "16"]) == 0
+    meta = json.loads((tmp_path / "q" / QUANT_CONFIG).read_text())
+
+    def damaged(name, config=None, weights=None):
+        folder = tmp_path / name
+        shutil.copytree(tmp_path / "q", folder)
+        if config is not None:
+            (folder / QUANT_CONFIG).write_text(config if isinstance(config, str) else json.dumps({**meta, **config}))
+        if weights is not None:
+            path = next(folder.glob("*intk*.safetensors"))
+            path.write_bytes(weights(path.read_bytes()))
+        return folder
+
+    for folder, says in (
+            (damaged("json", "{"), r"quantization.json: not valid JSON"),
+            (damaged("list", "[1, 2]"), r"quantization.json: expected a JSON object, found list"),
+            (damaged("nobits", {"bits": None}), r"'bits' must be one of \(2, 3, 4, 8\); found None"),
+            (damaged("bits8", {"bits": 8}), r"_proj.qweight is \(\d+, \d+\), but 8-bit codes in groups of 16 "
+                                             r"need .*disagree"),
+            (damaged("module", {"modules": meta["modules"] + ["model.layers.99.self_attn.q_proj"]}),
+             r"lists model.layers.99.self_attn.q_proj, which this model does not have"),
+            (damaged("header", weights=lambda b: (10**12).to_bytes(8, "little") + b[8:]),
+             r"is not a safetensors file \(a header of 1000000000000 bytes")):
+        with pytest.raises(ModelError, match=says):
+            load_quantized_export(folder)
 
 
 def _export_merged_and_8bit_match(run, reference_model, tmp_path):
@@ -582,11 +617,18 @@ def test_every_output_is_checked_before_any_is_written(tmp_path, capsys):
              (["--merged", str(tmp_path / "new"), "--quantized", str(tmp_path / "afile" / "sub")],
               "--quantized .*afile is a file, so no folder can be made in it"),
              (["--merged", str(tmp_path / "same"), "--dequantized", str(tmp_path / "same")],
-              "--dequantized and --merged both name"))
+              "--dequantized and --merged both name"),
+             (["--merged", str(tmp_path / "z" / "sub"), "--quantized", str(tmp_path / "z")],
+              "--merged's folder is inside --quantized's"),
+             (["--merged", str(tmp_path / "w"), "--quantized", str(tmp_path / "w" / "sub")],
+              "--quantized's folder is inside --merged's"),
+             (["--merged", str(tmp_path / "link")], "--merged .*link: a symbolic link is there"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
     for flags, says in cases:
         assert main(["export", str(tmp_path / "some-run"), *flags]) == 2
         assert re.search(says, capsys.readouterr().err)
-    assert not (tmp_path / "new").exists() and not (tmp_path / "same").exists()
+    assert not any((tmp_path / name).exists() for name in ("new", "same", "z", "w"))
 
 
 def test_bits_without_a_quantized_output_are_refused(tmp_path, capsys):

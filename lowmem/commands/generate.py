@@ -144,20 +144,21 @@ def compute_dtype(fmt: str, device: str):
     return torch.bfloat16 if holding(fmt, device).compute_dtype == "bfloat16" else torch.float32
 
 
-def holding(fmt: str, device: str, bits: int | None = None, group: int | None = None):
+def holding(fmt: str, device: str, bits: int | None = None, group: int | None = None, scale_bytes: int = 2):
     """The plan-like record memory.generation_bytes reads: block linears in `fmt`, the rest
     and the compute in bf16 on CUDA, in fp32 on the CPU (bf16 for a bf16 base)."""
     compute = "bfloat16" if device == "cuda" or fmt == "bf16" else "float32"
     return types.SimpleNamespace(method="lora", base_format=fmt, compute_dtype=compute, device=device,
-                                 double_quant=True, quant_bits=bits, quant_group=group)
+                                 double_quant=True, quant_bits=bits, quant_group=group,
+                                 quant_scale_bytes=scale_bytes)
 
 
 def need_bytes(spec, fmt: str, budget: Budget, prompt_tokens: int, new_tokens: int, adapter_params: int,
-               bits: int | None = None, group: int | None = None) -> int:
+               bits: int | None = None, group: int | None = None, scale_bytes: int = 2) -> int:
     """Predicted bytes of the generation in `fmt`, with the CUDA overhead that counts against `budget`."""
     from lowmem import memory
 
-    plan = holding(fmt, budget.device, bits, group)
+    plan = holding(fmt, budget.device, bits, group, scale_bytes)
     allocated = memory.generation_bytes(spec, plan, prompt_tokens, new_tokens, adapter_params=adapter_params)
     if budget.device != "cuda":
         return allocated
@@ -236,7 +237,7 @@ def run(args) -> int:
             raise ModelError(f"{ref} has no tokenizer files; export from a run whose model has them")
         prompt_tokens = _count_tokens(tokenizer, messages, render_chat)
         need = need_bytes(spec, "int", budget, prompt_tokens, args.max_new_tokens, 0,
-                          meta["bits"], meta["group_size"])
+                          meta["bits"], meta["group_size"], 4 if meta.get("scale_dtype") == "float32" else 2)
         if need > budget.usable:
             raise ModelError(f"answering with {ref} ({meta['bits']}-bit) needs {format_size(need)}, more "
                              f"than {budget.describe()}" + ("; --device cpu answers from the host's RAM"
