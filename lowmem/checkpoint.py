@@ -140,6 +140,7 @@ def save_checkpoint(run_dir: Path, step: int, *, trainable: dict[str, torch.Tens
     `extra_dirs` maps a folder name to a function that writes into that folder
     (e.g. the adapter in PEFT layout); they are covered by the manifest too.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     root = Path(run_dir) / CHECKPOINTS
@@ -163,6 +164,13 @@ def save_checkpoint(run_dir: Path, step: int, *, trainable: dict[str, torch.Tens
         if final.exists():  # a re-save of the same step (e.g. `s` pressed right at the end)
             shutil.rmtree(final)
         os.rename(tmp, final)
+    except (OSError, SafetensorError) as e:   # a full disk, a quota
+        shutil.rmtree(tmp, ignore_errors=True)
+        whole = [c for c in list_checkpoints(run_dir) if c != final]
+        kept = (f"the newest whole one, {whole[-1].name}, is untouched: free space, then resume from it"
+                if whole else "no earlier checkpoint exists")
+        raise CheckpointError(f"cannot write checkpoint step-{step} in {root} "
+                              f"({getattr(e, 'strerror', None) or e}); {kept}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -115,7 +115,8 @@ def holds_nothing_trained(run_dir: Path) -> bool:
         return False
     for entry in run_dir.iterdir():
         if entry.name == "checkpoints" and entry.is_dir():
-            if any(not p.name.startswith(".tmp-step-") for p in entry.iterdir()):
+            # Half-done writes and a pointer to nothing are not trained weights.
+            if any(not p.name.startswith((".tmp-step-", "latest", ".latest")) for p in entry.iterdir()):
                 return False
         elif entry.name not in _EARLY_RUN_FILES:
             return False
@@ -164,6 +165,9 @@ def resumed_config(run_dir: Path, requested: dict) -> RunConfig:
     resumed = build_config([(base_values, origins), (requested, {k: "resume: " for k in requested})],
                            resuming=True)
     for key in requested:   # compared as parsed: `--seed 0` is the string "0" until then
+        if key in ("runs_dir", "name") and _value(resumed, key) != _value(base, key):
+            raise ConfigError(f"'{key}' chooses where a new run goes; a resumed run stays in {run_dir} "
+                              f"(a moved run directory resumes where it is): drop it")
         if key not in RESUMABLE_CHANGES and _value(resumed, key) != _value(base, key):
             raise ConfigError(f"cannot change '{key}' when resuming {run_dir}: the run would not "
                               f"continue exactly; keys you may change: {', '.join(sorted(RESUMABLE_CHANGES))}")

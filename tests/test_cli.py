@@ -122,6 +122,24 @@ def test_resume_refuses_changes_that_would_break_exactness(tmp_path, capsys):
     assert "cannot change 'lr' when resuming" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path), "steps=20", "--print-config"]) == 0
     assert "steps: 20" in capsys.readouterr().out
+    assert main(["train", "--resume", str(tmp_path), "--runs-dir", str(tmp_path / "elsewhere")]) == 2
+    assert f"'runs_dir' chooses where a new run goes; a resumed run stays in {tmp_path}" in capsys.readouterr().err
+
+
+def test_a_run_whose_checkpoints_are_all_gone_starts_over_rather_than_claim_trained_weights(
+        tmp_path, tiny_model_dir, tiny_chat_data, capsys):
+    import shutil
+
+    assert _train_tiny(tiny_model_dir, tiny_chat_data, tmp_path, "gone", "steps=1") == 0
+    run = tmp_path / "gone"
+    shutil.rmtree(run / "adapter")
+    for folder in (run / "checkpoints").glob("step-*"):
+        shutil.rmtree(folder)
+    assert (run / "checkpoints" / "latest").is_file()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--no-tui"]) == 0
+    assert "has no checkpoint: it stopped before one was written; starting it over" in capsys.readouterr().err
+    assert (run / "adapter" / "adapter_config.json").is_file()
 
 
 def test_train_then_generate_with_the_run_adapter(tmp_path, tiny_model_dir, tiny_chat_data, capsys):
