@@ -40,13 +40,22 @@ class RunLock:
     process ends, however it ends, so a crash never leaves a run locked. The file names the
     holder (pid and host) for the error a second trainer gets."""
 
-    def __init__(self, run_dir: Path, *, holder: bool = True):
+    _held: dict[Path, int] = {}   # run directories this process holds, and how deep
+
+    def __init__(self, run_dir: Path, *, holder: bool = True, reenter: bool = False):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK
         self.holder = holder      # write this process in as the holder (a trainer), or only look
-        self._fd: int | None = None
+        self.reenter = reenter    # pass when this process holds it already (`lowmem train` holds it
+        self._fd: int | None = None   # from its checks to the end, and the trainer it runs takes it again)
+        self._nested = False
 
     def __enter__(self) -> "RunLock":
+        key = self.run_dir.resolve()
+        if self.reenter and key in RunLock._held:
+            RunLock._held[key] += 1
+            self._nested = True
+            return self
         try:
             import fcntl
         except ImportError:      # not a POSIX system: no lock, as before
@@ -66,12 +75,18 @@ class RunLock:
             os.ftruncate(fd, 0)
             os.write(fd, f"pid {os.getpid()} on {this_host()}".encode())
         self._fd = fd
+        RunLock._held[key] = 1
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._fd is not None:
+        key = self.run_dir.resolve()
+        if self._nested:
+            RunLock._held[key] -= 1
+            self._nested = False
+        elif self._fd is not None:
             os.close(self._fd)     # closing releases the lock
             self._fd = None
+            RunLock._held.pop(key, None)
 
 
 def check_unlocked(run_dir: Path) -> None:

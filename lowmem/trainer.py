@@ -266,7 +266,7 @@ def train(config: RunConfig, plan: Plan, run_dir: Path, *, resume: bool = False,
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory {run_dir} does not exist")
-    with RunLock(run_dir):
+    with RunLock(run_dir, reenter=True):   # `lowmem train` may hold it since its checks
         events = EventLog(run_dir)
         try:
             return _train(config, plan, run_dir, events, resume, out, since)

@@ -453,3 +453,28 @@ def test_a_resume_refuses_fewer_steps_than_done_and_an_emptied_config_and_writes
     assert main(["train", "--resume", str(run), "--no-tui"]) == 2
     assert (f"config.yaml is empty; the newest checkpoint keeps a copy: cp {run / 'checkpoints'}"
             in capsys.readouterr().err)
+
+
+def test_lowmem_train_holds_the_run_from_its_checks_to_the_end_of_training(
+        tmp_path, tiny_model_dir, tiny_chat_data, monkeypatch):
+    """Two `lowmem train` on one run: the second is refused before it writes config.yaml, even
+    between the first one's checks and its trainer taking the run (it rewrote it before)."""
+    import lowmem.commands.train as train_command
+    from lowmem.checkpoint import check_unlocked
+    from lowmem.errors import CheckpointError
+
+    held = []
+
+    def trainer_runs(run_dir, resume, since=None):
+        try:
+            check_unlocked(run_dir)            # what a second `lowmem train` meets
+        except CheckpointError as e:
+            held.append((resume, str(e)))
+        return real(run_dir, resume, since)
+
+    real = train_command.train_here
+    monkeypatch.setattr(train_command, "train_here", trainer_runs)
+    assert _train_tiny(tiny_model_dir, tiny_chat_data, tmp_path, "held", "steps=1") == 0
+    assert main(["train", "--resume", str(tmp_path / "held"), "steps=2", "--no-tui"]) == 0
+    assert [resume for resume, _ in held] == [False, True]
+    assert all("is in use by a trainer (pid" in message for _, message in held)

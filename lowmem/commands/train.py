@@ -98,38 +98,43 @@ def run(args) -> int:
         if args.print_config:
             print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
             return 0
-        from lowmem.checkpoint import check_unlocked, find_resumable, list_checkpoints, write_run_file
+        from lowmem.checkpoint import RunLock, find_resumable, list_checkpoints, write_run_file
         from lowmem.trainer import holds_nothing_trained, read_run_files
 
-        # Everything that can refuse, before anything in the run directory changes.
-        check_unlocked(run_dir)
-        read_run_files(run_dir)
-        if not list_checkpoints(run_dir):
-            if not holds_nothing_trained(run_dir):
-                raise CheckpointError(f"{run_dir} has no checkpoint to continue from, but holds trained "
-                                      f"weights (adapter/ or model/): start a new run to train further")
-            # It stopped before its first checkpoint (Ctrl-C while loading or evaluating, a
-            # crash): nothing trained was kept, so it starts over, in the same directory, with
-            # its events from the start that ended.
-            print(f"{run_dir} has no checkpoint: it stopped before one was written; starting it over",
-                  file=sys.stderr)
-            for stale in ("events.jsonl", "control"):
-                (run_dir / stale).unlink(missing_ok=True)
+        # Held from the checks to the end of training (or to the dashboard's trainer taking it):
+        # a second `lowmem train` on this run cannot rewrite config.yaml under this one.
+        with RunLock(run_dir):
+            # Everything that can refuse, before anything in the run directory changes.
+            read_run_files(run_dir)
+            if not list_checkpoints(run_dir):
+                if not holds_nothing_trained(run_dir):
+                    raise CheckpointError(f"{run_dir} has no checkpoint to continue from, but holds trained "
+                                          f"weights (adapter/ or model/): start a new run to train further")
+                # It stopped before its first checkpoint (Ctrl-C while loading or evaluating, a
+                # crash): nothing trained was kept, so it starts over, in the same directory, with
+                # its events from the start that ended.
+                print(f"{run_dir} has no checkpoint: it stopped before one was written; starting it over",
+                      file=sys.stderr)
+                for stale in ("events.jsonl", "control"):
+                    (run_dir / stale).unlink(missing_ok=True)
+                resume = False
+            else:
+                folder = find_resumable(run_dir, warn=lambda m: None)  # fail here, not in a background process
+                done_steps = json.loads((folder / "state.json").read_text())["step"]
+                if done_steps >= config.steps and finished(run_dir, done_steps):
+                    raise ConfigError(f"{run_dir} already finished its {done_steps} steps; to train it longer: "
+                                      f"lowmem train --resume {run_dir} steps={done_steps * 2}")
+                if config.steps < done_steps:
+                    raise ConfigError(f"steps={config.steps} is fewer than the {done_steps} {run_dir} has "
+                                      f"trained; give steps={done_steps} to finish it there, or more to go on")
+                # Extending the run (steps=...) is recorded so the run directory stays the truth. A run
+                # stopped after its last step's checkpoint but before its end (the final evaluation,
+                # the adapter) resumes into that end.
+                resume = True
             write_run_file(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-            return launch(run_dir, resume=False, no_tui=args.no_tui)
-        folder = find_resumable(run_dir, warn=lambda m: None)  # fail here, not in a background process
-        done_steps = json.loads((folder / "state.json").read_text())["step"]
-        if done_steps >= config.steps and finished(run_dir, done_steps):
-            raise ConfigError(f"{run_dir} already finished its {done_steps} steps; to train it longer: "
-                              f"lowmem train --resume {run_dir} steps={done_steps * 2}")
-        if config.steps < done_steps:
-            raise ConfigError(f"steps={config.steps} is fewer than the {done_steps} {run_dir} has trained; "
-                              f"give steps={done_steps} to finish it there, or more to go on")
-        # Extending the run (steps=...) is recorded so the run directory stays the truth. A run
-        # stopped after its last step's checkpoint but before its end (the final evaluation,
-        # the adapter) resumes into that end.
-        write_run_file(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-        return launch(run_dir, resume=True, no_tui=args.no_tui)
+            if not use_dashboard(args.no_tui):
+                return train_here(run_dir, resume)
+        return launch(run_dir, resume=resume, no_tui=args.no_tui)
 
     config = config_from_args(args)
     if args.print_config:
@@ -144,8 +149,17 @@ def run(args) -> int:
         print(f"lr {default_lr(plan.method):g}: the default for {plan.method} (set lr to choose)", file=sys.stderr)
         config = config.replace(lr=default_lr(plan.method))
     run_dir = new_run_dir(config)
-    write_run_files(run_dir, config, plan)
-    print(f"run directory: {run_dir}", file=sys.stderr)
+    from lowmem.checkpoint import RunLock
+    from lowmem.events import LOCK
+
+    with RunLock(run_dir):
+        if any(entry.name != LOCK for entry in run_dir.iterdir()):
+            raise ConfigError(f"{run_dir}: another `lowmem train` started a run here just now; "
+                              f"choose another --name")
+        write_run_files(run_dir, config, plan)
+        print(f"run directory: {run_dir}", file=sys.stderr)
+        if not use_dashboard(args.no_tui):
+            return train_here(run_dir, resume=False)
     return launch(run_dir, resume=False, no_tui=args.no_tui)
 
 
@@ -157,8 +171,14 @@ def finished(run_dir: Path, step: int) -> bool:
                for e in read_events(run_dir))
 
 
+def use_dashboard(no_tui: bool) -> bool:
+    from lowmem.commands import monitor
+
+    return monitor.use_dashboard(no_tui)
+
+
 def launch(run_dir: Path, *, resume: bool, no_tui: bool) -> int:
-    from lowmem.commands.monitor import OUTCOMES, use_dashboard
+    from lowmem.commands.monitor import OUTCOMES
 
     if not use_dashboard(no_tui):
         return train_here(run_dir, resume)
