@@ -364,17 +364,17 @@ def adapter_updates(adapter: Path) -> dict[str, WeightUpdate]:
     from lowmem.lora import read_adapter
 
     found = read_adapter(Path(adapter))
-    updates = AdapterUpdates({f"{module}.weight": WeightUpdate(a, b, found.scale)
-                              for module, (a, b) in found.pairs.items()})
-    updates.missing = found.missing
-    return updates
+    return AdapterUpdates({f"{module}.weight": WeightUpdate(a, b, found.scale)
+                           for module, (a, b) in found.pairs.items()}, found.missing)
 
 
 class AdapterUpdates(dict):
     """adapter_updates' result: {weight name: WeightUpdate}, and `missing(module names)`, the
     targeted modules the adapter file holds no tensors for (lora.AdapterFile.missing)."""
 
-    missing: Callable[[list[str]], list[str]] = staticmethod(lambda modules: [])
+    def __init__(self, updates: dict[str, WeightUpdate], missing: Callable[[list[str]], list[str]]):
+        super().__init__(updates)
+        self.missing = missing
 
 
 def _check_base(model_dir: Path, files: list[Path], config, updates: dict, source: Path) -> None:
