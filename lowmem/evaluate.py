@@ -12,7 +12,7 @@ import contextlib
 
 import torch
 
-from lowmem.data import Example, collate, render_chat
+from lowmem.data import Example, collate, decoder_inputs, render_chat
 from lowmem.loss import causal_lm_loss, count_targets
 
 
@@ -38,7 +38,7 @@ def heldout_loss(model, examples: list[Example], pad_id: int, device: str, batch
     for i in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
         with autocast_for(device):
-            hidden = model.get_decoder()(input_ids=batch["input_ids"]).last_hidden_state
+            hidden = model.get_decoder()(**decoder_inputs(batch)).last_hidden_state
             total += float(causal_lm_loss(hidden, model.get_output_embeddings().weight,
                                           batch["labels"], reduction="sum"))
         count += count_targets(batch["labels"])

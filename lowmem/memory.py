@@ -610,9 +610,10 @@ def decoder_saved_tensors(spec: ModelSpec, plan: Any) -> list[int]:
             out += [n * t for t in block_saved_tensors(spec, block, plan, first=True)]
             count -= 1
         out += [n * t for t in block_saved_tensors(spec, block, plan)] * count
-    if _get(plan, "masked_attention", False):
+    masked = _get(plan, "masked_attention", False)
+    if masked:
         out += [mask_saved_bytes(plan)] * spec.layers
-    rows = plan.micro_batch if _get(plan, "masked_attention", False) else 1   # packed: positions per row
+    rows = plan.micro_batch if masked else 1   # packed: positions per row
     out += [rows * plan.seq_len * spec.head_dim * c] * 2
     targets = set(_targets(plan)) if _is_adapter(plan) else set()
     copies = c != 4 and plan.method != "l4q"   # `.to(float32)` of an fp32 parameter is itself

@@ -507,7 +507,7 @@ def _block_inputs(decoder: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[t
     decoder.layers = nn.ModuleList(_Recorder(b, calls) for b in blocks)
     try:
         with torch.no_grad():
-            decoder(**decoder_inputs(batch), use_cache=False)   # right-padded: no mask (see decoder_inputs)
+            decoder(**decoder_inputs(batch), use_cache=False)   # as the trainer feeds it
     finally:
         decoder.layers = blocks
     if len(calls) != len(blocks):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -30,7 +29,7 @@ import torch
 import yaml
 
 from lowmem import memstats
-from lowmem.checkpoint import (RunLock, checkpoint_step, find_resumable, list_checkpoints, load_checkpoint,
+from lowmem.checkpoint import (LATEST, RunLock, checkpoint_step, find_resumable, list_checkpoints, load_checkpoint,
                                prune_checkpoints, save_checkpoint, set_aside_damaged, set_rng_state,
                                write_run_file)
 from lowmem.config import RunConfig, format_size
@@ -116,7 +115,7 @@ def holds_nothing_trained(run_dir: Path) -> bool:
     for entry in run_dir.iterdir():
         if entry.name == "checkpoints" and entry.is_dir():
             # Half-done writes and a pointer to nothing are not trained weights.
-            if any(not p.name.startswith((".tmp-step-", "latest", ".latest")) for p in entry.iterdir()):
+            if any(not p.name.startswith((".tmp-step-", LATEST, f".{LATEST}")) for p in entry.iterdir()):
                 return False
         elif entry.name not in _EARLY_RUN_FILES:
             return False
@@ -380,7 +379,7 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
             # Refused: the run directory goes back to what it was before this resume asked for
             # anything (`lowmem train --resume RUN steps=N` wrote steps into config.yaml).
             if (folder / "config.yaml").is_file():
-                shutil.copyfile(folder / "config.yaml", run_dir / "config.yaml")
+                write_run_file(run_dir / "config.yaml", (folder / "config.yaml").read_text())
             raise
         if checkpoint["state"].get("heldout", heldout_print) != heldout_print:   # older checkpoints: not kept
             message = ("the held-out data changed since the checkpoint was made: evaluations from "

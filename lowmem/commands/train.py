@@ -85,6 +85,7 @@ def preflight(config) -> None:
 
 
 def run(args) -> int:
+    from lowmem.commands.monitor import use_dashboard
     from lowmem.commands.plan import pinned_keys
     from lowmem.planner import make_plan
     from lowmem.spec import spec_for
@@ -134,7 +135,7 @@ def run(args) -> int:
             write_run_file(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
             if not use_dashboard(args.no_tui):
                 return train_here(run_dir, resume)
-        return launch(run_dir, resume=resume, no_tui=args.no_tui)
+        return launch(run_dir, resume=resume)
 
     config = config_from_args(args)
     if args.print_config:
@@ -160,7 +161,7 @@ def run(args) -> int:
         print(f"run directory: {run_dir}", file=sys.stderr)
         if not use_dashboard(args.no_tui):
             return train_here(run_dir, resume=False)
-    return launch(run_dir, resume=False, no_tui=args.no_tui)
+    return launch(run_dir, resume=False)
 
 
 def finished(run_dir: Path, step: int) -> bool:
@@ -171,17 +172,10 @@ def finished(run_dir: Path, step: int) -> bool:
                for e in read_events(run_dir))
 
 
-def use_dashboard(no_tui: bool) -> bool:
-    from lowmem.commands import monitor
-
-    return monitor.use_dashboard(no_tui)
-
-
-def launch(run_dir: Path, *, resume: bool, no_tui: bool) -> int:
+def launch(run_dir: Path, *, resume: bool) -> int:
+    """The trainer in its own process, watched by the dashboard (`run` trains in this one when
+    there is no dashboard, holding the run's lock; here the trainer's process takes it)."""
     from lowmem.commands.monitor import OUTCOMES
-
-    if not use_dashboard(no_tui):
-        return train_here(run_dir, resume)
     from lowmem.tui import run_dashboard
 
     log = open(run_dir / "trainer.log", "a")
