@@ -38,17 +38,27 @@ class RunLock:
     """An exclusive lock on a run directory while a trainer works in it, so a second trainer
     cannot resume a run that is still training. fcntl.flock: the system releases it when the
     process ends, however it ends, so a crash never leaves a run locked. The file names the
-    holder (pid and host) for the error a second trainer gets."""
+    holder (pid and host) for the error a second trainer gets.
+
+    The lock belongs to the open file, not the process: a child given `fd` (its descriptor,
+    inherited through `pass_fds`) holds the same lock, so the dashboard's trainer takes the
+    run over from `lowmem train` with no moment where the run is free."""
 
     _held: dict[Path, int] = {}   # run directories this process holds, and how deep
 
-    def __init__(self, run_dir: Path, *, holder: bool = True, reenter: bool = False):
+    def __init__(self, run_dir: Path, *, holder: bool = True, reenter: bool = False, fd: int | None = None):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK
         self.holder = holder      # write this process in as the holder (a trainer), or only look
         self.reenter = reenter    # pass when this process holds it already (`lowmem train` holds it
-        self._fd: int | None = None   # from its checks to the end, and the trainer it runs takes it again)
+        self.inherited = fd       # from its checks to the end, and the trainer it runs takes it again)
+        self._fd: int | None = None
         self._nested = False
+
+    @property
+    def fd(self) -> int | None:
+        """The locked descriptor, for a child process to take over; None where nothing is locked."""
+        return self._fd
 
     def __enter__(self) -> "RunLock":
         key = self.run_dir.resolve()
@@ -60,7 +70,8 @@ class RunLock:
             import fcntl
         except ImportError:      # not a POSIX system: no lock, as before
             return self
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        # An inherited descriptor is locked already: flock on it again succeeds, and checks that.
+        fd = self.inherited if self.inherited is not None else os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -73,7 +84,7 @@ class RunLock:
             return self
         if self.holder:
             os.ftruncate(fd, 0)
-            os.write(fd, f"pid {os.getpid()} on {this_host()}".encode())
+            os.pwrite(fd, f"pid {os.getpid()} on {this_host()}".encode(), 0)
         self._fd = fd
         RunLock._held[key] = 1
         return self

@@ -478,3 +478,32 @@ def test_lowmem_train_holds_the_run_from_its_checks_to_the_end_of_training(
     assert main(["train", "--resume", str(tmp_path / "held"), "steps=2", "--no-tui"]) == 0
     assert [resume for resume, _ in held] == [False, True]
     assert all("is in use by a trainer (pid" in message for _, message in held)
+
+
+def test_the_dashboards_trainer_takes_the_run_over_with_no_moment_free(tmp_path, tiny_model_dir, tiny_chat_data,
+                                                                      monkeypatch):
+    """Behind the dashboard the trainer is another process, still importing torch when the
+    dashboard opens: the run is held all that time (it was free until the trainer took it)."""
+    import lowmem.commands.monitor as monitor
+    import lowmem.commands.train as train_command
+    import lowmem.tui as tui
+    from lowmem.checkpoint import check_unlocked
+    from lowmem.errors import CheckpointError
+
+    seen = []
+
+    def dashboard(run_dir, since=None, poll_s=0.5):
+        try:
+            check_unlocked(run_dir)            # what a second `lowmem train` meets
+            seen.append("free")
+        except CheckpointError as e:
+            seen.append(str(e))
+        return "finished"
+
+    monkeypatch.setattr(monitor, "use_dashboard", lambda no_tui: True)
+    monkeypatch.setattr(tui, "run_dashboard", dashboard)
+    assert _train_tiny(tiny_model_dir, tiny_chat_data, tmp_path, "handed", "steps=1") == 0
+    assert main(["train", "--resume", str(tmp_path / "handed"), "steps=2"]) == 0
+    assert len(seen) == 2 and all("is in use by a trainer (pid" in message for message in seen), seen
+    check_unlocked(tmp_path / "handed")        # the trainer let it go when it ended
+    assert train_command.finished(tmp_path / "handed", 2)

@@ -50,6 +50,8 @@ def register(sub) -> None:
     # When the dashboard started it: control requests from then on are for this worker,
     # though sent while it still imported torch (a stop pressed at once).
     w.add_argument("--since", type=float, default=None)
+    # The run directory's lock, locked by `lowmem train` and inherited: this worker holds it on.
+    w.add_argument("--lock-fd", type=int, default=None)
     w.set_defaults(func=run_worker)
 
 
@@ -102,9 +104,9 @@ def run(args) -> int:
         from lowmem.checkpoint import RunLock, find_resumable, list_checkpoints, write_run_file
         from lowmem.trainer import holds_nothing_trained, read_run_files
 
-        # Held from the checks to the end of training (or to the dashboard's trainer taking it):
+        # Held from the checks to the end of training (the dashboard's trainer takes it over):
         # a second `lowmem train` on this run cannot rewrite config.yaml under this one.
-        with RunLock(run_dir):
+        with RunLock(run_dir) as lock:
             # Everything that can refuse, before anything in the run directory changes.
             read_run_files(run_dir)
             if not list_checkpoints(run_dir):
@@ -135,7 +137,8 @@ def run(args) -> int:
             write_run_file(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
             if not use_dashboard(args.no_tui):
                 return train_here(run_dir, resume)
-        return launch(run_dir, resume=resume)
+            trainer = start_trainer(run_dir, resume, lock)
+        return watch(run_dir, trainer)
 
     config = config_from_args(args)
     if args.print_config:
@@ -153,7 +156,7 @@ def run(args) -> int:
     from lowmem.checkpoint import RunLock
     from lowmem.events import LOCK
 
-    with RunLock(run_dir):
+    with RunLock(run_dir) as lock:
         if any(entry.name != LOCK for entry in run_dir.iterdir()):
             raise ConfigError(f"{run_dir}: another `lowmem train` started a run here just now; "
                               f"choose another --name")
@@ -161,7 +164,8 @@ def run(args) -> int:
         print(f"run directory: {run_dir}", file=sys.stderr)
         if not use_dashboard(args.no_tui):
             return train_here(run_dir, resume=False)
-    return launch(run_dir, resume=False)
+        trainer = start_trainer(run_dir, False, lock)
+    return watch(run_dir, trainer)
 
 
 def finished(run_dir: Path, step: int) -> bool:
@@ -172,19 +176,27 @@ def finished(run_dir: Path, step: int) -> bool:
                for e in read_events(run_dir))
 
 
-def launch(run_dir: Path, *, resume: bool) -> int:
-    """The trainer in its own process, watched by the dashboard (`run` trains in this one when
-    there is no dashboard, holding the run's lock; here the trainer's process takes it)."""
-    from lowmem.commands.monitor import OUTCOMES
-    from lowmem.tui import run_dashboard
-
+def start_trainer(run_dir: Path, resume: bool, lock) -> tuple[subprocess.Popen, float]:
+    """The trainer in its own process, for the dashboard to watch, and when it was started. It
+    takes over `lock` (the descriptor is passed down), so the run is never free in between."""
     log = open(run_dir / "trainer.log", "a")
     launched = time.time()
     cmd = ([sys.executable, "-m", "lowmem", "worker", str(run_dir), "--since", repr(launched)]
-           + (["--resume"] if resume else []))
+           + (["--resume"] if resume else []) + (["--lock-fd", str(lock.fd)] if lock.fd is not None else []))
     # Its own session: a detached run must survive the terminal that started it.
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, pass_fds=() if lock.fd is None else (lock.fd,))
+    log.close()
+    return proc, launched
+
+
+def watch(run_dir: Path, trainer: tuple[subprocess.Popen, float]) -> int:
+    """The dashboard on the trainer `start_trainer` started, until the run ends or the user
+    leaves it; the trainer's exit status, or 0 on detaching."""
+    from lowmem.commands.monitor import OUTCOMES
+    from lowmem.tui import run_dashboard
+
+    proc, launched = trainer
     # Events from before the launch are an earlier session's (a resume): the dashboard waits
     # for this trainer's `start` rather than showing the old `done`.
     outcome = run_dashboard(run_dir, since=launched)
@@ -213,4 +225,10 @@ def train_here(run_dir: Path, resume: bool, since: float | None = None) -> int:
 
 
 def run_worker(args) -> int:
-    return train_here(Path(args.run_dir), args.resume, args.since)
+    from lowmem.checkpoint import RunLock
+
+    run_dir = Path(args.run_dir)
+    if args.lock_fd is None:
+        return train_here(run_dir, args.resume, args.since)
+    with RunLock(run_dir, fd=args.lock_fd):      # the run `lowmem train` held for this trainer
+        return train_here(run_dir, args.resume, args.since)
