@@ -330,7 +330,10 @@ def run_identity(run_dir: Path) -> tuple[str, str]:
 
 def run_adapter_folder(run_dir: Path, marker: str) -> tuple[Path | None, str]:
     """(run_dir/adapter if it holds `marker`, else the newest valid checkpoint's adapter folder,
-    or None; why there is none)."""
+    or None; why not run_dir/adapter: the run has not finished, its adapter/ is gone though it
+    finished, or why there is no adapter at all)."""
+    from lowmem.events import read_events
+
     run_dir = Path(run_dir)
     if (run_dir / "adapter" / marker).is_file():
         return run_dir / "adapter", ""
@@ -338,5 +341,10 @@ def run_adapter_folder(run_dir: Path, marker: str) -> tuple[Path | None, str]:
         folder = find_resumable(run_dir, warn=lambda m: None) / "adapter"
     except CheckpointError as e:
         return None, str(e)
-    return (folder, "") if (folder / marker).is_file() else (None, f"{folder} lacks {marker}")
+    if not (folder / marker).is_file():
+        return None, f"{folder} lacks {marker}"
+    ends = [e for e in read_events(run_dir) if e.get("kind") == "done"]
+    if ends and ends[-1].get("reason") == "finished":
+        return folder, f"{run_dir / 'adapter'} lacks {marker}, though the run finished at step {ends[-1].get('step')}"
+    return folder, f"{run_dir} has not finished"
 

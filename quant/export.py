@@ -663,9 +663,9 @@ def load_quantized_export(folder: str | Path, device: str = "cpu",
 
 # ---------------------------------------------------------------- a run directory
 
-def run_adapter(run_dir: Path) -> tuple[str, str, Path]:
-    """(model reference, method, adapter folder) of a LoRA, QLoRA, LoRAM or L4Q run directory:
-    run_dir/adapter when the run finished, else the newest valid checkpoint's."""
+def run_adapter(run_dir: Path) -> tuple[str, str, Path, str]:
+    """(model reference, method, adapter folder, why not adapter/) of a LoRA, QLoRA, LoRAM or L4Q
+    run directory: run_dir/adapter when the run finished, else the newest valid checkpoint's."""
     from lowmem.checkpoint import run_adapter_folder, run_identity
     from lowmem.lora import ADAPTER_CONFIG
     from lowmem.quant.l4q import L4Q_CONFIG
@@ -678,7 +678,7 @@ def run_adapter(run_dir: Path) -> tuple[str, str, Path]:
     folder, why = run_adapter_folder(run_dir, marker)
     if folder is None:
         raise ModelError(f"{run_dir}: no {marker} in adapter/ or in a usable checkpoint ({why})")
-    return model_ref, method, folder
+    return model_ref, method, folder, why
 
 
 def export_run(run_dir: Path, *, quantized: Path | None = None, dequantized: Path | None = None,
@@ -694,9 +694,9 @@ def export_run(run_dir: Path, *, quantized: Path | None = None, dequantized: Pat
     """
     from lowmem.model import resolve_model_dir
 
-    model_ref, method, folder = run_adapter(Path(run_dir))
-    if folder != Path(run_dir) / "adapter":
-        log(f"{run_dir} has not finished: exporting its checkpoint {folder.parent.name}")
+    model_ref, method, folder, why = run_adapter(Path(run_dir))
+    if why:
+        log(f"{why}: exporting its checkpoint {folder.parent.name}")
     if merged is not None and method == "l4q":
         raise ValueError("an L4Q model is exported quantized or dequantized, not merged unquantized")
     model_dir = resolve_model_dir(model_ref, log)

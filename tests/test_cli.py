@@ -421,6 +421,13 @@ def test_generate_points_each_kind_of_run_to_what_it_can_answer_with(tmp_path, t
     folder, base = find_adapter(unfinished, said.append)
     assert folder == unfinished / "checkpoints" / "step-5" / "adapter" and base == str(tiny_model_dir)
     assert said == [f"{unfinished} has not finished: answering with its checkpoint step-5"]
+    from lowmem.events import EventLog
+
+    EventLog(unfinished).emit("done", reason="finished", step=5)    # it finished; its adapter/ went missing
+    said.clear()
+    assert find_adapter(unfinished, said.append)[0] == unfinished / "checkpoints" / "step-5" / "adapter"
+    assert said == [f"{unfinished / 'adapter'} lacks adapter_config.json, though the run finished at step 5: "
+                    f"answering with its checkpoint step-5"]
 
 
 def test_a_resume_refuses_fewer_steps_than_done_and_an_emptied_config_and_writes_whole_files(

@@ -49,8 +49,8 @@ def register(sub) -> None:
 
 
 def find_adapter(path: Path, note=None) -> tuple[Path, str | None]:
-    """(adapter folder, base model recorded by the run or None). A run that has not finished
-    answers with its newest valid checkpoint, which `note` is told."""
+    """(adapter folder, base model recorded by the run or None). A run that has not finished, or
+    lost its adapter/, answers with its newest valid checkpoint, which `note` is told."""
     from lowmem.checkpoint import run_adapter_folder, run_identity
     from lowmem.lora import ADAPTER_CONFIG, read_adapter_config
 
@@ -70,7 +70,7 @@ def find_adapter(path: Path, note=None) -> tuple[Path, str | None]:
         if folder is None:
             raise ModelError(f"{path}: no adapter yet: the run has not finished ({why})")
         if folder != path / "adapter" and note is not None:
-            note(f"{path} has not finished: answering with its checkpoint {folder.parent.name}")
+            note(f"{why}: answering with its checkpoint {folder.parent.name}")
         return folder, model
     raise ModelError(f"{path}: no adapter here (expected {ADAPTER_CONFIG}, or a run directory with one)")
 
