@@ -201,6 +201,32 @@ def test_generate_holds_the_base_in_the_widest_format_that_fits_its_budget(tiny_
     assert out == generate(model, tokenizer, [[{"role": "user", "content": "Say 3."}]], "cpu", 5)[0] + "\n"
 
 
+def test_generate_keeps_the_answer_inside_the_models_context(tiny_model_dir, capsys, monkeypatch):
+    """The tiny model reads 2048 positions: a prompt that fills them is refused before any weight
+    is read, and an answer that would run past them is cut to what is left, with a note."""
+    import lowmem.evaluate
+    from lowmem.commands.generate import _count_tokens
+    from lowmem.evaluate import render_chat
+    from lowmem.model import load_tokenizer
+
+    asked = []
+    monkeypatch.setattr(lowmem.evaluate, "generate", lambda model, tok, prompts, device, n: asked.append(n) or ["ok"])
+    tokenizer = load_tokenizer(tiny_model_dir)
+    long = "apple " * 2100
+    assert main(["generate", long, "--model", str(tiny_model_dir)]) == 2
+    err = capsys.readouterr().err
+    tokens = _count_tokens(tokenizer, [{"role": "user", "content": long}], render_chat)
+    assert f"the prompt is {tokens} tokens (with the chat template); {tiny_model_dir} reads at most 2048" in err
+    near = "apple " * 2000
+    tokens = _count_tokens(tokenizer, [{"role": "user", "content": near}], render_chat)
+    assert 2048 - 64 < tokens < 2048
+    assert main(["generate", near, "--model", str(tiny_model_dir), "--max-new-tokens", "64"]) == 0
+    assert asked == [2048 - tokens]
+    assert f"--max-new-tokens 64: {tiny_model_dir}'s context of 2048 tokens leaves {2048 - tokens}" in capsys.readouterr().err
+    assert main(["generate", "hi", "--model", str(tiny_model_dir), "--max-new-tokens", "64"]) == 0
+    assert asked[-1] == 64
+
+
 def test_generate_refuses_a_budget_nothing_fits_before_reading_weights(tiny_model_dir, capsys, monkeypatch):
     import lowmem.model
 

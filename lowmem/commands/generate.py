@@ -236,7 +236,8 @@ def run(args) -> int:
         if tokenizer is None:
             raise ModelError(f"{ref} has no tokenizer files; export from a run whose model has them")
         prompt_tokens = _count_tokens(tokenizer, messages, render_chat)
-        need = need_bytes(spec, "int", budget, prompt_tokens, args.max_new_tokens, 0,
+        max_new_tokens = fit_context(spec, prompt_tokens, args.max_new_tokens, ref, note)
+        need = need_bytes(spec, "int", budget, prompt_tokens, max_new_tokens, 0,
                           meta["bits"], meta["group_size"], 4 if meta.get("scale_dtype") == "float32" else 2)
         if need > budget.usable:
             raise ModelError(f"answering with {ref} ({meta['bits']}-bit) needs {format_size(need)}, more "
@@ -255,19 +256,20 @@ def run(args) -> int:
         spec = spec_for(str(model_dir))
         tokenizer = load_tokenizer(model_dir)
         prompt_tokens = _count_tokens(tokenizer, messages, render_chat)
+        max_new_tokens = fit_context(spec, prompt_tokens, args.max_new_tokens, ref, note)
         adapter_params = 0
         if adapter is not None:
             adapter = read_adapter(adapter)   # checked before the base loads
             adapter_params = lora_params(spec, adapter.wrapped, adapter.rank)
         run_dir = _exportable_run(args.adapter)
-        fmt, need = choose_format(spec, budget, args.base, prompt_tokens, args.max_new_tokens, adapter_params,
+        fmt, need = choose_format(spec, budget, args.base, prompt_tokens, max_new_tokens, adapter_params,
                                   name=ref, run=run_dir, streams=loads_streamed(model_dir))
         note(f"{ref}: {fmt} base on {device}, predicted {format_size(need)} of {budget.describe()}")
         model = load_weights(model_dir, device, compute_dtype(fmt, device), note,
                              nf4_targets=LINEARS if fmt == "nf4" else ())
     if adapter is not None:
         load_adapter(model, adapter)
-    print(generate(model, tokenizer, [messages], device, args.max_new_tokens)[0])
+    print(generate(model, tokenizer, [messages], device, max_new_tokens)[0])
     return 0
 
 
@@ -275,6 +277,23 @@ def _exportable_run(adapter: str | None) -> str | None:
     """`adapter` when it names a run directory (which `lowmem export --quantized --bits N` can
     write: find_adapter has refused an L4Q run, whose export keeps the bits it trained), else None."""
     return adapter if adapter is not None and (Path(adapter) / "config.yaml").is_file() else None
+
+
+def fit_context(spec, prompt_tokens: int, max_new_tokens: int, name: str, note) -> int:
+    """`max_new_tokens`, shortened (and `note` told) to what the model's context leaves after the
+    prompt: past its context a model's positions mean nothing it learned, and its answer is noise.
+    A prompt that fills the context alone is refused."""
+    limit = spec.max_position
+    if not limit:                           # a config that does not say: nothing to check against
+        return max_new_tokens
+    if prompt_tokens >= limit:
+        raise ModelError(f"the prompt is {prompt_tokens} tokens (with the chat template); {name} reads at "
+                         f"most {limit} (max_position_embeddings), answer included: shorten it")
+    if prompt_tokens + max_new_tokens > limit:
+        note(f"--max-new-tokens {max_new_tokens}: {name}'s context of {limit} tokens leaves "
+             f"{limit - prompt_tokens} after the {prompt_tokens}-token prompt; the answer stops there")
+        return limit - prompt_tokens
+    return max_new_tokens
 
 
 def _count_tokens(tokenizer, messages: list[dict], render_chat) -> int:
