@@ -6,17 +6,12 @@ import argparse
 import difflib
 import importlib
 import os
-import re
 import sys
 
 from lowmem import __version__
 from lowmem.errors import LowmemError
 
 COMMANDS = ("train", "plan", "monitor", "presets", "generate", "export")
-
-#: A config override given as a positional argument: dotted.key=value.
-OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -110,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     if extra and isinstance(getattr(args, "overrides", None), list):
         # argparse takes one run of key=value positionals; later runs, between options, come back
         # unparsed: they are overrides too, in the order given.
-        overrides = [a for a in extra if OVERRIDE.match(a)]
+        # Anything key=value that is not an option: the config names a mistyped key (lora-rank=4).
+        overrides = [a for a in extra if "=" in a and not a.startswith("-")]
         args.overrides += overrides
         extra = [a for a in extra if a not in overrides]
     options = [a for a in extra if a.startswith("--")]

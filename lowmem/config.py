@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import yaml
 
@@ -106,8 +106,10 @@ class L4QConfig:
 class LoramConfig:
     """LoRAM: LoRA trained on a structurally pruned base, saved recovered to the full shapes."""
 
+    MAX_RATIO = 0.95      # pruning more leaves too little of a block to recover from
+
     ratio: float = field(default=0.5, metadata=_key(
-        "share of KV groups / query heads / MLP channels pruned in the middle blocks", min=0.0, max=0.95))
+        "share of KV groups / query heads / MLP channels pruned in the middle blocks", min=0.0, max=MAX_RATIO))
     criterion: str = field(default="auto", metadata=_key(
         "importance: taylor = |w*dL/dw| on calibration batches (scored one dense block at a time "
         "before the weights load pruned; with loram.align_steps the dense model and its gradients), "
@@ -150,13 +152,15 @@ class RunConfig:
     model: str = field(default="smollm2-135m", metadata=_key(
         "local HF model directory, .gguf file, or built-in name (smollm2-135m is embedded)"))
     data: str = field(default="embedded", metadata=_key(
-        "training data: .jsonl (chat messages / instruction / text) or .txt; 'embedded' = built-in tasks"))
+        "training data: .jsonl (chat messages / instruction / text, one per line), a .json list of "
+        "those, or .txt; 'embedded' = built-in tasks"))
     eval_data: str = field(default="", metadata=_key(
         "held-out data file; empty = the embedded held-out split, or eval_fraction of --data"))
     eval_fraction: float = field(default=0.05, metadata=_key(
         "share of --data held out when no eval_data is given", min=0.0, max=0.5))
     runs_dir: str = field(default="runs", metadata=_key("folder that holds run directories"))
-    name: str = field(default="", metadata=_key("run name (folder under runs_dir); empty = timestamp"))
+    name: str = field(default="", metadata=_key(
+        "run name (a folder directly under runs_dir, so no / or \\); empty = timestamp"))
     method: str = field(default="lora", metadata=_key("training method", choices=METHODS))
     vram: int | None = field(default=None, metadata=_key(
         "memory budget of the device (24G, 24GB, 24GiB, 500M, 0.5T; G = 2^30 bytes)", min=1, size=True))
@@ -200,7 +204,8 @@ class RunConfig:
     save_every: int = field(default=0, metadata=_key("checkpoint every N steps; 0 = only at the end", min=0))
     keep_checkpoints: int = field(default=2, metadata=_key("checkpoints kept (older ones are deleted)", min=1))
     log_every: int = field(default=1, metadata=_key("progress line every N steps", min=1))
-    seed: int = field(default=0, metadata=_key("seed for data order, adapter init and dropout"))
+    seed: int = field(default=0, metadata=_key("seed for data order, adapter init and dropout",
+                                               min=0, max=2**32 - 1))
     device: str = field(default="auto", metadata=_key("where to train", choices=("auto", "cpu", "cuda")))
     lora: LoraConfig = field(default_factory=LoraConfig)
     galore: GaloreConfig = field(default_factory=GaloreConfig)
@@ -244,7 +249,7 @@ def _did_you_mean(key: str) -> str:
 
 # Text keys that cannot be empty, with what they expect.
 REQUIRED_TEXT = {"model": "a model: a local folder, a .gguf file or smollm2-135m",
-                 "data": "training data: a .jsonl or .txt file, or embedded"}
+                 "data": "training data: a .jsonl, .json or .txt file, or embedded"}
 
 
 def _section_of(key: str) -> str | None:
@@ -273,6 +278,10 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, where: str) -> Any:
             raise bad("a non-empty list of names")
         value = tuple(value)
     elif ftype.startswith("tuple[float"):
+        if value is None or (isinstance(value, str) and not value.strip()):
+            value = []                     # `loram.layer_ratios=`, `layer_ratios:`: cleared
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]                # one number: a list of one
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",")]
         try:
@@ -283,6 +292,8 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, where: str) -> Any:
             raise bad("a list of finite numbers")
         if key == "adam_betas" and (len(value) != 2 or not all(0 <= b < 1 for b in value)):
             raise bad("two numbers in [0, 1)")
+        if key == "loram.layer_ratios" and not all(0 <= r <= LoramConfig.MAX_RATIO for r in value):
+            raise bad(f"prune ratios in [0, {LoramConfig.MAX_RATIO}]")
     elif ftype == "bool":
         if isinstance(value, str) and value.lower() in ("true", "false", "on", "off", "yes", "no", "1", "0"):
             value = value.lower() in ("true", "on", "yes", "1")
@@ -315,6 +326,8 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, where: str) -> Any:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise bad("text")
         value = str(value)
+        if key == "name" and (value in (".", "..") or "/" in value or "\\" in value):
+            raise bad("a folder name (no / or \\, not . or ..): runs_dir says where runs go")
 
     if key == "lora.targets":
         from lowmem.spec import LINEARS
@@ -338,19 +351,24 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, where: str) -> Any:
     return value
 
 
-def build_config(layers: Iterable[tuple[dict[str, Any], dict[str, str]]], *, resuming: bool = False) -> RunConfig:
+def build_config(layers: Iterable[tuple[dict[str, Any], dict[str, str]]], *, resuming: bool = False,
+                 note: Callable[[str], None] | None = None) -> RunConfig:
     """Merge flat `{dotted_key: value}` layers onto the defaults and validate.
 
     Each layer comes with `{dotted_key: where}` telling where a value came from
     (`presets/x.yaml: line 7: ` or `override: `), used in error messages.
     `resuming`: the layers are a run's own config.yaml and what a resume changes; its
-    schedule is the run's, so it is not checked against the new steps.
+    schedule is the run's, so it is not checked against the new steps. `note` is told when a
+    value given is not used (an lr a lower layer chose for another method).
     """
     keys = all_keys()
     merged: dict[str, Any] = {}
     set_at: dict[str, str] = {}
-    for values, origins in layers:
+    layer_of: dict[str, int] = {}       # which layer gave each key
+    method_after: list[str] = []        # the method in force after each layer
+    for layer, (values, origins) in enumerate(layers):
         for key, value in values.items():
+            layer_of[key] = layer
             where = set_at[key] = origins.get(key, "")
             if key not in keys:
                 first = _section_of(key)
@@ -360,6 +378,7 @@ def build_config(layers: Iterable[tuple[dict[str, Any], dict[str, str]]], *, res
                                       f"{first}=… or in YAML `{key}:` with `  {leaf}: …` under it")
                 raise ConfigError(f"{where}unknown key '{key}'{_did_you_mean(key)}")
             merged[key] = _coerce(key, keys[key], value, where)
+        method_after.append(merged.get("method", RunConfig.method))
     for key, expected in REQUIRED_TEXT.items():
         # Checked once merged: a preset may leave one empty for a flag to fill (`--model`).
         if key in merged and not merged[key].strip():
@@ -367,13 +386,30 @@ def build_config(layers: Iterable[tuple[dict[str, Any], dict[str, str]]], *, res
                               f"(--{key} or {key}=…)")
     # Unset keys whose good value depends on others.
     steps = merged.get("steps", RunConfig.steps)
+    if ("warmup_steps" in merged and merged["warmup_steps"] > steps and not resuming
+            and layer_of.get("steps", -1) > layer_of["warmup_steps"]):
+        # A preset's warmup was for its own steps: `--preset demo-cpu --steps 3` shortens both.
+        if note is not None:
+            note(f"warmup_steps {min(RunConfig.warmup_steps, steps // 10)}: the {merged['warmup_steps']} given "
+                 f"({set_at['warmup_steps'].rstrip(': ')}) are more than steps={steps}")
+        del merged["warmup_steps"]
     if "warmup_steps" not in merged:
         merged["warmup_steps"] = min(RunConfig.warmup_steps, steps // 10)
     elif merged["warmup_steps"] > steps and not resuming:
         raise ConfigError(f"{set_at['warmup_steps']}key 'warmup_steps': {merged['warmup_steps']} warmup steps "
                           f"in a run of {steps} steps: the learning rate would never reach lr; give at most {steps}")
+    method = merged.get("method", RunConfig.method)
+    if "lr" in merged and layer_of.get("method", -1) > layer_of["lr"]:
+        chosen_for = method_after[layer_of["lr"]]
+        if default_lr(chosen_for) != default_lr(method):
+            # A preset's lr was tuned for its method; `--method full` on it must not train every
+            # weight at a LoRA learning rate.
+            if note is not None:
+                note(f"lr {default_lr(method):g}: the default for {method}; the lr {merged['lr']:g} given "
+                     f"({set_at['lr'].rstrip(': ')}) is for {chosen_for} (set lr to choose)")
+            del merged["lr"]
     if "lr" not in merged:
-        merged["lr"] = default_lr(merged.get("method", RunConfig.method))
+        merged["lr"] = default_lr(method)
 
     def section(name: str) -> dict[str, Any]:
         return {k.split(".", 1)[1]: v for k, v in merged.items() if k.startswith(name + ".")}
@@ -389,6 +425,29 @@ def _explicit_tag(node: yaml.Node) -> bool:
     """Whether the YAML text tags the value itself (`!!int 7`, `!env X`): its node starts at the `!`."""
     mark = node.start_mark
     return bool(mark.buffer) and mark.buffer[mark.pointer:mark.pointer + 1] == "!"
+
+
+class NumberLoader(yaml.SafeLoader):
+    """YAML as a person reads numbers: `010` is ten (YAML 1.1 reads octal 8) and `1:30` is
+    refused (YAML 1.1 reads base 60: 90). Decimal, 0x and 0o numbers read as before."""
+
+
+def _construct_number(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int | float:
+    text = node.value.replace("_", "")
+    if ":" in text:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"{node.value!r} is base 60 in YAML 1.1 ({yaml.SafeLoader(node.value).get_single_data()}); "
+                        f"write the number itself", node.start_mark)
+    if node.tag.endswith(":int"):
+        digits = text.lstrip("+-")
+        if len(digits) > 1 and digits[0] == "0" and digits[1] not in "xXoObB":
+            return int(text, 10)         # leading zeros: the decimal number typed
+        return yaml.SafeLoader.construct_yaml_int(loader, node)
+    return yaml.SafeLoader.construct_yaml_float(loader, node)
+
+
+NumberLoader.add_constructor("tag:yaml.org,2002:int", _construct_number)
+NumberLoader.add_constructor("tag:yaml.org,2002:float", _construct_number)
 
 
 def _flatten_node(node: yaml.Node, source: str, prefix: str = "",
@@ -420,7 +479,7 @@ def _flatten_node(node: yaml.Node, source: str, prefix: str = "",
                 # Constructed from the node itself: an empty value (`eval_data:`) is None, where
                 # re-serializing the node would give YAML that does not parse.
                 try:
-                    value = yaml.SafeLoader("").construct_object(value_node, deep=True)
+                    value = NumberLoader("").construct_object(value_node, deep=True)
                 except (yaml.YAMLError, ValueError, TypeError, IndexError) as e:
                     problem = (getattr(e, "problem", None) or (str(e).splitlines() or ["?"])[0]
                                if value_node.value else "there is no value after the tag")
@@ -461,7 +520,7 @@ def parse_overrides(items: Iterable[str]) -> tuple[dict, dict]:
             values[key] = "" if raw.strip() in ("null", "~", "Null", "NULL") else raw.strip()
         else:
             try:
-                values[key] = yaml.safe_load(raw) if raw.strip() else ""
+                values[key] = yaml.load(raw, Loader=NumberLoader) if raw.strip() else ""
             except yaml.YAMLError:
                 values[key] = raw
         origins[key] = f"override '{item}': "
@@ -481,7 +540,7 @@ def list_presets() -> dict[str, Path]:
 
 def find_preset(name_or_path: str) -> Path:
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or path.is_file() or (path.exists() and name_or_path not in list_presets()):
         if path.is_dir():
             raise ConfigError(f"{path} is a directory; expected a preset YAML file")
         if not path.is_file():
@@ -497,15 +556,15 @@ def find_preset(name_or_path: str) -> Path:
 
 def preset_summary(path: Path) -> str:
     """The first comment line of a preset, shown by `lowmem presets`."""
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         if line.startswith("#"):
             return line.lstrip("# ").strip()
     return ""
 
 
 def load_config(preset: str | None = None, flags: dict[str, Any] | None = None,
-                overrides: Iterable[str] = ()) -> RunConfig:
-    """Defaults <- preset <- flags <- key=value overrides, validated."""
+                overrides: Iterable[str] = (), note: Callable[[str], None] | None = None) -> RunConfig:
+    """Defaults <- preset <- flags <- key=value overrides, validated (`note`: see build_config)."""
     layers = []
     if preset:
         path = find_preset(preset)
@@ -517,4 +576,4 @@ def load_config(preset: str | None = None, flags: dict[str, Any] | None = None,
     if flags:
         layers.append((flags, {k: f"--{k.replace('.', '-').replace('_', '-')}: " for k in flags}))
     layers.append(parse_overrides(overrides))
-    return build_config(layers)
+    return build_config(layers, note=note)

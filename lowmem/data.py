@@ -82,7 +82,7 @@ def read_records(path: Path) -> list[tuple[list[dict] | None, str | None]]:
     """(messages, None) or (None, text) per record; errors name the file and line."""
     path = Path(path)
     if path.is_dir():
-        raise DataError(f"{path} is a directory; expected a .jsonl or .txt data file")
+        raise DataError(f"{path} is a directory; expected a .jsonl, .json or .txt data file")
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     suffix = path.suffix.lower()
@@ -100,12 +100,20 @@ def read_records(path: Path) -> list[tuple[list[dict] | None, str | None]]:
         if not text.strip():
             raise DataError(f"{path}: the file is empty")
         return [(None, text)]
-    if suffix == ".json" and text.lstrip().startswith("["):
+    whole = None
+    if suffix == ".json":
         try:
-            items = json.loads(text)
+            whole = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-        lines = [(f"{path}: record {i}", item) for i, item in enumerate(items, 1)]
+            if text.lstrip().startswith("["):
+                raise DataError(f"{path}: line {e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(whole, dict) and text.strip().count("\n"):
+        # One object over several lines ({"data": [...]}, or a record pretty-printed): not a
+        # layout this reads, though each line alone would read as malformed.
+        raise DataError(f"{path}: holds one JSON object (keys {sorted(whole)[:5]}); a .json file holds a list "
+                        f"of records, [{{...}}, {{...}}], or one record per line")
+    if isinstance(whole, list):
+        lines = [(f"{path}: record {i}", item) for i, item in enumerate(whole, 1)]
     else:
         lines = []
         for number, line in enumerate(text.split("\n"), 1):   # not splitlines: U+2028 may sit in a string
@@ -232,18 +240,31 @@ class Datasets:
 
 def split_records(config) -> tuple[list, list]:
     """(training records, held-out records) for a RunConfig, read and split, not tokenized."""
+    eval_path = Path(config.eval_data).expanduser() if config.eval_data else None
     if config.data == "embedded":
         train_path, heldout_path = embedded_paths()
-        return read_records(train_path), read_records(Path(config.eval_data) if config.eval_data else heldout_path)
-    train_records = read_records(Path(config.data))
-    if config.eval_data:
-        return train_records, read_records(Path(config.eval_data))
+        return read_records(train_path), read_records(eval_path or heldout_path)
+    train_records = read_records(Path(config.data).expanduser())
+    if eval_path is not None:
+        return train_records, read_records(eval_path)
+    if len(train_records) == 1 and train_records[0][1] is not None and config.eval_fraction > 0:
+        return split_text(train_records[0][1], config.eval_fraction)
     # A fixed split: the same records are held out on every run with this seed.
     order = list(range(len(train_records)))
     random.Random(config.seed).shuffle(order)
     held = set(order[:int(len(order) * config.eval_fraction)])
     return ([r for i, r in enumerate(train_records) if i not in held],
             [r for i, r in enumerate(train_records) if i in held])
+
+
+def split_text(text: str, fraction: float) -> tuple[list, list]:
+    """One text (a .txt file): its last `fraction`, from a line break (else a space), held out,
+    where records cannot be split because there is one. Too short to cut: all of it trains."""
+    at = int(len(text) * (1 - fraction))
+    cut = next((i + 1 for i in (text.rfind("\n", 0, at), text.rfind(" ", 0, at)) if i > 0), -1)
+    if cut <= 0 or not text[:cut].strip() or not text[cut:].strip():
+        return [(None, text)], []
+    return [(None, text[:cut])], [(None, text[cut:])]
 
 
 def _nothing_to_learn(config, dropped: int) -> DataError:

@@ -30,6 +30,12 @@ def test_errors_are_one_line_without_traceback(capsys):
     assert err == "ConfigError: override 'lora.rnak=4': unknown key 'lora.rnak' (did you mean 'lora.rank'?)\n"
 
 
+def test_a_preset_that_is_not_utf8_is_one_line_in_presets_show_too(tmp_path, capsys):
+    (tmp_path / "p.yaml").write_bytes(b"steps: 3 \xff\n")
+    assert main(["presets", "show", str(tmp_path / "p.yaml")]) == 2
+    assert capsys.readouterr().err == f"ConfigError: {tmp_path / 'p.yaml'}: not UTF-8 text (byte 9: invalid start byte); save it as UTF-8\n"
+
+
 def test_presets_name_alone_shows_it(capsys):
     assert main(["presets", "smoke"]) == 0
     assert "steps: 4" in capsys.readouterr().out
@@ -44,6 +50,8 @@ def test_presets_name_alone_shows_it(capsys):
     (["--lora.rank", "4"], "lowmem train: unknown option --lora.rank (did you mean --lora-rank?)"),
     (["--lora_rank", "4"], "lowmem train: unknown option --lora_rank (did you mean --lora-rank?)"),
     (["--save", "10"], "lowmem train: unknown option --save (did you mean --save-every?)"),
+    (["lr=1e-3", "--steps", "3", "lora-rank=4"],          # an override after an option, as one before
+     "ConfigError: override 'lora-rank=4': unknown key 'lora-rank' (did you mean 'lora.rank'?)"),
 ])
 def test_flag_mistakes_get_one_line_that_names_the_fix(capsys, argv, says):
     """`--vram -1G` reached argparse as an option and printed its usage; an abbreviation

@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from lowmem.config import (RunConfig, all_keys, list_presets, load_config, parse_size,
+from lowmem.config import (RunConfig, all_keys, find_preset, list_presets, load_config, parse_size,
                            read_yaml_layer)
 from lowmem.errors import ConfigError
 
@@ -52,7 +52,8 @@ def test_bad_yaml_names_the_line(tmp_path):
     ("lora.dropout=1.5", "above the maximum"),
     ("method=magic", "expected one of"),
     ("grad_checkpointing=maybe", "expected true or false"),
-    ("adam_betas=0.9", "a list of numbers"),
+    ("adam_betas=0.9", r"expected two numbers in \[0, 1\), got \(0.9,\)"),
+    ("adam_betas=x", "a list of numbers"),
     ("adam_betas=0.9,1.5", "two numbers in"),
     ("lr", "expected key=value"),
     ("lr=0", "key 'lr': expected a number above 0, got 0"),
@@ -66,6 +67,13 @@ def test_bad_yaml_names_the_line(tmp_path):
     ("data=", "key 'data' is empty: expected training data"),
     ("lora=4", r"'lora' is a section, not a value: set its keys, as lora.rank=…"),
     ("steps=4 warmup_steps=9", "warmup_steps': 9 warmup steps in a run of 4 steps: .* give at most 4"),
+    ("seed=18446744073709551616", "key 'seed': 18446744073709551616 is above the maximum 4294967295"),
+    ("seed=-1", "key 'seed': -1 is below the minimum 0"),
+    ("loram.layer_ratios=0,2.0", r"key 'loram.layer_ratios': expected prune ratios in \[0, 0.95\]"),
+    ("loram.layer_ratios=-0.5", r"expected prune ratios in \[0, 0.95\]"),
+    ("name=a/b", r"key 'name': expected a folder name \(no / or"),
+    ("name=..", "key 'name': expected a folder name"),
+    ("steps=1:30", "key 'steps': expected a whole number, got '1:30'"),
 ])
 def test_bad_values_are_refused_with_the_key_and_what_was_expected(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -199,3 +207,51 @@ def test_a_resume_keeps_its_schedule_even_when_steps_shrink_below_warmup(tmp_pat
     (run / "config.yaml").write_text(yaml.safe_dump(RunConfig(steps=3, warmup_steps=5).to_dict()))
     assert resumed_config(run, {}).steps == 3          # written before the check existed
 
+
+
+def test_a_presets_lr_and_warmup_give_way_to_a_method_and_steps_given_after_it(tmp_path):
+    """demo-cpu's lr 2e-3 is LoRA's: `--preset demo-cpu --method full` trained every weight at it,
+    and `--steps 3` was refused for the preset's 5 warmup steps. The note says what happened."""
+    said = []
+    full = load_config("demo-cpu", overrides=["method=full"], note=said.append)
+    assert full.lr == 5e-5 and full.method == "full"
+    assert said == ["lr 5e-05: the default for full; the lr 0.002 given (" + str(find_preset("demo-cpu"))
+                    + ": line 9) is for lora (set lr to choose)"]
+    said.clear()
+    assert load_config("demo-cpu", overrides=["method=qlora"], note=said.append).lr == 2e-3   # LoRA's, still
+    assert load_config("demo-cpu", overrides=["method=full", "lr=1e-4"], note=said.append).lr == 1e-4
+    short = load_config("demo-cpu", overrides=["steps=3"], note=said.append)
+    assert short.warmup_steps == 0 and short.steps == 3
+    assert said == [f"warmup_steps 0: the 5 given ({find_preset('demo-cpu')}: line 10) are more than steps=3"]
+    (tmp_path / "p.yaml").write_text("method: full\nlr: 1.0e-3\n")     # given together: kept
+    assert load_config(str(tmp_path / "p.yaml"), overrides=["steps=9"]).lr == 1e-3
+    with pytest.raises(ConfigError, match="9 warmup steps in a run of 3"):   # given after the steps
+        load_config("demo-cpu", overrides=["steps=3", "warmup_steps=9"])
+
+
+def test_numbers_read_as_typed_not_as_yaml_1_1_octal_or_base_60(tmp_path):
+    assert load_config(overrides=["steps=010"]).steps == 10      # YAML 1.1: 8
+    preset = tmp_path / "p.yaml"
+    preset.write_text("steps: 010\nsave_every: 0x10\nlr: 1.5e-3\nname: 010\n")
+    config = load_config(str(preset))
+    assert (config.steps, config.save_every, config.lr, config.name) == (10, 16, 1.5e-3, "010")
+    preset.write_text("steps: 20\nwarmup_steps: 1:30\n")
+    with pytest.raises(ConfigError, match=r"p.yaml: line 2: 'warmup_steps': cannot read .*base 60 .*\(90\); "
+                                          r"write the number itself"):
+        load_config(str(preset))
+
+
+def test_layer_ratios_are_cleared_as_the_help_says(tmp_path):
+    assert load_config(overrides=["loram.layer_ratios=0.1,0.2"]).loram.layer_ratios == (0.1, 0.2)
+    assert load_config(overrides=["loram.layer_ratios="]).loram.layer_ratios == ()
+    (tmp_path / "p.yaml").write_text("loram:\n  layer_ratios:\n")
+    assert load_config(str(tmp_path / "p.yaml"), overrides=[]).loram.layer_ratios == ()
+
+
+def test_a_folder_named_like_a_preset_does_not_hide_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smoke").mkdir()
+    assert load_config("smoke").steps == 4
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(ConfigError, match="mine is a directory; expected a preset YAML file"):
+        load_config("mine")

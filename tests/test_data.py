@@ -4,7 +4,7 @@ import pytest
 
 from lowmem.config import RunConfig
 from lowmem.data import (IGNORE, BatchStream, build_examples, load_datasets, pack, read_records,
-                         tokenize_chat)
+                         split_records, tokenize_chat)
 from lowmem.errors import DataError
 from tests.conftest import write_jsonl
 
@@ -174,6 +174,36 @@ def test_a_byte_order_mark_a_json_list_and_an_upper_case_suffix_are_read(tmp_pat
     (tmp_path / "bad.json").write_text('[{"text": "a"},\n {"prompt": 1}]')
     with pytest.raises(DataError, match=r"bad.json: record 2: expected a record with 'messages'"):
         read_records(tmp_path / "bad.json")
+
+
+def test_a_json_file_holding_one_object_says_what_a_json_file_holds(tmp_path):
+    (tmp_path / "wrapped.json").write_text(json.dumps({"data": [{"text": "a"}]}, indent=1))
+    with pytest.raises(DataError, match=r"wrapped.json: holds one JSON object \(keys \['data'\]\); a .json file "
+                                        r"holds a list of records"):
+        read_records(tmp_path / "wrapped.json")
+    (tmp_path / "one.json").write_text(json.dumps({"text": "a"}))          # one line: one record
+    assert read_records(tmp_path / "one.json") == [(None, "a")]
+    (tmp_path / "lines.json").write_text(json.dumps({"text": "a"}) + "\n" + json.dumps({"text": "b"}) + "\n")
+    assert read_records(tmp_path / "lines.json") == [(None, "a"), (None, "b")]
+
+
+def test_a_txt_file_holds_out_its_tail_and_paths_may_start_with_home(tmp_path, tokenizer, monkeypatch):
+    """A .txt file is one record, so a split of records held out nothing: its last lines are held out."""
+    lines = [f"line {i} of the corpus, with some words." for i in range(200)]
+    (tmp_path / "corpus.txt").write_text("\n".join(lines) + "\n")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    train, heldout = split_records(RunConfig(data="~/corpus.txt", eval_fraction=0.1))
+    (_, kept), = train
+    (_, held), = heldout
+    assert kept + held == (tmp_path / "corpus.txt").read_text()
+    assert held.startswith("line 180 of") and kept.endswith("line 179 of the corpus, with some words.\n")
+    data = load_datasets(RunConfig(data="~/corpus.txt", eval_fraction=0.1, seq_len=64), tokenizer)
+    assert data.heldout and data.train
+    assert split_records(RunConfig(data="~/corpus.txt", eval_fraction=0.0))[1] == []
+    (tmp_path / "word.txt").write_text("word")             # nothing to cut at: it all trains
+    assert split_records(RunConfig(data=str(tmp_path / "word.txt")))[1] == []
+    assert split_records(RunConfig(data=str(tmp_path / "word.txt"), eval_data="~/corpus.txt"))[1][0][1] == (
+        tmp_path / "corpus.txt").read_text()
 
 
 def test_without_a_chat_template_an_answer_ends_with_the_learned_eos(tokenizer, monkeypatch):

@@ -9,6 +9,7 @@ key and every key a flag (STYLE.md, guideline 11).
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from lowmem.config import RunConfig, all_keys, format_size, load_config
@@ -20,9 +21,9 @@ def _default_text(key: str) -> str:
     obj: Any = _DEFAULTS
     for part in key.split("."):
         obj = getattr(obj, part)
-    if isinstance(obj, tuple):
+    if isinstance(obj, tuple) and obj:
         return ",".join(str(v) for v in obj)
-    if obj is None or obj == "":
+    if obj is None or obj == "" or obj == ():
         return "none"
     return str(obj)
 
@@ -54,7 +55,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
-    return load_config(args.preset, flags, args.overrides or ())
+    return load_config(args.preset, flags, args.overrides or (), note=lambda m: print(m, file=sys.stderr))
 
 
 __all__ = ["add_config_flags", "config_from_args", "flag_name", "format_size"]

@@ -26,7 +26,13 @@ def run(args) -> int:
         if not args.name:
             print("usage: lowmem presets show NAME")
             return 2
-        print(find_preset(args.name).read_text(), end="")
+        path = find_preset(args.name)
+        try:
+            print(path.read_text(encoding="utf-8"), end="")
+        except UnicodeDecodeError as e:
+            from lowmem.errors import ConfigError
+
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
         return 0
     presets = list_presets()
     width = max(map(len, presets), default=0)

@@ -113,6 +113,11 @@ def make(n: int, seed: int, exclude: set[str] = frozenset(), unique: bool = Fals
 
 
 def main() -> None:
+    import argparse
+
+    argparse.ArgumentParser(description="Rewrite the embedded dataset (tasks-train.jsonl, "
+                            "tasks-heldout.jsonl beside this file); the output is identical every time. "
+                            "Takes no arguments.").parse_args()
     here = Path(__file__).parent
     heldout = make(80, seed=20261124, unique=True)
     train = make(1200, seed=7, exclude={r["messages"][1]["content"] for r in heldout})
