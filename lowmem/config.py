@@ -89,7 +89,7 @@ class LoraConfig:
     dropout: float = field(default=0.0, metadata=_key("dropout on the adapter input", min=0, max=0.99))
     targets: tuple[str, ...] = field(
         default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-        metadata=_key("linear layers that get adapters (module name suffixes)"))
+        metadata=_key("linear layers that get adapters, in every block (self_attn.q_proj is q_proj)"))
     rslora: bool = field(default=False, metadata=_key("scale by alpha/sqrt(rank) (rsLoRA) instead of alpha/rank"))
 
 
@@ -337,6 +337,9 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}key '{key}': '{other}' is not a block projection; adapters go on "
                               f"{', '.join(LINEARS)} (the loss reads the head's weight itself, so lm_head "
                               f"and the embeddings cannot carry an adapter)")
+        # Every block's projection of that name gets one: a dotted path names no more than its
+        # last part, and the plan counts adapters by that name.
+        value = tuple(dict.fromkeys(t.rsplit(".", 1)[-1] for t in value))
     if meta.get("choices") and value not in meta["choices"]:
         raise ConfigError(f"{where}key '{key}': expected one of {', '.join(map(str, meta['choices']))}, "
                           f"got {value!r}")

@@ -21,8 +21,9 @@ Where the numbers come from:
   score matrix). The per-op list below was read off
   `torch.autograd.graph.saved_tensors_hooks` on the CPU and is checked against
   it in tests/test_memory.py. Right-padded batches pass no attention mask
-  (causal); packed batches do (block-diagonal, `masked_attention`), which costs
-  a mask per block and k, v expanded to every head (see mask_saved_bytes).
+  (causal); packed batches do (block-diagonal, `masked_attention`), and so does a
+  sliding window shorter than the sequence (banded), which costs a mask per block
+  and k, v expanded to every head (see attends_with_mask).
 * Transient buffers (loss backward, dequantized weights, one block's
   backward) are upper estimates from the ops involved, stated per function.
 * CUDA context and allocator overhead are constants from the literature, NOT
@@ -230,7 +231,7 @@ def dense_dtype(plan: Any) -> str:
 def model_spec_for_plan(spec: ModelSpec, plan: Any) -> ModelSpec:
     """The shapes the run trains on: pruned by the plan's LoRAM ratio, if any."""
     ratio = _get(plan, "prune_ratio", 0.0)
-    if ratio and not spec.blocks:
+    if (ratio or any(_get(plan, "prune_layer_ratios", ()))) and not spec.blocks:
         return spec.pruned(ratio, _get(plan, "prune_keep_first", 1), _get(plan, "prune_keep_last", 1),
                            _get(plan, "prune_layer_ratios", ()))
     return spec
@@ -503,11 +504,16 @@ def attention_saved_tensors(block: BlockShape, head_dim: int, c: int, masked_att
     return [q, kv, kv, q, 4 * block.heads]
 
 
-def mask_saved_bytes(plan: Any) -> int:
-    """Per block, with masked attention (packed batches): SDPA converts the boolean
-    (B, 1, S, S) block-diagonal mask into an additive one in the compute dtype and
-    saves it, c·B·S². 0 without a mask (causal, right-padded batches need none)."""
-    if not _get(plan, "masked_attention", False):
+def attends_with_mask(spec: ModelSpec, plan: Any) -> bool:
+    """Whether attention takes a mask: packed batches (block-diagonal), or a sliding window
+    shorter than the sequence (banded). Causal attention over right-padded batches needs none."""
+    return bool(_get(plan, "masked_attention", False)) or 0 < spec.sliding_window < plan.seq_len
+
+
+def mask_saved_bytes(spec: ModelSpec, plan: Any) -> int:
+    """Per block, with a mask (attends_with_mask): SDPA converts the boolean (B, 1, S, S)
+    mask into an additive one in the compute dtype and saves it, c·B·S². 0 without one."""
+    if not attends_with_mask(spec, plan):
         return 0
     return compute_bytes(plan) * plan.micro_batch * plan.seq_len ** 2
 
@@ -561,7 +567,7 @@ def block_saved_tensors(spec: ModelSpec, block: BlockShape, plan: Any, first: bo
 
     out = [] if (first and not full) else norm_saved_tensors(h, c, full)
     out += read_for_grad({"q_proj", "k_proj", "v_proj"})
-    out += attention_saved_tensors(block, spec.head_dim, c, _get(plan, "masked_attention", False))
+    out += attention_saved_tensors(block, spec.head_dim, c, attends_with_mask(spec, plan))
     out += norm_saved_tensors(h, c, full) + read_for_grad({"gate_proj", "up_proj"})
     out += mlp_saved_tensors(block, c, product_saved=bool(read_for_grad({"down_proj"})))
     if targets and plan.method != "l4q":  # L4Q merges B·A into the weight: no x·Aᵀ to keep
@@ -584,7 +590,7 @@ def decoder_saved_tensors(spec: ModelSpec, plan: Any) -> list[int]:
 
     Without checkpointing:
         N · block_saved_tensors, for each block
-        mask_saved_bytes            a block, with masked attention (packing)
+        mask_saved_bytes            a block, with masked attention (packing, a short window)
         S·d·c, S·d·c                RoPE cos and sin (shared by all blocks; packed
                                     batches: B·S·d·c each, as positions differ by row)
         8·N                         token ids (embedding gradient, full training only)
@@ -610,10 +616,8 @@ def decoder_saved_tensors(spec: ModelSpec, plan: Any) -> list[int]:
             out += [n * t for t in block_saved_tensors(spec, block, plan, first=True)]
             count -= 1
         out += [n * t for t in block_saved_tensors(spec, block, plan)] * count
-    masked = _get(plan, "masked_attention", False)
-    if masked:
-        out += [mask_saved_bytes(plan)] * spec.layers
-    rows = plan.micro_batch if masked else 1   # packed: positions per row
+    out += [mask_saved_bytes(spec, plan)] * spec.layers
+    rows = plan.micro_batch if _get(plan, "masked_attention", False) else 1   # packed: positions per row
     out += [rows * plan.seq_len * spec.head_dim * c] * 2
     targets = set(_targets(plan)) if _is_adapter(plan) else set()
     copies = c != 4 and plan.method != "l4q"   # `.to(float32)` of an fp32 parameter is itself
@@ -698,7 +702,7 @@ def recomputed_block_bytes(spec: ModelSpec, plan: Any) -> int:
 
 def _widest_block_bytes(spec: ModelSpec, plan: Any) -> int:
     n = plan.micro_batch * plan.seq_len
-    return n * max(block_saved_bytes(spec, b, plan) for _, b in spec.block_groups()) + mask_saved_bytes(plan)
+    return n * max(block_saved_bytes(spec, b, plan) for _, b in spec.block_groups()) + mask_saved_bytes(spec, plan)
 
 
 def offloads(plan: Any) -> bool:

@@ -160,7 +160,8 @@ class Plan:
     def label(self) -> str:
         """Short name: "lora", "qlora", "loram 40% nf4", "full (8-bit AdamW)"."""
         if self.method == "loram":
-            return f"loram {self.prune_ratio:.0%} {self.base_format}"
+            per_block = " (per block)" if any(self.prune_layer_ratios) else ""
+            return f"loram {self.prune_ratio:.0%}{per_block} {self.base_format}"
         if self.method == "full" and self.optimizer_state_bits == 8:
             return "full (8-bit AdamW)"
         return self.method
@@ -202,6 +203,12 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+def _adamw_state_bits(method: str, dense: str) -> int:
+    """torch.optim.AdamW keeps its moments in the parameters' dtype: the adapters are fp32,
+    a full run's weights are bf16 on CUDA."""
+    return 16 if method == "full" and dense == "bf16" else 32
+
+
 def plan_from_config(config: RunConfig) -> Plan:
     """The plan that does exactly what the config pins."""
     device = resolve_device(config.device)
@@ -224,7 +231,7 @@ def plan_from_config(config: RunConfig) -> Plan:
         lora_dropout=config.lora.dropout if lora else 0.0,
         lora_rslora=config.lora.rslora if lora else False,
         optimizer="galore-adamw8bit" if galore else "adamw",
-        optimizer_state_bits=8 if galore else 32,
+        optimizer_state_bits=8 if galore else _adamw_state_bits(config.method, dense),
         grad_checkpointing=config.grad_checkpointing,
         micro_batch=config.micro_batch,
         grad_accum=config.grad_accum,
@@ -410,11 +417,8 @@ def _build(config: Any, spec: ModelSpec, device: str, level: _Level, variant: di
         optimizer, bits = "galore-adamw8bit", 8
     elif level.state_bits == 8:
         optimizer, bits = "adamw8bit", 8
-    elif adapter:
-        optimizer, bits = "adamw", 32          # adapters are fp32, so are their moments
     else:
-        # torch.optim.AdamW keeps its moments in the parameters' dtype.
-        optimizer, bits = "adamw", 16 if dense == "bf16" else 32
+        optimizer, bits = "adamw", _adamw_state_bits(level.method, dense)
     return Plan(
         method=level.method,
         base_format="nf4" if level.base == "nf4" else dense,
@@ -560,6 +564,34 @@ def _search(config: Any, spec: ModelSpec, pinned: set[str], device: str) -> _Out
     return _Outcome(chosen, tuple(rejected), smallest, host_blocked, smallest_any)
 
 
+# Which methods read each section's keys.
+SECTION_METHODS = {"lora": ("lora", "qlora", "loram", "l4q"), "l4q": ("l4q",), "loram": ("loram",),
+                   "galore": ("galore",)}
+
+
+def unused_keys(method: str, pinned: Iterable[str]) -> str | None:
+    """The reason that says which keys the user set mean nothing to `method`, or None."""
+    unused = sorted(k for k in pinned if k.split(".", 1)[0] in SECTION_METHODS
+                    and "." in k and method not in SECTION_METHODS[k.split(".", 1)[0]])
+    if not unused:
+        return None
+    readers = sorted({m for k in unused for m in SECTION_METHODS[k.split(".", 1)[0]]})
+    return (f"{', '.join(unused)}: set, but a {method} run does not use {'it' if len(unused) == 1 else 'them'} "
+            f"(method={' or method='.join(readers)} would)")
+
+
+def past_context(spec: ModelSpec, seq_len: int) -> str | None:
+    """The warning for sequences longer than the model's context, or None."""
+    if not spec.max_position or seq_len <= spec.max_position:
+        return None
+    return (f"warning: seq_len {seq_len} is past {spec.name}'s context of {spec.max_position} tokens "
+            f"(max_position_embeddings): it never learned positions beyond it")
+
+
+def _notes(plan: Plan, spec: ModelSpec, pinned: Iterable[str]) -> tuple[str, ...]:
+    return tuple(n for n in (unused_keys(plan.method, pinned), past_context(spec, plan.seq_len)) if n)
+
+
 def _reasons(plan: Plan, spec: ModelSpec, config: Any, pinned: set[str]) -> tuple[str, ...]:
     """Why each choice: the method, and what each slower setting saves."""
     b = plan.breakdown
@@ -596,7 +628,7 @@ def _reasons(plan: Plan, spec: ModelSpec, config: Any, pinned: set[str]) -> tupl
         reasons.append(f"micro_batch {plan.micro_batch} x grad_accum {plan.grad_accum} x seq_len "
                        f"{plan.seq_len} = {plan.tokens_per_step} tokens per optimizer step "
                        f"(target {target_tokens(config)})")
-    return tuple(reasons)
+    return tuple(reasons) + _notes(plan, spec, pinned)
 
 
 def make_plan(config: RunConfig, spec: ModelSpec, pinned: Iterable[str] | None = None,
@@ -622,6 +654,11 @@ def make_plan(config: RunConfig, spec: ModelSpec, pinned: Iterable[str] | None =
     if ratios and len(ratios) > spec.layers:
         raise ConfigError(f"loram.layer_ratios has {len(ratios)} values but {spec.name} has {spec.layers} "
                           f"blocks: give at most one ratio per block, in block order")
+    keep = config.loram.keep_first + config.loram.keep_last
+    if config.method == "loram" and not ratios and keep >= spec.layers:
+        raise ConfigError(f"loram.keep_first={config.loram.keep_first} and loram.keep_last="
+                          f"{config.loram.keep_last} keep all {spec.layers} blocks of {spec.name} whole, so "
+                          f"LoRAM would prune nothing; keep fewer (default 1 and 1), or give loram.layer_ratios")
     if config.vram is None:
         # With an explicit device, don't ask torch: planning for a GPU works without one.
         plan = plan_from_config(config if device is None else config.replace(device="cpu"))
@@ -629,8 +666,11 @@ def make_plan(config: RunConfig, spec: ModelSpec, pinned: Iterable[str] | None =
             dense = "bf16" if device == "cuda" else "fp32"
             plan = dataclasses.replace(plan, device=device,   # an NF4 base stays NF4 on any device
                                        base_format="nf4" if plan.base_format == "nf4" else dense,
-                                       compute_dtype="bfloat16" if device == "cuda" else "float32")
-        return _with_breakdown(dataclasses.replace(plan, model=spec.name), spec)
+                                       compute_dtype="bfloat16" if device == "cuda" else "float32",
+                                       optimizer_state_bits=(plan.optimizer_state_bits if plan.optimizer_state_bits == 8
+                                                             else _adamw_state_bits(plan.method, dense)))
+        return _with_breakdown(dataclasses.replace(plan, model=spec.name,
+                                                   reasons=plan.reasons + _notes(plan, spec, pinned)), spec)
     device = device or resolve_device(config.device)
     if "method" in pinned and config.method not in available_methods():
         raise BudgetError(f"method '{config.method}' is not in this build "

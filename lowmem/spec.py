@@ -87,6 +87,7 @@ class ModelSpec:
     attention_bias: bool = False     # q/k/v biases (Qwen2)
     mlp: str = "gated"               # SiLU-gated MLP: gate_proj, up_proj, down_proj
     max_position: int = 0
+    sliding_window: int = 0          # tokens each attends back to (Mistral v0.1); 0 = all before it
     source: str = ""                 # where the shapes came from
     # Pruned models (LoRAM): runs of (number of blocks, their shape) in layer
     # order. Empty means every block has the unpruned shape above.
@@ -214,6 +215,8 @@ class ModelSpec:
             max_position_embeddings=self.max_position or 2048)
         if self.family == "llama":
             kwargs["attention_bias"] = self.attention_bias
+        if self.family == "mistral":     # MistralConfig's own default is a 4096 window
+            kwargs["sliding_window"] = self.sliding_window or None
         kwargs.update(overrides)
         return cls(**kwargs)
 
@@ -228,8 +231,10 @@ def _round(x: float) -> int:
 def _normalise(name: str) -> str:
     name = name.strip().lower().replace("_", "-").replace(" ", "-")
     name = name.rsplit("/", 1)[-1]
-    name = re.sub(r"-(instruct|hf|chat|it|base)$", "", name)
-    return name
+    # -instruct, -hf, -chat, -it, -base anywhere after the name: Llama-2-7b-chat-hf,
+    # Mistral-7B-Instruct-v0.1.
+    return "-".join(part for i, part in enumerate(name.split("-"))
+                    if i == 0 or part not in ("instruct", "hf", "chat", "it", "base"))
 
 
 @lru_cache(maxsize=1)
@@ -263,7 +268,7 @@ def builtin_spec(name: str) -> ModelSpec:
         intermediate=e["intermediate"], heads=e["heads"], kv_heads=e["kv_heads"],
         head_dim=e.get("head_dim") or e["hidden"] // e["heads"], vocab=e["vocab"],
         tied_embeddings=bool(e["tied"]), attention_bias=bool(e.get("attention_bias", False)),
-        max_position=e.get("max_position", 0), source="built-in")
+        max_position=e.get("max_position", 0), sliding_window=e.get("sliding_window") or 0, source="built-in")
 
 
 def _unknown_model_message(ref: str) -> str:
@@ -303,6 +308,9 @@ def from_hf_config(config: dict[str, Any], source: str = "") -> ModelSpec:
             # Qwen2 always has q/k/v biases; Llama only when attention_bias is set.
             attention_bias=family == "qwen2" or bool(config.get("attention_bias", False)),
             max_position=int(config.get("max_position_embeddings") or 0),
+            # Qwen2 configs carry a window they do not use unless use_sliding_window is set.
+            sliding_window=(int(config.get("sliding_window") or 0)
+                            if config.get("use_sliding_window", family == "mistral") else 0),
             source=source or "config.json")
     except KeyError as e:
         raise ModelError(f"{where}config.json has no {e.args[0]!r}; cannot read the model's shapes") from None
@@ -383,6 +391,7 @@ def _read_gguf(path: str, size: int, mtime_ns: int) -> ModelSpec:
         tied_embeddings="output.weight" not in tensors,
         attention_bias="blk.0.attn_q.bias" in tensors,
         max_position=int(field(f"{arch}.context_length") or 0),
+        sliding_window=int(field(f"{arch}.attention.sliding_window") or 0),
         source=str(path))
 
 

@@ -120,7 +120,21 @@ def test_lora_targets_must_be_block_projections(targets):
     with pytest.raises(ConfigError, match=r"key 'lora.targets': '(lm_head|embed_tokens|qproj)' is not a block "
                                           r"projection; adapters go on q_proj, k_proj"):
         load_config(overrides=[f"lora.targets={targets}"])
-    assert load_config(overrides=["lora.targets=self_attn.q_proj,v_proj"]).lora.targets == ("self_attn.q_proj", "v_proj")
+
+
+
+def test_a_dotted_target_is_its_projection_which_the_plan_counts():
+    """`self_attn.q_proj` was kept as written: the plan counted no adapter for it (0 B), then
+    training matched the projection and trained one."""
+    from lowmem import memory
+    from lowmem.planner import plan_from_config
+    from lowmem.spec import builtin_spec
+
+    dotted = load_config(overrides=["lora.targets=self_attn.q_proj,mlp.down_proj,q_proj", "device=cpu"])
+    assert dotted.lora.targets == ("q_proj", "down_proj")
+    plain = load_config(overrides=["lora.targets=q_proj,down_proj", "device=cpu"])
+    spec = builtin_spec("smollm2-135m")
+    assert memory.adapter_bytes(spec, plan_from_config(dotted)) == memory.adapter_bytes(spec, plan_from_config(plain)) > 0
 
 
 def test_an_empty_yaml_value_is_null_and_an_empty_section_is_nothing(tmp_path):

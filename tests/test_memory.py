@@ -160,6 +160,32 @@ def test_packed_batches_save_a_mask_per_block_and_expanded_kv_which_padded_ones_
     assert memory.saved_activation_bytes(spec, packed) - memory.saved_activation_bytes(spec, plan) == extra
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_sliding_window_shorter_than_the_sequence_saves_a_mask_per_block(method):
+    """Mistral v0.1 attends 4096 tokens back: past that, transformers hands SDPA a banded mask,
+    which costs what a packed batch's does (bar the per-row RoPE tables)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    plan = cpu_plan(method, micro_batch=2, seq_len=24)
+    counted = {}
+    for window in (64, 8):
+        config = MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=3,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                               attn_implementation="sdpa", sliding_window=window)
+        spec = from_hf_config(config.to_dict())
+        assert spec.sliding_window == window
+        torch.manual_seed(0)
+        model = MistralForCausalLM(config)
+        prepare_for_training(model, plan)
+        counted[window] = count_step(model, plan)
+        assert_close(predicted(spec, plan), counted[window])
+    n, b = plan.micro_batch * plan.seq_len, spec.block_groups()[0][1]
+    extra = spec.layers * (4 * plan.micro_batch * plan.seq_len ** 2 + n * 4 * 2 * (b.heads - b.kv_heads) * spec.head_dim)
+    assert counted[8]["saved"] - counted[64]["saved"] == extra
+    assert memory.saved_activation_bytes(spec, plan) - memory.saved_activation_bytes(
+        dataclasses.replace(spec, sliding_window=64), plan) == extra
+
+
 @pytest.mark.parametrize("method,ckpt", [("full", False), ("lora", False), ("full", True)])
 def test_chunked_loss_prediction_matches_counted_bytes(method, ckpt):
     """A chunked loss keeps the final hidden states instead of fp32 log-probs of the vocabulary."""
@@ -232,7 +258,7 @@ def test_checkpointing_keeps_only_block_inputs():
     # Checkpointing drops every block's saved tensors (and its padding mask) and the
     # shared RoPE tables, and keeps each block's input (n·h·4 bytes).
     block = memory.block_saved_bytes(spec, spec.block_groups()[0][1], plan)
-    dropped = spec.layers * (n * (block - 4 * spec.hidden) + memory.mask_saved_bytes(plan)) \
+    dropped = spec.layers * (n * (block - 4 * spec.hidden) + memory.mask_saved_bytes(spec, plan)) \
         + 2 * plan.seq_len * spec.head_dim * 4
     assert abs((saved - saved_ckpt) - dropped) <= 0.01 * dropped
 

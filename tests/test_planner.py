@@ -620,3 +620,62 @@ def test_packing_is_planned_with_the_memory_its_attention_mask_takes(capsys):
             assert packed.breakdown.total <= packed.usable
     code, out = run_plan(["--model", "llama-3.1-8b", "--vram", "44G", "packing=true"], capsys)
     assert code == 0 and "packed (a block-diagonal attention mask per layer)" in out
+
+
+def test_a_full_plan_without_a_budget_counts_the_bf16_moments_the_run_keeps():
+    """On CUDA a full run's AdamW moments are bf16, as its weights: the plan without --vram said
+    32-bit and predicted 60 GiB of states for an 8B model instead of 30."""
+    from lowmem import memory
+
+    spec = builtin_spec("llama-3.1-8b")
+    config = RunConfig(model="llama-3.1-8b", method="full", seq_len=2048, micro_batch=1, grad_checkpointing=True)
+    unbudgeted = make_plan(config, spec, {"method"}, device="cuda")
+    budgeted = make_plan(config.replace(vram=200 * 2**30), spec,
+                         {"method", "seq_len", "micro_batch", "grad_checkpointing"}, device="cuda")
+    assert unbudgeted.optimizer_state_bits == budgeted.optimizer_state_bits == 16
+    states = memory.optimizer_bytes(spec, unbudgeted)
+    assert states == memory.optimizer_bytes(spec, budgeted) and abs(states - 2 * 2 * spec.params) < 2**20
+    assert make_plan(config, spec, {"method"}, device="cpu").optimizer_state_bits == 32
+    assert make_plan(config.replace(method="lora"), spec, {"method"}, device="cuda").optimizer_state_bits == 32
+
+
+def test_a_setting_of_a_method_the_plan_does_not_use_is_named_in_why():
+    spec = builtin_spec("llama-3.1-8b")
+    config = RunConfig(model="llama-3.1-8b", seq_len=2048, vram=parse_size("24G"), device="cuda",
+                       loram=lowmem.config.LoramConfig(ratio=0.3))
+    plan = make_plan(config, spec, {"loram.ratio", "l4q.bits", "lora.rank"}, device="cuda")
+    assert plan.method == "lora"
+    assert plan.reasons[-1] == ("l4q.bits, loram.ratio: set, but a lora run does not use them "
+                                "(method=l4q or method=loram would)")
+    full = make_plan(config.replace(vram=None, method="full"), spec, {"method", "lora.rank"}, device="cuda")
+    assert full.reasons[-1] == "lora.rank: set, but a full run does not use it (method=l4q or method=lora or " \
+                               "method=loram or method=qlora would)"
+    assert not any("set, but" in r for r in make_plan(config, spec, {"lora.rank"}, device="cuda").reasons)
+
+
+def test_a_seq_len_past_the_models_context_is_warned_about():
+    spec = builtin_spec("llama-7b")                      # 2048 positions
+    config = RunConfig(model="llama-7b", seq_len=4096, vram=parse_size("80G"))
+    warning = ("warning: seq_len 4096 is past llama-7b's context of 2048 tokens (max_position_embeddings): "
+               "it never learned positions beyond it")
+    assert make_plan(config, spec, {"seq_len"}, device="cuda").reasons[-1] == warning
+    assert make_plan(config.replace(vram=None), spec, {"seq_len"}, device="cuda").reasons[-1] == warning
+    assert not any("context" in r for r in make_plan(config.replace(seq_len=2048), spec, {"seq_len"},
+                                                      device="cuda").reasons)
+
+
+def test_loram_that_would_prune_nothing_is_refused_and_per_block_ratios_count_at_ratio_0():
+    from lowmem import memory
+
+    spec = builtin_spec("smollm2-135m")                  # 30 blocks
+    config = RunConfig(method="loram", device="cpu", loram=lowmem.config.LoramConfig(keep_first=15, keep_last=15))
+    with pytest.raises(ConfigError, match=r"loram.keep_first=15 and loram.keep_last=15 keep all 30 blocks of "
+                                          r"smollm2-135m whole, so LoRAM would prune nothing"):
+        make_plan(config, spec, {"method"})
+    per_block = plan_from_config(RunConfig(method="loram", device="cpu",
+                                           loram=lowmem.config.LoramConfig(ratio=0.0, layer_ratios=(0.9, 0.9))))
+    assert per_block.label == "loram 0% (per block) fp32"
+    trained = memory.model_spec_for_plan(spec, per_block)      # the shapes the trainer prunes to
+    assert trained.params == spec.pruned(0.0, 1, 1, (0.9, 0.9)).params < spec.params
+    assert memory.predict(spec, per_block).weights < memory.predict(spec, dataclasses.replace(
+        per_block, prune_layer_ratios=())).weights

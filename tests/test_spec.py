@@ -72,6 +72,22 @@ def test_builtin_names_are_case_insensitive_with_aliases_and_suffixes(ref):
 def test_llama_names_used_by_the_planner_resolve():
     assert spec_for("meta-llama/Llama-3.1-8B-Instruct").name == "llama-3.1-8b"
     assert spec_for("LLAMA-3.1-70B").params > 70e9
+    assert spec_for("meta-llama/Llama-2-13b-chat-hf").name == "llama-2-13b"      # two suffixes
+    assert spec_for("mistralai/Mistral-7B-Instruct-v0.1").name == "mistral-7b"   # one in the middle
+
+
+def test_a_sliding_window_is_read_where_attention_uses_it():
+    """Mistral v0.1 attends 4096 tokens back; v0.3 and Qwen2 (whose configs carry a window
+    they leave off) attend to everything before; a random-weight model gets what the spec says."""
+    assert builtin_spec("mistral-7b").sliding_window == 4096
+    assert builtin_spec("mistral-7b").to_hf_config().sliding_window == 4096
+    assert builtin_spec("mistral-7b-v0.3").sliding_window == 0
+    assert builtin_spec("mistral-7b-v0.3").to_hf_config().sliding_window is None   # MistralConfig's default: 4096
+    qwen = builtin_spec("qwen2.5-0.5b").to_hf_config(sliding_window=4096, use_sliding_window=False)
+    assert from_hf_config(qwen.to_dict()).sliding_window == 0
+    mistral = builtin_spec("mistral-7b").to_hf_config().to_dict()
+    assert from_hf_config(mistral).sliding_window == 4096
+    assert from_hf_config({**mistral, "sliding_window": None}).sliding_window == 0
 
 
 def test_unknown_name_says_what_would_have_worked():

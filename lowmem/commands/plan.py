@@ -264,7 +264,7 @@ def _plan_rows(plan: Plan, spec: ModelSpec, prepare: dict[str, Any] | None = Non
     rows = [("method", plan.method)]
     base = plan.base_format + (" (double quantization)" if plan.base_format == "nf4" and plan.double_quant else "")
     rows.append(("base weights", base))
-    if plan.prune_ratio:
+    if plan.prune_ratio or any(plan.prune_layer_ratios):
         pruned = spec.pruned(plan.prune_ratio, plan.prune_keep_first, plan.prune_keep_last,
                              plan.prune_layer_ratios)
         bits = 4 if plan.base_format == "nf4" else 16
@@ -290,7 +290,8 @@ def _plan_rows(plan: Plan, spec: ModelSpec, prepare: dict[str, Any] | None = Non
     rows.append(("batch", f"micro_batch {plan.micro_batch} x grad_accum {plan.grad_accum} x seq_len "
                           f"{plan.seq_len} = {plan.tokens_per_step:,} tokens per step"
                           + (", packed (a block-diagonal attention mask per layer)" if plan.masked_attention
-                             else "")))
+                             else f", longer than the {spec.sliding_window}-token attention window (a banded "
+                                  f"mask per layer)" if 0 < spec.sliding_window < plan.seq_len else "")))
     rows.append(("memory savers", f"checkpointing {'on' if plan.grad_checkpointing else 'off'}, "
                                   f"offload {'on' if plan.offload_activations else 'off'}, "
                                   f"loss {'chunks of ' + str(plan.loss_chunk) if plan.loss_chunk else 'whole'}"))

@@ -89,7 +89,7 @@ def preflight(config) -> None:
 def run(args) -> int:
     from lowmem.commands.monitor import use_dashboard
     from lowmem.commands.plan import pinned_keys
-    from lowmem.planner import make_plan
+    from lowmem.planner import make_plan, past_context
     from lowmem.spec import spec_for
     from lowmem.trainer import new_run_dir, resumed_config, write_run_files
 
@@ -147,7 +147,10 @@ def run(args) -> int:
     preflight(config)
     config = with_absolute_paths(config)
     pinned = pinned_keys(args)
-    plan = make_plan(config, spec_for(config.model), pinned)
+    spec = spec_for(config.model)
+    plan = make_plan(config, spec, pinned)
+    if past_context(spec, plan.seq_len):
+        print(past_context(spec, plan.seq_len), file=sys.stderr)
     if "lr" not in pinned and default_lr(plan.method) != config.lr:
         # The planner chose another method than the config's: its learning rate goes with it.
         print(f"lr {default_lr(plan.method):g}: the default for {plan.method} (set lr to choose)", file=sys.stderr)
