@@ -91,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # lowmem never downloads
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # The plans allow 5% of the peak for the caching allocator's fragmentation, which holds with
+    # expandable segments (10-15% without, memory.ALLOCATOR_FRAGMENTATION). Read when CUDA first
+    # allocates, so set here, before it does; a setting of the user's is kept.
+    if not any(os.environ.get(k) for k in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")):
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

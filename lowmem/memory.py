@@ -71,7 +71,8 @@ CUDA_CONTEXT_BYTES = 512 * MiB
 #: cuBLAS workspace allocated through the caching allocator (Hopper default ~32 MiB).
 CUBLAS_WORKSPACE_BYTES = 32 * MiB
 #: Reserved-but-unused share of the caching allocator at peak (block rounding,
-#: fragmentation). 5% is typical with `expandable_segments`; 10-15% without.
+#: fragmentation). 5% is typical with `expandable_segments` (which `lowmem` turns on
+#: unless PYTORCH_CUDA_ALLOC_CONF / PYTORCH_ALLOC_CONF is set); 10-15% without.
 ALLOCATOR_FRAGMENTATION = 0.05
 
 #: NF4 (QLoRA): 64 weights per absmax block; the absmaxes are themselves

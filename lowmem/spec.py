@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 from collections.abc import Sequence

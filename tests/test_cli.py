@@ -548,3 +548,16 @@ def test_the_dashboards_trainer_takes_the_run_over_with_no_moment_free(tmp_path,
     assert len(seen) == 2 and all("is in use by a trainer (pid" in message for message in seen), seen
     check_unlocked(tmp_path / "handed")        # the trainer let it go when it ended
     assert train_command.finished(tmp_path / "handed", 2)
+
+
+def test_lowmem_turns_on_the_allocator_setting_its_plans_assume_unless_one_is_set(monkeypatch, capsys):
+    import os
+
+    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["presets"]) == 0
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:128")
+    assert main(["presets"]) == 0
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and os.environ["PYTORCH_ALLOC_CONF"] == "max_split_size_mb:128"

@@ -286,6 +286,11 @@ def test_plan_command_reports_an_impossible_budget_as_an_error(capsys):
         run_plan(["--model", "llama-3.1-70b", "--vram", "6G"], capsys)
     code, out = run_plan(["--model", "llama-3.1-70b", "--vram", "6G", "--json"], capsys)
     assert code == 2 and "nothing fits" in json.loads(out)["error"]
+    assert json.loads(out)["kind"] == "BudgetError" and json.loads(out)["model"]["name"] == "llama-3.1-70b"
+    code, out = run_plan(["--model", "gpt2", "--json"], capsys)       # any error, as JSON
+    assert code == 2 and json.loads(out)["kind"] == "ModelError" and "gpt2" in json.loads(out)["error"]
+    code, out = run_plan(["--json", "lora.rnak=4"], capsys)
+    assert code == 2 and json.loads(out)["error"].endswith("(did you mean 'lora.rank'?)")
 
 
 def test_plan_command_lists_builtin_models(capsys):

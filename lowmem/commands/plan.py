@@ -21,9 +21,10 @@ from typing import Any
 
 from lowmem.commands import add_config_flags, config_from_args
 from lowmem.config import format_size, parse_overrides, read_yaml_layer, find_preset
+from lowmem.errors import LowmemError
 from lowmem.loram import Preparation, preparation
 from lowmem.memory import MemoryBreakdown
-from lowmem.planner import BudgetError, Plan, make_plan, safety_margin
+from lowmem.planner import Plan, make_plan, safety_margin
 from lowmem.spec import ModelSpec, builtin_entries, builtin_spec, spec_for
 
 _TERM_NOTES = {
@@ -43,7 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "plan", help="choose the plan that fits a memory budget and show its predicted memory",
         description="Choose the best plan that fits --vram (quality first, then speed) and show "
                     "its predicted memory, term by term. Reads no weights.")
-    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--json", action="store_true",
+                        help="print the plan as JSON (an error too, as {\"error\", \"kind\"}, exit status 2)")
     parser.add_argument("--list-models", action="store_true",
                         help="list the built-in model names and exit")
     parser.add_argument("--measure", action="store_true",
@@ -76,14 +78,15 @@ def run(args: argparse.Namespace) -> int:
     if args.list_models:
         print(list_models())
         return 0
-    config = config_from_args(args)
-    spec = spec_for(config.model)
-    device = planning_device(config.device)
+    spec = None
     try:
-        plan = make_plan(config, spec, pinned_keys(args), device=device)
-    except BudgetError as e:
-        if args.json:
-            print(json.dumps({"model": spec.to_dict(), "error": str(e)}, indent=2))
+        config = config_from_args(args)
+        spec = spec_for(config.model)
+        plan = make_plan(config, spec, pinned_keys(args), device=planning_device(config.device))
+    except LowmemError as e:
+        if args.json:    # a reader of --json gets JSON, whatever went wrong
+            print(json.dumps({**({"model": spec.to_dict()} if spec else {}),
+                              "error": str(e), "kind": type(e).__name__}, indent=2))
             return 2   # as without --json (every lowmem error exits 2)
         raise
     prepare = loram_prepare(plan, spec, config)
