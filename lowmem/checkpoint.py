@@ -42,7 +42,9 @@ class RunLock:
 
     The lock belongs to the open file, not the process: a child given `fd` (its descriptor,
     inherited through `pass_fds`) holds the same lock, so the dashboard's trainer takes the
-    run over from `lowmem train` with no moment where the run is free."""
+    run over from `lowmem train` with no moment where the run is free. (Not on NFS, whose
+    client emulates flock with per-process locks: there the child takes the lock once the
+    parent has let it go.)"""
 
     _held: dict[Path, int] = {}   # run directories this process holds, and how deep
 
@@ -72,10 +74,12 @@ class RunLock:
             return self
         # An inherited descriptor is locked already: flock on it again succeeds, and checks that.
         fd = self.inherited if self.inherited is not None else os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if self.inherited is not None:
+            os.set_inheritable(fd, False)     # a program the trainer starts must not hold the run
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock(fcntl, fd, wait_s=10.0 if self.inherited is not None else 0.0)
         except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
             raise CheckpointError(f"{self.run_dir} is in use by a trainer ({holder}): wait for it to end, or "
                                   f"stop it (`lowmem monitor {self.run_dir}`, then q) and resume") from None
@@ -98,6 +102,22 @@ class RunLock:
             os.close(self._fd)     # closing releases the lock
             self._fd = None
             RunLock._held.pop(key, None)
+
+
+def _flock(fcntl, fd: int, wait_s: float) -> None:
+    """flock(LOCK_EX | LOCK_NB) on `fd`, tried again for up to `wait_s` seconds: a descriptor
+    handed down on NFS is free only once the parent that locked it lets go."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)
 
 
 def check_unlocked(run_dir: Path) -> None:
@@ -343,8 +363,11 @@ def run_adapter_folder(run_dir: Path, marker: str) -> tuple[Path | None, str]:
         return None, str(e)
     if not (folder / marker).is_file():
         return None, f"{folder} lacks {marker}"
-    ends = [e for e in read_events(run_dir) if e.get("kind") == "done"]
-    if ends and ends[-1].get("reason") == "finished":
-        return folder, f"{run_dir / 'adapter'} lacks {marker}, though the run finished at step {ends[-1].get('step')}"
+    events = read_events(run_dir)
+    starts = [i for i, e in enumerate(events) if e.get("kind") == "start"]
+    # The end of its latest session: a run trained further has set its adapter/ aside.
+    end = next((e for e in events[starts[-1] if starts else 0:] if e.get("kind") == "done"), None)
+    if end is not None and end.get("reason") == "finished":
+        return folder, f"{run_dir / 'adapter'} lacks {marker}, though the run finished at step {end.get('step')}"
     return folder, f"{run_dir} has not finished"
 

@@ -93,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # The plans allow 5% of the peak for the caching allocator's fragmentation, which holds with
     # expandable segments (10-15% without, memory.ALLOCATOR_FRAGMENTATION). Read when CUDA first
-    # allocates, so set here, before it does; a setting of the user's is kept.
-    if not any(os.environ.get(k) for k in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")):
+    # allocates, so set here, before it does; a setting of the user's is kept. Linux only: torch
+    # has them nowhere else, and says so.
+    if sys.platform.startswith("linux") and not any(
+            os.environ.get(k) for k in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")):
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     from transformers.utils import logging as hf_logging
 

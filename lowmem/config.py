@@ -205,7 +205,7 @@ class RunConfig:
     keep_checkpoints: int = field(default=2, metadata=_key("checkpoints kept (older ones are deleted)", min=1))
     log_every: int = field(default=1, metadata=_key("progress line every N steps", min=1))
     seed: int = field(default=0, metadata=_key("seed for data order, adapter init and dropout",
-                                               min=0, max=2**32 - 1))
+                                               min=-2**63, max=2**63 - 1))
     device: str = field(default="auto", metadata=_key("where to train", choices=("auto", "cpu", "cuda")))
     lora: LoraConfig = field(default_factory=LoraConfig)
     galore: GaloreConfig = field(default_factory=GaloreConfig)
@@ -292,8 +292,8 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, where: str) -> Any:
             raise bad("a list of finite numbers")
         if key == "adam_betas" and (len(value) != 2 or not all(0 <= b < 1 for b in value)):
             raise bad("two numbers in [0, 1)")
-        if key == "loram.layer_ratios" and not all(0 <= r <= LoramConfig.MAX_RATIO for r in value):
-            raise bad(f"prune ratios in [0, {LoramConfig.MAX_RATIO}]")
+        if key == "loram.layer_ratios" and not all(0 <= r < 1 for r in value):
+            raise bad("prune ratios in [0, 1)")
     elif ftype == "bool":
         if isinstance(value, str) and value.lower() in ("true", "false", "on", "off", "yes", "no", "1", "0"):
             value = value.lower() in ("true", "on", "yes", "1")
@@ -326,8 +326,6 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, where: str) -> Any:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise bad("text")
         value = str(value)
-        if key == "name" and (value in (".", "..") or "/" in value or "\\" in value):
-            raise bad("a folder name (no / or \\, not . or ..): runs_dir says where runs go")
 
     if key == "lora.targets":
         from lowmem.spec import LINEARS
@@ -337,6 +335,10 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}key '{key}': '{other}' is not a block projection; adapters go on "
                               f"{', '.join(LINEARS)} (the loss reads the head's weight itself, so lm_head "
                               f"and the embeddings cannot carry an adapter)")
+        indexed = next((t for t in value if any(part.isdigit() for part in t.split("."))), None)
+        if indexed is not None:
+            raise ConfigError(f"{where}key '{key}': '{indexed}' names one block's projection; adapters go on "
+                              f"a projection in every block: give its name ({indexed.rsplit('.', 1)[-1]})")
         # Every block's projection of that name gets one: a dotted path names no more than its
         # last part, and the plan counts adapters by that name.
         value = tuple(dict.fromkeys(t.rsplit(".", 1)[-1] for t in value))
@@ -355,14 +357,15 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, where: str) -> Any:
 
 
 def build_config(layers: Iterable[tuple[dict[str, Any], dict[str, str]]], *, resuming: bool = False,
-                 note: Callable[[str], None] | None = None) -> RunConfig:
+                 note: Callable[[str], None] | None = None, presets: int = 0) -> RunConfig:
     """Merge flat `{dotted_key: value}` layers onto the defaults and validate.
 
     Each layer comes with `{dotted_key: where}` telling where a value came from
     (`presets/x.yaml: line 7: ` or `override: `), used in error messages.
     `resuming`: the layers are a run's own config.yaml and what a resume changes; its
-    schedule is the run's, so it is not checked against the new steps. `note` is told when a
-    value given is not used (an lr a lower layer chose for another method).
+    schedule is the run's, so it is not checked against the new steps. The first `presets`
+    layers are presets: their lr and warmup_steps give way to a method and steps a later layer
+    gives (`note` is told), where a user's own flags and overrides stand.
     """
     keys = all_keys()
     merged: dict[str, Any] = {}
@@ -390,7 +393,7 @@ def build_config(layers: Iterable[tuple[dict[str, Any], dict[str, str]]], *, res
     # Unset keys whose good value depends on others.
     steps = merged.get("steps", RunConfig.steps)
     if ("warmup_steps" in merged and merged["warmup_steps"] > steps and not resuming
-            and layer_of.get("steps", -1) > layer_of["warmup_steps"]):
+            and layer_of["warmup_steps"] < presets and layer_of.get("steps", -1) >= presets):
         # A preset's warmup was for its own steps: `--preset demo-cpu --steps 3` shortens both.
         if note is not None:
             note(f"warmup_steps {min(RunConfig.warmup_steps, steps // 10)}: the {merged['warmup_steps']} given "
@@ -402,7 +405,7 @@ def build_config(layers: Iterable[tuple[dict[str, Any], dict[str, str]]], *, res
         raise ConfigError(f"{set_at['warmup_steps']}key 'warmup_steps': {merged['warmup_steps']} warmup steps "
                           f"in a run of {steps} steps: the learning rate would never reach lr; give at most {steps}")
     method = merged.get("method", RunConfig.method)
-    if "lr" in merged and layer_of.get("method", -1) > layer_of["lr"]:
+    if "lr" in merged and layer_of["lr"] < presets and layer_of.get("method", -1) >= presets:
         chosen_for = method_after[layer_of["lr"]]
         if default_lr(chosen_for) != default_lr(method):
             # A preset's lr was tuned for its method; `--method full` on it must not train every
@@ -579,4 +582,4 @@ def load_config(preset: str | None = None, flags: dict[str, Any] | None = None,
     if flags:
         layers.append((flags, {k: f"--{k.replace('.', '-').replace('_', '-')}: " for k in flags}))
     layers.append(parse_overrides(overrides))
-    return build_config(layers, note=note)
+    return build_config(layers, note=note, presets=1 if preset else 0)

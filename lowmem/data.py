@@ -261,7 +261,10 @@ def split_text(text: str, fraction: float) -> tuple[list, list]:
     """One text (a .txt file): its last `fraction`, from a line break (else a space), held out,
     where records cannot be split because there is one. Too short to cut: all of it trains."""
     at = int(len(text) * (1 - fraction))
-    cut = next((i + 1 for i in (text.rfind("\n", 0, at), text.rfind(" ", 0, at)) if i > 0), -1)
+    line = text.rfind("\n", 0, at)
+    if line < at - len(text) * fraction:     # no line break near: a title over one paragraph
+        line = -1
+    cut = next((i + 1 for i in (line, text.rfind(" ", 0, at)) if i > 0), -1)
     if cut <= 0 or not text[:cut].strip() or not text[cut:].strip():
         return [(None, text)], []
     return [(None, text[:cut])], [(None, text[cut:])]

@@ -22,7 +22,7 @@ Where the numbers come from:
   `torch.autograd.graph.saved_tensors_hooks` on the CPU and is checked against
   it in tests/test_memory.py. Right-padded batches pass no attention mask
   (causal); packed batches do (block-diagonal, `masked_attention`), and so does a
-  sliding window shorter than the sequence (banded), which costs a mask per block
+  sliding window no longer than the sequence (banded), which costs a mask per block
   and k, v expanded to every head (see attends_with_mask).
 * Transient buffers (loss backward, dequantized weights, one block's
   backward) are upper estimates from the ops involved, stated per function.
@@ -507,8 +507,9 @@ def attention_saved_tensors(block: BlockShape, head_dim: int, c: int, masked_att
 
 def attends_with_mask(spec: ModelSpec, plan: Any) -> bool:
     """Whether attention takes a mask: packed batches (block-diagonal), or a sliding window
-    shorter than the sequence (banded). Causal attention over right-padded batches needs none."""
-    return bool(_get(plan, "masked_attention", False)) or 0 < spec.sliding_window < plan.seq_len
+    no longer than the sequence (banded; transformers builds it from a window equal to the
+    sequence up). Causal attention over right-padded batches needs none."""
+    return bool(_get(plan, "masked_attention", False)) or 0 < spec.sliding_window <= plan.seq_len
 
 
 def mask_saved_bytes(spec: ModelSpec, plan: Any) -> int:
@@ -813,14 +814,24 @@ def galore_workspace_bytes(spec: ModelSpec, plan: Any) -> int:
     return 12 * spec.max_linear_numel() if plan.method == "galore" else 0
 
 
+#: Elements lowmem.optim.BF16AdamW updates at once, and its temporaries per element of such
+#: a chunk at most: three fp32 copies (gradient and moments, then moments and weight, then
+#: weight and the int32 rounding noise).
+BF16_STEP_CHUNK = 1 << 22
+BF16_STEP_TEMPORARIES = 12
+
+
 def optimizer_step_bytes(spec: ModelSpec, plan: Any) -> int:
     """Temporaries of the optimizer step.
 
+        bf16 weights (16-bit states): 12·min(max numel, 2²²) (BF16AdamW works in fp32 chunks)
         CUDA: 0 (fused AdamW works in place); GaLore: galore_workspace_bytes.
         CPU:  2·max numel·4 (the single-tensor AdamW makes two temporaries per tensor).
     """
     if plan.method == "galore":
         return galore_workspace_bytes(spec, plan)
+    if _get(plan, "optimizer_state_bits", 32) == 16:
+        return BF16_STEP_TEMPORARIES * min(_max_numel(trainable_tensors(spec, plan)), BF16_STEP_CHUNK)
     if _get(plan, "device", "cpu") == "cuda":
         return 0
     return 2 * 4 * _max_numel(trainable_tensors(spec, plan))

@@ -6,6 +6,8 @@
                                      the block linears, 8-bit AdamW for the rest; per-layer
                                      updates inside backward when `plan.galore_per_layer`
     plan.optimizer_state_bits == 8   the same class projecting nothing: blockwise 8-bit AdamW
+    plan.optimizer_state_bits == 16  BF16AdamW: a full run's bf16 weights and moments, the
+                                     update in fp32 and rounded stochastically into the weights
     otherwise                        torch.optim.AdamW (fused on CUDA)
 
 The training loop sets each group's `lr` before backward (a per-layer
@@ -21,6 +23,7 @@ from torch import nn
 
 from lowmem.config import RunConfig
 from lowmem.galore import GaLoreAdamW8bit
+from lowmem.memory import BF16_STEP_CHUNK
 
 #: GaLore settings when the config has no `galore` section (the paper's values). Rank,
 #: per-layer and embeddings decide memory, so they come from the plan; the update gap
@@ -50,6 +53,10 @@ def build_optimizer(named_params: list[tuple[str, nn.Parameter]], plan, config: 
         return GaLoreAdamW8bit(named_params, **common, rank=None)
     decay = [p for _, p in named_params if p.ndim >= 2]
     no_decay = [p for _, p in named_params if p.ndim < 2]
+    if getattr(plan, "optimizer_state_bits", 32) == 16:
+        return BF16AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}],
+                         lr=config.lr, betas=tuple(config.adam_betas), seed=config.seed)
     # On CUDA torch's default is the foreach AdamW, whose step holds a copy of every second
     # moment of a group at once (2 bytes a parameter more at the peak of a bf16 full run);
     # the fused one updates in place, as memory.optimizer_step_bytes counts.
@@ -57,3 +64,118 @@ def build_optimizer(named_params: list[tuple[str, nn.Parameter]], plan, config: 
         [{"params": decay, "weight_decay": config.weight_decay},
          {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr, betas=tuple(config.adam_betas), fused=True if getattr(plan, "device", "cpu") == "cuda" else None)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """`optimizer.load_state_dict(state)`, keeping how build_optimizer made it step: torch takes
+    `fused` and `foreach` from the saved groups, so a checkpoint of an unfused AdamW would make
+    a fused one foreach, whose step holds a copy of the moments the plan does not count."""
+    fused = [group.get("fused") for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, was in zip(optimizer.param_groups, fused):
+        if was and not group.get("fused"):
+            group["fused"], group["foreach"] = True, False
+            for p in group["params"]:
+                if "step" in optimizer.state.get(p, {}):    # a fused step keeps its count on the device
+                    optimizer.state[p]["step"] = optimizer.state[p]["step"].to(p.device, torch.float32)
+
+
+def round_stochastically_(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """fp32 `x` rounded in place to a value bf16 holds exactly, up or down with the probability
+    of its distance to each (unbiased: E[result] = x); `noise` is uniform int32 in [0, 2¹⁶).
+
+    A float's bits are sign and magnitude: adding noise below bf16's last mantissa bit and
+    clearing those 16 bits rounds the magnitude up exactly when the noise carries, with the
+    probability of the dropped fraction. inf stays inf. (The trainer applies no step whose
+    gradient is not finite.)"""
+    x.view(torch.int32).add_(noise).bitwise_and_(-65536)
+    return x
+
+
+class BF16AdamW(torch.optim.Optimizer):
+    """AdamW for bf16 weights (a full run on CUDA) that does not lose small updates.
+
+    torch's AdamW on bf16 weights rounds each updated weight to nearest: an update smaller
+    than half a bf16 step of the weight (2⁻⁹ to 2⁻⁸ of it) is lost every time. Adam's update
+    is about lr, so at lr 5e-5 every weight from 2⁻⁶ ≈ 0.016 up (where bf16's step is
+    2⁻¹³ ≈ 1.2e-4) never moves. Here the update is computed in fp32 and rounded
+    stochastically, so each weight moves by the update in expectation, and memory stays
+    2 bytes a weight and 2 + 2 a moment (bf16, as torch's).
+
+    Per tensor, in chunks of memory.BF16_STEP_CHUNK elements (fp32 temporaries of
+    memory.BF16_STEP_TEMPORARIES bytes an element of the chunk):
+
+        m ← β1·m + (1−β1)·g,  v ← β2·v + (1−β2)·g²                    (rounded to nearest)
+        w ← round_stochastically(w·(1 − lr·λ) − lr/(1−β1ᵗ) · m / (√(v/(1−β2ᵗ)) + ε))
+
+    The noise comes from a generator seeded by (seed, step), drawn in parameter order, so a
+    resumed run rounds as the uninterrupted one did with nothing more saved. The state
+    (`step`, `exp_avg`, `exp_avg_sq`) and groups are torch.optim.AdamW's.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.01, seed: int = 0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.seed = seed
+        for group in self.param_groups:    # refused here, not after the first backward
+            for p in group["params"]:
+                if p.dtype not in (torch.bfloat16, torch.float32) or not p.is_contiguous():
+                    raise ValueError(f"BF16AdamW updates contiguous bf16 (or fp32) parameters; got a "
+                                     f"{'non-contiguous ' if not p.is_contiguous() else ''}{p.dtype} one "
+                                     f"of shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        generators: dict[tuple[torch.device, int], torch.Generator] = {}
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                step = int(state["step"].item())
+                key = (p.device, step)
+                if key not in generators:
+                    generators[key] = torch.Generator(device=p.device).manual_seed(
+                        (self.seed * 1_000_003 + step) % (2**63))
+                self._update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], step, lr, b1, b2, eps, wd,
+                             generators[key])
+        return loss
+
+    @staticmethod
+    def _update(p, grad, exp_avg, exp_avg_sq, step, lr, b1, b2, eps, wd, generator) -> None:
+        flat = [p.view(-1), grad.reshape(-1), exp_avg.view(-1), exp_avg_sq.view(-1)]
+        bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
+        exact = p.dtype == torch.float32       # nothing to round: a plain AdamW step
+        for start in range(0, p.numel(), BF16_STEP_CHUNK):
+            w_, g_, m_, v_ = (t[start:start + BF16_STEP_CHUNK] for t in flat)
+            g = g_.float()
+            m = m_.float().lerp_(g, 1 - b1)
+            v = v_.float().mul_(b2).addcmul_(g, g, value=1 - b2)
+            del g
+            m_.copy_(m)
+            v_.copy_(v)
+            # v is the state itself when the weights are fp32 (.float() copies nothing then).
+            denom = (v.div(bc2) if exact else v.div_(bc2)).sqrt_().add_(eps)
+            w = w_.float()
+            if wd:
+                w.mul_(1 - lr * wd)
+            w.addcdiv_(m, denom, value=-lr / bc1)
+            del m, v, denom
+            if not exact:
+                noise = torch.randint(0, 1 << 16, w.shape, dtype=torch.int32, device=w.device,
+                                      generator=generator)
+                round_stochastically_(w, noise)
+                del noise
+            w_.copy_(w)
+            del w          # before the next chunk's: three fp32 chunks alive at most

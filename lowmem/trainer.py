@@ -40,7 +40,7 @@ from lowmem.events import ControlReader, EventLog, this_host
 from lowmem.loss import causal_lm_loss, count_targets
 from lowmem.offload import OffloadActivations
 from lowmem.lora import save_adapter
-from lowmem.optim import build_optimizer
+from lowmem.optim import build_optimizer, load_optimizer_state
 from lowmem.loram import load_streamed_loram
 from lowmem.loram import streams as loram_streams
 from lowmem.model import (dense_weight_dtype, load_model, load_tokenizer, parameter_count, prepare_for_training,
@@ -80,6 +80,9 @@ def new_run_dir(config: RunConfig) -> Path:
     import shutil
 
     name = config.name or datetime.now().strftime("%Y%m%d-%H%M%S")
+    if name in (".", "..") or "/" in name or "\\" in name:
+        raise ConfigError(f"key 'name': expected a folder name (no / or \\, not . or ..), got {name!r}: "
+                          f"runs_dir says where runs go")
     run_dir = Path(config.runs_dir) / name
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"{run_dir} is a file, not a run directory; choose another --name or --runs-dir")
@@ -372,7 +375,7 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
         with torch.no_grad():
             for name, tensor in checkpoint["trainable"].items():
                 named[name].copy_(tensor)
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        load_optimizer_state(optimizer, checkpoint["optimizer"])
         try:
             stream.load_state_dict(checkpoint["state"]["data"])
         except DataError:

@@ -173,7 +173,8 @@ def test_train_then_generate_with_the_run_adapter(tmp_path, tiny_model_dir, tiny
     (tmp_path / "early" / "config.yaml").write_text(f"model: {tiny_model_dir}\nsteps: 2\n")
     (tmp_path / "early" / "plan.yaml").write_text("method: lora\n")
     assert main(["generate", "hi", "--adapter", str(tmp_path / "early")]) == 2
-    assert "early: no adapter yet: the run has not finished (" in capsys.readouterr().err
+    assert ("early: no adapter to answer with: adapter/ holds no adapter_config.json (the run has not finished, "
+            "or it was removed), and " in capsys.readouterr().err)
     (tmp_path / "early" / "config.yaml").write_text("steps: 2\n")
     assert main(["generate", "hi", "--adapter", str(tmp_path / "early")]) == 2
     assert "early/config.yaml: no 'model' in it; the run directory is damaged" in capsys.readouterr().err
@@ -462,6 +463,10 @@ def test_generate_points_each_kind_of_run_to_what_it_can_answer_with(tmp_path, t
     assert find_adapter(unfinished, said.append)[0] == unfinished / "checkpoints" / "step-5" / "adapter"
     assert said == [f"{unfinished / 'adapter'} lacks adapter_config.json, though the run finished at step 5: "
                     f"answering with its checkpoint step-5"]
+    EventLog(unfinished).emit("start", step=5)       # trained further: its adapter/ set aside, not lost
+    said.clear()
+    find_adapter(unfinished, said.append)
+    assert said == [f"{unfinished} has not finished: answering with its checkpoint step-5"]
 
 
 def test_a_resume_refuses_fewer_steps_than_done_and_an_emptied_config_and_writes_whole_files(
@@ -521,6 +526,14 @@ def test_lowmem_train_holds_the_run_from_its_checks_to_the_end_of_training(
     assert all("is in use by a trainer (pid" in message for _, message in held)
 
 
+def test_a_run_name_that_is_not_one_folder_is_refused_before_anything_is_made(tmp_path, tiny_model_dir,
+                                                                             tiny_chat_data, capsys):
+    for name in ("a/b", ".."):
+        assert _train_tiny(tiny_model_dir, tiny_chat_data, tmp_path / "runs", name) == 2
+        assert f"key 'name': expected a folder name (no / or \\, not . or ..), got {name!r}" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_the_dashboards_trainer_takes_the_run_over_with_no_moment_free(tmp_path, tiny_model_dir, tiny_chat_data,
                                                                       monkeypatch):
     """Behind the dashboard the trainer is another process, still importing torch when the
@@ -550,6 +563,7 @@ def test_the_dashboards_trainer_takes_the_run_over_with_no_moment_free(tmp_path,
     assert train_command.finished(tmp_path / "handed", 2)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="expandable segments are Linux-only")
 def test_lowmem_turns_on_the_allocator_setting_its_plans_assume_unless_one_is_set(monkeypatch, capsys):
     import os
 

@@ -200,6 +200,9 @@ def test_a_txt_file_holds_out_its_tail_and_paths_may_start_with_home(tmp_path, t
     data = load_datasets(RunConfig(data="~/corpus.txt", eval_fraction=0.1, seq_len=64), tokenizer)
     assert data.heldout and data.train
     assert split_records(RunConfig(data="~/corpus.txt", eval_fraction=0.0))[1] == []
+    (tmp_path / "novel.txt").write_text("My Novel\n" + "word " * 2000)   # a title over one paragraph
+    (_, kept), = split_records(RunConfig(data=str(tmp_path / "novel.txt"), eval_fraction=0.1))[0]
+    assert 0.85 < len(kept) / len((tmp_path / "novel.txt").read_text()) < 0.95     # cut at a space, not the title
     (tmp_path / "word.txt").write_text("word")             # nothing to cut at: it all trains
     assert split_records(RunConfig(data=str(tmp_path / "word.txt")))[1] == []
     assert split_records(RunConfig(data=str(tmp_path / "word.txt"), eval_data="~/corpus.txt"))[1][0][1] == (

@@ -291,6 +291,8 @@ def test_plan_command_reports_an_impossible_budget_as_an_error(capsys):
     assert code == 2 and json.loads(out)["kind"] == "ModelError" and "gpt2" in json.loads(out)["error"]
     code, out = run_plan(["--json", "lora.rnak=4"], capsys)
     assert code == 2 and json.loads(out)["error"].endswith("(did you mean 'lora.rank'?)")
+    code, out = run_plan(["--json", "--measure", "--measure-steps", "0", "device=cpu"], capsys)
+    assert code == 2 and json.loads(out)["error"] == "--measure-steps: expected at least 1, got 0"
 
 
 def test_plan_command_lists_builtin_models(capsys):

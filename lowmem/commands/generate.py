@@ -68,7 +68,8 @@ def find_adapter(path: Path, note=None) -> tuple[Path, str | None]:
                              f"`lowmem export {path} --quantized OUT`, then answer with --model OUT")
         folder, why = run_adapter_folder(path, ADAPTER_CONFIG)
         if folder is None:
-            raise ModelError(f"{path}: no adapter yet: the run has not finished ({why})")
+            raise ModelError(f"{path}: no adapter to answer with: adapter/ holds no {ADAPTER_CONFIG} "
+                             f"(the run has not finished, or it was removed), and {why}")
         if folder != path / "adapter" and note is not None:
             note(f"{why}: answering with its checkpoint {folder.parent.name}")
         return folder, model

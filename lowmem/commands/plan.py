@@ -83,14 +83,14 @@ def run(args: argparse.Namespace) -> int:
         config = config_from_args(args)
         spec = spec_for(config.model)
         plan = make_plan(config, spec, pinned_keys(args), device=planning_device(config.device))
+        prepare = loram_prepare(plan, spec, config)
+        measured = measure_plan(plan, spec, config, args.measure_steps) if args.measure else None
     except LowmemError as e:
         if args.json:    # a reader of --json gets JSON, whatever went wrong
             print(json.dumps({**({"model": spec.to_dict()} if spec else {}),
                               "error": str(e), "kind": type(e).__name__}, indent=2))
             return 2   # as without --json (every lowmem error exits 2)
         raise
-    prepare = loram_prepare(plan, spec, config)
-    measured = measure_plan(plan, spec, config, args.measure_steps) if args.measure else None
     if args.json:
         out = plan_json(plan, spec, prepare)
         if measured is not None:
@@ -287,14 +287,16 @@ def _plan_rows(plan: Plan, spec: ModelSpec, prepare: dict[str, Any] | None = Non
     if plan.quant_bits:
         rows.append(("export", f"{plan.quant_bits}-bit, group {plan.quant_group}"))
     opt = plan.optimizer + f" ({plan.optimizer_state_bits}-bit states)"
+    if plan.optimizer_state_bits == 16:       # lowmem.optim.BF16AdamW
+        opt += ", bf16 weights updated in fp32 and rounded stochastically"
     if plan.galore_rank:
         opt += f", GaLore rank {plan.galore_rank}" + (", per-layer updates" if plan.galore_per_layer else "")
     rows.append(("optimizer", opt))
     rows.append(("batch", f"micro_batch {plan.micro_batch} x grad_accum {plan.grad_accum} x seq_len "
                           f"{plan.seq_len} = {plan.tokens_per_step:,} tokens per step"
                           + (", packed (a block-diagonal attention mask per layer)" if plan.masked_attention
-                             else f", longer than the {spec.sliding_window}-token attention window (a banded "
-                                  f"mask per layer)" if 0 < spec.sliding_window < plan.seq_len else "")))
+                             else f", as long as the {spec.sliding_window}-token attention window or longer "
+                                  f"(a banded mask per layer)" if 0 < spec.sliding_window <= plan.seq_len else "")))
     rows.append(("memory savers", f"checkpointing {'on' if plan.grad_checkpointing else 'off'}, "
                                   f"offload {'on' if plan.offload_activations else 'off'}, "
                                   f"loss {'chunks of ' + str(plan.loss_chunk) if plan.loss_chunk else 'whole'}"))
