@@ -28,6 +28,7 @@ Readers must tolerate a partial last line (the writer may be mid-write).
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
@@ -80,11 +81,33 @@ def _jsonable(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+_COUNTS = ("step", "steps", "tokens")
+_TIMES = ("t", "elapsed_s", "eta_s", "tokens_per_s")
+
+
+def _well_typed(record: dict) -> bool:
+    """Whether the fields readers compute with have the types the trainer writes: counts are
+    whole numbers, times finite numbers, `mem` a mapping (a loss may be nan: a diverged step)."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if any(k in record and not (isinstance(record[k], int) and not isinstance(record[k], bool)) for k in _COUNTS):
+        return False
+    if any(k in record and not (number(record[k]) and math.isfinite(record[k])) for k in _TIMES):
+        return False
+    mem = record.get("mem")
+    if mem is not None and not (isinstance(mem, dict)
+                                and all(v is None or (number(v) and math.isfinite(v)) for v in mem.values())):
+        return False
+    return all(record[k] is None or number(record[k]) for k in ("loss", "lr", "grad_norm") if k in record)
+
+
 def read_jsonl_tail(path: Path, offset: int = 0) -> tuple[list[dict], int]:
     """Complete JSON lines of `path` from byte `offset`; returns them and the new offset.
 
     A last line without its newline is left for the next call; a complete line
-    that is not a JSON object is skipped (it cannot become one later).
+    that is not a JSON object, or whose fields have types no trainer writes, is skipped
+    (it cannot become one later).
     """
     try:
         with open(path, "rb") as f:
@@ -92,6 +115,10 @@ def read_jsonl_tail(path: Path, offset: int = 0) -> tuple[list[dict], int]:
             data = f.read()
     except FileNotFoundError:
         return [], offset
+    except OSError as e:     # a directory, no permission
+        from lowmem.errors import CheckpointError
+
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
     end = data.rfind(b"\n") + 1
     records = []
     for line in data[:end].splitlines():
@@ -101,7 +128,7 @@ def read_jsonl_tail(path: Path, offset: int = 0) -> tuple[list[dict], int]:
             record = json.loads(line)
         except ValueError:   # not JSON, or not UTF-8 (the NUL bytes a power loss leaves)
             continue
-        if isinstance(record, dict):
+        if isinstance(record, dict) and _well_typed(record):
             records.append(record)
     return records, offset + end
 

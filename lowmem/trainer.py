@@ -230,18 +230,29 @@ class StopRequest:
 
 @dataclass
 class Progress:
-    """Throughput and ETA from the steps taken in this process."""
+    """Throughput and ETA from the steps taken in this process. Time spent `aside` (paused,
+    evaluating, writing checkpoints) counts in the elapsed time but not in the rate."""
 
     total_steps: int
     start_step: int
-    started: float = field(default_factory=time.perf_counter)
+    started: float = field(default_factory=lambda: time.perf_counter())
     tokens: int = 0
+    idle: float = 0.0
+
+    @contextlib.contextmanager
+    def aside(self):
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.idle += time.perf_counter() - began
 
     def line(self, step: int, loss: float, lr: float, grad_norm: float) -> tuple[str, dict]:
         elapsed = time.perf_counter() - self.started
+        training = max(elapsed - self.idle, 1e-9)
         done = step - self.start_step
-        tok_s = self.tokens / elapsed if elapsed > 0 else 0.0
-        eta = elapsed / done * (self.total_steps - step) if done else 0.0
+        tok_s = self.tokens / training
+        eta = training / done * (self.total_steps - step) if done else 0.0
         fields = {"tokens": self.tokens, "tokens_per_s": round(tok_s, 1),
                   "elapsed_s": round(elapsed, 2), "eta_s": round(eta, 1)}
         text = (f"step {step:>{len(str(self.total_steps))}}/{self.total_steps}  loss {loss:.4f}  "
@@ -467,20 +478,26 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
             if skipped:
                 diverged(step, loss, grad_norm, skipped, getattr(optimizer, "per_layer", False), config,
                          saved["folder"] if saved["step"] is not None else None, events, out)
-            if config.eval_every and step % config.eval_every == 0 and step < config.steps:
-                run_eval("periodic")
-            if config.save_every and step % config.save_every == 0 and step < config.steps:
-                checkpoint_now()
-            reason = obey_control(control, events, checkpoint_now, step, stop, out) or reason
+            with progress.aside():
+                if config.eval_every and step % config.eval_every == 0 and step < config.steps:
+                    run_eval("periodic")
+                if config.save_every and step % config.save_every == 0 and step < config.steps:
+                    checkpoint_now()
+                reason = obey_control(control, events, checkpoint_now, step, stop, out) or reason
             if stop.signal:
                 reason = "interrupted" if reason == "finished" else reason
                 break
             if reason == "stopped":
                 break
-
-    folder = checkpoint_now()
+        # Under the same handlers: a Ctrl-C while the last checkpoint is written (with
+        # save_every=0 the only one) waits for it rather than losing the run.
+        folder = checkpoint_now()
+        if stop.signal and reason == "finished":
+            reason = "interrupted"
+    if reason == "stopped" and step >= config.steps:
+        reason = "finished"     # a stop during the last step: every step is done, the end follows
     resume_cmd = None
-    if step < config.steps:
+    if step < config.steps or reason == "interrupted":
         resume_cmd = f"lowmem train --resume {run_dir}"
         out(f"{'stopped' if reason == 'stopped' else 'interrupted'} at step {step}/{config.steps}; "
             f"checkpoint {folder}; continue with: {resume_cmd}")

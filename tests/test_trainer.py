@@ -562,3 +562,67 @@ def test_ctrl_c_before_the_first_checkpoint_ends_the_run_for_readers_and_says_re
     assert said[-1] == f"interrupted before a checkpoint was written: `lowmem train --resume {run_dir}` starts it over"
     done = read_events(run_dir)[-1]
     assert done["kind"] == "done" and done["reason"] == "interrupted" and done["step"] == 0
+
+
+def test_a_ctrl_c_while_the_last_checkpoint_is_written_waits_for_it(tmp_path, tiny_model_dir, tiny_chat_data,
+                                                                    monkeypatch):
+    """With save_every=0 the end's checkpoint is the only one: a Ctrl-C while it was written
+    interrupted the write and lost the run. Now it is written, and resuming finishes the run."""
+    import lowmem.trainer as trainer
+
+    real = trainer.save_checkpoint
+
+    def interrupted_save(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)     # arrives while the checkpoint is being written
+        return real(*args, **kwargs)
+
+    config, plan, run_dir = _start(_config(tiny_model_dir, tiny_chat_data, tmp_path, steps=2), "ctrlc")
+    monkeypatch.setattr(trainer, "save_checkpoint", interrupted_save)
+    said = []
+    done = train(config, plan, run_dir, out=said.append)
+    assert done["reason"] == "interrupted" and done["step"] == 2
+    assert done["resume"] == f"lowmem train --resume {run_dir}"
+    assert [checkpoint_step(c) for c in list_checkpoints(run_dir)] == [2]
+    assert not (run_dir / "adapter").exists()
+    monkeypatch.setattr(trainer, "save_checkpoint", real)
+    done = train(config, plan, run_dir, resume=True, out=said.append)
+    assert done["reason"] == "finished" and (run_dir / "adapter" / "adapter_config.json").is_file()
+
+
+def test_a_stop_during_the_last_step_ends_the_run_finished(tmp_path, tiny_model_dir, tiny_chat_data, monkeypatch):
+    """It was recorded as stopped, though every step was done and the end written."""
+    import lowmem.trainer as trainer
+
+    config, plan, run_dir = _start(_config(tiny_model_dir, tiny_chat_data, tmp_path, steps=2), "laststop")
+    real, steps = trainer.train_step, []
+
+    def step_then_stop(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 2:
+            send_control(run_dir, "stop")      # pressed during the last step
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_step", step_then_stop)
+    done = train(config, plan, run_dir, out=lambda m: None)
+    assert done["reason"] == "finished" and done["resume"] is None
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+
+
+def test_time_paused_or_evaluating_is_not_training_time(monkeypatch):
+    """A 15 s pause made a run at 1,500 tok/s report 42 and then 186 tok/s to its end."""
+    import lowmem.trainer as trainer
+
+    clock = [100.0]
+    monkeypatch.setattr(trainer.time, "perf_counter", lambda: clock[0])
+    progress = trainer.Progress(total_steps=10, start_step=0)
+    clock[0] += 2.0
+    progress.tokens = 2000
+    _, fields = progress.line(2, 1.0, 1e-3, 1.0)
+    assert fields["tokens_per_s"] == 1000.0 and fields["eta_s"] == 8.0
+    with progress.aside():
+        clock[0] += 60.0                         # paused a minute
+    clock[0] += 1.0
+    progress.tokens = 3000
+    _, fields = progress.line(3, 1.0, 1e-3, 1.0)
+    assert fields["tokens_per_s"] == 1000.0 and fields["eta_s"] == 7.0
+    assert fields["elapsed_s"] == 63.0           # the wall clock, pause included

@@ -356,6 +356,70 @@ async def test_q_then_detach_leaves_the_trainer_alone(live_run):
 
 
 @synchronous
+async def test_the_quit_question_goes_when_the_run_ends_under_it(live_run):
+    """It said "still training", and s then wrote a stop to a crashed run and exited 0."""
+    app = DashboardApp(live_run, poll_s=0.05)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, loaded(app))
+        await pilot.press("q")
+        assert type(app.screen).__name__ == "QuitScreen"
+        log = EventLog(live_run)
+        log.emit("error", message="RuntimeError: CUDA out of memory")
+        log.close()
+        await wait_until(pilot, lambda: app.state.over)
+        await pilot.pause(0.1)
+        assert type(app.screen).__name__ == "DashboardScreen"
+        await pilot.press("s", "q")
+    assert app.return_value == "closed" and control_requests(live_run) == []
+
+
+@synchronous
+async def test_a_pause_not_yet_acknowledged_counts_when_quitting(live_run):
+    app = DashboardApp(live_run, poll_s=0.05)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, loaded(app))
+        await pilot.press("p", "q")
+        assert app.screen.paused                     # offers resume & detach, says it stays paused
+        await pilot.press("r")
+    assert app.return_value == "detach" and control_requests(live_run) == ["pause", "resume"]
+
+
+@synchronous
+async def test_a_control_file_that_cannot_be_written_is_a_notice_not_a_crash(live_run):
+    (live_run / CONTROL_FILE).mkdir()                # as a run this user cannot write
+    app = DashboardApp(live_run, poll_s=0.05)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, loaded(app))
+        await pilot.press("s", "p")
+        assert not app.pending and app.pause_wanted is None
+        await pilot.press("q", "s")                  # the stop cannot be sent: the dashboard stays
+        assert type(app.screen).__name__ == "DashboardScreen" and app.return_value is None
+        await pilot.press("q", "d")
+    assert app.return_value == "detach"
+    assert any("cannot ask the trainer to save" in n.message for n in app._notifications)
+
+
+@synchronous
+async def test_the_log_starts_over_with_the_run_and_draws_only_its_newest_lines(tmp_path):
+    events = recorded_events(steps=2000)
+    first = events[0]["t"]
+    many = [events[0]] + [dict(t=first + i, kind="checkpoint", step=i, path=f"checkpoints/step-{i}")
+                          for i in range(1, 2001)]
+    run = write_recorded_run(tmp_path / "run", many + events[1:])
+    app = DashboardApp(run, poll_s=0.05)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, loaded(app))
+        log = app.query_one(EventLogPanel)
+        assert log.lines_written <= EventLogPanel.MAX_LINES and len(log.lines) <= EventLogPanel.MAX_LINES * 3
+        (run / "events.jsonl").unlink()                  # the run started over
+        fresh = EventLog(run)
+        fresh.emit("start", run="again", steps=5, pid=os.getpid())
+        fresh.close()
+        await wait_until(pilot, lambda: log.lines_written == 1)
+        assert "checkpoint" not in "".join(line.text for line in log.lines)
+
+
+@synchronous
 async def test_keys_send_nothing_to_a_finished_run_and_q_just_exits(finished_run):
     app = DashboardApp(finished_run, poll_s=0.05)
     async with app.run_test() as pilot:
@@ -646,8 +710,9 @@ def test_monitor_refuses_a_poll_interval_that_is_not_positive(tmp_path, capsys):
     from lowmem.cli import main
 
     run = write_recorded_run(tmp_path / "r")
-    assert main(["monitor", str(run), "--no-tui", "--poll", "-1"]) == 2
-    assert "--poll: expected a positive number of seconds" in capsys.readouterr().err
+    for poll in ("-1", "inf", "nan"):
+        assert main(["monitor", str(run), "--no-tui", "--poll", poll]) == 2
+        assert "--poll: expected a positive number of seconds" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- runs that go wrong
@@ -892,3 +957,23 @@ async def test_a_one_step_chart_names_that_step(tmp_path):
         await wait_until(pilot, lambda: app.state.step == 1)
         chart = panel_text(app, "#loss")
         assert "step 1" in chart and "step 2" not in chart
+
+
+def test_lines_with_types_no_trainer_writes_are_skipped_and_an_unreadable_log_is_one_line(tmp_path, capsys):
+    """`"mem": [1, 2]`, `"eta_s": Infinity` or `"step": "5"` crashed both readers."""
+    from lowmem.cli import main
+    from lowmem.events import read_jsonl_tail
+
+    good = {"t": 1.0, "kind": "step", "step": 5, "steps": 9, "loss": float("nan"), "eta_s": 3.0, "mem": {"rss": 1}}
+    bad = [{**good, "mem": [1, 2]}, {**good, "mem": {"rss": float("nan")}}, {**good, "eta_s": float("inf")},
+           {**good, "step": "5"}, {**good, "step": True}, {**good, "loss": "low"}]
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in [*bad, good]))
+    records, _ = read_jsonl_tail(path)
+    assert len(records) == 1 and records[0]["step"] == 5          # a nan loss is a diverged step: kept
+    run = write_recorded_run(tmp_path / "r")
+    (run / EVENTS_FILE).unlink()
+    (run / EVENTS_FILE).mkdir()
+    assert main(["monitor", str(run), "--no-tui"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"CheckpointError: cannot read {run / EVENTS_FILE}: ") and err.count("\n") == 1

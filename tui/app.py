@@ -77,11 +77,14 @@ class DashboardScreen(Screen):
         self.set_class(size.width < COMPACT_WIDTH or size.height < COMPACT_HEIGHT, "-compact")
         self.set_class(size.height < SHORT_HEIGHT, "-short")
 
-    def show(self, state: RunState, pending: list[str], new_events: list[dict]) -> None:
+    def show(self, state: RunState, pending: list[str], new_events: list[dict], restarted: bool = False) -> None:
         for panel in self.query("TitleBar, Banner, ProgressStrip, PlanPanel, MemoryPanel"):
             panel.show(state)
         self.query_one(ProgressStrip).pending = pending
-        self.query_one(EventLogPanel).add_events(new_events)
+        log = self.query_one(EventLogPanel)
+        if restarted:        # events.jsonl was replaced: the log starts over with it
+            log.restart()
+        log.add_events(new_events)
         loss = self.query_one("#loss", LineChart)
         loss.set_series([Series("train", sorted(state.loss.items())),
                          Series("eval", sorted(state.eval_loss.items()), marker=True)])
@@ -154,11 +157,24 @@ class DashboardApp(App[str]):
                 self.pause_wanted = None
         if self.state.over:
             self.pending.clear()
-        self._show(update.events)
+            if isinstance(self.screen, QuitScreen):   # its question is about a live run
+                self.pop_screen()
+                self.notify(f"the run is {self.state.status}", severity="information")
+        self._show(update.events, update.restarted)
 
-    def _show(self, new_events: list[dict] = ()) -> None:
+    def _show(self, new_events: list[dict] = (), restarted: bool = False) -> None:
         # The dashboard screen, not `self.screen`: a help or quit dialog may be on top.
-        self.dashboard.show(self.state, list(self.pending.values()), list(new_events))
+        self.dashboard.show(self.state, list(self.pending.values()), list(new_events), restarted)
+
+    def _write_control(self, request: str) -> str | None:
+        """send_control, or a notification why it could not be sent (a run directory this
+        user cannot write: someone else's run, a read-only mount)."""
+        try:
+            return send_control(self.run_dir, request)
+        except OSError as e:
+            self.notify(f"cannot ask the trainer to {request}: {self.run_dir / 'control'}: "
+                        f"{e.strerror or e}", severity="error")
+            return None
 
     # ------------------------------------------------------------ keys
 
@@ -170,7 +186,9 @@ class DashboardApp(App[str]):
             # Nothing to pause or save before the trainer's `start`; q can still stop it.
             self.notify(f"the trainer has not started yet: {request} not sent", severity="warning")
             return None
-        request_id = send_control(self.run_dir, request)
+        request_id = self._write_control(request)
+        if request_id is None:
+            return None
         self.pending[request_id] = request
         self._show()
         return request_id
@@ -194,12 +212,17 @@ class DashboardApp(App[str]):
             return
 
         def chosen(choice: str | None) -> None:
-            if choice in ("stop", "resume"):
-                send_control(self.run_dir, choice)
+            if choice is not None and self.state.over:     # it ended while the question was open
+                self.exit(self.closing_result())
+                return
+            if choice in ("stop", "resume") and self._write_control(choice) is None:
+                return
             if choice in ("detach", "stop", "resume"):
                 self.exit("stop" if choice == "stop" else "detach")
 
-        self.push_screen(QuitScreen(paused=self.state.paused), chosen)
+        # A pause sent and not yet acknowledged counts: detaching would leave the run paused.
+        paused = self.state.paused if self.pause_wanted is None else self.pause_wanted
+        self.push_screen(QuitScreen(paused=paused), chosen)
 
     def closing_result(self) -> str:
         """What closing means when no choice was asked: 'finished', 'closed' or 'detach'."""

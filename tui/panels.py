@@ -364,18 +364,26 @@ class EventLogPanel(RichLog):
                     "start": "log--start", "paused": "log--control", "resumed": "log--control"}
     COMPONENT_CLASSES = {"log--time", *KIND_CLASSES.values()}
 
+    MAX_LINES = 500     # what a replay of a long run draws at once, and what the log keeps
+
     def __init__(self, **kwargs):
-        super().__init__(wrap=True, min_width=20, markup=False, highlight=False, **kwargs)
+        super().__init__(wrap=True, min_width=20, markup=False, highlight=False, max_lines=self.MAX_LINES,
+                         **kwargs)
         self.lines_written = 0
         self._origin_t: float | None = None
 
+    def restart(self) -> None:
+        """Forget what was shown: the run started over."""
+        self.clear()
+        self.lines_written = 0
+        self._origin_t = None
+
     def add_events(self, events: list[dict]) -> None:
-        for event in events:
-            if event.get("kind") == "start" and self._origin_t is None:
-                self._origin_t = event.get("t")
+        if self._origin_t is None:       # times count from the start, which may be left out below
+            self._origin_t = next((e.get("t") for e in events if e.get("kind") == "start"), None)
+        shown = [e for e in events if describe_event(e) is not None]
+        for event in shown[-self.MAX_LINES:]:
             line = describe_event(event)
-            if line is None:
-                continue
             t = event.get("t")
             since = fmt_duration(t - self._origin_t) if isinstance(t, (int, float)) and self._origin_t else "-"
             kind_class = self.KIND_CLASSES.get(str(event.get("kind")))

@@ -42,10 +42,10 @@ def use_dashboard(no_tui: bool, stream: TextIO | None = None) -> bool:
 def run(args: argparse.Namespace) -> int:
     from lowmem.tui.reader import check_run_dir
 
-    if not args.poll > 0:
+    if not 0 < args.poll < 3600:     # nan and inf too
         from lowmem.errors import ConfigError
 
-        raise ConfigError(f"--poll: expected a positive number of seconds, got {args.poll}")
+        raise ConfigError(f"--poll: expected a positive number of seconds, under an hour, got {args.poll}")
     run_dir = check_run_dir(args.run_dir, require_run_files=True)
     if use_dashboard(args.no_tui):
         from lowmem.tui import run_dashboard
