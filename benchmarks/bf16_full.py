@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from galore_cpu import print_losses      # beside this file
 from lowmem.config import RunConfig
 from lowmem.data import BatchStream, load_datasets
 from lowmem.evaluate import heldout_loss
@@ -84,11 +85,7 @@ def main() -> None:
 
     print(f"\nSmolLM2-135M (embedded), full fine-tuning on the CPU, {args.steps} steps x micro-batch "
           f"{args.micro_batch}, lr {args.lr:g}, same data order\n")
-    print("| step | " + " | ".join(r["name"] for r in results) + " |")
-    print("|---:|" + "---:|" * len(results))
-    for i in range(args.steps):
-        print(f"| {i + 1} | " + " | ".join(f"{r['losses'][i]:.4f}" for r in results) + " |")
-    print()
+    print_losses(results, "name", args.steps)
     print(f"| weights, optimizer | block weights moved | mean loss, last 5 steps | held-out loss "
           f"({args.heldout} ex.) | s/step |")
     print("|---|---:|---:|---:|---:|")

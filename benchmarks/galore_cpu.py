@@ -86,6 +86,15 @@ def run(method: str, config: RunConfig, args, spec, data, tokenizer) -> dict:
                 grads_predicted=memory.gradient_bytes(spec, plan))
 
 
+def print_losses(results: list[dict], name: str, steps: int) -> None:
+    """The training loss of every step, one column a run (results[i][name] heads it)."""
+    print("| step | " + " | ".join(r[name] for r in results) + " |")
+    print("|---:|" + "---:|" * len(results))
+    for i in range(steps):
+        print(f"| {i + 1} | " + " | ".join(f"{r['losses'][i]:.4f}" for r in results) + " |")
+    print()
+
+
 def with_galore(config: RunConfig, **values) -> RunConfig:
     """`config` with GaLore settings, whether or not this build's RunConfig has a galore section yet."""
     if hasattr(config, "galore"):
@@ -127,11 +136,7 @@ def main() -> None:
 
     print(f"\nSmolLM2-135M (embedded), CPU fp32, {args.steps} steps x micro-batch {args.micro_batch}, "
           f"same data order; GaLore rank {args.rank}, T={args.update_gap}, alpha={args.scale}, per-layer\n")
-    print("| step | " + " | ".join(r["method"] for r in results) + " |")
-    print("|---:|" + "---:|" * len(results))
-    for i in range(args.steps):
-        print(f"| {i + 1} | " + " | ".join(f"{r['losses'][i]:.4f}" for r in results) + " |")
-    print()
+    print_losses(results, "method", args.steps)
     print("| method | lr | trainable | optimizer states (counted / predicted) | "
           "gradients at peak (counted / predicted) | states + gradients | mean loss, last 5 steps | "
           f"held-out loss ({args.heldout} ex.) | s/step |")
