@@ -971,6 +971,10 @@ def test_lines_with_types_no_trainer_writes_are_skipped_and_an_unreadable_log_is
     path.write_text("".join(json.dumps(e) + "\n" for e in [*bad, good]))
     records, _ = read_jsonl_tail(path)
     assert len(records) == 1 and records[0]["step"] == 5          # a nan loss is a diverged step: kept
+    from lowmem.events import ControlReader
+
+    (tmp_path / CONTROL_FILE).write_text('{"t": "now", "request": "stop"}\n{"t": 5.0, "request": "save"}\n')
+    assert [r["request"] for r in ControlReader(tmp_path, since=1.0).poll()] == ["save"]   # crashed the trainer
     run = write_recorded_run(tmp_path / "r")
     (run / EVENTS_FILE).unlink()
     (run / EVENTS_FILE).mkdir()
