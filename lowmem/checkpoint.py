@@ -53,7 +53,8 @@ class RunLock:
         self.path = self.run_dir / LOCK
         self.holder = holder      # write this process in as the holder (a trainer), or only look
         self.reenter = reenter    # pass when this process holds it already (`lowmem train` holds it
-        self.inherited = fd       # from its checks to the end, and the trainer it runs takes it again)
+                                  # from its checks to the end, and the trainer it runs takes it again)
+        self.inherited = fd       # the descriptor of a lock the parent took, handed down
         self._fd: int | None = None
         self._nested = False
 

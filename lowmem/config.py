@@ -106,10 +106,8 @@ class L4QConfig:
 class LoramConfig:
     """LoRAM: LoRA trained on a structurally pruned base, saved recovered to the full shapes."""
 
-    MAX_RATIO = 0.95      # pruning more leaves too little of a block to recover from
-
     ratio: float = field(default=0.5, metadata=_key(
-        "share of KV groups / query heads / MLP channels pruned in the middle blocks", min=0.0, max=MAX_RATIO))
+        "share of KV groups / query heads / MLP channels pruned in the middle blocks", min=0.0, max=0.95))
     criterion: str = field(default="auto", metadata=_key(
         "importance: taylor = |w*dL/dw| on calibration batches (scored one dense block at a time "
         "before the weights load pruned; with loram.align_steps the dense model and its gradients), "

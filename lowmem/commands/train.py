@@ -149,8 +149,9 @@ def run(args) -> int:
     pinned = pinned_keys(args)
     spec = spec_for(config.model)
     plan = make_plan(config, spec, pinned)
-    if past_context(spec, plan.seq_len):
-        print(past_context(spec, plan.seq_len), file=sys.stderr)
+    warning = past_context(spec, plan.seq_len)
+    if warning:
+        print(warning, file=sys.stderr)
     if "lr" not in pinned and default_lr(plan.method) != config.lr:
         # The planner chose another method than the config's: its learning rate goes with it.
         print(f"lr {default_lr(plan.method):g}: the default for {plan.method} (set lr to choose)", file=sys.stderr)
