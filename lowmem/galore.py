@@ -60,6 +60,11 @@ Memory (bytes; r = rank, p = bytes of the parameter dtype):
                                on refresh steps; the update is added in place, no m×n
                                temporary); the 8-bit op on the CPU dequantizes at most
                                UPDATE_CHUNK values at a time
+
+bf16 weights (a run on CUDA) are updated in fp32, UPDATE_CHUNK values at a time, and
+rounded stochastically (lowmem.rounding): rounded to nearest, as bitsandbytes' op and
+addmm_ on a bf16 weight do, an update under half a bf16 step of the weight is lost, and
+at GaLore's effective lr of 5e-5 most weights never move.
 These are the terms of `lowmem.memory.galore_state_bytes`, `adamw_state_bytes`,
 `gradient_bytes` and `galore_workspace_bytes`; `state_bytes()` counts the real tensors.
 """
@@ -72,6 +77,8 @@ from typing import Iterable
 
 import torch
 from torch import nn
+
+from lowmem.rounding import generator, write_rounded_
 
 BLOCK = 256            # values per absmax block in bitsandbytes' 8-bit optimizers
 MIN_8BIT_SIZE = 4096   # smaller tensors keep fp32 moments (bitsandbytes' min_8bit_size)
@@ -116,13 +123,34 @@ def project(grad: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
 
 
 def project_back_(weight: torch.Tensor, update: torch.Tensor, projection: torch.Tensor,
-                  scale: float) -> None:
-    """W += α·back(update), in place (no m×n temporary)."""
-    update = update.to(weight.dtype)
-    if projection_side(tuple(weight.shape)) == "right":
-        weight.addmm_(update, projection.T, alpha=scale)
-    else:
-        weight.addmm_(projection, update, alpha=scale)
+                  scale: float, decay: float = 1.0, gen: torch.Generator | None = None) -> None:
+    """W ← W·decay + α·back(update), in place (no m×n temporary).
+
+    A bf16 weight given `gen` is updated in fp32, UPDATE_CHUNK values' worth of rows at a
+    time, and rounded stochastically (lowmem.rounding): rounded to nearest, an update under
+    half a bf16 step of the weight is lost."""
+    right = projection_side(tuple(weight.shape)) == "right"
+    if weight.dtype != torch.bfloat16 or gen is None:
+        if decay != 1.0:
+            weight.mul_(decay)
+        update = update.to(weight.dtype)
+        if right:
+            weight.addmm_(update, projection.T, alpha=scale)
+        else:
+            weight.addmm_(projection, update, alpha=scale)
+        return
+    rows = max(1, UPDATE_CHUNK // weight.shape[1])
+    for start in range(0, weight.shape[0], rows):
+        part = slice(start, start + rows)
+        w = weight[part].float()
+        if decay != 1.0:
+            w.mul_(decay)
+        if right:     # back(N) = N Qᵀ: these rows of N
+            w.addmm_(update[part].float(), projection.float().T, alpha=scale)
+        else:         # back(N) = P N: these rows of P
+            w.addmm_(projection[part].float(), update.float(), alpha=scale)
+        write_rounded_(weight[part], w, gen)
+        del w
 
 
 def reference_adam8bit_update(grad: torch.Tensor, target: torch.Tensor, state: dict, qmaps: tuple,
@@ -177,7 +205,7 @@ class GaLoreAdamW8bit(torch.optim.Optimizer):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  *, rank: int | None = 128, update_gap: int = 200, scale: float = 0.25,
                  project_embeddings: bool = False, per_layer: bool = False, max_grad_norm: float = 0.0,
-                 min_8bit_size: int = MIN_8BIT_SIZE):
+                 min_8bit_size: int = MIN_8BIT_SIZE, seed: int = 0):
         named = [(n, p) for n, p in named_params if p.requires_grad]
         if not named:
             raise ValueError("GaLoreAdamW8bit got no trainable parameters")
@@ -197,6 +225,8 @@ class GaLoreAdamW8bit(torch.optim.Optimizer):
                         rank=int(rank or 0), update_gap=update_gap, scale=scale)
         super().__init__([g for g in groups if g["params"]], defaults)
         self.names = {p: n for n, p in named}
+        self._index = {p: i for i, (_, p) in enumerate(named)}   # which noise a bf16 weight's rounding draws
+        self.seed = seed
         self.per_layer = per_layer
         self.max_grad_norm = max_grad_norm
         self.min_8bit_size = min_8bit_size
@@ -293,20 +323,20 @@ class GaLoreAdamW8bit(torch.optim.Optimizer):
                 grad.mul_(torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0).to(grad.dtype))
         state["step"] = state.get("step", 0) + 1
         lr, wd = group["lr"], group["weight_decay"]
+        gen = generator(self.seed, state["step"], self._index[p], p.device) if p.dtype == torch.bfloat16 else None
         if group["galore"]:
             direction = torch.zeros_like(grad)          # becomes −lr·N
             self._adam(state, grad, direction, group, weight_decay=0.0)
-            if wd:
-                p.mul_(1 - lr * wd)
-            project_back_(p, direction, state["projection"], group["scale"])
+            project_back_(p, direction, state["projection"], group["scale"], decay=1 - lr * wd, gen=gen)
         else:
-            self._adam(state, grad, p, group, weight_decay=wd)
+            self._adam(state, grad, p, group, weight_decay=wd, gen=gen)
         if self.per_layer:
             p.grad = None
 
     def _adam(self, state: dict, grad: torch.Tensor, target: torch.Tensor, group: dict,
-              weight_decay: float) -> None:
-        """target ← target·(1 − lr·λ) − lr·M̂/(√V̂ + ε) with the moments of `grad` in `state`."""
+              weight_decay: float, gen: torch.Generator | None = None) -> None:
+        """target ← target·(1 − lr·λ) − lr·M̂/(√V̂ + ε) with the moments of `grad` in `state`; a
+        bf16 target given `gen` is updated in fp32 and rounded stochastically."""
         b1, b2 = group["betas"]
         lr, eps, step = group["lr"], group["eps"], state["step"]
         numel = grad.numel()
@@ -325,9 +355,12 @@ class GaLoreAdamW8bit(torch.optim.Optimizer):
             m.mul_(b1).add_(g, alpha=1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
             denom = (v.sqrt() / math.sqrt(1 - b2**step)).add_(eps)
+            t = target.float() if gen is not None else target
             if weight_decay:
-                target.mul_(1 - lr * weight_decay)
-            target.addcdiv_(m, denom, value=-lr / (1 - b1**step))
+                t.mul_(1 - lr * weight_decay)
+            t.addcdiv_(m, denom, value=-lr / (1 - b1**step))
+            if gen is not None:
+                write_rounded_(target, t, gen)
             return
         F = _bnb()
         flat_g = grad.reshape(-1) if grad.is_contiguous() else grad.contiguous().reshape(-1)
@@ -336,10 +369,16 @@ class GaLoreAdamW8bit(torch.optim.Optimizer):
         for start in range(0, numel, UPDATE_CHUNK):
             end = min(start + UPDATE_CHUNK, numel)
             blocks = slice(start // BLOCK, math.ceil(end / BLOCK))
+            g, t = flat_g[start:end], flat_t[start:end]
+            if gen is not None:        # the op in fp32, then rounded stochastically into the bf16 weight
+                g, t = g.float(), t.float()
             F.optimizer_update_8bit_blockwise(
-                "adam", flat_g[start:end], flat_t[start:end], s1[start:end], s2[start:end],
+                "adam", g, t, s1[start:end], s2[start:end],
                 b1, b2, 0.0, 0.0, eps, step, lr, self.qmaps[0], self.qmaps[1],
                 state["absmax1"][blocks], state["absmax2"][blocks], weight_decay=weight_decay)
+            if gen is not None:
+                write_rounded_(flat_t[start:end], t, gen)
+            del g, t
 
     # ------------------------------------------------------------ checkpoints
 

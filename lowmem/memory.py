@@ -809,14 +809,17 @@ def galore_workspace_bytes(spec: ModelSpec, plan: Any) -> int:
     """GaLore's per-weight update buffers (one weight at a time): 12·max(out·in).
 
     The fp32 copy of the gradient the SVD refresh factorises, the SVD factors
-    (at most the same size), and the back-projected full-rank update.
+    (at most the same size), and the back-projected full-rank update (for bf16
+    weights, rounded stochastically: fp32 rows of the weight and their noise, at most
+    12 bytes a value of 2²² at a time, inside the same bound).
     """
     return 12 * spec.max_linear_numel() if plan.method == "galore" else 0
 
 
-#: Elements lowmem.optim.BF16AdamW updates at once, and its temporaries per element of such
-#: a chunk at most: three fp32 copies (gradient and moments, then moments and weight, then
-#: weight and the int32 rounding noise).
+#: Elements an update of bf16 weights rounded stochastically works on at once, and its
+#: temporaries per element of such a chunk at most: three 4-byte copies (lowmem.optim.BF16AdamW:
+#: gradient and moments, then moments and weight, then weight and the int32 rounding noise;
+#: the 8-bit AdamW: gradient, weight and noise; galore.UPDATE_CHUNK is the same).
 BF16_STEP_CHUNK = 1 << 22
 BF16_STEP_TEMPORARIES = 12
 
@@ -824,13 +827,15 @@ BF16_STEP_TEMPORARIES = 12
 def optimizer_step_bytes(spec: ModelSpec, plan: Any) -> int:
     """Temporaries of the optimizer step.
 
-        bf16 weights (16-bit states): 12·min(max numel, 2²²) (BF16AdamW works in fp32 chunks)
+        bf16 weights, 16- or 8-bit states: 12·min(max numel, 2²²) (updated in fp32 chunks and
+              rounded stochastically, lowmem.rounding)
         CUDA: 0 (fused AdamW works in place); GaLore: galore_workspace_bytes.
         CPU:  2·max numel·4 (the single-tensor AdamW makes two temporaries per tensor).
     """
     if plan.method == "galore":
         return galore_workspace_bytes(spec, plan)
-    if _get(plan, "optimizer_state_bits", 32) == 16:
+    bits = _get(plan, "optimizer_state_bits", 32)
+    if bits == 16 or (bits == 8 and _is_full(plan) and dense_dtype(plan) == "bf16"):
         return BF16_STEP_TEMPORARIES * min(_max_numel(trainable_tensors(spec, plan)), BF16_STEP_CHUNK)
     if _get(plan, "device", "cpu") == "cuda":
         return 0

@@ -24,6 +24,7 @@ from torch import nn
 from lowmem.config import RunConfig
 from lowmem.galore import GaLoreAdamW8bit
 from lowmem.memory import BF16_STEP_CHUNK
+from lowmem.rounding import generator, write_rounded_
 
 #: GaLore settings when the config has no `galore` section (the paper's values). Rank,
 #: per-layer and embeddings decide memory, so they come from the plan; the update gap
@@ -48,9 +49,9 @@ def build_optimizer(named_params: list[tuple[str, nn.Parameter]], plan, config: 
             update_gap=int(_galore_setting(config, "update_gap")),
             scale=float(_galore_setting(config, "scale")),
             project_embeddings=bool(getattr(plan, "galore_embeddings", _galore_setting(config, "embeddings"))),
-            per_layer=bool(plan.galore_per_layer), max_grad_norm=config.max_grad_norm)
+            per_layer=bool(plan.galore_per_layer), max_grad_norm=config.max_grad_norm, seed=config.seed)
     if getattr(plan, "optimizer_state_bits", 32) == 8:
-        return GaLoreAdamW8bit(named_params, **common, rank=None)
+        return GaLoreAdamW8bit(named_params, **common, rank=None, seed=config.seed)
     decay = [p for _, p in named_params if p.ndim >= 2]
     no_decay = [p for _, p in named_params if p.ndim < 2]
     if getattr(plan, "optimizer_state_bits", 32) == 16:
@@ -80,18 +81,6 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
                     optimizer.state[p]["step"] = optimizer.state[p]["step"].to(p.device, torch.float32)
 
 
-def round_stochastically_(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """fp32 `x` rounded in place to a value bf16 holds exactly, up or down with the probability
-    of its distance to each (unbiased: E[result] = x); `noise` is uniform int32 in [0, 2¹⁶).
-
-    A float's bits are sign and magnitude: adding noise below bf16's last mantissa bit and
-    clearing those 16 bits rounds the magnitude up exactly when the noise carries, with the
-    probability of the dropped fraction. inf stays inf. (The trainer applies no step whose
-    gradient is not finite.)"""
-    x.view(torch.int32).add_(noise).bitwise_and_(-65536)
-    return x
-
-
 class BF16AdamW(torch.optim.Optimizer):
     """AdamW for bf16 weights (a full run on CUDA) that does not lose small updates.
 
@@ -108,8 +97,8 @@ class BF16AdamW(torch.optim.Optimizer):
         m ← β1·m + (1−β1)·g,  v ← β2·v + (1−β2)·g²                    (rounded to nearest)
         w ← round_stochastically(w·(1 − lr·λ) − lr/(1−β1ᵗ) · m / (√(v/(1−β2ᵗ)) + ε))
 
-    The noise comes from a generator seeded by (seed, step), drawn in parameter order, so a
-    resumed run rounds as the uninterrupted one did with nothing more saved. The state
+    The noise comes from lowmem.rounding.generator (seed, step, tensor), so a resumed run
+    rounds as the uninterrupted one did with nothing more saved. The state
     (`step`, `exp_avg`, `exp_avg_sq`) and groups are torch.optim.AdamW's.
     """
 
@@ -130,7 +119,7 @@ class BF16AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        generators: dict[tuple[torch.device, int], torch.Generator] = {}
+        index = 0
         for group in self.param_groups:
             b1, b2 = group["betas"]
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
@@ -144,16 +133,13 @@ class BF16AdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
                 step = int(state["step"].item())
-                key = (p.device, step)
-                if key not in generators:
-                    generators[key] = torch.Generator(device=p.device).manual_seed(
-                        (self.seed * 1_000_003 + step) % (2**63))
-                self._update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], step, lr, b1, b2, eps, wd,
-                             generators[key])
+                index += 1
+                gen = generator(self.seed, step, index, p.device) if p.dtype == torch.bfloat16 else None
+                self._update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], step, lr, b1, b2, eps, wd, gen)
         return loss
 
     @staticmethod
-    def _update(p, grad, exp_avg, exp_avg_sq, step, lr, b1, b2, eps, wd, generator) -> None:
+    def _update(p, grad, exp_avg, exp_avg_sq, step, lr, b1, b2, eps, wd, gen) -> None:
         flat = [p.view(-1), grad.reshape(-1), exp_avg.view(-1), exp_avg_sq.view(-1)]
         bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
         exact = p.dtype == torch.float32       # nothing to round: a plain AdamW step
@@ -172,10 +158,5 @@ class BF16AdamW(torch.optim.Optimizer):
                 w.mul_(1 - lr * wd)
             w.addcdiv_(m, denom, value=-lr / bc1)
             del m, v, denom
-            if not exact:
-                noise = torch.randint(0, 1 << 16, w.shape, dtype=torch.int32, device=w.device,
-                                      generator=generator)
-                round_stochastically_(w, noise)
-                del noise
-            w_.copy_(w)
+            write_rounded_(w_, w, gen)
             del w          # before the next chunk's: three fp32 chunks alive at most

@@ -363,3 +363,31 @@ def test_the_planners_optimizer_term_counts_what_the_optimizer_holds(base_model,
     plan = dataclasses.replace(plan_from_config(RunConfig(method="galore", device="cpu")), galore_rank=rank,
                                galore_embeddings=project_embeddings)
     assert memory.optimizer_bytes(spec, plan) == opt.state_bytes()
+
+
+@pytest.mark.parametrize("rank", [None, 16])
+def test_bf16_weights_follow_the_fp32_run_where_rounding_to_nearest_loses_the_updates(rank, monkeypatch):
+    """8-bit AdamW (rank None) and GaLore on bf16 weights, as on CUDA, at an effective lr of
+    5e-5: rounded to nearest (what bitsandbytes' op and addmm_ do on bf16) most of each small
+    update is lost; rounded stochastically the weights move as the fp32 run's."""
+    import lowmem.galore
+
+    torch.manual_seed(0)
+    w0, g = torch.randn(256, 512) * 0.02, torch.randn(256, 512)
+
+    def run(dtype, rounding=True):
+        if not rounding:
+            monkeypatch.setattr(lowmem.galore, "generator", lambda *a: None)
+        p = torch.nn.Parameter(w0.to(dtype).clone())
+        opt = GaLoreAdamW8bit([("layers.0.mlp.up_proj.weight", p)], lr=2e-4 if rank else 5e-5, rank=rank,
+                              scale=0.25, update_gap=200)
+        for _ in range(30):
+            p.grad = g.to(dtype)
+            opt.step()
+        monkeypatch.undo()
+        return p.detach().float() - w0.to(dtype).float()
+
+    ref = run(torch.float32)
+    along = {name: ((moved * ref.sign()).mean() / ref.abs().mean()).item()
+             for name, moved in (("stochastic", run(torch.bfloat16)), ("nearest", run(torch.bfloat16, False)))}
+    assert abs(along["stochastic"] - 1) < 0.05 and along["nearest"] < 0.85, along
