@@ -376,8 +376,10 @@ class BatchStream:
 
     def load_state_dict(self, state: dict) -> None:
         if state["examples"] != len(self.examples):
-            raise DataError(f"the data has {len(self.examples)} examples but the checkpoint was "
-                            f"made with {state['examples']}; resume needs the same data")
+            raise DataError(f"the data has {len(self.examples)} training examples but the checkpoint was "
+                            f"made with {state['examples']}; resume needs the same ones: the same data file, "
+                            f"split the same way (eval_fraction, seed; a version of lowmem other than the run's may "
+                            f"split differently) and cut at the same seq_len")
         if state.get("fingerprint", self.fingerprint()) != self.fingerprint():   # older checkpoints: count only
             raise DataError(f"the training data changed since the checkpoint was made (same {len(self.examples)} "
                             f"examples, different tokens): the run would not continue exactly; restore the "

@@ -130,7 +130,8 @@ def test_batch_stream_resumes_at_the_same_position(tokenizer, tiny_chat_data):
 def test_resume_with_different_data_is_refused(tokenizer, tiny_chat_data):
     examples, _, _ = build_examples(read_records(tiny_chat_data), tokenizer, 64)
     state = BatchStream(examples, 4, 0, 0).state_dict()
-    with pytest.raises(DataError, match="same data"):
+    with pytest.raises(DataError, match=r"has 23 training examples but the checkpoint was made with 24; resume "
+                                        r"needs the same ones: the same data file, split the same way"):
         BatchStream(examples[:-1], 4, 0, 0).load_state_dict(state)
 
 
