@@ -139,6 +139,7 @@ def project_back_(weight: torch.Tensor, update: torch.Tensor, projection: torch.
         else:
             weight.addmm_(projection, update, alpha=scale)
         return
+    update, projection = update.float(), projection.float()   # small: r·max(m,n), r·min(m,n)
     rows = max(1, UPDATE_CHUNK // weight.shape[1])
     for start in range(0, weight.shape[0], rows):
         part = slice(start, start + rows)
@@ -146,9 +147,9 @@ def project_back_(weight: torch.Tensor, update: torch.Tensor, projection: torch.
         if decay != 1.0:
             w.mul_(decay)
         if right:     # back(N) = N Qᵀ: these rows of N
-            w.addmm_(update[part].float(), projection.float().T, alpha=scale)
+            w.addmm_(update[part], projection.T, alpha=scale)
         else:         # back(N) = P N: these rows of P
-            w.addmm_(projection[part].float(), update.float(), alpha=scale)
+            w.addmm_(projection[part], update, alpha=scale)
         write_rounded_(weight[part], w, gen)
         del w
 

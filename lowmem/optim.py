@@ -52,19 +52,15 @@ def build_optimizer(named_params: list[tuple[str, nn.Parameter]], plan, config: 
             per_layer=bool(plan.galore_per_layer), max_grad_norm=config.max_grad_norm, seed=config.seed)
     if getattr(plan, "optimizer_state_bits", 32) == 8:
         return GaLoreAdamW8bit(named_params, **common, rank=None, seed=config.seed)
-    decay = [p for _, p in named_params if p.ndim >= 2]
-    no_decay = [p for _, p in named_params if p.ndim < 2]
+    groups = [{"params": [p for _, p in named_params if p.ndim >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for _, p in named_params if p.ndim < 2], "weight_decay": 0.0}]
     if getattr(plan, "optimizer_state_bits", 32) == 16:
-        return BF16AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}],
-                         lr=config.lr, betas=tuple(config.adam_betas), seed=config.seed)
+        return BF16AdamW(groups, lr=config.lr, betas=tuple(config.adam_betas), seed=config.seed)
     # On CUDA torch's default is the foreach AdamW, whose step holds a copy of every second
-    # moment of a group at once (2 bytes a parameter more at the peak of a bf16 full run);
-    # the fused one updates in place, as memory.optimizer_step_bytes counts.
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr, betas=tuple(config.adam_betas), fused=True if getattr(plan, "device", "cpu") == "cuda" else None)
+    # moment of a group at once; the fused one updates in place, as memory.optimizer_step_bytes
+    # counts.
+    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.adam_betas),
+                             fused=True if getattr(plan, "device", "cpu") == "cuda" else None)
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:

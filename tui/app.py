@@ -21,7 +21,7 @@ from textual.screen import Screen
 from textual.widgets import Footer
 from textual.worker import get_current_worker
 
-from lowmem.events import send_control
+from lowmem.events import CONTROL_FILE, send_control
 
 from .chart import LineChart, Series
 from .describe import fmt_number
@@ -172,7 +172,7 @@ class DashboardApp(App[str]):
         try:
             return send_control(self.run_dir, request)
         except OSError as e:
-            self.notify(f"cannot ask the trainer to {request}: {self.run_dir / 'control'}: "
+            self.notify(f"cannot ask the trainer to {request}: {self.run_dir / CONTROL_FILE}: "
                         f"{e.strerror or e}", severity="error")
             return None
 

@@ -13,7 +13,7 @@ from textual.widget import Widget
 from textual.widgets import RichLog
 
 from .describe import describe_event, fmt_bytes, fmt_duration, fmt_number, fmt_rate
-from .state import RunState
+from .state import MAX_LOG, RunState
 
 # At 90% of the budget a bar turns to the warning colour: allocator fragmentation and
 # the spikes between two measurements make the last tenth of a budget unsafe to plan into.
@@ -364,7 +364,7 @@ class EventLogPanel(RichLog):
                     "start": "log--start", "paused": "log--control", "resumed": "log--control"}
     COMPONENT_CLASSES = {"log--time", *KIND_CLASSES.values()}
 
-    MAX_LINES = 500     # what a replay of a long run draws at once, and what the log keeps
+    MAX_LINES = MAX_LOG     # what a replay of a long run draws at once, and what the log keeps
 
     def __init__(self, **kwargs):
         super().__init__(wrap=True, min_width=20, markup=False, highlight=False, max_lines=self.MAX_LINES,
@@ -381,9 +381,8 @@ class EventLogPanel(RichLog):
     def add_events(self, events: list[dict]) -> None:
         if self._origin_t is None:       # times count from the start, which may be left out below
             self._origin_t = next((e.get("t") for e in events if e.get("kind") == "start"), None)
-        shown = [e for e in events if describe_event(e) is not None]
-        for event in shown[-self.MAX_LINES:]:
-            line = describe_event(event)
+        shown = [(event, line) for event in events if (line := describe_event(event)) is not None]
+        for event, line in shown[-self.MAX_LINES:]:
             t = event.get("t")
             since = fmt_duration(t - self._origin_t) if isinstance(t, (int, float)) and self._origin_t else "-"
             kind_class = self.KIND_CLASSES.get(str(event.get("kind")))
