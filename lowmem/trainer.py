@@ -231,13 +231,18 @@ class StopRequest:
 @dataclass
 class Progress:
     """Throughput and ETA from the steps taken in this process. Time spent `aside` (paused,
-    evaluating, writing checkpoints) counts in the elapsed time but not in the rate."""
+    evaluating, writing checkpoints) counts in the elapsed time but not in the rate. The
+    elapsed time goes on from `earlier`, the run's elapsed time at the checkpoint resumed from."""
 
     total_steps: int
     start_step: int
+    earlier: float = 0.0
     started: float = field(default_factory=lambda: time.perf_counter())
     tokens: int = 0
     idle: float = 0.0
+
+    def elapsed(self) -> float:
+        return self.earlier + time.perf_counter() - self.started
 
     @contextlib.contextmanager
     def aside(self):
@@ -248,8 +253,8 @@ class Progress:
             self.idle += time.perf_counter() - began
 
     def line(self, step: int, loss: float, lr: float, grad_norm: float) -> tuple[str, dict]:
-        elapsed = time.perf_counter() - self.started
-        training = max(elapsed - self.idle, 1e-9)
+        elapsed = self.elapsed()
+        training = max(time.perf_counter() - self.started - self.idle, 1e-9)
         done = step - self.start_step
         tok_s = self.tokens / training
         eta = training / done * (self.total_steps - step) if done else 0.0
@@ -259,6 +264,12 @@ class Progress:
                 f"lr {lr:.2e}  grad {grad_norm:.3f}  {tok_s:,.0f} tok/s  "
                 f"{_clock(elapsed)} elapsed  ETA {_clock(eta)}")
         return text, fields
+
+
+def _seconds(value) -> float:
+    """A checkpoint's elapsed_s, or 0 where it has none (or not a time)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    return float(value) if ok else 0.0
 
 
 def _clock(seconds: float) -> str:
@@ -377,7 +388,7 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
     optimizer = build_optimizer(params, plan, config)
     offload = OffloadActivations(device=device) if plan.offload_activations else None
 
-    step = 0
+    step, earlier = 0, 0.0
     if checkpoint is not None:
         named = dict(params)
         missing = set(named) - set(checkpoint["trainable"])
@@ -401,6 +412,7 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
             out(f"warning: {message}")
             events.emit("warning", message=message)
         step = checkpoint["state"]["step"]
+        earlier = _seconds(checkpoint["state"].get("elapsed_s"))   # older checkpoints: not kept
         set_rng_state(checkpoint["rng"])
         prune_checkpoints(run_dir, config.keep_checkpoints, folder)   # what kills left behind
         if step < config.steps:
@@ -450,7 +462,8 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
             return saved["folder"]
         folder = save_checkpoint(
             run_dir, step, trainable={n: p for n, p in params}, optimizer=optimizer.state_dict(),
-            state={"data": stream.state_dict(), "heldout": heldout_print}, config=config.to_dict(),
+            state={"data": stream.state_dict(), "heldout": heldout_print, "elapsed_s": round(progress.elapsed(), 2)},
+            config=config.to_dict(),
             plan=plan.to_dict(),
             keep=config.keep_checkpoints,
             extra_dirs={"adapter": lambda d: save_adapter_for(model, plan, config, d, model_dir)} if adapted else None)
@@ -459,7 +472,7 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
         return folder
 
     before = run_eval("before") if not resume else None
-    progress = Progress(config.steps, step)
+    progress = Progress(config.steps, step, earlier)
     reason = "finished"
     model.train()
     skipped = 0   # diverged steps in a row

@@ -575,3 +575,16 @@ def test_lowmem_turns_on_the_allocator_setting_its_plans_assume_unless_one_is_se
     monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:128")
     assert main(["presets"]) == 0
     assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and os.environ["PYTORCH_ALLOC_CONF"] == "max_split_size_mb:128"
+
+
+@pytest.mark.parametrize("has_cuda", [False, True])
+def test_a_plan_for_a_gpu_this_machine_lacks_says_where_train_would_run(monkeypatch, capsys, has_cuda):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: has_cuda)
+    assert main(["plan", "--model", "smollm2-135m", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert plan["device"] == "cuda"
+    said = any("which this machine lacks" in r and "device=cpu" in r for r in plan["reasons"])
+    assert said is not has_cuda
+    assert main(["plan", "--model", "smollm2-135m", "device=cpu", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert plan["device"] == "cpu" and not any("lacks" in r for r in plan["reasons"])

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -46,17 +47,23 @@ def test_resume_continues_the_loss_sequence_exactly(tmp_path, tiny_model_dir, ti
     config_b, plan_b, run_b = _start(config, "stopped")
 
     def stop_after_step_3(message):
+        if message.startswith("step 2/"):
+            time.sleep(1.0)   # an elapsed time the resumed session cannot reach by itself
         if message.startswith("step 3/"):
             send_control(run_b, "stop")
 
     done = train(config_b, plan_b, run_b, out=stop_after_step_3)
     assert done["reason"] == "stopped" and done["step"] == 3
+    saved = json.loads((run_b / "checkpoints" / "step-3" / "state.json").read_text())["elapsed_s"]
     done = train(config_b, plan_b, run_b, resume=True, out=lambda m: None)
     assert done["reason"] == "finished"
 
     straight = _losses(tmp_path / "runs" / "straight")
     assert len(straight) == 6
     assert _losses(run_b) == straight  # bit for bit: same floats in the same order
+    # The elapsed time goes on from the checkpoint's instead of starting over.
+    elapsed = [e["elapsed_s"] for e in read_events(run_b) if e["kind"] == "step"]
+    assert 1.0 <= elapsed[2] <= saved <= elapsed[3]
 
 
 def test_a_run_writes_its_contract_files_and_improves(tmp_path, tiny_model_dir, tiny_chat_data):

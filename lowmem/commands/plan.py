@@ -15,6 +15,7 @@ runs a few training steps on this machine, on random weights of those shapes
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from typing import Any
@@ -69,6 +70,16 @@ def pinned_keys(args: argparse.Namespace) -> set[str]:
     return keys
 
 
+NO_CUDA_HERE = ("planned for a CUDA GPU, which this machine lacks: `lowmem train` here would "
+                "train on the CPU, as device=cpu plans")
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def planning_device(requested: str) -> str:
     """A budget is a GPU's unless the config says cpu: plan for CUDA even on a CPU-only machine."""
     return "cpu" if requested == "cpu" else "cuda"
@@ -83,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         config = config_from_args(args)
         spec = spec_for(config.model)
         plan = make_plan(config, spec, pinned_keys(args), device=planning_device(config.device))
+        if config.device == "auto" and plan.device == "cuda" and not _has_cuda():
+            plan = dataclasses.replace(plan, reasons=(*plan.reasons, NO_CUDA_HERE))
         prepare = loram_prepare(plan, spec, config)
         measured = measure_plan(plan, spec, config, args.measure_steps) if args.measure else None
     except LowmemError as e:
