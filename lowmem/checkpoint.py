@@ -353,7 +353,7 @@ def run_adapter_folder(run_dir: Path, marker: str) -> tuple[Path | None, str]:
     """(run_dir/adapter if it holds `marker`, else the newest valid checkpoint's adapter folder,
     or None; why not run_dir/adapter: the run has not finished, its adapter/ is gone though it
     finished, or why there is no adapter at all)."""
-    from lowmem.events import read_events
+    from lowmem.events import iter_events
 
     run_dir = Path(run_dir)
     if (run_dir / "adapter" / marker).is_file():
@@ -364,10 +364,13 @@ def run_adapter_folder(run_dir: Path, marker: str) -> tuple[Path | None, str]:
         return None, str(e)
     if not (folder / marker).is_file():
         return None, f"{folder} lacks {marker}"
-    events = read_events(run_dir)
-    starts = [i for i, e in enumerate(events) if e.get("kind") == "start"]
     # The end of its latest session: a run trained further has set its adapter/ aside.
-    end = next((e for e in events[starts[-1] if starts else 0:] if e.get("kind") == "done"), None)
+    end = None
+    for event in iter_events(run_dir):
+        if event.get("kind") == "start":
+            end = None
+        elif event.get("kind") == "done" and end is None:
+            end = event
     if end is not None and end.get("reason") == "finished":
         return folder, f"{run_dir / 'adapter'} lacks {marker}, though the run finished at step {end.get('step')}"
     return folder, f"{run_dir} has not finished"

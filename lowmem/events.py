@@ -34,7 +34,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 EVENTS_FILE = "events.jsonl"
 CONTROL_FILE = "control"
@@ -102,17 +102,31 @@ def _well_typed(record: dict) -> bool:
     return all(record[k] is None or number(record[k]) for k in ("loss", "lr", "grad_norm") if k in record)
 
 
-def read_jsonl_tail(path: Path, offset: int = 0) -> tuple[list[dict], int]:
+# Readers take a file this much at a time (more only for a longer line): a long run's log is
+# never held whole, in bytes or in parsed events.
+READ_CHUNK = 4 << 20
+
+
+def read_jsonl_tail(path: Path, offset: int = 0, limit: int | None = None) -> tuple[list[dict], int]:
     """Complete JSON lines of `path` from byte `offset`; returns them and the new offset.
 
-    A last line without its newline is left for the next call; a complete line
-    that is not a JSON object, or whose fields have types no trainer writes, is skipped
-    (it cannot become one later).
+    With `limit`, it reads about that many bytes (at least one whole line, when there is
+    one); the returned offset says where to go on. A last line without its newline is left
+    for the next call; a complete line that is not a JSON object, or whose fields have types
+    no trainer writes, is skipped (it cannot become one later).
     """
     try:
         with open(path, "rb") as f:
             f.seek(offset)
-            data = f.read()
+            if limit is None:
+                data = f.read()
+            else:
+                data = f.read(limit)
+                while b"\n" not in data:    # one line longer than `limit`
+                    more = f.read(limit)
+                    if not more:
+                        break
+                    data += more
     except FileNotFoundError:
         return [], offset
     except OSError as e:     # a directory, no permission
@@ -133,10 +147,20 @@ def read_jsonl_tail(path: Path, offset: int = 0) -> tuple[list[dict], int]:
     return records, offset + end
 
 
+def iter_events(run_dir: Path) -> Iterator[dict]:
+    """Every complete event of a run so far, read a chunk at a time."""
+    offset = 0
+    while True:
+        events, after = read_jsonl_tail(Path(run_dir) / EVENTS_FILE, offset, READ_CHUNK)
+        yield from events
+        if after == offset:
+            return
+        offset = after
+
+
 def read_events(run_dir: Path) -> list[dict]:
-    """Every complete event of a run so far."""
-    events, _ = read_jsonl_tail(Path(run_dir) / EVENTS_FILE)
-    return events
+    """Every complete event of a run so far (for a long run, `iter_events` holds less)."""
+    return list(iter_events(run_dir))
 
 
 def send_control(run_dir: Path, request: str) -> str:

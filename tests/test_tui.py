@@ -981,3 +981,34 @@ def test_lines_with_types_no_trainer_writes_are_skipped_and_an_unreadable_log_is
     assert main(["monitor", str(run), "--no-tui"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"CheckpointError: cannot read {run / EVENTS_FILE}: ") and err.count("\n") == 1
+
+
+def test_a_long_log_is_read_a_chunk_at_a_time_and_its_end_waits_for_the_last_chunk(tmp_path, monkeypatch):
+    """A long run's events.jsonl is never held whole: the reader takes a chunk per poll, says it
+    is behind, and only at the file's end decides that a dead trainer left without `done`."""
+    import lowmem.tui.reader as reader_module
+    from lowmem.events import iter_events, read_events, read_jsonl_tail
+    from lowmem.tui.reader import follow
+
+    events = recorded_events(steps=40, pid=dead_pid())
+    run = write_recorded_run(tmp_path / "long", events)
+    path = run / EVENTS_FILE
+    whole, end = read_jsonl_tail(path)
+    part, offset = read_jsonl_tail(path, 0, limit=500)
+    assert 0 < len(part) < len(whole) and 0 < offset < end and whole[:len(part)] == part
+    # A line longer than the limit is still read whole.
+    assert read_jsonl_tail(path, 0, limit=5) == ([whole[0]], len(path.read_bytes().split(b"\n")[0]) + 1)
+
+    monkeypatch.setattr("lowmem.events.READ_CHUNK", 700)
+    assert list(iter_events(run)) == whole == read_events(run)
+    monkeypatch.setattr(reader_module, "READ_CHUNK", 700)
+    reader = RunReader(run)          # its pid is dead: only a reader at the end may say so
+    polls = []
+    while not reader.over:
+        update = reader.poll()
+        polls.append((len(update.events), reader.behind, update.trainer_gone))
+        assert len(polls) < 100
+    assert len(polls) > 3 and all(behind for _, behind, _ in polls[:-1]) and not polls[-1][1]
+    assert sum(n for n, _, _ in polls) == len(whole)
+    assert not any(gone for _, _, gone in polls) and reader._done   # the `done` was found, not "gone"
+    assert sum(len(u.events) for u in follow(run, poll_s=60)) == len(whole)   # no sleep while behind

@@ -8,6 +8,7 @@ nothing else: the trainer's acknowledgement arrives later, as an event.
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -77,14 +78,19 @@ class DashboardScreen(Screen):
         self.set_class(size.width < COMPACT_WIDTH or size.height < COMPACT_HEIGHT, "-compact")
         self.set_class(size.height < SHORT_HEIGHT, "-short")
 
-    def show(self, state: RunState, pending: list[str], new_events: list[dict], restarted: bool = False) -> None:
-        for panel in self.query("TitleBar, Banner, ProgressStrip, PlanPanel, MemoryPanel"):
-            panel.show(state)
-        self.query_one(ProgressStrip).pending = pending
+    def show(self, state: RunState, pending: list[str], new_events: list[dict], restarted: bool = False,
+             more: bool = False) -> None:
+        """With `more` (a long log read a chunk at a time, more to come) only the event log
+        takes the new events; the panels and charts are drawn once the reader catches up."""
         log = self.query_one(EventLogPanel)
         if restarted:        # events.jsonl was replaced: the log starts over with it
             log.restart()
         log.add_events(new_events)
+        if more:
+            return
+        for panel in self.query("TitleBar, Banner, ProgressStrip, PlanPanel, MemoryPanel"):
+            panel.show(state)
+        self.query_one(ProgressStrip).pending = pending
         loss = self.query_one("#loss", LineChart)
         loss.set_series([Series("train", sorted(state.loss.items())),
                          Series("eval", sorted(state.eval_loss.items()), marker=True)])
@@ -122,6 +128,8 @@ class DashboardApp(App[str]):
         self.pending: dict[str, str] = {}        # control request id -> request, until acknowledged
         self.pause_wanted: bool | None = None    # what `p` last asked for, until the trainer says
         self.dashboard = DashboardScreen(id="dashboard")
+        self._applied = threading.Event()         # the reader's last update is applied
+        self._applied.set()
 
     def get_default_screen(self) -> Screen:
         return self.dashboard
@@ -141,7 +149,14 @@ class DashboardApp(App[str]):
         while not worker.is_cancelled:
             update = reader.poll()
             if update:
+                self._applied.clear()
                 self.post_message(RunUpdated(update))
+            if reader.behind:
+                # A long log comes a chunk at a time, each once the last is on screen, so no
+                # more than one chunk's events wait in memory.
+                while not worker.is_cancelled and not self._applied.wait(0.05):
+                    pass
+                continue
             deadline = time.monotonic() + self.poll_s
             while not worker.is_cancelled and time.monotonic() < deadline:
                 time.sleep(min(0.05, self.poll_s))
@@ -149,6 +164,7 @@ class DashboardApp(App[str]):
     def on_run_updated(self, message: RunUpdated) -> None:
         update = message.update
         self.state.apply(update)
+        self._applied.set()
         for event in update.events:
             kind = event.get("kind")
             if kind == "control":
@@ -160,11 +176,11 @@ class DashboardApp(App[str]):
             if isinstance(self.screen, QuitScreen):   # its question is about a live run
                 self.pop_screen()
                 self.notify(f"the run is {self.state.status}", severity="information")
-        self._show(update.events, update.restarted)
+        self._show(update.events, update.restarted, update.behind)
 
-    def _show(self, new_events: list[dict] = (), restarted: bool = False) -> None:
+    def _show(self, new_events: list[dict] = (), restarted: bool = False, more: bool = False) -> None:
         # The dashboard screen, not `self.screen`: a help or quit dialog may be on top.
-        self.dashboard.show(self.state, list(self.pending.values()), list(new_events), restarted)
+        self.dashboard.show(self.state, list(self.pending.values()), list(new_events), restarted, more)
 
     def _write_control(self, request: str) -> str | None:
         """send_control, or a notification why it could not be sent (a run directory this

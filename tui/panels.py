@@ -13,7 +13,7 @@ from textual.widget import Widget
 from textual.widgets import RichLog
 
 from .describe import describe_event, fmt_bytes, fmt_duration, fmt_number, fmt_rate
-from .state import MAX_LOG, RunState
+from .state import RunState
 
 # At 90% of the budget a bar turns to the warning colour: allocator fragmentation and
 # the spikes between two measurements make the last tenth of a budget unsafe to plan into.
@@ -364,7 +364,8 @@ class EventLogPanel(RichLog):
                     "start": "log--start", "paused": "log--control", "resumed": "log--control"}
     COMPONENT_CLASSES = {"log--time", *KIND_CLASSES.values()}
 
-    MAX_LINES = MAX_LOG     # what a replay of a long run draws at once, and what the log keeps
+    MAX_LINES = 500     # what a replay of a long run draws at once, and what the log keeps; older
+                        # lines scroll out of memory, not just off screen
 
     def __init__(self, **kwargs):
         super().__init__(wrap=True, min_width=20, markup=False, highlight=False, max_lines=self.MAX_LINES,

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from lowmem.errors import LowmemError
-from lowmem.events import EVENTS_FILE, read_jsonl_tail, this_host, trainer_alive, trainer_may_hold
+from lowmem.events import EVENTS_FILE, READ_CHUNK, read_jsonl_tail, this_host, trainer_alive, trainer_may_hold
 
 CONFIG_FILE = "config.yaml"
 PLAN_FILE = "plan.yaml"
@@ -50,6 +50,7 @@ class Update:
     trainer_gone: bool = False        # the trainer exited without `done` or `error`
     problems: list[str] = field(default_factory=list)
     restarted: bool = False           # events.jsonl was replaced (a run started over): `events` are all of it
+    behind: bool = False              # events.jsonl has more: a long log comes a chunk at a time
 
     def __bool__(self) -> bool:
         return bool(self.events or self.config is not None or self.plan is not None
@@ -85,16 +86,21 @@ class RunReader:
         self._gone = False            # the trainer's pid is gone without `done`
         self._opened = time.monotonic()
         self._started_elsewhere = False   # a `start` from another host: no pid to watch
+        self.behind = False               # events.jsonl has more than the last poll read
 
     def poll(self) -> Update:
         update = Update()
         update.config = self._read_yaml(CONFIG_FILE, update)
         update.plan = self._read_yaml(PLAN_FILE, update)
         self._read_events(update)
-        if self.check_trainer and self._pid is not None and not self._done and not self._gone:
+        if self.behind:
+            pass   # what the trainer's end means waits until the file is read to its end
+        elif self.check_trainer and self._pid is not None and not self._done and not self._gone:
             if not trainer_alive(self._pid, self._start_t):
                 # The trainer may have written its last events just before exiting.
                 self._read_events(update)
+                while self.behind:
+                    self._read_events(update)
                 if not self._done:
                     update.trainer_gone = self._gone = True
         elif (self.check_trainer and self._pid is None and not (self._done or self._error or self._gone)
@@ -128,7 +134,9 @@ class RunReader:
             self._done = self._error = self._gone = self._started_elsewhere = False
         if info is not None:
             self._inode = info.st_ino
-        events, self.offset = read_jsonl_tail(path, self.offset)
+        before = self.offset
+        events, self.offset = read_jsonl_tail(path, self.offset, READ_CHUNK)
+        self.behind = update.behind = info is not None and before < self.offset < info.st_size
         if self.offset and not self._first:
             self._first = self._head(path)
         for event in events:
@@ -188,4 +196,5 @@ def follow(run_dir: str | Path, poll_s: float = 0.5, *, check_trainer: bool = Tr
             yield update
         if reader.over:
             return
-        time.sleep(poll_s)
+        if not reader.behind:
+            time.sleep(poll_s)

@@ -12,8 +12,6 @@ from typing import Any
 
 from .reader import Update, is_history
 
-# The log keeps this many lines; older ones scroll out of memory, not just off screen.
-MAX_LOG = 500
 
 
 @dataclass
@@ -33,7 +31,6 @@ class RunState:
     done: dict | None = None
     error: dict | None = None
     trainer_gone: bool = False
-    log: list[dict] = field(default_factory=list)                # events for the event log
     problems: list[str] = field(default_factory=list)
     events_read: int = 0
     updates: int = 0
@@ -92,8 +89,6 @@ class RunState:
         elif kind == "done":
             self.done = event
             self.paused = False
-        self.log.append(event)
-        del self.log[:-MAX_LOG]
 
     # ------------------------------------------------------------ derived figures
 

@@ -23,7 +23,6 @@ from typing import Any
 from lowmem.commands import add_config_flags, config_from_args
 from lowmem.config import format_size, parse_overrides, read_yaml_layer, find_preset
 from lowmem.errors import LowmemError
-from lowmem.loram import Preparation, preparation
 from lowmem.memory import MemoryBreakdown
 from lowmem.planner import Plan, make_plan, safety_margin
 from lowmem.spec import ModelSpec, builtin_entries, builtin_spec, spec_for
@@ -207,6 +206,8 @@ def loram_prepare(plan: Plan, spec: ModelSpec, config) -> dict[str, Any] | None:
     (lowmem.loram.Preparation as a dict); None for other plans."""
     if plan.method != "loram":
         return None
+    from lowmem.loram import preparation   # torch: only for a LoRAM plan
+
     return preparation(config, plan, spec, _host_available()).to_dict()
 
 
@@ -324,6 +325,8 @@ def _host_available() -> int:
 
 def _loram_prepare_note(plan: Plan, spec: ModelSpec, prepare: dict[str, Any]) -> str:
     """Where `lowmem train` will load and prune the dense model, and what that needs."""
+    from lowmem.loram import Preparation
+
     prep = Preparation(**prepare)
     host = format_size(prep.host_available)
     auto = f"loram.criterion=auto chose {prep.criterion}; " if prep.chosen != "set" else ""
