@@ -686,6 +686,55 @@ def test_a_trainer_on_another_host_is_read_not_declared_gone(tmp_path):
     assert reader.poll().trainer_gone and reader.over
 
 
+def test_a_quiet_trainer_on_another_host_is_said_to_be_maybe_gone_until_it_speaks(tmp_path, monkeypatch, capsys):
+    """Its pid cannot be checked from here: after QUIET_S without an event (not paused) the
+    reader says it may have stopped, once, and takes it back when an event comes."""
+    import threading
+
+    import lowmem.tui.reader as reader_module
+    from lowmem.commands.monitor import print_progress
+    from lowmem.events import this_host
+    from lowmem.tui.state import RunState
+
+    def append(run, *events):
+        with open(run / EVENTS_FILE, "a") as f:
+            f.writelines(json.dumps(e) + "\n" for e in events)
+
+    events = recorded_events(upto=3, finished=False)
+    events[0]["host"] = this_host() + "-elsewhere"
+    run = write_recorded_run(tmp_path / "remote", events)
+    reader, state = RunReader(run), RunState()
+    state.apply(reader.poll())
+    assert not state.quiet
+    monkeypatch.setattr(reader_module, "QUIET_S", 0.0)
+    update = reader.poll()
+    assert f"from the trainer on {this_host()}-elsewhere" in update.quiet and not update.trainer_gone
+    state.apply(update)
+    banner = Banner()
+    banner.state = state
+    assert banner.message.startswith("⚠ no event for over 0 min") and "may have stopped" in banner.message
+    assert not reader.poll()                      # said once
+    monkeypatch.setattr(reader_module, "QUIET_S", 600.0)
+    append(run, dict(t=T0 + 99, kind="step", step=4, steps=60, loss=1.0))
+    update = reader.poll()
+    assert update.quiet == "" and len(update.events) == 1
+    state.apply(update)
+    assert state.quiet == "" and banner.message == ""
+    append(run, dict(t=T0 + 100, kind="paused", step=4))     # a paused run is quiet on purpose
+    reader.poll()
+    monkeypatch.setattr(reader_module, "QUIET_S", 0.0)
+    assert reader.poll().quiet is None
+
+    # The plain monitor prints it as a warning and goes on following until the run ends.
+    run = write_recorded_run(tmp_path / "remote-plain", events)
+    ending = threading.Timer(1.0, append, (run, dict(t=T0 + 101, kind="done", step=3, reason="stopped")))
+    ending.start()
+    assert print_progress(run, poll_s=0.05, out=sys.stdout) == 0
+    out = capsys.readouterr().out
+    assert out.count("warning: no event for over 0 min from the trainer on") == 1
+    assert out.rstrip().endswith("done @ step 3: stopped")
+
+
 def test_a_run_no_trainer_took_is_declared_gone_after_the_grace_not_followed_forever(tmp_path, monkeypatch):
     """A trainer that died while loading wrote no `start`: with nobody holding the run's lock
     after the start grace, the reader ends; a live holder is waited for."""

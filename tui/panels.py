@@ -90,6 +90,8 @@ class Banner(Panel):
         if s.trainer_gone:
             at = f" after step {s.step}" if s.step is not None else ""
             return f"✖ trainer process ended without finishing{at}: no `done` event"
+        if s.quiet and not s.over:
+            return "⚠ " + s.quiet
         if s.problems:
             return "⚠ " + s.problems[-1]
         return ""

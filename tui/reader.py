@@ -23,6 +23,10 @@ PLAN_FILE = "plan.yaml"
 # it concludes none will come (a trainer launched with the dashboard imports torch first).
 START_GRACE_S = 30.0
 
+# A trainer on another host cannot be checked from here: after this long without an event
+# (not paused) the reader says it may be gone, and goes on reading.
+QUIET_S = 600.0
+
 
 def check_run_dir(run_dir: str | Path, *, require_run_files: bool = False) -> Path:
     """The run directory as a Path, or a LowmemError that says what is wrong with it."""
@@ -51,10 +55,11 @@ class Update:
     problems: list[str] = field(default_factory=list)
     restarted: bool = False           # events.jsonl was replaced (a run started over): `events` are all of it
     behind: bool = False              # events.jsonl has more: a long log comes a chunk at a time
+    quiet: str | None = None          # a trainer on another host silent for QUIET_S ("" once it speaks again)
 
     def __bool__(self) -> bool:
         return bool(self.events or self.config is not None or self.plan is not None
-                    or self.trainer_gone or self.problems or self.restarted)
+                    or self.trainer_gone or self.problems or self.restarted or self.quiet is not None)
 
 
 def is_history(event: dict, since: float | None) -> bool:
@@ -87,6 +92,10 @@ class RunReader:
         self._opened = time.monotonic()
         self._started_elsewhere = False   # a `start` from another host: no pid to watch
         self.behind = False               # events.jsonl has more than the last poll read
+        self._host: str | None = None     # where that trainer runs
+        self._paused = False
+        self._heard = time.monotonic()    # when the last event was read
+        self._quiet = False               # said that the trainer elsewhere has gone quiet
 
     def poll(self) -> Update:
         update = Update()
@@ -109,6 +118,12 @@ class RunReader:
             # No `start` yet, and no trainer holds the run: it died loading (or was never
             # started), and nothing will come. The grace lets a trainer just launched get there.
             update.trainer_gone = self._gone = True
+        elif self._started_elsewhere and not (self._done or self._error or self._paused):
+            quiet = time.monotonic() - self._heard
+            if quiet > QUIET_S and not self._quiet:
+                self._quiet = True
+                update.quiet = (f"no event for over {QUIET_S / 60:.0f} min from the trainer on {self._host}, "
+                                "which this host cannot check: it may have stopped")
         return update
 
     @property
@@ -150,12 +165,20 @@ class RunReader:
                 local = event.get("host") in (None, this_host())
                 self._pid = event.get("pid") if local else None
                 self._started_elsewhere = not local
+                self._host = event.get("host")
+                self._paused = False
                 self._start_t = event.get("t")
                 self._done = self._error = self._gone = False
             elif kind == "done":
                 self._done = True
             elif kind == "error":
                 self._error = True
+            elif kind in ("paused", "resumed"):
+                self._paused = kind == "paused"
+        if events:
+            self._heard = time.monotonic()
+            if self._quiet:
+                self._quiet, update.quiet = False, ""
         update.events.extend(events)
 
     @staticmethod

@@ -31,6 +31,7 @@ class RunState:
     done: dict | None = None
     error: dict | None = None
     trainer_gone: bool = False
+    quiet: str = ""              # why a trainer on another host may be gone, while it says nothing
     problems: list[str] = field(default_factory=list)
     events_read: int = 0
     updates: int = 0
@@ -52,6 +53,8 @@ class RunState:
             self.apply_event(event)
         if update.trainer_gone:
             self.trainer_gone = True
+        if update.quiet is not None:
+            self.quiet = update.quiet
         self.updates += 1
 
     def apply_event(self, event: dict) -> None:

@@ -69,7 +69,7 @@ def print_progress(run_dir: Path, *, poll_s: float = 0.5, out: TextIO | None = N
     try:
         for update in follow(run_dir, poll_s, check_trainer=check_trainer):
             state.apply(update)
-            for problem in update.problems:
+            for problem in update.problems + ([update.quiet] if update.quiet else []):
                 print(f"warning: {problem}", file=out, flush=True)
             for event in update.events:
                 line = plain_line(event)
