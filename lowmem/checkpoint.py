@@ -1,8 +1,8 @@
 """Checkpoints that a crash or a full disk cannot destroy, and exact resume.
 
-A checkpoint is written into `checkpoints/.tmp-step-N-*`, each file fsynced,
-and only then renamed to `checkpoints/step-N`; the `latest` pointer is
-replaced atomically after that. So at any instant the previous checkpoint is
+A checkpoint is written into `checkpoints/.tmp-step-N-*`, each file and folder
+fsynced, and only then renamed to `checkpoints/step-N`; the `latest` pointer is
+replaced atomically after that, and older checkpoints pruned only then. So at any instant the previous checkpoint is
 whole. `manifest.json` (written last) lists every file's size and SHA-256;
 a checkpoint whose files do not match it is reported and skipped on resume.
 
@@ -142,6 +142,35 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _torch_save(obj: Any, path: Path) -> None:
+    """torch.save, fsynced; a failed write (a full disk) is raised as the OSError it is, which
+    torch reports as a RuntimeError of its own ("unexpected pos ...")."""
+    with open(path, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_path(path: Path) -> None:
+    """Flush a file written by another library, or a folder's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_run_file(path: Path, text: str) -> None:
     """Replace a run directory's file (config.yaml, plan.yaml) whole or not at all: a write that
     fails (a full disk) leaves the old one, never an empty or cut one."""
@@ -197,8 +226,8 @@ def save_checkpoint(run_dir: Path, step: int, *, trainable: dict[str, torch.Tens
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()},
                   str(tmp / "trainable.safetensors"))
-        torch.save(optimizer, tmp / "optimizer.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
+        _torch_save(optimizer, tmp / "optimizer.pt")
+        _torch_save(rng_state(), tmp / "rng.pt")
         _fsync_write(tmp / "state.json", json.dumps({"step": step, **state}, indent=2).encode())
         _fsync_write(tmp / "config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
         _fsync_write(tmp / "plan.yaml", yaml.safe_dump(plan, sort_keys=False).encode())
@@ -208,9 +237,17 @@ def save_checkpoint(run_dir: Path, step: int, *, trainable: dict[str, torch.Tens
         manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
                     for p in files}
         _fsync_write(tmp / MANIFEST, json.dumps({"step": step, "files": manifest}, indent=2).encode())
+        # On the disk before the rename, and so before the pruning that follows it: a power loss
+        # must not leave a renamed checkpoint of unwritten data in place of the one it replaced.
+        # Modes as the umask says, like the rest of the run (mkdtemp and safetensors make 0700/0600).
+        mask = _umask()
+        for path in sorted(tmp.rglob("*"), reverse=True) + [tmp]:
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+            _fsync_path(path)
         if final.exists():  # a re-save of the same step (e.g. `s` pressed right at the end)
             shutil.rmtree(final)
         os.rename(tmp, final)
+        _fsync_path(root)
     except (OSError, SafetensorError) as e:   # a full disk, a quota
         shutil.rmtree(tmp, ignore_errors=True)
         whole = [c for c in list_checkpoints(run_dir) if c != final]
@@ -224,6 +261,7 @@ def save_checkpoint(run_dir: Path, step: int, *, trainable: dict[str, torch.Tens
     pointer = root / f".{LATEST}.tmp"
     _fsync_write(pointer, final.name.encode())
     os.replace(pointer, root / LATEST)
+    _fsync_path(root)
     prune_checkpoints(run_dir, keep, final)
     return final
 

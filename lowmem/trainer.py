@@ -36,7 +36,7 @@ from lowmem.config import RunConfig, format_size
 from lowmem.data import BatchStream, decoder_inputs, fingerprint, load_datasets
 from lowmem.errors import CheckpointError, ConfigError, DataError, DivergedError, ModelError
 from lowmem.evaluate import autocast_for, evaluate
-from lowmem.events import ControlReader, EventLog, this_host
+from lowmem.events import ControlReader, EventLog, iter_events, this_host
 from lowmem.loss import causal_lm_loss, count_targets
 from lowmem.offload import OffloadActivations
 from lowmem.lora import save_adapter
@@ -144,9 +144,19 @@ def read_run_files(run_dir: Path) -> tuple[RunConfig, Plan]:
     return config, plan
 
 
-def _copy_hint(run_dir: Path, name: str) -> str:
+def _copy_hint(run_dir: Path, name: str, unless: str | None = None) -> str:
+    """Where the newest checkpoint keeps a copy of the run's `name`; nothing when it has none,
+    or when the copy's text is `unless` (the file as it is: copying would not help)."""
     copies = [c / name for c in list_checkpoints(run_dir) if (c / name).is_file()]
-    return f"; the newest checkpoint keeps a copy: cp {copies[-1]} {Path(run_dir) / name}" if copies else ""
+    if not copies:
+        return ""
+    if unless is not None:
+        try:
+            if copies[-1].read_text() == unless:
+                return ""
+        except (OSError, UnicodeDecodeError):
+            return ""
+    return f"; the newest checkpoint keeps a copy: cp {copies[-1]} {Path(run_dir) / name}"
 
 
 def resumed_config(run_dir: Path, requested: dict) -> RunConfig:
@@ -162,8 +172,11 @@ def resumed_config(run_dir: Path, requested: dict) -> RunConfig:
         raise CheckpointError(f"{path} cannot be read ({e}){_copy_hint(run_dir, 'config.yaml')}") from None
     if not text.strip():
         raise CheckpointError(f"{path} is empty{_copy_hint(run_dir, 'config.yaml')}")
-    base_values, origins = read_yaml_layer(text, str(path))
-    base = build_config([(base_values, origins)], resuming=True)
+    try:
+        base_values, origins = read_yaml_layer(text, str(path))
+        base = build_config([(base_values, origins)], resuming=True)
+    except ConfigError as e:      # the run's own file, edited or damaged
+        raise ConfigError(f"{e}{_copy_hint(run_dir, 'config.yaml', unless=text)}") from None
     resumed = build_config([(base_values, origins), (requested, {k: "resume: " for k in requested})],
                            resuming=True)
     for key in requested:   # compared as parsed: `--seed 0` is the string "0" until then
@@ -177,9 +190,14 @@ def resumed_config(run_dir: Path, requested: dict) -> RunConfig:
 
 
 def set_aside_final_weights(run_dir: Path, step: int) -> list[str]:
-    """A finished run trained further: its final adapter/ or model/ (of `step`, where it ended)
-    is renamed <name>-step-<step>, kept but out of the way, so that nothing (generate, export)
-    takes it for the run's newest weights while the run goes on. Returns what was moved."""
+    """A finished run trained further: its final adapter/ or model/ (of the step where it last
+    finished, from events.jsonl, else `step`) is renamed <name>-step-<step>, kept but out of
+    the way, so that nothing (generate, export) takes it for the run's newest weights while
+    the run goes on. Returns what was moved."""
+    if any((run_dir / name).is_dir() for name in ("adapter", "model")):
+        # Not the checkpoint's step: a resume from an earlier one (the last was damaged).
+        ends = [e.get("step") for e in iter_events(run_dir) if e.get("kind") == "done" and e.get("reason") == "finished"]
+        step = ends[-1] if ends and isinstance(ends[-1], int) else step
     moved = []
     for name in ("adapter", "model"):
         final = run_dir / name

@@ -63,6 +63,46 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint_whole(tmp_path):
     assert find_resumable(tmp_path) == good and verify(good) is None
 
 
+def test_a_full_disk_under_torch_save_is_the_same_one_line_error(tmp_path, monkeypatch):
+    """torch.save reports a failed write as a RuntimeError of its own, the OSError as its context."""
+    good = _save(tmp_path, 1)
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint step-2 in .* \(No space left on device\); "
+                                              r"the newest whole one, step-1, is untouched"):
+        _save(tmp_path, 2)
+    assert list_checkpoints(tmp_path) == [good] and not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+    def broken(obj, f):
+        raise RuntimeError("cannot pickle this")     # not a write that failed: not dressed as one
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(RuntimeError, match="cannot pickle this"):
+        _save(tmp_path, 2)
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def test_a_checkpoint_has_the_modes_the_umask_gives_like_the_rest_of_the_run(tmp_path):
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        folder = _save(tmp_path, 1, extra={"adapter": lambda d: (d.mkdir(), (d / "a.json").write_text("{}"))})
+    finally:
+        os.umask(previous)
+    modes = {p.relative_to(folder).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in [folder, *folder.rglob("*")]}
+    assert modes.pop(".") == modes.pop("adapter") == 0o755
+    assert set(modes.values()) == {0o644} and "trainable.safetensors" in modes
+
+
 def test_a_corrupted_latest_is_reported_and_the_previous_one_used(tmp_path):
     previous = _save(tmp_path, 1)
     latest = _save(tmp_path, 2)

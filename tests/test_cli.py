@@ -385,6 +385,9 @@ def test_a_run_stopped_after_its_last_checkpoint_resumes_into_its_end(tmp_path, 
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == checkpoints   # nor re-saved
     assert main(["train", "--resume", str(run), "--no-tui"]) == 2
     assert "already finished its 2 steps" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--no-tui", "steps=1"]) == 2
+    assert (f"steps=1 is fewer than the 2 {run} has trained; it finished there; to train it longer: "
+            f"lowmem train --resume {run} steps=4") in capsys.readouterr().err
     shutil.rmtree(run / "checkpoints")           # to save disk: the adapter stays, and is never retrained
     assert main(["train", "--resume", str(run), "--no-tui"]) == 2
     assert "holds trained weights (adapter/ or model/): start a new run" in capsys.readouterr().err
@@ -499,6 +502,10 @@ def test_a_resume_refuses_fewer_steps_than_done_and_an_emptied_config_and_writes
     assert main(["train", "--resume", str(run), "--no-tui"]) == 2
     assert (f"config.yaml is empty; the newest checkpoint keeps a copy: cp {run / 'checkpoints'}"
             in capsys.readouterr().err)
+    (run / "config.yaml").write_text(before.replace("steps:", "steps: [", 1))    # damaged YAML
+    assert main(["train", "--resume", str(run), "--no-tui"]) == 2
+    err = capsys.readouterr().err
+    assert "config.yaml: line" in err and f"; the newest checkpoint keeps a copy: cp {run / 'checkpoints'}" in err
 
 
 def test_lowmem_train_holds_the_run_from_its_checks_to_the_end_of_training(

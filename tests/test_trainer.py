@@ -234,6 +234,24 @@ def test_a_finished_run_trained_further_sets_its_old_adapter_aside_and_answers_w
     assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() != final
 
 
+def test_final_weights_set_aside_are_named_by_the_step_the_run_finished_at_not_the_resumed_one(tmp_path):
+    """A finished run resumed from an earlier checkpoint (its last one damaged): adapter/ holds the
+    weights of the end, and is named by that step."""
+    from lowmem.events import EventLog
+    from lowmem.trainer import set_aside_final_weights
+
+    (tmp_path / "adapter").mkdir()
+    log = EventLog(tmp_path)
+    log.emit("done", step=4, reason="finished")
+    log.emit("start", steps=8)
+    log.emit("done", step=8, reason="finished")
+    log.emit("start", steps=12)
+    log.emit("done", step=9, reason="stopped")
+    log.close()
+    moved = set_aside_final_weights(tmp_path, 7)
+    assert (tmp_path / "adapter-step-8").is_dir() and moved[0].startswith("adapter/ from the end at step 8 is kept")
+
+
 def test_accumulation_gives_the_same_step_as_one_large_batch(tmp_path, tiny_model_dir, tiny_chat_data):
     results = []
     for name, mb, accum in (("one", 4, 1), ("two", 2, 2)):

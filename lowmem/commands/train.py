@@ -124,12 +124,15 @@ def run(args) -> int:
             else:
                 folder = find_resumable(run_dir, warn=lambda m: None)  # fail here, not in a background process
                 done_steps = json.loads((folder / "state.json").read_text())["step"]
-                if done_steps >= config.steps and finished(run_dir, done_steps):
-                    raise ConfigError(f"{run_dir} already finished its {done_steps} steps; to train it longer: "
-                                      f"lowmem train --resume {run_dir} steps={done_steps * 2}")
+                ended = done_steps >= config.steps and finished(run_dir, done_steps)
+                longer = f"lowmem train --resume {run_dir} steps={done_steps * 2}"
                 if config.steps < done_steps:
-                    raise ConfigError(f"steps={config.steps} is fewer than the {done_steps} {run_dir} has "
-                                      f"trained; give steps={done_steps} to finish it there, or more to go on")
+                    raise ConfigError(f"steps={config.steps} is fewer than the {done_steps} {run_dir} has trained; "
+                                      + (f"it finished there; to train it longer: {longer}" if ended else
+                                         f"give steps={done_steps} to finish it there, or more to go on"))
+                if ended:
+                    raise ConfigError(f"{run_dir} already finished its {done_steps} steps; to train it longer: "
+                                      f"{longer}")
                 # Extending the run (steps=...) is recorded so the run directory stays the truth. A run
                 # stopped after its last step's checkpoint but before its end (the final evaluation,
                 # the adapter) resumes into that end.
