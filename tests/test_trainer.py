@@ -430,6 +430,32 @@ def test_every_adapter_method_trains_and_resumes_exactly(tmp_path, tiny_model_di
     assert len(straight) == 4 and _losses(run_b) == straight
 
 
+@pytest.mark.parametrize("state_bits", [32, 16, 8])
+def test_full_training_resumes_exactly_with_each_optimizer_it_may_plan(tmp_path, tiny_model_dir, tiny_chat_data,
+                                                                     state_bits):
+    """torch AdamW (32), BF16AdamW (16: a budgeted full run on CUDA) and the 8-bit AdamW."""
+    import dataclasses
+
+    config = _config(tiny_model_dir, tiny_chat_data, tmp_path, steps=4, method="full", lr=1e-3)
+    runs = []
+    for name in ("straight", "stopped"):
+        config_n, plan, run_dir = _start(config, name)
+        plan = dataclasses.replace(plan, optimizer_state_bits=state_bits)
+        write_run_files(run_dir, config_n, plan)
+        runs.append((config_n, plan, run_dir))
+    train(*runs[0], out=lambda m: None)
+    config_b, plan_b, run_b = runs[1]
+
+    def stop_after_step_2(message):
+        if message.startswith("step 2/"):
+            send_control(run_b, "stop")
+
+    assert train(config_b, plan_b, run_b, out=stop_after_step_2)["step"] == 2
+    train(config_b, plan_b, run_b, resume=True, out=lambda m: None)
+    straight = _losses(runs[0][2])
+    assert len(straight) == 4 and _losses(run_b) == straight and straight[-1] < straight[0]
+
+
 @pytest.mark.parametrize("method, extra", [
     ("qlora", {}),
     ("loram", {"loram.ratio": 0.5, "loram.quantize": True, "loram.criterion": "magnitude"}),   # streamed
