@@ -387,7 +387,7 @@ def run_identity(run_dir: Path) -> tuple[str, str]:
     return read("config.yaml", "model"), read("plan.yaml", "method")
 
 
-def run_adapter_folder(run_dir: Path, marker: str) -> tuple[Path | None, str]:
+def run_adapter_folder(run_dir: Path, marker: str, warn=lambda message: None) -> tuple[Path | None, str]:
     """(run_dir/adapter if it holds `marker`, else the newest valid checkpoint's adapter folder,
     or None; why not run_dir/adapter: the run has not finished, its adapter/ is gone though it
     finished, or why there is no adapter at all)."""
@@ -397,7 +397,7 @@ def run_adapter_folder(run_dir: Path, marker: str) -> tuple[Path | None, str]:
     if (run_dir / "adapter" / marker).is_file():
         return run_dir / "adapter", ""
     try:
-        folder = find_resumable(run_dir, warn=lambda m: None) / "adapter"
+        folder = find_resumable(run_dir, warn=warn) / "adapter"   # warned of the damaged ones it passed
     except CheckpointError as e:
         return None, str(e)
     if not (folder / marker).is_file():

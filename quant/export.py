@@ -66,6 +66,7 @@ import torch
 from torch import nn
 
 from lowmem.errors import ModelError
+from lowmem.events import this_host
 from lowmem.lora import LoRALinear
 from lowmem.quant import intk
 from lowmem.quant.l4q import L4QLinear, merged_weight
@@ -237,7 +238,8 @@ def _write_folder(out: Path, write: Callable[[Path], None]) -> Path:
     out = Path(out)
     check_outputs({"output": out})
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    _clear_killed_exports(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}@{this_host()}@{os.getpid()}@", dir=out.parent))
     try:
         write(tmp)
         # mkdtemp and safetensors make owner-only files; an exported model is for sharing.
@@ -252,6 +254,19 @@ def _write_folder(out: Path, write: Callable[[Path], None]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _clear_killed_exports(out: Path) -> None:
+    """Remove the half-written folders of `out` that a killed export (SIGKILL, a power loss)
+    left beside it: `.tmp-NAME@HOST@PID@*` of this host whose process is gone."""
+    import psutil
+
+    prefix = f".tmp-{out.name}@"
+    for stale in out.parent.glob(f"{prefix}*"):
+        host, _, rest = stale.name[len(prefix):].partition("@")
+        pid = rest.partition("@")[0]
+        if host == this_host() and pid.isdigit() and not psutil.pid_exists(int(pid)) and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -663,7 +678,7 @@ def load_quantized_export(folder: str | Path, device: str = "cpu",
 
 # ---------------------------------------------------------------- a run directory
 
-def run_adapter(run_dir: Path) -> tuple[str, str, Path, str]:
+def run_adapter(run_dir: Path, warn=lambda message: None) -> tuple[str, str, Path, str]:
     """(model reference, method, adapter folder, why not adapter/) of a LoRA, QLoRA, LoRAM or L4Q
     run directory: run_dir/adapter when the run finished, else the newest valid checkpoint's."""
     from lowmem.checkpoint import run_adapter_folder, run_identity
@@ -675,7 +690,7 @@ def run_adapter(run_dir: Path) -> tuple[str, str, Path, str]:
     if method not in ("lora", "qlora", "loram", "l4q"):
         raise ModelError(f"{run_dir}: a '{method}' run has no adapter to export; its model is in {run_dir / 'model'}")
     marker = L4Q_CONFIG if method == "l4q" else ADAPTER_CONFIG
-    folder, why = run_adapter_folder(run_dir, marker)
+    folder, why = run_adapter_folder(run_dir, marker, warn)
     if folder is None:
         raise ModelError(f"{run_dir}: no {marker} in adapter/ or in a usable checkpoint ({why})")
     return model_ref, method, folder, why
@@ -694,7 +709,7 @@ def export_run(run_dir: Path, *, quantized: Path | None = None, dequantized: Pat
     """
     from lowmem.model import resolve_model_dir
 
-    model_ref, method, folder, why = run_adapter(Path(run_dir))
+    model_ref, method, folder, why = run_adapter(Path(run_dir), warn=lambda m: log(f"warning: {m}"))
     if why:
         log(f"{why}: exporting its checkpoint {folder.parent.name}")
     if merged is not None and method == "l4q":

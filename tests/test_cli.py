@@ -413,6 +413,11 @@ def test_a_run_without_a_checkpoint_starts_over_on_resume_and_paths_are_kept_abs
     assert (run / "adapter" / "adapter_config.json").is_file()
 
 
+def test_generate_refuses_an_answer_of_no_tokens_as_a_config_error(capsys):
+    assert main(["generate", "hi", "--max-new-tokens", "0"]) == 2
+    assert capsys.readouterr().err == "ConfigError: --max-new-tokens must be at least 1, got 0\n"
+
+
 def test_overrides_may_come_between_options(capsys):
     assert main(["plan", "--model", "llama-3.1-8b", "seq_len=2048", "--vram", "24G", "lora.rank=64",
                  "--json"]) == 0

@@ -86,6 +86,9 @@ def test_packed_export_reproduces_the_training_time_fake_quant_model_exactly(tmp
     fast, _ = load_quantized_export(tmp_path / "q", materialize=True)
     with torch.no_grad():
         torch.testing.assert_close(fast(IDS).logits, trained, rtol=1e-5, atol=1e-5)
+    dense = [m for m in fast.modules() if isinstance(m, IntKLinear)]
+    assert all(m.qweight is None and m.weight is not None for m in dense)    # the codes are dropped
+    assert "materialized=True" in repr(dense[0]) and f"symmetric={layers[0].symmetric}" in repr(dense[0])
 
 
 def test_default_export_is_genuinely_low_bit_and_close_to_the_trained_model(tmp_path):
@@ -181,7 +184,7 @@ def _export(argv):
     return args.func(args)
 
 
-def test_export_command_writes_a_quantized_l4q_run_that_generate_can_load(tmp_path, tiny_model_dir):
+def test_export_command_writes_a_quantized_l4q_run_that_generate_can_load(tmp_path, tiny_model_dir, capsys):
     from transformers import AutoModelForCausalLM
 
     from lowmem.model import load_model
@@ -208,6 +211,28 @@ def test_export_command_writes_a_quantized_l4q_run_that_generate_can_load(tmp_pa
         torch.testing.assert_close(hf(ids).logits, loaded(ids).logits, rtol=1e-5, atol=1e-5)
         generated = loaded.generate(ids, max_new_tokens=3, do_sample=False)
     assert generated.shape == (1, 12)
+    # `lowmem generate` dequantizes once where the dense weights fit beside the codes, else not,
+    # and answers the same.
+    import re
+
+    from lowmem.cli import main
+    from lowmem.config import parse_size
+
+    capsys.readouterr()
+    answers, notes = [], []
+    for vram in (None, "fits packed only"):
+        if vram is not None:
+            packed, dense = (parse_size(x) for x in re.search(
+                r"predicted (\S+) of .*\(predicted (\S+)\)", notes[0]).groups())
+            vram = str(int((packed + dense // 2) / 0.95))
+        assert main(["generate", "Say 3.", "--model", str(tmp_path / "q"), "--max-new-tokens", "4"]
+                    + (["--vram", vram] if vram else [])) == 0
+        out, err = capsys.readouterr()
+        answers.append(out)
+        notes.append(err)
+    assert "; dequantized once to fp32 (predicted" in notes[0]
+    assert "; dequantized layer by layer at every step:" in notes[1] and "of fp32 weights do not fit" in notes[1]
+    assert answers[0] == answers[1]
     from lowmem.errors import ConfigError, ModelError
 
     with pytest.raises(ConfigError, match="bits=4"):
@@ -411,7 +436,29 @@ def test_a_streamed_merge_refuses_an_adapter_for_other_shapes_and_leaves_nothing
                  rslora=False, base_model="other")
     with pytest.raises(ModelError, match=r"model.layers.0.self_attn.q_proj.weight.*\(48 × 48\).*\(32, 32\)"):
         merge_streamed(tiny_model_dir, tmp_path / "adapter", tmp_path / "out", log=lambda m: None)
-    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-out-*"))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-out*"))
+
+
+def test_an_export_clears_what_a_killed_export_of_the_same_folder_left_and_nothing_else(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from lowmem.events import this_host
+    from lowmem.quant.export import _write_folder
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    killed = tmp_path / f".tmp-out@{this_host()}@{proc.pid}@abc"
+    running = tmp_path / f".tmp-out@{this_host()}@{os.getpid()}@def"     # an export still writing
+    elsewhere = tmp_path / f".tmp-out@{this_host()}-other@{proc.pid}@ghi"   # whose pid is not ours to judge
+    other = tmp_path / f".tmp-outer@{this_host()}@{proc.pid}@jkl"           # another folder's
+    for folder in (killed, running, elsewhere, other):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"x" * 10)
+    _write_folder(tmp_path / "out", lambda d: (d / "config.json").write_text("{}"))
+    assert (tmp_path / "out" / "config.json").is_file() and not killed.exists()
+    assert running.is_dir() and elsewhere.is_dir() and other.is_dir()
 
 
 def test_a_streamed_merge_names_a_target_the_base_does_not_have(tmp_path, tiny_model_dir):
@@ -683,6 +730,16 @@ def test_an_unfinished_run_exports_its_newest_checkpoint_and_says_so(tmp_path, t
     export_run(run, merged=tmp_path / "m", log=said.append)
     assert said[0] == f"{run} has not finished: exporting its checkpoint step-3"
     assert (tmp_path / "m" / "config.json").is_file()
+    # A newer checkpoint that is damaged is passed over, and said so.
+    import shutil
+
+    newer = run / "checkpoints" / "step-4"
+    shutil.copytree(run / "checkpoints" / "step-3", newer)
+    (newer / "adapter" / "adapter_model.safetensors").write_bytes(b"damaged")
+    said.clear()
+    export_run(run, merged=tmp_path / "m2", log=said.append)
+    assert said[0].startswith(f"warning: checkpoint {newer} is damaged (") and "trying the previous one" in said[0]
+    assert said[1] == f"{run} has not finished: exporting its checkpoint step-3"
 
 
 def test_a_terminated_export_leaves_no_half_written_folder(tmp_path, monkeypatch):

@@ -66,7 +66,8 @@ def find_adapter(path: Path, note=None) -> tuple[Path, str | None]:
         if method == "l4q":
             raise ModelError(f"{path}: an L4Q run's adapter lives in its quantized weights; write them with "
                              f"`lowmem export {path} --quantized OUT`, then answer with --model OUT")
-        folder, why = run_adapter_folder(path, ADAPTER_CONFIG)
+        folder, why = run_adapter_folder(path, ADAPTER_CONFIG,
+                                         (lambda m: note(f"warning: {m}")) if note is not None else (lambda m: None))
         if folder is None:
             raise ModelError(f"{path}: no adapter to answer with: adapter/ holds no {ADAPTER_CONFIG} "
                              f"(the run has not finished, or it was removed), and {why}")
@@ -204,6 +205,8 @@ def choose_format(spec, budget: Budget, pinned: str, prompt_tokens: int, new_tok
 
 
 def run(args) -> int:
+    import torch
+
     from lowmem.config import format_size
     from lowmem.evaluate import generate, render_chat
     from lowmem.lora import load_adapter, read_adapter
@@ -214,7 +217,9 @@ def run(args) -> int:
     from lowmem.spec import LINEARS, spec_for
 
     if args.max_new_tokens < 1:
-        raise ModelError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+        from lowmem.errors import ConfigError
+
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     device = resolve_device(args.device)
     def note(message: str) -> None:          # beside the answer, which alone goes to stdout
         print(message, file=sys.stderr)
@@ -244,9 +249,17 @@ def run(args) -> int:
             raise ModelError(f"answering with {ref} ({meta['bits']}-bit) needs {format_size(need)}, more "
                              f"than {budget.describe()}" + ("; --device cpu answers from the host's RAM"
                                                              if device == "cuda" else ""))
+        # Dequantized once when the dense weights fit beside the codes (about 6x faster a
+        # token than dequantizing every layer at every step), else kept packed.
+        dtype = compute_dtype("int", device)
+        dense = "bf16" if dtype == torch.bfloat16 else "fp32"
+        dense_need = need_bytes(spec, dense, budget, prompt_tokens, max_new_tokens, 0)
+        once = need + dense_need <= budget.usable
+        how = (f"dequantized once to {dense} (predicted {format_size(dense_need)})" if once else
+               f"dequantized layer by layer at every step: {format_size(dense_need)} of {dense} weights do not fit")
         note(f"{ref}: {meta['bits']}-bit export on {device}, predicted {format_size(need)} of "
-             f"{budget.describe()}")
-        model, _ = load_quantized_export(ref, device, compute_dtype("int", device))
+             f"{budget.describe()}; {how}")
+        model, _ = load_quantized_export(ref, device, dtype, materialize=once)
     else:
         try:
             model_dir = resolve_model_dir(ref, log=note)
