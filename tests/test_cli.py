@@ -600,3 +600,16 @@ def test_a_plan_for_a_gpu_this_machine_lacks_says_where_train_would_run(monkeypa
     assert main(["plan", "--model", "smollm2-135m", "device=cpu", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)["plan"]
     assert plan["device"] == "cpu" and not any("lacks" in r for r in plan["reasons"])
+
+
+def test_a_qlora_adapter_answering_on_a_wider_base_says_how_to_answer_as_it_evaluated(tmp_path):
+    from lowmem.commands.generate import _trained_on_note
+
+    (tmp_path / "plan.yaml").write_text("method: qlora\nbase_format: nf4\n")
+    assert _trained_on_note(str(tmp_path), "fp32", "auto") == (
+        "; the run trained and evaluated on an nf4 base: --base nf4 answers as it did")
+    assert _trained_on_note(str(tmp_path), "nf4", "auto") == ""           # as it trained
+    assert _trained_on_note(str(tmp_path), "bf16", "bf16") == ""          # the user chose it
+    assert _trained_on_note(None, "fp32", "auto") == ""                   # not a run's adapter
+    (tmp_path / "plan.yaml").write_text("method: lora\nbase_format: fp32\n")
+    assert _trained_on_note(str(tmp_path), "fp32", "auto") == ""

@@ -278,13 +278,30 @@ def run(args) -> int:
         run_dir = _exportable_run(args.adapter)
         fmt, need = choose_format(spec, budget, args.base, prompt_tokens, max_new_tokens, adapter_params,
                                   name=ref, run=run_dir, streams=loads_streamed(model_dir))
-        note(f"{ref}: {fmt} base on {device}, predicted {format_size(need)} of {budget.describe()}")
+        note(f"{ref}: {fmt} base on {device}, predicted {format_size(need)} of {budget.describe()}"
+             + _trained_on_note(run_dir, fmt, args.base))
         model = load_weights(model_dir, device, compute_dtype(fmt, device), note,
                              nf4_targets=LINEARS if fmt == "nf4" else ())
     if adapter is not None:
         load_adapter(model, adapter)
     print(generate(model, tokenizer, [messages], device, max_new_tokens)[0])
     return 0
+
+
+def _trained_on_note(run_dir: str | None, fmt: str, pinned: str) -> str:
+    """For a QLoRA run's adapter on a wider base than it trained on (--base auto): that its
+    answers differ a little from its evaluations, and how to have them as it did."""
+    if run_dir is None or pinned != "auto" or fmt == "nf4":
+        return ""
+    import yaml
+
+    try:
+        plan = yaml.safe_load((Path(run_dir) / "plan.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return ""
+    if not isinstance(plan, dict) or plan.get("method") != "qlora":
+        return ""
+    return "; the run trained and evaluated on an nf4 base: --base nf4 answers as it did"
 
 
 def _exportable_run(adapter: str | None) -> str | None:
