@@ -2,9 +2,10 @@
 
 A checkpoint is written into `checkpoints/.tmp-step-N-*`, each file and folder
 fsynced, and only then renamed to `checkpoints/step-N`; the `latest` pointer is
-replaced atomically after that, and older checkpoints pruned only then. So at any instant the previous checkpoint is
-whole. `manifest.json` (written last) lists every file's size and SHA-256;
-a checkpoint whose files do not match it is reported and skipped on resume.
+replaced atomically after that, and older checkpoints are pruned only then. So
+at any instant the previous checkpoint is whole. `manifest.json` (written
+last) lists every file's size and SHA-256; a checkpoint whose files do not
+match it is reported and skipped on resume.
 
 Contents: trainable weights (`trainable.safetensors`), optimizer state
 (`optimizer.pt`, 8-bit states stored as they are), every RNG state (`rng.pt`),
