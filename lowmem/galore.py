@@ -195,11 +195,22 @@ def dequantized_moments(state: dict, qmaps: tuple) -> tuple[torch.Tensor, torch.
     return m, v
 
 
+#: Parameters of a quantizer (L4Q's LSQ step sizes and offsets): matrices, but not weights.
+#: Decayed, they would shrink the quantized base weight q·s + β itself toward zero.
+QUANTIZER_PARAMS = ("quant_step", "quant_offset")
+
+
+def decayed(name: str, p: nn.Parameter) -> bool:
+    """Whether weight decay applies: to matrices (weights, LoRA A and B), not to vectors (norms,
+    biases) nor to a quantizer's parameters."""
+    return p.ndim >= 2 and name.rpartition(".")[2] not in QUANTIZER_PARAMS
+
+
 class GaLoreAdamW8bit(torch.optim.Optimizer):
     """AdamW with GaLore-projected 8-bit moments for 2-D weights and 8-bit moments for the rest.
 
     `rank=None` (or 0) projects nothing: blockwise 8-bit AdamW for every tensor.
-    Groups: projected weights (decayed), other matrices (decayed), vectors (not decayed).
+    Groups: projected weights (decayed), other matrices (decayed), the rest (not: `decayed`).
     """
 
     def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], lr: float = 1e-3,
@@ -218,9 +229,9 @@ class GaLoreAdamW8bit(torch.optim.Optimizer):
 
         groups = [
             {"params": [p for n, p in named if projected(n, p)], "galore": True, "weight_decay": weight_decay},
-            {"params": [p for n, p in named if not projected(n, p) and p.ndim >= 2], "galore": False,
+            {"params": [p for n, p in named if not projected(n, p) and decayed(n, p)], "galore": False,
              "weight_decay": weight_decay},
-            {"params": [p for n, p in named if p.ndim < 2], "galore": False, "weight_decay": 0.0},
+            {"params": [p for n, p in named if not decayed(n, p)], "galore": False, "weight_decay": 0.0},
         ]
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         rank=int(rank or 0), update_gap=update_gap, scale=scale)

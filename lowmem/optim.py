@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lowmem.config import RunConfig
-from lowmem.galore import GaLoreAdamW8bit
+from lowmem.galore import GaLoreAdamW8bit, decayed
 from lowmem.memory import BF16_STEP_CHUNK
 from lowmem.rounding import generator, write_rounded_
 
@@ -39,7 +39,8 @@ def _galore_setting(config: RunConfig, key: str):
 
 
 def build_optimizer(named_params: list[tuple[str, nn.Parameter]], plan, config: RunConfig) -> torch.optim.Optimizer:
-    """The plan's optimizer; weight decay on matrices only (norms and biases are not decayed)."""
+    """The plan's optimizer; weight decay on matrices only (not on norms, biases, nor L4Q's
+    step sizes and offsets: lowmem.galore.decayed)."""
     common = dict(lr=config.lr, betas=tuple(config.adam_betas), weight_decay=config.weight_decay)
     if plan.method == "galore":
         if not plan.galore_rank:
@@ -52,8 +53,8 @@ def build_optimizer(named_params: list[tuple[str, nn.Parameter]], plan, config: 
             per_layer=bool(plan.galore_per_layer), max_grad_norm=config.max_grad_norm, seed=config.seed)
     if getattr(plan, "optimizer_state_bits", 32) == 8:
         return GaLoreAdamW8bit(named_params, **common, rank=None, seed=config.seed)
-    groups = [{"params": [p for _, p in named_params if p.ndim >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for _, p in named_params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [{"params": [p for n, p in named_params if decayed(n, p)], "weight_decay": config.weight_decay},
+              {"params": [p for n, p in named_params if not decayed(n, p)], "weight_decay": 0.0}]
     if getattr(plan, "optimizer_state_bits", 32) == 16:
         return BF16AdamW(groups, lr=config.lr, betas=tuple(config.adam_betas), seed=config.seed)
     # On CUDA torch's default is the foreach AdamW, whose step holds a copy of every second
@@ -68,7 +69,14 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     `fused` and `foreach` from the saved groups, so a checkpoint of an unfused AdamW would make
     a fused one foreach, whose step holds a copy of the moments the plan does not count."""
     fused = [group.get("fused") for group in optimizer.param_groups]
-    optimizer.load_state_dict(state)
+    try:
+        optimizer.load_state_dict(state)
+    except ValueError as e:      # its groups differ: made by a lowmem that grouped them otherwise
+        from lowmem.errors import CheckpointError
+
+        raise CheckpointError(f"the checkpoint's optimizer state does not fit this optimizer ({e}); a "
+                              f"version of lowmem other than the run's may group parameters differently: "
+                              f"resume with that version, or start a new run") from None
     for group, was in zip(optimizer.param_groups, fused):
         if was and not group.get("fused"):
             group["fused"], group["foreach"] = True, False
@@ -90,8 +98,13 @@ class BF16AdamW(torch.optim.Optimizer):
     Per tensor, in chunks of memory.BF16_STEP_CHUNK elements (fp32 temporaries of
     memory.BF16_STEP_TEMPORARIES bytes an element of the chunk):
 
-        m ← β1·m + (1−β1)·g,  v ← β2·v + (1−β2)·g²                    (rounded to nearest)
+        m ← round_stochastically(β1·m + (1−β1)·g)
+        v ← round_stochastically(β2·v + (1−β2)·g²)
         w ← round_stochastically(w·(1 − lr·λ) − lr/(1−β1ᵗ) · m / (√(v/(1−β2ᵗ)) + ε))
+
+    The moments too: rounded to nearest, v's change (1−β2)·(g² − v) is under half a bf16
+    step of v, so v would only ever grow (to 2.3x the fp32 AdamW's after 3000 steps that
+    began with larger gradients) and every update shrink.
 
     The noise comes from lowmem.rounding.generator (seed, step, tensor), so a resumed run
     rounds as the uninterrupted one did with nothing more saved. The state
@@ -145,8 +158,11 @@ class BF16AdamW(torch.optim.Optimizer):
             m = m_.float().lerp_(g, 1 - b1)
             v = v_.float().mul_(b2).addcmul_(g, g, value=1 - b2)
             del g
-            m_.copy_(m)
-            v_.copy_(v)
+            # bf16 moments are rounded stochastically too: to nearest, v's change of
+            # (1−β2)·(g² − v) is under half a bf16 step, so v could only ever grow and the steps
+            # shrink. The update below uses the moments as stored (rounded in place).
+            write_rounded_(m_, m, gen)
+            write_rounded_(v_, v, gen)
             # v is the state itself when the weights are fp32 (.float() copies nothing then).
             denom = (v.div(bc2) if exact else v.div_(bc2)).sqrt_().add_(eps)
             w = w_.float()

@@ -34,7 +34,8 @@ def generator(seed: int, step: int, index: int, device: torch.device) -> torch.G
 
 
 def write_rounded_(target: torch.Tensor, value: torch.Tensor, gen: torch.Generator | None) -> None:
-    """target ← value (fp32, consumed), stochastically rounded when `target` is bf16."""
+    """target ← value (fp32), stochastically rounded when `target` is bf16; `value` is rounded
+    in place, so it is left holding what `target` got."""
     if target.dtype == torch.bfloat16 and gen is not None:
         noise = torch.randint(0, 1 << 16, value.shape, dtype=torch.int32, device=value.device, generator=gen)
         round_stochastically_(value, noise)

@@ -84,6 +84,26 @@ def test_small_updates_move_bf16_weights_as_fp32_ones_where_torchs_adamw_leaves_
     assert abs(along["stochastic"] - 1) < 0.02 and along["nearest"] < 0.8, along   # unbiased; nearest falls short
 
 
+def test_bf16_second_moments_follow_the_fp32_ones_instead_of_only_growing():
+    """Rounded to nearest, v's change (1−β2)·(g² − v) is under half a bf16 step once t ≳ 250: v
+    could only grow. After a start of 5x gradients it stayed 1.5x fp32 AdamW's at step 1000."""
+    torch.manual_seed(0)
+    n = 4000
+    w = torch.nn.Parameter(torch.randn(n).bfloat16())
+    ref = torch.nn.Parameter(w.detach().float().clone())
+    ours = BF16AdamW([{"params": [w], "weight_decay": 0.0}], lr=1e-6)
+    torchs = torch.optim.AdamW([{"params": [ref], "weight_decay": 0.0}], lr=1e-6)
+    for t in range(1, 1001):
+        g = (torch.randn(n) * (5.0 if t <= 100 else 1.0)).bfloat16()
+        w.grad, ref.grad = g, g.float()
+        ours.step()
+        torchs.step()
+    v, v_ref = ours.state[w]["exp_avg_sq"].float().mean(), torchs.state[ref]["exp_avg_sq"].mean()
+    m, m_ref = ours.state[w]["exp_avg"].float(), torchs.state[ref]["exp_avg"]
+    assert v / v_ref == pytest.approx(1.0, abs=0.02)
+    assert torch.corrcoef(torch.stack([m, m_ref]))[0, 1] > 0.99
+
+
 def test_a_resumed_optimizer_rounds_as_the_uninterrupted_one():
     torch.manual_seed(1)
     w0 = torch.randn(64, 32).to(torch.bfloat16)
@@ -170,6 +190,33 @@ def test_on_cuda_it_follows_the_fp32_update_within_its_temporaries():
     assert abs(along.item() - 1) < 0.02                          # unbiased, as on the CPU
 
 
+@pytest.mark.parametrize("state_bits", [32, 8])
+def test_weight_decay_leaves_l4q_step_sizes_and_offsets_and_so_the_quantized_base_alone(state_bits):
+    """Decayed, s and β shrink by (1 − lr·λ) a step, and with them the whole base q·s + β."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from lowmem.quant.l4q import L4QLinear
+
+    torch.manual_seed(0)
+    layer = L4QLinear(nn.Linear(128, 16, bias=False), 4, 8.0, bits=4, group=64)
+    layer.base.requires_grad_(False)         # frozen, as the trainer holds it
+    named = [(f"layers.0.q_proj.{n}", p) for n, p in layer.named_parameters() if p.requires_grad]
+    config = SimpleNamespace(lr=1e-2, adam_betas=(0.9, 0.999), weight_decay=0.1, seed=0)
+    optimizer = build_optimizer(named, SimpleNamespace(method="l4q", optimizer_state_bits=state_bits,
+                                                       device="cpu"), config)
+    names = {id(p): n.rpartition(".")[2] for n, p in named}
+    decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] for p in g["params"]}
+    assert decayed == {"lora_A", "lora_B"}
+    base = layer.quantized_weight().detach().clone()
+    for _ in range(20):
+        for _, p in named:
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+    assert torch.equal(layer.quantized_weight(), base)
+
+
 def test_parameters_it_cannot_update_are_refused_when_it_is_made():
     with pytest.raises(ValueError, match=r"contiguous bf16 \(or fp32\) parameters; got a torch.float16 one"):
         BF16AdamW([torch.nn.Parameter(torch.zeros(3, dtype=torch.float16))])
@@ -195,3 +242,14 @@ def test_a_fused_adamw_stays_fused_when_it_loads_an_unfused_ones_state():
     fused.step()
     unfused.step()
     assert torch.allclose(v, w, atol=1e-6)
+
+
+def test_an_optimizer_state_grouped_otherwise_is_a_checkpoint_error_not_a_crash():
+    from lowmem.errors import CheckpointError
+    from lowmem.optim import load_optimizer_state
+
+    a, b, c = (torch.nn.Parameter(torch.zeros(2, 2)) for _ in range(3))
+    older = torch.optim.AdamW([{"params": [a]}, {"params": [b, c]}])
+    ours = torch.optim.AdamW([{"params": [a, b]}, {"params": [c]}])
+    with pytest.raises(CheckpointError, match=r"does not fit this optimizer .*start a new run"):
+        load_optimizer_state(ours, older.state_dict())
