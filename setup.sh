@@ -34,7 +34,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$key" ]; then
 fi
 
 case "${1:-}" in
-    demo) shift; exec lowmem train "$@" ;;
+    # Its lowmem is on no PATH outside this script: the commands a run prints say ./setup.sh demo.
+    demo) shift; LOWMEM_TRAIN="./setup.sh demo" exec lowmem train "$@" ;;
     test) shift; exec python -m pytest "$@" ;;
     "") echo "ready: . .venv/bin/activate && lowmem --help" ;;
     *) echo "usage: ./setup.sh [demo|test] [options]" >&2; exit 2 ;;

@@ -113,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     command = _command_parser(parser, argv)
     if command is not None:
         argv = _normalise(command, argv)
+    elif (name := next((a for a in argv if not a.startswith("-")), None)) is not None:
+        close = difflib.get_close_matches(name, COMMANDS, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else "`lowmem --help` says what each does"
+        print(f"lowmem: unknown command '{name}' ({hint}); commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
     args, extra = parser.parse_known_args(argv)
     if extra and isinstance(getattr(args, "overrides", None), list):
         # argparse takes one run of key=value positionals; later runs, between options, come back

@@ -58,9 +58,10 @@ def parse_size(text: str | int | float) -> int:
             raise ValueError(f"expected a size like 24G, 24GB, 24GiB, 500M or 0.5T, got {text!r}")
         number, unit, suffix = m.groups()
     if not unit and not suffix and float(number) < 1024:   # `vram: 24` in YAML as well as --vram 24
-        example = f"{str(text).strip()}G" if float(number) > 0 else "24G"
-        raise ValueError(f"{str(text).strip()!r} has no unit: sizes are like {example} or 500M "
-                         f"(a bare number counts bytes)")
+        said = str(text).strip()
+        hint = f"did you mean {said}G? " if float(number) > 0 else ""
+        raise ValueError(f"{said!r} has no unit: {hint}sizes are like 24G or 500M (a bare number "
+                         f"counts bytes, and so must be 1024 or more)")
     return int(float(number) * _UNITS[unit.upper()])
 
 
@@ -515,6 +516,9 @@ def parse_overrides(items: Iterable[str]) -> tuple[dict, dict]:
     values, origins = {}, {}
     for item in items:
         if "=" not in item:
+            if re.fullmatch(r"[KMGT]i?B?", item.strip(), re.IGNORECASE):   # `--vram 24 GB`
+                raise ConfigError(f"'{item}' looks like the unit of a size: write it against the number, "
+                                  f"e.g. --vram 24{item.strip()}")
             raise ConfigError(f"override '{item}': expected key=value, e.g. lora.rank=16")
         key, raw = item.split("=", 1)
         key = key.strip()

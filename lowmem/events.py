@@ -67,6 +67,16 @@ class EventLog:
         self._file.close()
 
 
+def run_dir_hint(path: str | Path) -> str:
+    """" (did you mean runs/NAME?)" when `path` is a run's name given where its directory was
+    expected (`lowmem monitor NAME`), and runs/NAME is a run; else ""."""
+    path = Path(path)
+    guess = Path("runs") / path
+    if len(path.parts) == 1 and not path.exists() and (guess / "config.yaml").is_file():
+        return f" (did you mean {guess}?)"
+    return ""
+
+
 def this_host() -> str:
     """The host name a trainer records in its `start` event, so a reader can tell a local
     trainer (whose pid it can watch) from one on another machine."""

@@ -36,7 +36,7 @@ from lowmem.config import RunConfig, format_size
 from lowmem.data import BatchStream, decoder_inputs, fingerprint, load_datasets
 from lowmem.errors import CheckpointError, ConfigError, DataError, DivergedError, ModelError
 from lowmem.evaluate import autocast_for, evaluate
-from lowmem.events import ControlReader, EventLog, iter_events, this_host
+from lowmem.events import ControlReader, EventLog, iter_events, run_dir_hint, this_host
 from lowmem.loss import causal_lm_loss, count_targets
 from lowmem.offload import OffloadActivations
 from lowmem.lora import save_adapter
@@ -89,7 +89,7 @@ def new_run_dir(config: RunConfig) -> Path:
     if run_dir.is_dir() and any(run_dir.iterdir()):
         if not holds_nothing_trained(run_dir):
             raise ConfigError(f"run directory {run_dir} already exists; resume it with "
-                              f"`lowmem train --resume {run_dir}` or choose another --name")
+                              f"`{train_command(f'--resume {run_dir}')}` or choose another --name")
         with RunLock(run_dir, holder=False):
             for entry in run_dir.iterdir():
                 if entry.name != ".lock":
@@ -165,7 +165,7 @@ def resumed_config(run_dir: Path, requested: dict) -> RunConfig:
 
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
-        raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
+        raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml){run_dir_hint(run_dir)}")
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
@@ -284,6 +284,12 @@ class Progress:
         return text, fields
 
 
+def train_command(arguments: str) -> str:
+    """`lowmem train ARGUMENTS` as the user can type it: `./setup.sh demo` sets LOWMEM_TRAIN to
+    itself, since its `lowmem` is on no PATH outside it."""
+    return f"{os.environ.get('LOWMEM_TRAIN') or 'lowmem train'} {arguments}"
+
+
 def _seconds(value) -> float:
     """A checkpoint's elapsed_s, or 0 where it has none (or not a time)."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
@@ -319,7 +325,7 @@ def train(config: RunConfig, plan: Plan, run_dir: Path, *, resume: bool = False,
                 # Stopped outside the loop (loading, an evaluation): say so, and tell readers the
                 # trainer is over, as the loop's own interruption does.
                 saved = list_checkpoints(run_dir)
-                resume_cmd = f"lowmem train --resume {run_dir}"
+                resume_cmd = train_command(f"--resume {run_dir}")
                 if saved:
                     out(f"interrupted: `{resume_cmd}` continues from its newest checkpoint")
                 else:
@@ -529,7 +535,7 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
         reason = "finished"     # a stop during the last step: every step is done, the end follows
     resume_cmd = None
     if step < config.steps or reason == "interrupted":
-        resume_cmd = f"lowmem train --resume {run_dir}"
+        resume_cmd = train_command(f"--resume {run_dir}")
         out(f"{'stopped' if reason == 'stopped' else 'interrupted'} at step {step}/{config.steps}; "
             f"checkpoint {folder}; continue with: {resume_cmd}")
     else:

@@ -613,3 +613,30 @@ def test_a_qlora_adapter_answering_on_a_wider_base_says_how_to_answer_as_it_eval
     assert _trained_on_note(None, "fp32", "auto") == ""                   # not a run's adapter
     (tmp_path / "plan.yaml").write_text("method: lora\nbase_format: fp32\n")
     assert _trained_on_note(str(tmp_path), "fp32", "auto") == ""
+
+
+def test_a_mistyped_command_gets_a_suggestion_and_the_list_without_internal_ones(capsys):
+    assert main(["trian", "--steps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("lowmem: unknown command 'trian' (did you mean train?); "
+                   "commands: train, plan, monitor, presets, generate, export\n")
+    assert main(["frobnicate"]) == 2
+    assert "unknown command 'frobnicate' (`lowmem --help` says what each does)" in capsys.readouterr().err
+
+
+def test_a_size_unit_given_apart_from_its_number_is_pointed_at_it(capsys):
+    assert main(["plan", "--model", "llama-3.1-8b", "--vram", "24", "GB"]) == 2
+    assert capsys.readouterr().err == ("ConfigError: 'GB' looks like the unit of a size: write it against the "
+                                       "number, e.g. --vram 24GB\n")
+
+
+def test_a_run_named_where_its_directory_is_expected_is_pointed_at_runs(tmp_path, monkeypatch, capsys):
+    (tmp_path / "runs" / "mine").mkdir(parents=True)
+    (tmp_path / "runs" / "mine" / "config.yaml").write_text("steps: 2\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["monitor", "mine", "--no-tui"]) == 2
+    assert capsys.readouterr().err == "LowmemError: run directory mine does not exist (did you mean runs/mine?)\n"
+    assert main(["train", "--resume", "mine", "--no-tui"]) == 2
+    assert "mine is not a run directory (no config.yaml) (did you mean runs/mine?)" in capsys.readouterr().err
+    assert main(["monitor", "other", "--no-tui"]) == 2
+    assert capsys.readouterr().err == "LowmemError: run directory other does not exist\n"

@@ -153,7 +153,7 @@ def test_a_preset_that_is_not_utf8_or_is_a_directory_is_a_one_line_error(tmp_pat
 
 
 def test_a_size_without_a_unit_is_refused_where_it_would_be_a_few_bytes():
-    with pytest.raises(ValueError, match="'24' has no unit: sizes are like 24G"):
+    with pytest.raises(ValueError, match=r"'24' has no unit: did you mean 24G\? sizes are like 24G .*1024 or more"):
         parse_size("24")
     with pytest.raises(ValueError, match="'24' has no unit"):
         parse_size(24)                                  # `vram: 24` in a preset

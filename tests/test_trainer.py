@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -677,3 +678,14 @@ def test_time_paused_or_evaluating_is_not_training_time(monkeypatch):
     _, fields = progress.line(3, 1.0, 1e-3, 1.0)
     assert fields["tokens_per_s"] == 1000.0 and fields["eta_s"] == 7.0
     assert fields["elapsed_s"] == 63.0           # the wall clock, pause included
+
+
+def test_the_commands_a_run_prints_are_the_ones_the_user_can_type(monkeypatch):
+    """`./setup.sh demo` runs a lowmem that is on no PATH outside it, and says so through LOWMEM_TRAIN."""
+    from lowmem.trainer import train_command
+
+    monkeypatch.delenv("LOWMEM_TRAIN", raising=False)
+    assert train_command("--resume runs/x") == "lowmem train --resume runs/x"
+    monkeypatch.setenv("LOWMEM_TRAIN", "./setup.sh demo")
+    assert train_command("--resume runs/x") == "./setup.sh demo --resume runs/x"
+    assert "LOWMEM_TRAIN=\"./setup.sh demo\" exec lowmem train" in (Path(__file__).parent.parent / "setup.sh").read_text()

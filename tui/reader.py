@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from lowmem.errors import LowmemError
-from lowmem.events import EVENTS_FILE, READ_CHUNK, read_jsonl_tail, this_host, trainer_alive, trainer_may_hold
+from lowmem.events import EVENTS_FILE, READ_CHUNK, read_jsonl_tail, run_dir_hint, this_host, trainer_alive, trainer_may_hold
 
 CONFIG_FILE = "config.yaml"
 PLAN_FILE = "plan.yaml"
@@ -32,7 +32,7 @@ def check_run_dir(run_dir: str | Path, *, require_run_files: bool = False) -> Pa
     """The run directory as a Path, or a LowmemError that says what is wrong with it."""
     path = Path(run_dir)
     if not path.exists():
-        raise LowmemError(f"run directory {path} does not exist")
+        raise LowmemError(f"run directory {path} does not exist{run_dir_hint(path)}")
     if not path.is_dir():
         raise LowmemError(f"{path} is not a directory (expected a run directory such as runs/NAME)")
     if path.resolve().parent.name == "checkpoints" and (path / "manifest.json").is_file():

@@ -91,7 +91,7 @@ def run(args) -> int:
     from lowmem.commands.plan import pinned_keys
     from lowmem.planner import make_plan, past_context
     from lowmem.spec import spec_for
-    from lowmem.trainer import new_run_dir, resumed_config, write_run_files
+    from lowmem.trainer import new_run_dir, resumed_config, train_command, write_run_files
 
     if args.resume:
         if args.preset:
@@ -125,7 +125,7 @@ def run(args) -> int:
                 folder = find_resumable(run_dir, warn=lambda m: None)  # fail here, not in a background process
                 done_steps = json.loads((folder / "state.json").read_text())["step"]
                 ended = done_steps >= config.steps and finished(run_dir, done_steps)
-                longer = f"lowmem train --resume {run_dir} steps={done_steps * 2}"
+                longer = train_command(f"--resume {run_dir} steps={done_steps * 2}")
                 if config.steps < done_steps:
                     raise ConfigError(f"steps={config.steps} is fewer than the {done_steps} {run_dir} has trained; "
                                       + (f"it finished there; to train it longer: {longer}" if ended else
