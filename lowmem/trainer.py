@@ -284,6 +284,14 @@ class Progress:
         return text, fields
 
 
+#: Fewer held-out examples than this and a run's evaluations are said to be noise.
+FEW_HELDOUT = 20
+
+
+def _examples(n: int, kind: str) -> str:
+    return f"{n} {kind} example{'' if n == 1 else 's'}"
+
+
 def train_command(arguments: str) -> str:
     """`lowmem train ARGUMENTS` as the user can type it: `./setup.sh demo` sets LOWMEM_TRAIN to
     itself, since its `lowmem` is on no PATH outside it."""
@@ -458,10 +466,15 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
         f"({plan.method}{f', rank {plan.lora_rank}' if plan.lora_rank else ''}) on "
         f"{gpu.get('gpu', device)}"
         f"{'' if gpu.get('kernels', 'on') == 'on' else ' (lowmem.kernels off: ' + gpu['kernels'] + ')'}; "
-        f"{len(data.train)} training and {len(data.heldout)} held-out examples")
+        f"{len(data.train)} training and {_examples(len(data.heldout), 'held-out')}")
 
     if not data.heldout:
         message = "no held-out examples: evaluation is skipped (give --eval-data, or more data)"
+        out(f"warning: {message}")
+        events.emit("warning", message=message)
+    elif len(data.heldout) < FEW_HELDOUT:
+        message = (f"only {_examples(len(data.heldout), 'held-out')}: its loss and exact match move by "
+                   f"chance; {FEW_HELDOUT} or more (--eval-data, or a larger eval_fraction) measure the run")
         out(f"warning: {message}")
         events.emit("warning", message=message)
 
@@ -495,8 +508,10 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
         saved.update(step=step, folder=folder)
         return folder
 
-    before = run_eval("before") if not resume else None
+    # Elapsed counts the first evaluation (minutes for a large held-out set); the rate does not.
     progress = Progress(config.steps, step, earlier)
+    with progress.aside():
+        before = run_eval("before") if not resume else None
     reason = "finished"
     model.train()
     skipped = 0   # diverged steps in a row

@@ -640,3 +640,22 @@ def test_a_run_named_where_its_directory_is_expected_is_pointed_at_runs(tmp_path
     assert "mine is not a run directory (no config.yaml) (did you mean runs/mine?)" in capsys.readouterr().err
     assert main(["monitor", "other", "--no-tui"]) == 2
     assert capsys.readouterr().err == "LowmemError: run directory other does not exist\n"
+
+
+def test_a_real_model_planned_at_the_demos_seq_len_is_told_to_give_its_own(capsys):
+    def reasons(*argv):
+        assert main(["plan", *argv, "--json"]) == 0
+        return [r for r in json.loads(capsys.readouterr().out)["plan"]["reasons"] if "seq_len 192 is the default" in r]
+
+    assert len(reasons("--model", "llama-3.1-8b", "--vram", "12G")) == 1
+    assert reasons("--model", "llama-3.1-8b", "--vram", "12G", "seq_len=2048") == []
+    assert reasons("--model", "smollm2-135m") == []                  # the demo's own model
+
+
+def test_a_measurement_this_machine_cannot_run_still_leaves_the_plan_printed(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["plan", "--model", "llama-3.1-8b", "--vram", "24G", "--measure"]) == 2
+    out, err = capsys.readouterr()
+    assert out.startswith("model     llama-3.1-8b") and "predicted peak" in out
+    assert err == ("ConfigError: --measure runs the plan on this machine's GPU, and torch sees none; "
+                   "measure a CPU plan with device=cpu\n")

@@ -128,7 +128,7 @@ def test_a_diverging_run_skips_non_finite_updates_then_stops_and_saves_nothing_a
     bad = [e["step"] for e in steps if not (math.isfinite(e["loss"]) and math.isfinite(e["grad_norm"]))]
     assert len(bad) == MAX_SKIPPED_STEPS and bad == list(range(bad[0], bad[0] + MAX_SKIPPED_STEPS))
     assert steps[-1]["step"] == bad[-1] and events[-1]["kind"] == "error"
-    warned = [e["message"] for e in events if e["kind"] == "warning"]
+    warned = [e["message"] for e in events if e["kind"] == "warning" and "held-out example" not in e["message"]]
     assert len(warned) == MAX_SKIPPED_STEPS - 1 and all("update was skipped" in m for m in warned)
     # The checkpoints written during the skipped steps hold the last finite weights, unchanged.
     saved = list_checkpoints(run_dir)
@@ -678,6 +678,34 @@ def test_time_paused_or_evaluating_is_not_training_time(monkeypatch):
     _, fields = progress.line(3, 1.0, 1e-3, 1.0)
     assert fields["tokens_per_s"] == 1000.0 and fields["eta_s"] == 7.0
     assert fields["elapsed_s"] == 63.0           # the wall clock, pause included
+
+
+def test_a_handful_of_held_out_examples_is_warned_of_and_counted_right(tmp_path, tiny_model_dir, tiny_chat_data):
+    said = []
+    config = _config(tiny_model_dir, tiny_chat_data, tmp_path, steps=1, eval_fraction=0.05)
+    train(*_start(config, "few"), out=said.append)
+    assert any(m.endswith("23 training and 1 held-out example") for m in said)
+    warned = [e["message"] for e in read_events(tmp_path / "runs" / "few") if e["kind"] == "warning"]
+    assert warned == ["only 1 held-out example: its loss and exact match move by chance; 20 or more "
+                      "(--eval-data, or a larger eval_fraction) measure the run"]
+
+
+def test_elapsed_counts_the_first_evaluation_and_the_rate_does_not(tmp_path, tiny_model_dir, tiny_chat_data,
+                                                                   monkeypatch):
+    import lowmem.trainer
+
+    real = lowmem.trainer.evaluate
+
+    def slow(*args, **kwargs):
+        time.sleep(1.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lowmem.trainer, "evaluate", slow)
+    config = _config(tiny_model_dir, tiny_chat_data, tmp_path, steps=1)
+    train(*_start(config, "slow"), out=lambda m: None)
+    step = next(e for e in read_events(tmp_path / "runs" / "slow") if e["kind"] == "step")
+    assert step["elapsed_s"] >= 1.5
+    assert step["tokens"] / step["tokens_per_s"] < step["elapsed_s"] - 1.4   # the rate's time leaves it out
 
 
 def test_the_commands_a_run_prints_are_the_ones_the_user_can_type(monkeypatch):

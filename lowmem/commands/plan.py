@@ -93,9 +93,17 @@ def run(args: argparse.Namespace) -> int:
         config = config_from_args(args)
         spec = spec_for(config.model)
         plan = make_plan(config, spec, pinned_keys(args), device=planning_device(config.device))
+        notes = []
+        if "seq_len" not in pinned_keys(args) and spec.name != "smollm2-135m":
+            notes.append(f"seq_len {config.seq_len} is the default, sized for the embedded demo's short "
+                         f"examples: give seq_len= the token length of your data's longest examples, "
+                         f"as activations grow with it")
         if config.device == "auto" and plan.device == "cuda" and not _has_cuda():
-            plan = dataclasses.replace(plan, reasons=(*plan.reasons, NO_CUDA_HERE))
+            notes.append(NO_CUDA_HERE)
+        plan = dataclasses.replace(plan, reasons=(*plan.reasons, *notes))
         prepare = loram_prepare(plan, spec, config)
+        if not args.json:       # the plan first: a measurement that cannot run still leaves it said
+            print(render(plan, spec, margin=safety_margin(config), prepare=prepare), flush=True)
         measured = measure_plan(plan, spec, config, args.measure_steps) if args.measure else None
     except LowmemError as e:
         if args.json:    # a reader of --json gets JSON, whatever went wrong
@@ -108,10 +116,8 @@ def run(args: argparse.Namespace) -> int:
         if measured is not None:
             out["measured"] = measured
         print(json.dumps(out, indent=2))
-    else:
-        print(render(plan, spec, margin=safety_margin(config), prepare=prepare))
-        if measured is not None:
-            print("\n" + render_measured(measured))
+    elif measured is not None:
+        print("\n" + render_measured(measured))
     return 0 if measured is None or measured["fits"] else 1
 
 
