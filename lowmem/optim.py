@@ -158,9 +158,7 @@ class BF16AdamW(torch.optim.Optimizer):
             m = m_.float().lerp_(g, 1 - b1)
             v = v_.float().mul_(b2).addcmul_(g, g, value=1 - b2)
             del g
-            # bf16 moments are rounded stochastically too: to nearest, v's change of
-            # (1−β2)·(g² − v) is under half a bf16 step, so v could only ever grow and the steps
-            # shrink. The update below uses the moments as stored (rounded in place).
+            # The moments as stored (rounded in place) make the update below.
             write_rounded_(m_, m, gen)
             write_rounded_(v_, v, gen)
             # v is the state itself when the weights are fp32 (.float() copies nothing then).

@@ -196,7 +196,8 @@ def set_aside_final_weights(run_dir: Path, step: int) -> list[str]:
     the run goes on. Returns what was moved."""
     if any((run_dir / name).is_dir() for name in ("adapter", "model")):
         # Not the checkpoint's step: a resume from an earlier one (the last was damaged).
-        ends = [e.get("step") for e in iter_events(run_dir) if e.get("kind") == "done" and e.get("reason") == "finished"]
+        ends = [e.get("step") for e in iter_events(run_dir)
+                if e.get("kind") == "done" and e.get("reason") == "finished"]
         step = ends[-1] if ends and isinstance(ends[-1], int) else step
     moved = []
     for name in ("adapter", "model"):
@@ -499,9 +500,9 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
             return saved["folder"]
         folder = save_checkpoint(
             run_dir, step, trainable={n: p for n, p in params}, optimizer=optimizer.state_dict(),
-            state={"data": stream.state_dict(), "heldout": heldout_print, "elapsed_s": round(progress.elapsed(), 2)},
-            config=config.to_dict(),
-            plan=plan.to_dict(),
+            state={"data": stream.state_dict(), "heldout": heldout_print,
+                   "elapsed_s": round(progress.elapsed(), 2)},
+            config=config.to_dict(), plan=plan.to_dict(),
             keep=config.keep_checkpoints,
             extra_dirs={"adapter": lambda d: save_adapter_for(model, plan, config, d, model_dir)} if adapted else None)
         events.emit("checkpoint", step=step, path=str(folder))

@@ -14,7 +14,8 @@ from typing import Any
 import yaml
 
 from lowmem.errors import LowmemError
-from lowmem.events import EVENTS_FILE, READ_CHUNK, read_jsonl_tail, run_dir_hint, this_host, trainer_alive, trainer_may_hold
+from lowmem.events import (EVENTS_FILE, READ_CHUNK, read_jsonl_tail, run_dir_hint, this_host, trainer_alive,
+                           trainer_may_hold)
 
 CONFIG_FILE = "config.yaml"
 PLAN_FILE = "plan.yaml"
