@@ -98,14 +98,18 @@ def main(argv: list[str] | None = None) -> int:
     if sys.platform.startswith("linux") and not any(
             os.environ.get(k) for k in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")):
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
-    # No progress bars from loading weights over the dashboard and the logs. transformers reads
-    # this when it is imported; importing it here would cost every command a second or more.
+    # No progress bars from loading or converting weights over the dashboard and the logs: lowmem
+    # says what it does in lines of its own. transformers and tqdm (which transformers' GGUF
+    # conversion calls directly) read these when imported; importing them here instead would cost
+    # every command a second or more.
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     else:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "tqdm" not in sys.modules:
+        os.environ.setdefault("TQDM_DISABLE", "1")
     parser = build_parser()
     # --debug goes before the command or anywhere after it.
     debug = "--debug" in argv

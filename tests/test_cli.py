@@ -659,3 +659,19 @@ def test_a_measurement_this_machine_cannot_run_still_leaves_the_plan_printed(mon
     assert out.startswith("model     llama-3.1-8b") and "predicted peak" in out
     assert err == ("ConfigError: --measure runs the plan on this machine's GPU, and torch sees none; "
                    "measure a CPU plan with device=cpu\n")
+
+
+def test_progress_bars_are_off_before_anything_that_draws_them_is_imported():
+    """transformers' GGUF conversion calls tqdm directly, and tqdm reads TQDM_DISABLE when imported:
+    `lowmem` sets it (and the hub's) before importing either."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    code = ("import os, sys; from lowmem.cli import main; main(['presets']); "
+            "print(os.environ.get('TQDM_DISABLE'), os.environ.get('HF_HUB_DISABLE_PROGRESS_BARS'), 'tqdm' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.splitlines()[-1] == "1 1 False"
+    code = "from tqdm import tqdm; print(tqdm([1]).disable)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**env, "TQDM_DISABLE": "1"}).stdout
+    assert out.strip() == "True"
