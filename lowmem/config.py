@@ -201,6 +201,9 @@ class RunConfig:
     eval_generate: bool = field(default=True, metadata=_key("also generate answers and score exact match"))
     max_new_tokens: int = field(default=16, metadata=_key("answer length of the exact-match evaluation, in tokens (`lowmem generate` has its own --max-new-tokens)", min=1))
     save_every: int = field(default=0, metadata=_key("checkpoint every N steps; 0 = only at the end", min=0))
+    save_minutes: float = field(default=30.0, metadata=_key(
+        "also checkpoint once this many minutes have passed since the last checkpoint (or the start), so a "
+        "killed long run loses at most that much; 0 = off", min=0))
     keep_checkpoints: int = field(default=2, metadata=_key("checkpoints kept (older ones are deleted)", min=1))
     log_every: int = field(default=1, metadata=_key("progress line every N steps", min=1))
     seed: int = field(default=0, metadata=_key("seed for data order, adapter init and dropout",

@@ -56,7 +56,7 @@ from lowmem.planner import Plan
 MAX_SKIPPED_STEPS = 3
 
 RESUMABLE_CHANGES = {"steps", "eval_every", "eval_max_examples", "eval_generate", "max_new_tokens",
-                     "save_every", "keep_checkpoints", "log_every"}
+                     "save_every", "save_minutes", "keep_checkpoints", "log_every"}
 
 
 def lr_at(step: int, config: RunConfig) -> float:
@@ -494,6 +494,7 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
     # scheduled save, `s` at the end, the end of a run resumed from its last step) it is that one,
     # not a second write that would first have to delete it.
     saved = {"step": step, "folder": folder} if checkpoint is not None else {"step": None}
+    saved["at"] = time.monotonic()     # when the newest checkpoint was written, or training began
 
     def checkpoint_now() -> Path:
         if saved["step"] == step:
@@ -506,7 +507,7 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
             keep=config.keep_checkpoints,
             extra_dirs={"adapter": lambda d: save_adapter_for(model, plan, config, d, model_dir)} if adapted else None)
         events.emit("checkpoint", step=step, path=str(folder))
-        saved.update(step=step, folder=folder)
+        saved.update(step=step, folder=folder, at=time.monotonic())
         return folder
 
     # Elapsed counts the first evaluation (minutes for a large held-out set); the rate does not.
@@ -534,7 +535,9 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
             with progress.aside():
                 if config.eval_every and step % config.eval_every == 0 and step < config.steps:
                     run_eval("periodic")
-                if config.save_every and step % config.save_every == 0 and step < config.steps:
+                if step < config.steps and (
+                        (config.save_every and step % config.save_every == 0)
+                        or (config.save_minutes and time.monotonic() - saved["at"] >= 60 * config.save_minutes)):
                     checkpoint_now()
                 reason = obey_control(control, events, checkpoint_now, step, stop, out) or reason
             if stop.signal:

@@ -708,6 +708,16 @@ def test_elapsed_counts_the_first_evaluation_and_the_rate_does_not(tmp_path, tin
     assert step["tokens"] / step["tokens_per_s"] < step["elapsed_s"] - 1.4   # the rate's time leaves it out
 
 
+@pytest.mark.parametrize("minutes, saved_at", [(1e-9, [1, 2, 3]), (0.0, [3])])
+def test_a_long_run_checkpoints_by_the_clock_too(tmp_path, tiny_model_dir, tiny_chat_data, minutes, saved_at):
+    """save_every=0 (the default) with save_minutes: a checkpoint once that much time passed since
+    the last, so a killed long run loses at most that much; 0 turns it off."""
+    config = _config(tiny_model_dir, tiny_chat_data, tmp_path, steps=3, save_every=0, save_minutes=minutes)
+    train(*_start(config, "clock"), out=lambda m: None)
+    events = read_events(tmp_path / "runs" / "clock")
+    assert [e["step"] for e in events if e["kind"] == "checkpoint"] == saved_at
+
+
 def test_the_commands_a_run_prints_are_the_ones_the_user_can_type(monkeypatch):
     """`./setup.sh demo` runs a lowmem that is on no PATH outside it, and says so through LOWMEM_TRAIN."""
     from lowmem.trainer import train_command
