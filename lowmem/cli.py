@@ -78,9 +78,10 @@ def _unknown_option(command: argparse.ArgumentParser, option: str) -> str:
     known = [o for o in command._option_string_actions if o.startswith("--")]
     dashed = "--" + flag[2:].replace(".", "-").replace("_", "-")
     starting = [o for o in known if o.startswith(flag)]
-    close = ([dashed] if dashed in known else starting if len(starting) == 1
+    close = ([dashed] if dashed in known else starting if 1 <= len(starting) <= 3
              else difflib.get_close_matches(flag, known, n=1, cutoff=0.7))
-    hint = f" (did you mean {close[0]}?)" if close else f"; `lowmem {command.prog.split()[-1]} --help` lists them"
+    hint = (f" (did you mean {' or '.join(close)}?)" if close
+            else f"; `lowmem {command.prog.split()[-1]} --help` lists them")
     return f"lowmem {command.prog.split()[-1]}: unknown option {flag}{hint}"
 
 

@@ -49,7 +49,7 @@ def test_presets_name_alone_shows_it(capsys):
     (["--stpes", "10"], "lowmem train: unknown option --stpes (did you mean --steps?)"),
     (["--lora.rank", "4"], "lowmem train: unknown option --lora.rank (did you mean --lora-rank?)"),
     (["--lora_rank", "4"], "lowmem train: unknown option --lora_rank (did you mean --lora-rank?)"),
-    (["--save", "10"], "lowmem train: unknown option --save (did you mean --save-every?)"),
+    (["--save", "10"], "lowmem train: unknown option --save (did you mean --save-every or --save-minutes?)"),
     (["lr=1e-3", "--steps", "3", "lora-rank=4"],          # an override after an option, as one before
      "ConfigError: override 'lora-rank=4': unknown key 'lora-rank' (did you mean 'lora.rank'?)"),
 ])
