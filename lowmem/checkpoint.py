@@ -144,8 +144,9 @@ def _fsync_write(path: Path, data: bytes) -> None:
 
 
 def _torch_save(obj: Any, path: Path) -> None:
-    """torch.save, fsynced; a failed write (a full disk) is raised as the OSError it is, which
-    torch reports as a RuntimeError of its own ("unexpected pos ...")."""
+    """torch.save; a failed write (a full disk) is raised as the OSError it is, which torch
+    reports as a RuntimeError of its own ("unexpected pos ..."). Not fsynced here: the
+    checkpoint's whole folder is, before its rename."""
     with open(path, "wb") as f:
         try:
             torch.save(obj, f)
@@ -153,8 +154,6 @@ def _torch_save(obj: Any, path: Path) -> None:
             if isinstance(e.__context__, OSError):
                 raise e.__context__ from None
             raise
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _fsync_path(path: Path) -> None:
@@ -166,10 +165,16 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _umask() -> int:
+def share_modes(folder: Path) -> list[Path]:
+    """Give `folder` and everything in it the modes a new file gets under the umask, like the
+    rest of a run or an export (mkdtemp makes 0700 folders, safetensors 0600 files); returns
+    them, the deepest first and `folder` last."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    paths = sorted(folder.rglob("*"), reverse=True) + [folder]
+    for path in paths:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+    return paths
 
 
 def write_run_file(path: Path, text: str) -> None:
@@ -240,10 +245,7 @@ def save_checkpoint(run_dir: Path, step: int, *, trainable: dict[str, torch.Tens
         _fsync_write(tmp / MANIFEST, json.dumps({"step": step, "files": manifest}, indent=2).encode())
         # On the disk before the rename, and so before the pruning that follows it: a power loss
         # must not leave a renamed checkpoint of unwritten data in place of the one it replaced.
-        # Modes as the umask says, like the rest of the run (mkdtemp and safetensors make 0700/0600).
-        mask = _umask()
-        for path in sorted(tmp.rglob("*"), reverse=True) + [tmp]:
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+        for path in share_modes(tmp):
             _fsync_path(path)
         if final.exists():  # a re-save of the same step (e.g. `s` pressed right at the end)
             shutil.rmtree(final)

@@ -28,9 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _command_parser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser | None:
+def _command_parser(parser: argparse.ArgumentParser, name: str | None) -> argparse.ArgumentParser | None:
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    name = next((a for a in argv if not a.startswith("-")), None)
     return sub.choices.get(name)
 
 
@@ -115,10 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     # --debug goes before the command or anywhere after it.
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    command = _command_parser(parser, argv)
+    name = next((a for a in argv if not a.startswith("-")), None)     # the command, as typed
+    command = _command_parser(parser, name)
     if command is not None:
         argv = _normalise(command, argv)
-    elif (name := next((a for a in argv if not a.startswith("-")), None)) is not None:
+    elif name is not None:
         close = difflib.get_close_matches(name, COMMANDS, n=1, cutoff=0.6)
         hint = f"did you mean {close[0]}?" if close else "`lowmem --help` says what each does"
         print(f"lowmem: unknown command '{name}' ({hint}); commands: {', '.join(COMMANDS)}", file=sys.stderr)

@@ -95,21 +95,23 @@ _COUNTS = ("step", "steps", "tokens")
 _TIMES = ("t", "elapsed_s", "eta_s", "tokens_per_s")
 
 
+def is_number(v: Any) -> bool:
+    """An int or float as JSON gives them (not a bool, which Python counts as an int)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _well_typed(record: dict) -> bool:
     """Whether the fields readers compute with have the types the trainer writes: counts are
     whole numbers, times finite numbers, `mem` a mapping (a loss may be nan: a diverged step)."""
-    def number(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-
     if any(k in record and not (isinstance(record[k], int) and not isinstance(record[k], bool)) for k in _COUNTS):
         return False
-    if any(k in record and not (number(record[k]) and math.isfinite(record[k])) for k in _TIMES):
+    if any(k in record and not (is_number(record[k]) and math.isfinite(record[k])) for k in _TIMES):
         return False
     mem = record.get("mem")
     if mem is not None and not (isinstance(mem, dict)
-                                and all(v is None or (number(v) and math.isfinite(v)) for v in mem.values())):
+                                and all(v is None or (is_number(v) and math.isfinite(v)) for v in mem.values())):
         return False
-    return all(record[k] is None or number(record[k]) for k in ("loss", "lr", "grad_norm") if k in record)
+    return all(record[k] is None or is_number(record[k]) for k in ("loss", "lr", "grad_norm") if k in record)
 
 
 # Readers take a file this much at a time (more only for a longer line): a long run's log is
@@ -166,6 +168,12 @@ def iter_events(run_dir: Path) -> Iterator[dict]:
         if after == offset:
             return
         offset = after
+
+
+def finished_steps(run_dir: Path) -> list[int]:
+    """The steps at which the run's sessions ended `finished`, oldest first."""
+    return [e["step"] for e in iter_events(run_dir)
+            if e.get("kind") == "done" and e.get("reason") == "finished" and isinstance(e.get("step"), int)]
 
 
 def read_events(run_dir: Path) -> list[dict]:

@@ -78,11 +78,12 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from lowmem.memory import BF16_STEP_CHUNK
 from lowmem.rounding import generator, write_rounded_
 
 BLOCK = 256            # values per absmax block in bitsandbytes' 8-bit optimizers
 MIN_8BIT_SIZE = 4096   # smaller tensors keep fp32 moments (bitsandbytes' min_8bit_size)
-UPDATE_CHUNK = 2**22   # values per 8-bit update call: bounds the CPU op's fp32 temporaries
+UPDATE_CHUNK = BF16_STEP_CHUNK   # values per 8-bit update call: bounds the CPU op's fp32 temporaries
 
 _EMBEDDING_NAMES = ("embed_tokens", "lm_head", "wte", "wpe", "embed_out", "word_embeddings")
 

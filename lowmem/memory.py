@@ -819,7 +819,7 @@ def galore_workspace_bytes(spec: ModelSpec, plan: Any) -> int:
 #: Elements an update of bf16 weights rounded stochastically works on at once, and its
 #: temporaries per element of such a chunk at most: three 4-byte copies (lowmem.optim.BF16AdamW:
 #: gradient and moments, then moments and weight, then weight and the int32 rounding noise;
-#: the 8-bit AdamW: gradient, weight and noise; galore.UPDATE_CHUNK is the same).
+#: the 8-bit AdamW: gradient, weight and noise; galore.UPDATE_CHUNK is this).
 BF16_STEP_CHUNK = 1 << 22
 BF16_STEP_TEMPORARIES = 12
 

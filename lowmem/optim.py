@@ -115,6 +115,9 @@ class BF16AdamW(torch.optim.Optimizer):
                  eps: float = 1e-8, weight_decay: float = 0.01, seed: int = 0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.seed = seed
+        # Which noise a tensor's rounding draws: its place among all, whether or not others
+        # have gradients this step (as GaLoreAdamW8bit's `_index`).
+        self._index = {p: i for i, p in enumerate((p for g in self.param_groups for p in g["params"]), 1)}
         for group in self.param_groups:    # refused here, not after the first backward
             for p in group["params"]:
                 if p.dtype not in (torch.bfloat16, torch.float32) or not p.is_contiguous():
@@ -128,7 +131,6 @@ class BF16AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        index = 0
         for group in self.param_groups:
             b1, b2 = group["betas"]
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
@@ -142,8 +144,7 @@ class BF16AdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
                 step = int(state["step"].item())
-                index += 1
-                gen = generator(self.seed, step, index, p.device) if p.dtype == torch.bfloat16 else None
+                gen = generator(self.seed, step, self._index[p], p.device) if p.dtype == torch.bfloat16 else None
                 self._update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], step, lr, b1, b2, eps, wd, gen)
         return loss
 

@@ -36,7 +36,7 @@ from lowmem.config import RunConfig, format_size
 from lowmem.data import BatchStream, decoder_inputs, fingerprint, load_datasets
 from lowmem.errors import CheckpointError, ConfigError, DataError, DivergedError, ModelError
 from lowmem.evaluate import autocast_for, evaluate
-from lowmem.events import ControlReader, EventLog, iter_events, run_dir_hint, this_host
+from lowmem.events import ControlReader, EventLog, finished_steps, is_number, run_dir_hint, this_host
 from lowmem.loss import causal_lm_loss, count_targets
 from lowmem.offload import OffloadActivations
 from lowmem.lora import save_adapter
@@ -196,9 +196,7 @@ def set_aside_final_weights(run_dir: Path, step: int) -> list[str]:
     the run goes on. Returns what was moved."""
     if any((run_dir / name).is_dir() for name in ("adapter", "model")):
         # Not the checkpoint's step: a resume from an earlier one (the last was damaged).
-        ends = [e.get("step") for e in iter_events(run_dir)
-                if e.get("kind") == "done" and e.get("reason") == "finished"]
-        step = ends[-1] if ends and isinstance(ends[-1], int) else step
+        step = next(reversed(finished_steps(run_dir)), step)
     moved = []
     for name in ("adapter", "model"):
         final = run_dir / name
@@ -301,8 +299,7 @@ def train_command(arguments: str) -> str:
 
 def _seconds(value) -> float:
     """A checkpoint's elapsed_s, or 0 where it has none (or not a time)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
-    return float(value) if ok else 0.0
+    return float(value) if is_number(value) and math.isfinite(value) and value >= 0 else 0.0
 
 
 def _clock(seconds: float) -> str:

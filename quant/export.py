@@ -65,6 +65,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from lowmem.checkpoint import share_modes
 from lowmem.errors import ModelError
 from lowmem.events import this_host
 from lowmem.lora import LoRALinear
@@ -242,11 +243,7 @@ def _write_folder(out: Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}@{this_host()}@{os.getpid()}@", dir=out.parent))
     try:
         write(tmp)
-        # mkdtemp and safetensors make owner-only files; an exported model is for sharing.
-        umask = os.umask(0)
-        os.umask(umask)
-        for path in [tmp, *tmp.rglob("*")]:
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+        share_modes(tmp)        # an exported model is for sharing
         if out.exists():
             out.rmdir()
         os.rename(tmp, out)

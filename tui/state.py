@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from lowmem.events import is_number
+
 from .reader import Update, is_history
 
 
@@ -69,9 +71,9 @@ class RunState:
             self.last_step = event
             if isinstance(step, int):
                 # A dict keyed by step: a resumed run that repeats a step overwrites it.
-                if _is_number(event.get("loss")):
+                if is_number(event.get("loss")):
                     self.loss[step] = float(event["loss"])
-                if _is_number(event.get("lr")):
+                if is_number(event.get("lr")):
                     self.lr[step] = float(event["lr"])
             return
         if kind == "start":
@@ -81,7 +83,7 @@ class RunState:
             self.trainer_gone = self.paused = False
         elif kind == "eval":
             self.last_eval = event
-            if isinstance(event.get("step"), int) and _is_number(event.get("loss")):
+            if isinstance(event.get("step"), int) and is_number(event.get("loss")):
                 self.eval_loss[event["step"]] = float(event["loss"])
         elif kind == "paused":
             self.paused = True
@@ -128,9 +130,9 @@ class RunState:
 
     @property
     def elapsed_s(self) -> float | None:
-        if self.last_step and _is_number(self.last_step.get("elapsed_s")):
+        if self.last_step and is_number(self.last_step.get("elapsed_s")):
             return float(self.last_step["elapsed_s"])
-        if self.last_step and self.start and _is_number(self.last_step.get("t")) and _is_number(self.start.get("t")):
+        if self.last_step and self.start and is_number(self.last_step.get("t")) and is_number(self.start.get("t")):
             return float(self.last_step["t"]) - float(self.start["t"])
         return None
 
@@ -138,7 +140,7 @@ class RunState:
     def eta_s(self) -> float | None:
         if self.over:
             return None
-        if self.last_step and _is_number(self.last_step.get("eta_s")):
+        if self.last_step and is_number(self.last_step.get("eta_s")):
             return float(self.last_step["eta_s"])
         step, total, elapsed = self.step, self.total_steps, self.elapsed_s
         if step and total and elapsed is not None:
@@ -160,9 +162,9 @@ class RunState:
     def budget(self) -> int | None:
         """The memory budget in bytes: the plan's, else the config's, else the device's size."""
         for source in (self.plan, self.config):
-            if _is_number(source.get("vram")) and source["vram"] > 0:
+            if is_number(source.get("vram")) and source["vram"] > 0:
                 return int(source["vram"])
-        if self.device == "cuda" and _is_number(self.mem.get("device_total")):
+        if self.device == "cuda" and is_number(self.mem.get("device_total")):
             return int(self.mem["device_total"])
         return None
 
@@ -173,14 +175,14 @@ class RunState:
         if not isinstance(raw, dict):
             return {}
         # `host` is pinned CPU memory for offloaded activations, not on the device: not a term here.
-        return {str(k): int(v) for k, v in raw.items() if _is_number(v) and k != "host"}
+        return {str(k): int(v) for k, v in raw.items() if is_number(v) and k != "host"}
 
     @property
     def planned_host(self) -> int | None:
         """Pinned host bytes the plan predicts for offloaded activations, when it offloads."""
         raw = self.plan.get("breakdown")
         value = raw.get("host") if isinstance(raw, dict) else None
-        return int(value) if _is_number(value) and value > 0 else None
+        return int(value) if is_number(value) and value > 0 else None
 
     @property
     def run_name(self) -> str:
@@ -199,5 +201,3 @@ class RunState:
         return None
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)

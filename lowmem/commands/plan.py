@@ -92,9 +92,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
         spec = spec_for(config.model)
-        plan = make_plan(config, spec, pinned_keys(args), device=planning_device(config.device))
+        pinned = pinned_keys(args)
+        plan = make_plan(config, spec, pinned, device=planning_device(config.device))
         notes = []
-        if "seq_len" not in pinned_keys(args) and spec.name != "smollm2-135m":
+        if "seq_len" not in pinned and spec.name != "smollm2-135m":
             notes.append(f"seq_len {config.seq_len} is the default, sized for the embedded demo's short "
                          f"examples: give seq_len= the token length of your data's longest examples, "
                          f"as activations grow with it")

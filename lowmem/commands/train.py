@@ -177,10 +177,9 @@ def run(args) -> int:
 
 def finished(run_dir: Path, step: int) -> bool:
     """Whether the run wrote its end at `step`: a `done` event that says it finished there."""
-    from lowmem.events import iter_events
+    from lowmem.events import finished_steps
 
-    return any(e.get("kind") == "done" and e.get("reason") == "finished" and e.get("step") == step
-               for e in iter_events(run_dir))
+    return step in finished_steps(run_dir)
 
 
 def start_trainer(run_dir: Path, resume: bool, lock) -> tuple[subprocess.Popen, float]:
