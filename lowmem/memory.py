@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -586,9 +587,10 @@ def block_saved_bytes(spec: ModelSpec, block: BlockShape, plan: Any, first: bool
     return sum(block_saved_tensors(spec, block, plan, first))
 
 
-def decoder_saved_tensors(spec: ModelSpec, plan: Any) -> list[int]:
+def decoder_saved_tensors(spec: ModelSpec, plan: Any) -> Counter:
     """Bytes of each tensor the decoder (embeddings, blocks, final norm) saves for
-    backward in one micro-batch: what activation offloading sees, one entry a tensor.
+    backward in one micro-batch: what activation offloading sees, as {bytes: how many
+    tensors of that size} (a 70B model saves ~10^4 tensors of a few sizes).
 
     Without checkpointing:
         N · block_saved_tensors, for each block
@@ -610,17 +612,26 @@ def decoder_saved_tensors(spec: ModelSpec, plan: Any) -> list[int]:
     n = plan.micro_batch * plan.seq_len
     h = spec.hidden
     full = _is_full(plan)
-    out = [n * t for t in norm_saved_tensors(h, c, full)] + ([8 * n] if full else [])
+    out: Counter = Counter()
+
+    def add(sizes: Iterable[int], times: int = 1) -> None:
+        for size in sizes:
+            if times > 0:
+                out[size] += times
+
+    add(n * t for t in norm_saved_tensors(h, c, full))
+    add([8 * n] if full else [])
     if _get(plan, "grad_checkpointing", False):
-        return out + [n * c * h] * spec.layers
+        add([n * c * h], spec.layers)
+        return out
     for i, (count, block) in enumerate(spec.block_groups()):
         if i == 0:  # the first block sees the embeddings' output
-            out += [n * t for t in block_saved_tensors(spec, block, plan, first=True)]
+            add(n * t for t in block_saved_tensors(spec, block, plan, first=True))
             count -= 1
-        out += [n * t for t in block_saved_tensors(spec, block, plan)] * count
-    out += [mask_saved_bytes(spec, plan)] * spec.layers
+        add([n * t for t in block_saved_tensors(spec, block, plan)], count)
+    add([mask_saved_bytes(spec, plan)], spec.layers)
     rows = plan.micro_batch if _get(plan, "masked_attention", False) else 1   # packed: positions per row
-    out += [rows * plan.seq_len * spec.head_dim * c] * 2
+    add([rows * plan.seq_len * spec.head_dim * c], 2)
     targets = set(_targets(plan)) if _is_adapter(plan) else set()
     copies = c != 4 and plan.method != "l4q"   # `.to(float32)` of an fp32 parameter is itself
     group = _get(plan, "quant_group", 128)
@@ -629,11 +640,12 @@ def decoder_saved_tensors(spec: ModelSpec, plan: Any) -> list[int]:
             if name not in targets:
                 continue
             if plan.method == "l4q":
-                out += [4 * math.ceil(in_f / group)] * count
+                add([4 * math.ceil(in_f / group)], count)
             elif copies:
                 # A is saved to give x its gradient, so not where x needs none
                 skip_a = i == 0 and name in ("q_proj", "k_proj", "v_proj")
-                out += [c * plan.lora_rank * in_f] * (count - skip_a) + [c * o * plan.lora_rank] * count
+                add([c * plan.lora_rank * in_f], count - skip_a)
+                add([c * o * plan.lora_rank], count)
     return out
 
 
@@ -646,7 +658,7 @@ def saved_layer_bytes(spec: ModelSpec, plan: Any) -> int:
     """
     head_input = _is_full(plan) and not _get(plan, "loss_chunk", 0)
     n = plan.micro_batch * plan.seq_len
-    return sum(decoder_saved_tensors(spec, plan)) + (n * compute_bytes(plan) * spec.hidden if head_input else 0)
+    return _total(decoder_saved_tensors(spec, plan)) + (n * compute_bytes(plan) * spec.hidden if head_input else 0)
 
 
 def saved_loss_bytes(spec: ModelSpec, plan: Any) -> int:
@@ -691,7 +703,7 @@ def activation_bytes(spec: ModelSpec, plan: Any) -> tuple[int, int]:
         ckpt = _get(plan, "grad_checkpointing", False)
         per_block = plan.micro_batch * plan.seq_len * compute_bytes(plan) * spec.hidden if ckpt \
             else _widest_block_bytes(spec, plan)
-        host = max(0, sum(offloaded_tensors(spec, plan)) - 2 * per_block)
+        host = max(0, _total(offloaded_tensors(spec, plan)) - 2 * per_block)
         device -= host
     return device, host
 
@@ -713,10 +725,14 @@ def offloads(plan: Any) -> bool:
     return bool(_get(plan, "offload_activations", False)) and _get(plan, "device", "cpu") == "cuda"
 
 
-def offloaded_tensors(spec: ModelSpec, plan: Any) -> list[int]:
-    """Bytes of each storage activation offloading moves in one micro-batch: the
-    decoder_saved_tensors of at least OFFLOAD_MIN_BYTES (smaller ones stay on the device)."""
-    return [b for b in decoder_saved_tensors(spec, plan) if b >= OFFLOAD_MIN_BYTES]
+def offloaded_tensors(spec: ModelSpec, plan: Any) -> Counter:
+    """The storages activation offloading moves in one micro-batch, as {bytes: how many}:
+    the decoder_saved_tensors of at least OFFLOAD_MIN_BYTES (smaller ones stay on the device)."""
+    return Counter({b: k for b, k in decoder_saved_tensors(spec, plan).items() if b >= OFFLOAD_MIN_BYTES})
+
+
+def _total(sizes: Counter) -> int:
+    return sum(b * k for b, k in sizes.items())
 
 
 def pinned_host_bytes(spec: ModelSpec, plan: Any) -> int:
@@ -731,7 +747,7 @@ def pinned_host_bytes(spec: ModelSpec, plan: Any) -> int:
     """
     if not offloads(plan):
         return 0
-    return sum(1 << (b - 1).bit_length() for b in offloaded_tensors(spec, plan))
+    return sum(k << (b - 1).bit_length() for b, k in offloaded_tensors(spec, plan).items())
 
 
 # ---------------------------------------------------------------- loss and temporaries

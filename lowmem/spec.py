@@ -164,6 +164,9 @@ class ModelSpec:
 
         lowmem.prune.kept_counts prunes real models by the same rule.
         """
+        return _pruned(self, float(ratio), keep_first, keep_last, tuple(float(r) for r in layer_ratios))
+
+    def _pruned(self, ratio: float, keep_first: int, keep_last: int, layer_ratios: tuple[float, ...]) -> "ModelSpec":
         for r in (ratio, *layer_ratios):
             if not 0.0 <= r < 1.0:
                 raise ValueError(f"prune ratio must be in [0, 1), got {r}")
@@ -171,8 +174,9 @@ class ModelSpec:
         if not any(ratios):
             return self
         runs: list[list] = []
+        shapes: dict[float, BlockShape] = {}
         for r in ratios:
-            shape = self._pruned_block(r)
+            shape = shapes.get(r) or shapes.setdefault(r, self._pruned_block(r))
             if runs and runs[-1][1] == shape:
                 runs[-1][0] += 1
             else:
@@ -218,6 +222,11 @@ class ModelSpec:
             kwargs["sliding_window"] = self.sliding_window or None
         kwargs.update(overrides)
         return cls(**kwargs)
+
+
+# The planner asks for the same few pruned shapes of one model thousands of times (a
+# 70B search: ~15k candidates); ModelSpec is frozen, so its pruned forms are cached.
+_pruned = lru_cache(maxsize=256)(ModelSpec._pruned)
 
 
 def _round(x: float) -> int:
