@@ -9,6 +9,7 @@ are short and unique.
 from __future__ import annotations
 
 import contextlib
+from typing import Callable
 
 import torch
 
@@ -26,8 +27,17 @@ def autocast_for(device: str):
     return contextlib.nullcontext()
 
 
+#: progress(phase, done, total): called after each batch, phase "loss" or "answers".
+OnProgress = Callable[[str, int, int], None]
+
+
+def _no_progress(phase: str, done: int, total: int) -> None:
+    pass
+
+
 @torch.no_grad()
-def heldout_loss(model, examples: list[Example], pad_id: int, device: str, batch_size: int = 16) -> float:
+def heldout_loss(model, examples: list[Example], pad_id: int, device: str, batch_size: int = 16,
+                 progress: OnProgress = _no_progress) -> float:
     """Mean next-token loss over every labelled token of the held-out examples.
 
     Batches are right-padded, so no attention mask is needed (see data.decoder_inputs).
@@ -42,13 +52,14 @@ def heldout_loss(model, examples: list[Example], pad_id: int, device: str, batch
             total += float(causal_lm_loss(hidden, model.get_output_embeddings().weight,
                                           batch["labels"], reduction="sum"))
         count += count_targets(batch["labels"])
+        progress("loss", min(i + batch_size, len(examples)), len(examples))
     model.train(was_training)
     return total / max(count, 1)
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[dict]], device: str, max_new_tokens: int,
-             batch_size: int = 40) -> list[str]:
+             batch_size: int = 40, progress: OnProgress = _no_progress) -> list[str]:
     """Greedy answers to chat prompts (lists of messages), batched with left padding."""
     was_training = model.training
     model.eval()
@@ -68,6 +79,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], device: str, max_new_t
                                      use_cache=True)
             new = out[:, enc["input_ids"].shape[1]:]
             answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+            progress("answers", len(answers), len(prompts))
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
@@ -75,13 +87,14 @@ def generate(model, tokenizer, prompts: list[list[dict]], device: str, max_new_t
 
 
 def evaluate(model, tokenizer, examples: list[Example], device: str, *, generate_answers: bool,
-             max_new_tokens: int) -> dict:
+             max_new_tokens: int, progress: OnProgress = _no_progress) -> dict:
     """{loss, exact_match (None without generation or answers), examples, samples}."""
-    result = {"loss": heldout_loss(model, examples, tokenizer.pad_token_id, device),
+    result = {"loss": heldout_loss(model, examples, tokenizer.pad_token_id, device, progress=progress),
               "exact_match": None, "examples": len(examples), "samples": []}
     answerable = [e for e in examples if e.prompt is not None]
     if generate_answers and answerable:
-        predictions = generate(model, tokenizer, [list(e.prompt) for e in answerable], device, max_new_tokens)
+        predictions = generate(model, tokenizer, [list(e.prompt) for e in answerable], device, max_new_tokens,
+                               progress=progress)
         hits = [normalize(p) == normalize(e.answer) for p, e in zip(predictions, answerable)]
         result["exact_match"] = sum(hits) / len(hits)
         result["samples"] = [{"prompt": e.prompt[-1]["content"], "expected": e.answer, "got": p}

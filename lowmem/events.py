@@ -9,6 +9,8 @@ line, each with `t` (unix seconds) and `kind`:
     step        step, steps, loss, lr, grad_norm, tokens, tokens_per_s, elapsed_s, eta_s,
                 mem: {allocated, reserved, peak, rss, device_free, device_total, outside}
                 (bytes; absent fields are unknown on this device)
+    evaluating  step, label, phase ("loss" | "answers"), done, total — how far an evaluation
+                has got: at its start, then every EVAL_REPORT_S (lowmem.trainer) while it runs
     eval        step, loss, exact_match (may be null), examples
     checkpoint  step, path
     control     request, id, status ("done" | "ignored"), detail — the acknowledgement of a

@@ -283,6 +283,9 @@ class Progress:
         return text, fields
 
 
+#: Seconds between reports of how far an evaluation has got (a line, and an `evaluating` event).
+EVAL_REPORT_S = 20.0
+
 #: Fewer held-out examples than this and a run's evaluations are said to be noise.
 FEW_HELDOUT = 20
 
@@ -479,8 +482,23 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
     def run_eval(label: str) -> dict | None:
         if not data.heldout:
             return None
+        began = last = time.monotonic()
+        events.emit("evaluating", step=step, label=label, phase="loss", done=0, total=len(data.heldout))
+
+        def report(phase: str, done: int, total: int) -> None:
+            # A long evaluation (a large held-out set, answers generated on a CPU) says how far
+            # it has got, so that neither the console nor the dashboard looks stuck.
+            nonlocal last
+            now = time.monotonic()
+            if now - last < EVAL_REPORT_S:
+                return
+            last = now
+            what = "held-out loss" if phase == "loss" else "answers"
+            out(f"eval ({label}, step {step}): {what} {done}/{total} ({_clock(now - began)})")
+            events.emit("evaluating", step=step, label=label, phase=phase, done=done, total=total)
+
         result = evaluate(model, tokenizer, data.heldout, device, generate_answers=config.eval_generate,
-                          max_new_tokens=config.max_new_tokens)
+                          max_new_tokens=config.max_new_tokens, progress=report)
         em = result["exact_match"]
         out(f"eval ({label}, step {step}): held-out loss {result['loss']:.4f}"
             + (f", exact match {em:.1%} of {result['examples']}" if em is not None else ""))

@@ -18,6 +18,7 @@ from lowmem.config import load_config
 from lowmem.events import read_events, send_control
 from lowmem.planner import plan_from_config
 from lowmem.trainer import lr_at, new_run_dir, train, write_run_files
+from tests.conftest import write_jsonl
 
 
 def _config(model_dir, data, tmp_path, **overrides):
@@ -706,6 +707,35 @@ def test_elapsed_counts_the_first_evaluation_and_the_rate_does_not(tmp_path, tin
     step = next(e for e in read_events(tmp_path / "runs" / "slow") if e["kind"] == "step")
     assert step["elapsed_s"] >= 1.5
     assert step["tokens"] / step["tokens_per_s"] < step["elapsed_s"] - 1.4   # the rate's time leaves it out
+
+
+@pytest.mark.parametrize("report_s", [0.0, 3600.0])
+def test_a_long_evaluation_says_how_far_it_has_got(tmp_path, tiny_model_dir, monkeypatch, report_s):
+    """Each evaluation says it began (an event); past EVAL_REPORT_S each batch of the held-out
+    loss and of the generated answers reports done/total, as a line and an event."""
+    import lowmem.trainer
+
+    monkeypatch.setattr(lowmem.trainer, "EVAL_REPORT_S", report_s)
+    records = [{"messages": [{"role": "user", "content": f"Say the number {i}."},
+                             {"role": "assistant", "content": str(i)}]} for i in range(60)]
+    data = write_jsonl(tmp_path / "many.jsonl", records)
+    config = _config(tiny_model_dir, data, tmp_path, steps=1, eval_fraction=0.5, eval_generate=True,
+                     max_new_tokens=2)
+    lines = []
+    train(*_start(config, "evals"), out=lines.append)
+    events = read_events(tmp_path / "runs" / "evals")
+    n = next(e for e in events if e["kind"] == "eval")["examples"]
+    assert n > 16                                  # more than one batch of the held-out loss
+    before = [(e["phase"], e["done"], e["total"]) for e in events
+              if e["kind"] == "evaluating" and e["label"] == "before"]
+    said = [line for line in lines if line.startswith("eval (before, step 0): ") and "/" in line]
+    if report_s:
+        assert before == [("loss", 0, n)] and said == []
+    else:
+        assert before == [("loss", 0, n), ("loss", 16, n), ("loss", n, n), ("answers", n, n)]
+        assert said[0] == f"eval (before, step 0): held-out loss 16/{n} (0:00:00)"
+    kinds = [e["kind"] for e in events]
+    assert kinds.index("evaluating") < kinds.index("eval")
 
 
 @pytest.mark.parametrize("minutes, saved_at", [(1e-9, [1, 2, 3]), (0.0, [3])])

@@ -508,6 +508,26 @@ async def test_events_appended_while_it_runs_update_the_loss_chart_and_labels(li
         assert f"train {recorded_loss(30):.4g}" in app.query_one("#loss").border_subtitle
 
 
+@synchronous
+async def test_a_running_evaluation_shows_how_far_it_has_got_until_its_result(live_run):
+    from lowmem.tui.describe import plain_line
+
+    app = DashboardApp(live_run, poll_s=0.05)
+    async with app.run_test() as pilot:
+        await wait_until(pilot, loaded(app))
+        log = EventLog(live_run)
+        log.emit("evaluating", step=25, label="periodic", phase="answers", done=40, total=64)
+        await wait_until(pilot, lambda: app.state.evaluating is not None)
+        assert "evaluating answers 40/64" in panel_text(app, ProgressStrip)
+        log.emit("eval", step=25, loss=1.2345, exact_match=0.5, examples=64)
+        log.close()
+        await wait_until(pilot, lambda: app.state.evaluating is None)
+        strip = panel_text(app, ProgressStrip)
+        assert "eval 1.234" in strip and "evaluating" not in strip
+    event = {"kind": "evaluating", "step": 0, "label": "before", "phase": "loss", "done": 16, "total": 80}
+    assert plain_line(event) == "evaluating (before) @ step 0: held-out loss 16/80"
+
+
 # ---------------------------------------------------------------- sizes
 
 @synchronous

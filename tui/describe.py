@@ -66,6 +66,12 @@ def progress_line(event: dict) -> str:
     return "  ".join(parts)
 
 
+def evaluation_progress(event: dict) -> str:
+    """An `evaluating` event's progress: `held-out loss 16/80` or `answers 40/80`."""
+    what = "answers" if event.get("phase") == "answers" else "held-out loss"
+    return f"{what} {event.get('done', '?')}/{event.get('total', '?')}"
+
+
 def describe_event(event: dict) -> str | None:
     """One line for an event worth logging; None for `step` (the charts show those)."""
     kind = event.get("kind")
@@ -84,6 +90,8 @@ def describe_event(event: dict) -> str | None:
         if event.get("examples"):
             text += f" ({event['examples']} examples)"
         return text
+    if kind == "evaluating":
+        return f"evaluating ({event.get('label', '?')}) @ {at}: {evaluation_progress(event)}"
     if kind == "checkpoint":
         return f"checkpoint @ {at}: {event.get('path', '')}"
     if kind == "control":

@@ -12,7 +12,7 @@ from rich.text import Text
 from textual.widget import Widget
 from textual.widgets import RichLog
 
-from .describe import describe_event, fmt_bytes, fmt_duration, fmt_number, fmt_rate
+from .describe import describe_event, evaluation_progress, fmt_bytes, fmt_duration, fmt_number, fmt_rate
 from .state import RunState
 
 # At 90% of the budget a bar turns to the warning colour: allocator fragmentation and
@@ -130,7 +130,9 @@ class ProgressStrip(Panel):
 
         last = s.last_step or {}
         line2 = Text.assemble(("loss ", label), fmt_number(last.get("loss")))
-        if s.last_eval is not None:
+        if s.evaluating is not None and not s.over:
+            line2.append_text(Text.assemble(("  evaluating ", label), evaluation_progress(s.evaluating)))
+        elif s.last_eval is not None:
             line2.append_text(Text.assemble(("  eval ", label), fmt_number(s.last_eval.get("loss"))))
             if s.last_eval.get("exact_match") is not None:
                 line2.append_text(Text.assemble(("  exact ", label), fmt_number(s.last_eval["exact_match"], 3)))

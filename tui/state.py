@@ -29,6 +29,7 @@ class RunState:
     eval_loss: dict[int, float] = field(default_factory=dict)   # step -> held-out loss
     lr: dict[int, float] = field(default_factory=dict)          # step -> learning rate
     last_eval: dict | None = None
+    evaluating: dict | None = None   # the running evaluation's latest `evaluating` event
     paused: bool = False
     done: dict | None = None
     error: dict | None = None
@@ -66,6 +67,8 @@ class RunState:
             # An earlier session's: its losses still chart, its start, end or pause say nothing
             # now; it is only logged.
             kind = None
+        if kind in ("eval", "step", "start", "paused", "error", "done"):
+            self.evaluating = None     # the evaluation it reported on is over
         if kind == "step":
             step = event.get("step")
             self.last_step = event
@@ -76,7 +79,9 @@ class RunState:
                 if is_number(event.get("lr")):
                     self.lr[step] = float(event["lr"])
             return
-        if kind == "start":
+        if kind == "evaluating":
+            self.evaluating = event
+        elif kind == "start":
             # A resume appends a new `start`: the run is live again.
             self.start = event
             self.done = self.error = None
