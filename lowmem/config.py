@@ -151,8 +151,8 @@ class RunConfig:
     model: str = field(default="smollm2-135m", metadata=_key(
         "local HF model directory, .gguf file, or built-in name (smollm2-135m is embedded)"))
     data: str = field(default="embedded", metadata=_key(
-        "training data: .jsonl (chat messages / instruction / text, one per line), a .json list of "
-        "those, or .txt; 'embedded' = built-in tasks"))
+        "training data: .jsonl (chat messages / instruction / ShareGPT / prompt-completion / text, one "
+        "per line), a .json list of those, or .txt; 'embedded' = built-in tasks"))
     eval_data: str = field(default="", metadata=_key(
         "held-out data file; empty = the embedded held-out split, or eval_fraction of --data"))
     eval_fraction: float = field(default=0.05, metadata=_key(

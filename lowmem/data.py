@@ -3,13 +3,23 @@
 Accepted records:
   - chat:        {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
   - instruction: {"instruction": "...", "input": "..." (optional), "output": "..."}
+  - ShareGPT:    {"conversations": [{"from": "system"|"human"|"gpt", "value": "..."}, ...]}
+                 ("from", in any case, may also be user, assistant, chatgpt, bing or bard;
+                 a turn may also be a chat message, {"role", "content"}; a "system" text
+                 beside the turns opens the conversation)
+  - prompt/completion: {"prompt": "...", "completion": "..."}, or both lists of chat
+                 messages (TRL's conversational form), the completion's all assistant turns
   - text:        {"text": "..."}
 in a `.jsonl` file, or a `.json` file holding a list of them, and plain `.txt`
 files (the whole file is text, cut into seq_len pieces). A byte-order mark is
-skipped.
-Chat and instruction records train on assistant/output tokens only (labels
-are -100 elsewhere); text trains on every token. `embedded` is the shipped
-task dataset with its fixed held-out split.
+skipped. A record with several layouts' keys is read as the first of them in
+the order above (a "prompt" counts only with its "completion"), so "text" is
+read only when the record is none of the others; other keys are ignored.
+Every layout but text becomes chat messages and trains on the assistant's
+tokens only (labels are -100 elsewhere): the output, the completion (a
+conversational prompt's own assistant turns too, as in a chat record); text
+trains on every token. `embedded` is the shipped task dataset with its fixed
+held-out split.
 """
 
 from __future__ import annotations
@@ -44,38 +54,110 @@ def embedded_paths() -> tuple[Path, Path]:
     return folder / "tasks-train.jsonl", folder / "tasks-heldout.jsonl"
 
 
+# ShareGPT's speaker names ("from") and the chat roles they are.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+
+
+def _shown(value, width: int = 80) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= width else text[:width] + "..."
+
+
+def _message_list(record: dict, key: str, where: str) -> list:
+    value = record[key]
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: {key!r} must be a non-empty list of messages, got {_shown(value, 40)}")
+    return value
+
+
+def _checked_chat(messages: list, where: str) -> list[dict]:
+    """The checks every conversation passes, whichever layout it was written in."""
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: each message needs a role ({', '.join(ROLES)}) "
+                            f"and a text content, got {_shown(m)}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: no assistant message, so nothing to learn from")
+    if messages[0]["role"] == "assistant":
+        raise DataError(f"{where}: the conversation opens with the assistant, so nothing prompts its "
+                        f"first answer; start with a user (or system) message")
+    return messages
+
+
+def _from_sharegpt(turns: list, where: str) -> list:
+    """ShareGPT turns as chat messages; {"role", "content"} turns pass as they are."""
+    messages = []
+    for turn in turns:
+        if isinstance(turn, dict) and "from" in turn:
+            role = SHAREGPT_ROLES.get(turn["from"].lower()) if isinstance(turn["from"], str) else None
+            if role is None:
+                raise DataError(f"{where}: unknown ShareGPT speaker 'from': {_shown(turn['from'], 40)}; "
+                                f"expected one of {', '.join(SHAREGPT_ROLES)}")
+            if not isinstance(turn.get("value"), str):
+                raise DataError(f"{where}: each ShareGPT turn needs 'value' as text, got {_shown(turn)}")
+            messages.append({"role": role, "content": turn["value"]})
+        elif isinstance(turn, dict) and "role" in turn:
+            messages.append(turn)
+        else:
+            raise DataError(f"{where}: each turn in 'conversations' needs 'from' and 'value' "
+                            f"(or 'role' and 'content'), got {_shown(turn)}")
+    return messages
+
+
+def _from_prompt_completion(record: dict, where: str) -> list:
+    """Text: one user turn and one assistant turn. Lists: the prompt's messages, then the completion's."""
+    prompt, completion = record["prompt"], record["completion"]
+    for key, value in (("prompt", prompt), ("completion", completion)):
+        if not isinstance(value, (str, list)):
+            raise DataError(f"{where}: a prompt/completion record needs {key!r} as text or as a list of "
+                            f"messages, got {_shown(value, 40)}")
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    if isinstance(prompt, str) or isinstance(completion, str):
+        raise DataError(f"{where}: 'prompt' and 'completion' must be both text or both lists of messages, got "
+                        f"{'text' if isinstance(prompt, str) else 'a list'} and "
+                        f"{'text' if isinstance(completion, str) else 'a list'}")
+    prompt, completion = _message_list(record, "prompt", where), _message_list(record, "completion", where)
+    for m in completion:
+        # The completion is what is learned; a user turn in it would be trained on as if it were an answer.
+        if isinstance(m, dict) and m.get("role") != "assistant":
+            raise DataError(f"{where}: the messages in 'completion' must be assistant turns (the prompt's "
+                            f"go in 'prompt'), got {_shown(m)}")
+    return prompt + completion
+
+
 def _as_messages(record: dict, where: str) -> list[dict] | None:
-    """Chat messages for chat/instruction records, None for text records."""
+    """Chat messages for every layout but text, None for text records; the layouts are tried
+    in the order the module docstring lists them."""
     if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise DataError(f"{where}: 'messages' must be a non-empty list")
-        for m in messages:
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise DataError(f"{where}: each message needs a role ({', '.join(ROLES)}) "
-                                f"and a text content, got {json.dumps(m)[:80]}")
-        if not any(m["role"] == "assistant" for m in messages):
-            raise DataError(f"{where}: no assistant message, so nothing to learn from")
-        if messages[0]["role"] == "assistant":
-            raise DataError(f"{where}: the conversation opens with the assistant, so nothing prompts its "
-                            f"first answer; start with a user (or system) message")
-        return messages
+        return _checked_chat(_message_list(record, "messages", where), where)
     if "instruction" in record:
         for key, required in (("instruction", True), ("output", True), ("input", False)):
             value = record.get(key)
             if (required or value is not None) and not isinstance(value, str):
                 raise DataError(f"{where}: an instruction record needs {key!r} as text"
-                                + ("" if required else " (or leave it out)") + f", got {json.dumps(value)[:40]}")
+                                + ("" if required else " (or leave it out)") + f", got {_shown(value, 40)}")
         prompt = record["instruction"]
         if record.get("input"):
             prompt += "\n\n" + record["input"]
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
+    if "conversations" in record:
+        messages = _from_sharegpt(_message_list(record, "conversations", where), where)
+        system = record.get("system")      # some ShareGPT files give the system prompt beside the turns
+        if system is not None and not isinstance(system, str):
+            raise DataError(f"{where}: 'system' beside 'conversations' must be text, got {_shown(system, 40)}")
+        if system and messages[0].get("role") != "system":
+            messages = [{"role": "system", "content": system}] + messages
+        return _checked_chat(messages, where)
+    if "prompt" in record and "completion" in record:
+        return _checked_chat(_from_prompt_completion(record, where), where)
     if "text" in record:
         if not isinstance(record["text"], str):
             raise DataError(f"{where}: 'text' must be a string")
         return None
-    raise DataError(f"{where}: expected a record with 'messages', 'instruction'/'output' or 'text', "
-                    f"got keys {sorted(record)}")
+    raise DataError(f"{where}: expected a record with 'messages', 'instruction'/'output', 'conversations', "
+                    f"'prompt'/'completion' or 'text', got keys {sorted(record)}")
 
 
 def read_records(path: Path) -> list[tuple[list[dict] | None, str | None]]:

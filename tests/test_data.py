@@ -53,19 +53,98 @@ def test_long_chat_is_truncated_and_counted_and_one_with_no_answer_left_is_dropp
 @pytest.mark.parametrize("line, message", [
     ('{"messages": [}', r"line 2: malformed JSON"),
     ('[1, 2]', r"line 2: expected a JSON object"),
-    ('{"prompt": "x"}', r"line 2: expected a record with 'messages'"),
+    ('{"prompt": "x"}', r"line 2: expected a record with 'messages', 'instruction'/'output', 'conversations', "
+                        r"'prompt'/'completion' or 'text', got keys \['prompt'\]"),
     ('{"messages": [{"role": "robot", "content": "x"}]}', r"line 2: each message needs a role"),
     ('{"messages": [{"role": "user", "content": "x"}]}', r"line 2: no assistant message"),
     ('{"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}',
      r"line 2: the conversation opens with the assistant"),
     ('{"instruction": null, "output": "x"}', r"line 2: an instruction record needs 'instruction' as text"),
     ('{"instruction": "a", "input": 123, "output": "x"}', r"line 2: .*needs 'input' as text \(or leave it out\)"),
+    ('{"conversations": []}', r"line 2: 'conversations' must be a non-empty list of messages, got \[\]"),
+    ('{"conversations": [{"from": "robot", "value": "x"}]}',
+     r'line 2: unknown ShareGPT speaker \'from\': "robot"; expected one of system, human, user, gpt, assistant, '
+     r"chatgpt, bing, bard"),
+    ('{"conversations": [{"from": "human", "value": 7}]}', r'line 2: each ShareGPT turn needs \'value\' as text, '
+                                                          r'got {"from": "human", "value": 7}'),
+    ('{"conversations": ["hi"]}', r"line 2: each turn in 'conversations' needs 'from' and 'value' \(or 'role'"),
+    ('{"conversations": [{"role": "robot", "content": "x"}]}', r"line 2: each message needs a role"),
+    ('{"conversations": [{"from": "human", "value": "x"}]}', r"line 2: no assistant message"),
+    ('{"conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}]}',
+     r"line 2: the conversation opens with the assistant"),
+    ('{"prompt": "x", "completion": 5}',
+     r"line 2: a prompt/completion record needs 'completion' as text or as a list of messages, got 5"),
+    ('{"prompt": [{"role": "user", "content": "x"}], "completion": "y"}',
+     r"line 2: 'prompt' and 'completion' must be both text or both lists of messages, got a list and text"),
+    ('{"prompt": [], "completion": [{"role": "assistant", "content": "y"}]}',
+     r"line 2: 'prompt' must be a non-empty list of messages"),
+    ('{"prompt": [{"role": "user", "content": "x"}], "completion": [{"role": "user", "content": "y"}]}',
+     r"line 2: the messages in 'completion' must be assistant turns \(the prompt's go in 'prompt'\), "
+     r'got {"role": "user", "content": "y"}'),
+    ('{"prompt": [{"role": "robot", "content": "x"}], "completion": [{"role": "assistant", "content": "y"}]}',
+     r"line 2: each message needs a role"),
+    ('{"prompt": [{"role": "assistant", "content": "x"}], "completion": [{"role": "assistant", "content": "y"}]}',
+     r"line 2: the conversation opens with the assistant"),
 ])
 def test_malformed_jsonl_names_the_file_and_line(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "fine"}\n' + line + "\n")
     with pytest.raises(DataError, match=rf"bad\.jsonl: {message}"):
         read_records(path)
+
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris"}, {"role": "user", "content": "And Italy?"},
+        {"role": "assistant", "content": "Rome"}]
+SHAREGPT = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Capital of France?"},
+            {"from": "gpt", "value": "Paris"}, {"role": "user", "content": "And Italy?"},   # a chat turn, mixed in
+            {"from": "chatgpt", "value": "Rome"}]
+
+
+@pytest.mark.parametrize("record, chat", [
+    ({"prompt": "Capital of France?", "completion": "Paris"}, CHAT[1:3]),
+    ({"prompt": CHAT[:2], "completion": CHAT[2:3]}, CHAT[:3]),
+    ({"prompt": CHAT[:4], "completion": CHAT[4:]}, CHAT),
+    ({"prompt": CHAT[:2], "completion": [CHAT[2], {"role": "assistant", "content": "Rome"}]},
+     CHAT[:3] + [{"role": "assistant", "content": "Rome"}]),
+    ({"conversations": SHAREGPT}, CHAT),
+    ({"conversations": [{"from": "user", "value": "Hi"}, {"from": "bing", "value": "Yo"},
+                        {"from": "human", "value": "Hi?"}, {"from": "bard", "value": "Yo!"},
+                        {"from": "user", "value": "Hi!"}, {"from": "assistant", "value": "Yo."}]},
+     [{"role": r, "content": c} for r, c in (("user", "Hi"), ("assistant", "Yo"), ("user", "Hi?"),
+                                            ("assistant", "Yo!"), ("user", "Hi!"), ("assistant", "Yo."))]),
+    ({"system": "Be brief.", "conversations": [{"from": "Human", "value": "Capital of France?"},
+                                               {"from": "GPT", "value": "Paris"}]}, CHAT[:3]),
+], ids=["prompt-completion", "conversational", "conversational-multi-turn", "two-completion-messages",
+        "sharegpt", "sharegpt-speaker-names", "sharegpt-system-beside-and-capitals"])
+def test_other_layouts_give_the_examples_of_the_same_chat(tmp_path, tokenizer, record, chat):
+    layout = build_examples(read_records(write_jsonl(tmp_path / "layout.jsonl", [record])), tokenizer, 256)
+    same = build_examples(read_records(write_jsonl(tmp_path / "chat.jsonl", [{"messages": chat}])), tokenizer, 256)
+    assert layout == same
+    (ex,), _, _ = layout
+    learned = "".join(m["content"] + "<|im_end|>\n" for m in chat if m["role"] == "assistant")
+    assert _learned_text(tokenizer, ex.input_ids, ex.labels) == learned
+    assert ex.answer == chat[-1]["content"] and list(ex.prompt) == chat[:-1]
+
+
+def test_a_record_with_several_layouts_keys_is_read_as_the_first_layout_and_text_as_the_last(tmp_path):
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    records = [
+        {"messages": chat, "instruction": "i", "output": "o", "text": "t"},
+        {"instruction": "q", "output": "a", "conversations": [{"from": "human", "value": "x"}], "text": "t"},
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+         "prompt": "x", "completion": "y"},
+        {"prompt": "q", "completion": "a", "text": "t"},
+        {"text": "t", "prompt": "a prompt alone is not a layout", "id": 7, "source": "web"},
+    ]
+    assert read_records(write_jsonl(tmp_path / "mixed.jsonl", records)) == [(chat, None)] * 4 + [(None, "t")]
+
+
+def test_a_long_value_in_an_error_is_cut_short(tmp_path):
+    record = {"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "user", "content": "x" * 5000}]}
+    with pytest.raises(DataError, match=r'long.jsonl: line 1: .*got {"role": "user", "content": "x+\.\.\.$') as e:
+        read_records(write_jsonl(tmp_path / "long.jsonl", [record]))
+    assert len(str(e.value)) < len(str(tmp_path)) + 200
 
 
 def test_empty_and_missing_files_are_refused(tmp_path):
