@@ -113,6 +113,12 @@ def resolve_model_dir(ref: str, log=print) -> Path:
     if path.parent == cache_dir() / "models":
         raise ModelError(f"{path} was lowmem's conversion of a GGUF file and is no longer in the cache: "
                          f"give that .gguf file again with --model")
+    from lowmem.spec import is_builtin
+
+    if is_builtin(ref):    # `lowmem plan --model llama-3.1-8b` works; training needs the weights
+        raise ModelError(f"model '{ref}' is built in as shapes only (enough for `lowmem plan`), not weights, "
+                         f"and lowmem never downloads weights: pass the model's local folder or .gguf file "
+                         f"with --model")
     raise ModelError(f"model '{ref}' is not a local directory or .gguf file, nor the embedded "
                      f"'{EMBEDDED_NAMES[0]}'; lowmem never downloads weights: pass a local path")
 

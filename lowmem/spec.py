@@ -261,6 +261,11 @@ def _builtin_index() -> dict[str, str]:
     return index
 
 
+def is_builtin(name: str) -> bool:
+    """Whether `name` (case-insensitive, aliases allowed) is a built-in model's shapes."""
+    return _normalise(name) in _builtin_index()
+
+
 def builtin_names() -> list[str]:
     return list(builtin_entries())
 

@@ -105,6 +105,11 @@ def test_a_hub_id_is_refused_without_downloading(capsys, tmp_path):
     assert main(["train", "--model", "meta-llama/Llama-3.1-8B", "--runs-dir", str(tmp_path)]) == 2
     assert "never downloads" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # no half-made run directory
+    # A budget preset names a built-in model's shapes, so that `lowmem plan --preset` needs no weights.
+    assert main(["train", "--preset", "llama-8b-12g", "--runs-dir", str(tmp_path)]) == 2
+    assert ("model 'llama-3.1-8b' is built in as shapes only (enough for `lowmem plan`), not weights"
+            in capsys.readouterr().err)
+    assert not any(tmp_path.iterdir())
 
 
 def test_a_missing_embedded_package_says_how_to_install_it(monkeypatch):

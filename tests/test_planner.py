@@ -295,6 +295,26 @@ def test_plan_command_reports_an_impossible_budget_as_an_error(capsys):
     assert code == 2 and json.loads(out)["error"] == "--measure-steps: expected at least 1, got 0"
 
 
+# The budget presets (a model family x a card's memory) and the method each says it plans.
+BUDGET_PRESETS = {"qwen-7b-8g": ("qlora", "QLoRA"), "llama-8b-12g": ("qlora", "QLoRA"),
+                  "llama-8b-24g": ("lora", "LoRA on the bf16 base"), "llama-70b-24g": ("loram", "LoRAM"),
+                  "llama-70b-48g": ("qlora", "QLoRA")}
+
+
+@pytest.mark.parametrize("name", sorted(BUDGET_PRESETS))
+def test_a_budget_preset_plans_what_its_summary_says_within_its_card(name, capsys):
+    from lowmem.config import find_preset, preset_summary
+
+    method, words = BUDGET_PRESETS[name]
+    summary = preset_summary(find_preset(name))
+    code, out = run_plan(["--preset", name, "--json"], capsys)
+    plan, budget = json.loads(out)["plan"], json.loads(out)["budget"]
+    assert code == 0 and plan["method"] == method and f"plans {words} " in summary
+    assert f" on a{'n' if name.endswith('-8g') else ''} {budget['vram'] // 2**30} GB GPU" in summary
+    assert budget["total"] <= budget["usable"] and f"seq_len {plan['seq_len']}" in summary
+    assert f"--preset {name} " in find_preset(name).read_text()      # its own command, copied right
+
+
 def test_plan_command_lists_builtin_models(capsys):
     code, out = run_plan(["--list-models"], capsys)
     assert code == 0 and "llama-3.1-70b" in out and "70,553,706,496" in out
