@@ -315,6 +315,26 @@ def test_a_budget_preset_plans_what_its_summary_says_within_its_card(name, capsy
     assert f"--preset {name} " in find_preset(name).read_text()      # its own command, copied right
 
 
+def test_plan_help_leaves_out_the_keys_only_training_uses_and_still_takes_them(capsys):
+    from lowmem.cli import main
+    from lowmem.commands import flag_name
+    from lowmem.config import all_keys
+
+    assert set(plan_command.TRAINING_ONLY) <= set(all_keys())
+    with pytest.raises(SystemExit):
+        main(["plan", "--help"])
+    plan_help = capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    train_help = capsys.readouterr().out
+    for key in plan_command.TRAINING_ONLY:
+        assert flag_name(key) + " " not in plan_help and flag_name(key) + " " in train_help
+    assert "--seq-len V" in plan_help and "`lowmem train --help` lists them" in " ".join(plan_help.split())
+    code, out = run_plan(["--model", "llama-3.1-8b", "--vram", "24G", "--steps", "5", "--data", "x.jsonl",
+                          "lr=1e-4", "--json"], capsys)
+    assert code == 0 and json.loads(out)["plan"]["method"] == "lora"
+
+
 def test_plan_command_lists_builtin_models(capsys):
     code, out = run_plan(["--list-models"], capsys)
     assert code == 0 and "llama-3.1-70b" in out and "70,553,706,496" in out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import Any, Iterable
 
 from lowmem.config import RunConfig, all_keys, format_size, load_config
 
@@ -32,10 +32,12 @@ def flag_name(key: str) -> str:
     return "--" + key.replace(".", "-").replace("_", "-")
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per config key, plus --preset and trailing key=value overrides."""
+def add_config_flags(parser: argparse.ArgumentParser, unlisted: Iterable[str] = (), why: str = "") -> None:
+    """One flag per config key, plus --preset and trailing key=value overrides. Keys in
+    `unlisted` are accepted but left out of the help, which says `why` instead."""
     parser.add_argument("--preset", help="preset name (see `lowmem presets`) or path to a YAML file")
-    group = parser.add_argument_group("config keys (also settable in YAML or as key=value)")
+    group = parser.add_argument_group("config keys (also settable in YAML or as key=value)", why or None)
+    unlisted = set(unlisted)
     for key, f in all_keys().items():
         meta = f.metadata
         text = meta["help"]
@@ -44,6 +46,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         if meta.get("unit"):
             text += f" ({meta['unit']})"
         text += f" (default: {_default_text(key)})"
+        if key in unlisted:
+            text = argparse.SUPPRESS
         kwargs: dict[str, Any] = {"dest": "cfg:" + key, "default": None, "help": text, "metavar": "V"}
         if str(f.type) == "bool":
             kwargs.update(action=argparse.BooleanOptionalAction)

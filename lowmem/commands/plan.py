@@ -55,8 +55,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "that does not fit fails here instead of in a real run")
     parser.add_argument("--measure-steps", type=int, default=3, metavar="N",
                         help="optimizer steps --measure runs (default 3; the first creates the states)")
-    add_config_flags(parser)
+    add_config_flags(parser, TRAINING_ONLY,
+                     "Keys that only `lowmem train` uses (data, steps, lr and the schedule, evaluation, "
+                     "checkpoints, logging, the run's name and folder) are accepted, so a train command "
+                     "or preset plans as it is, and left out here: `lowmem train --help` lists them.")
     parser.set_defaults(func=run)
+
+
+# Config keys that decide nothing the plan holds: `lowmem plan` takes them and lists them not.
+TRAINING_ONLY = ("data", "eval_data", "eval_fraction", "runs_dir", "name", "steps", "lr", "schedule",
+                 "warmup_steps", "min_lr_ratio", "weight_decay", "adam_betas", "max_grad_norm", "eval_every",
+                 "eval_max_examples", "eval_generate", "max_new_tokens", "save_every", "save_minutes",
+                 "keep_checkpoints", "log_every")
 
 
 def pinned_keys(args: argparse.Namespace) -> set[str]:
