@@ -1,7 +1,8 @@
 """Exporting a fine-tuned model: low-bit packed, dequantized, or merged.
 
 Three outputs, each a folder that holds `config.json` (+ the tokenizer files
-when known):
+when known) and `lowmem_export.json` (the run, method, checkpoint and step it
+came from, and how it was written):
 
 * **quantized** (`lowmem-intk`, version 1): the adapter merged into the
   weights, written as packed integer codes with a step size and an offset per
@@ -73,6 +74,8 @@ from lowmem.quant import intk
 from lowmem.quant.l4q import L4QLinear, merged_weight
 
 QUANT_CONFIG = "quantization.json"
+#: Beside every export: where it came from, {"run", "method", "checkpoint", "step", "output"}.
+ABOUT = "lowmem_export.json"
 FORMAT = "lowmem-intk"
 VERSION = 2
 WEIGHTS = "model.safetensors"
@@ -416,14 +419,14 @@ def _check_base(model_dir: Path, files: list[Path], config, updates: dict, sourc
 def _rewrite_streamed(model_dir: Path, updates: dict[str, WeightUpdate], source: Path, out: Path,
                       convert: Callable[[str, torch.Tensor, WeightUpdate], dict[str, torch.Tensor]], *,
                       dtype: torch.dtype, shard_bytes: int, log, extra: Callable[[Path], None] | None = None,
-                      weights: str = WEIGHTS) -> Path:
+                      weights: str = WEIGHTS, about: dict | None = None) -> Path:
     """`model_dir`'s safetensors rewritten one tensor at a time into the folder `out`: each weight
     named in `updates` becomes what `convert(name, tensor, update)` returns ({name: tensor}),
     every other floating tensor is cast to `dtype` (integer buffers copied). Shards of at
     most `shard_bytes` with an index (one file, `weights`, when it all fits); the config (use_cache on,
     dtype; untied when the head got its own update), generation config and tokenizer go
-    beside; `extra(folder)` writes what else the format needs. Alive at once: one base
-    tensor, what it becomes, and the shard being filled."""
+    beside; `extra(folder)` writes what else the format needs, and `about` goes in ABOUT.
+    Alive at once: one base tensor, what it becomes, and the shard being filled."""
     from safetensors.torch import save_file
 
     from lowmem.model import load_tokenizer
@@ -497,6 +500,8 @@ def _rewrite_streamed(model_dir: Path, updates: dict[str, WeightUpdate], source:
             log(f"note: no tokenizer in {model_dir}; the exported model has none either")
         if extra is not None:
             extra(folder)
+        if about is not None:
+            (folder / ABOUT).write_text(json.dumps(about, indent=2) + "\n")
         left = f"; {skipped} tensor(s) the model does not define left out" if skipped else ""
         log(f"{len(updates)} weights updated, {len(names)} shard(s), {total / 2**30:.2f} GiB{left}")
 
@@ -504,7 +509,7 @@ def _rewrite_streamed(model_dir: Path, updates: dict[str, WeightUpdate], source:
 
 
 def merge_streamed(model_dir: Path, adapter: Path, out: Path, *, dtype: torch.dtype = torch.bfloat16,
-                   shard_bytes: int = SHARD_BYTES, log=print) -> Path:
+                   shard_bytes: int = SHARD_BYTES, log=print, about: dict | None = None) -> Path:
     """The adapter in `adapter` (PEFT layout) merged into the base model in `model_dir`
     (Hugging Face safetensors), written to `out` as a Hugging Face folder in `dtype`.
 
@@ -516,13 +521,13 @@ def merge_streamed(model_dir: Path, adapter: Path, out: Path, *, dtype: torch.dt
     """
     return _rewrite_streamed(model_dir, adapter_updates(Path(adapter)), Path(adapter), out,
                              lambda key, w0, u: {key: u.merged(w0).to(dtype)},
-                             dtype=dtype, shard_bytes=shard_bytes, log=log)
+                             dtype=dtype, shard_bytes=shard_bytes, log=log, about=about)
 
 
 def quantize_streamed(model_dir: Path, updates: dict[str, WeightUpdate], out: Path, *, bits: int, group: int,
                       source: Path, dequantize: bool = False, dtype: torch.dtype = torch.bfloat16,
                       scale_dtype: torch.dtype = torch.float16, meta_source: dict | None = None,
-                      shard_bytes: int = SHARD_BYTES, log=print) -> Path:
+                      shard_bytes: int = SHARD_BYTES, log=print, about: dict | None = None) -> Path:
     """`updates` merged into the base in `model_dir` and quantized at `bits` / `group`, one
     base tensor at a time, written to `out`: the `lowmem-intk` folder (module docstring),
     or with `dequantize` the quantized weights dequantized, as a Hugging Face folder in
@@ -560,7 +565,7 @@ def quantize_streamed(model_dir: Path, updates: dict[str, WeightUpdate], out: Pa
 
     return _rewrite_streamed(model_dir, updates, Path(source), out, convert, dtype=dtype, shard_bytes=shard_bytes,
                              log=log, extra=None if dequantize else quant_config,
-                             weights=WEIGHTS if dequantize else INTK_WEIGHTS)
+                             weights=WEIGHTS if dequantize else INTK_WEIGHTS, about=about)
 
 
 def run_updates(folder: Path, method: str, bits: int | None, group: int | None
@@ -693,6 +698,18 @@ def run_adapter(run_dir: Path, warn=lambda message: None) -> tuple[str, str, Pat
     return model_ref, method, folder, why
 
 
+def _adapter_origin(run_dir: Path, folder: Path) -> tuple[str, int | None]:
+    """Which adapter an export merges: ("step-N", N) for a checkpoint's, ("adapter", the step the
+    run last finished at) for the run's own."""
+    from lowmem.checkpoint import checkpoint_step
+    from lowmem.events import finished_steps
+
+    if folder.parent.parent.name == "checkpoints":
+        return folder.parent.name, checkpoint_step(folder.parent)
+    steps = finished_steps(run_dir)
+    return folder.name, steps[-1] if steps else None
+
+
 def export_run(run_dir: Path, *, quantized: Path | None = None, dequantized: Path | None = None,
                merged: Path | None = None, bits: int | None = None, group: int | None = None,
                dtype: torch.dtype = torch.bfloat16, log=print) -> list[Path]:
@@ -713,25 +730,33 @@ def export_run(run_dir: Path, *, quantized: Path | None = None, dequantized: Pat
         raise ValueError("an L4Q model is exported quantized or dequantized, not merged unquantized")
     model_dir = resolve_model_dir(model_ref, log)
     written: list[Path] = []
+
+    def about(output: str) -> dict:
+        return {"run": str(Path(run_dir).resolve()), "method": method, "checkpoint": checkpoint,
+                "step": step, "output": output, "dtype": _name(dtype)}
+
+    checkpoint, step = _adapter_origin(Path(run_dir), folder)
     try:
         if merged is not None:
-            written.append(merge_streamed(model_dir, folder, merged, dtype=dtype, log=log))
+            written.append(merge_streamed(model_dir, folder, merged, dtype=dtype, log=log, about=about("merged")))
             log(f"merged model (Hugging Face, {_name(dtype)}) written to {merged}")
         if quantized is not None or dequantized is not None:
             updates, bits, group, how = run_updates(folder, method, bits, group)
-            source = {"run": str(run_dir), "method": method, "quantizer": how}
+            source = {"run": str(run_dir), "method": method, "quantizer": how, "checkpoint": checkpoint,
+                      "step": step}
             # L4Q's learned step sizes and offsets are kept as trained: float16 would move its
             # grid, and the model would no longer be the one trained. Min-max ones are float16.
             scales = torch.float32 if method == "l4q" else torch.float16
             if quantized is not None:
                 written.append(quantize_streamed(model_dir, updates, quantized, bits=bits, group=group,
                                                  source=folder, dtype=dtype, scale_dtype=scales,
-                                                 meta_source=source, log=log))
+                                                 meta_source=source, log=log,
+                                                 about={**about("quantized"), "bits": bits, "group": group}))
                 log(f"{bits}-bit model ({how}, groups of {group}) written to {quantized}")
             if dequantized is not None:
                 written.append(quantize_streamed(model_dir, updates, dequantized, bits=bits, group=group,
                                                  source=folder, dequantize=True, dtype=dtype, scale_dtype=scales,
-                                                 log=log))
+                                                 log=log, about={**about("dequantized"), "bits": bits, "group": group}))
                 log(f"dequantized {bits}-bit model (Hugging Face, {_name(dtype)}) written to {dequantized}")
     except BaseException:
         # All or none: an output that failed left nothing (_write_folder); the ones before it go too.

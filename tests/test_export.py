@@ -305,6 +305,11 @@ def test_export_command_merges_a_lora_run(tmp_path, tiny_model_dir):
                                            dropout=0.0, rslora=False, base_model=str(tiny_model_dir)))
     _export_merged_and_8bit_match(run, model, tmp_path)
     assert json.loads((tmp_path / "q" / QUANT_CONFIG).read_text())["source"]["quantizer"] == "round-to-nearest"
+    # Each output says where it came from: the run's own adapter here (a finished run's last step).
+    about = {out: json.loads((tmp_path / out / "lowmem_export.json").read_text()) for out in ("m", "q")}
+    assert about["m"] == {"run": str(run.resolve()), "method": "qlora", "checkpoint": "adapter", "step": None,
+                          "output": "merged", "dtype": "float32"}
+    assert about["q"] == {**about["m"], "output": "quantized", "bits": 8, "group": 128}
 
 
 # ---------------------------------------------------------------- merging while the base streams
@@ -730,6 +735,8 @@ def test_an_unfinished_run_exports_its_newest_checkpoint_and_says_so(tmp_path, t
     export_run(run, merged=tmp_path / "m", log=said.append)
     assert said[0] == f"{run} has not finished: exporting its checkpoint step-3"
     assert (tmp_path / "m" / "config.json").is_file()
+    about = json.loads((tmp_path / "m" / "lowmem_export.json").read_text())
+    assert (about["checkpoint"], about["step"], about["output"]) == ("step-3", 3, "merged")
     # A newer checkpoint that is damaged is passed over, and said so.
     import shutil
 
