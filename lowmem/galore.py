@@ -21,14 +21,15 @@ Every other trainable tensor (norms, biases; embeddings and the head unless
 
 8-bit moments: bitsandbytes' blockwise dynamic quantization, as its AdamW8bit
 keeps them: M in the signed dynamic map, V in the unsigned one, one fp32 absmax
-per block of 256 values. The update dequantizes, updates in fp32 and
-re-quantizes (`bitsandbytes.functional.optimizer_update_8bit_blockwise`: a
-fused kernel on CUDA, a PyTorch op on the CPU; `reference_adam8bit_update` below
-is the same in plain PyTorch and tests hold them equal). bitsandbytes'
-`AdamW8bit` does run on the CPU in 0.50, but updates all its parameters in one
-`step()` and only from `.grad`; this module calls the same functional op per
-tensor, so that it can run inside backward and on a projected gradient. Tensors (or projected gradients) under `min_8bit_size` = 4096
-values keep fp32 moments, as bitsandbytes does.
+per block of 256 values. The update (`adam8bit_update_`) dequantizes, updates in
+fp32 and re-quantizes, UPDATE_CHUNK values at a time, per tensor, so that it can
+run inside backward and on a projected gradient. Unlike bitsandbytes' op, which
+rounds both moments to the nearest code, it rounds V stochastically between its
+two neighbouring codes: rounded to nearest, V at β2 = 0.999 cannot fall faster
+than its block's largest value, and an element whose gradients shrink keeps a
+large V and a small step (`adam8bit_update_` says why; docs/full-training.md has
+the figures). Tensors (or projected gradients) under `min_8bit_size` = 4096 values
+keep fp32 moments, as bitsandbytes does.
 
 Per-layer updates (`per_layer=True`): a post-accumulate-grad hook on each
 parameter applies its update as soon as its gradient is complete and sets
@@ -58,13 +59,13 @@ Memory (bytes; r = rank, p = bytes of the parameter dtype):
                                4·Σ r·max(m,n) (fp32 ΣR) and the other tensors' gradients
     update workspace:          ≤ 12·m·n for one weight (fp32 copy of G, the SVD factors
                                on refresh steps; the update is added in place, no m×n
-                               temporary); the 8-bit op on the CPU dequantizes at most
-                               UPDATE_CHUNK values at a time
+                               temporary); the 8-bit update works on UPDATE_CHUNK
+                               values at a time (memory.EIGHT_BIT_STEP_TEMPORARIES each)
 
 bf16 weights (a run on CUDA) are updated in fp32, UPDATE_CHUNK values at a time, and
-rounded stochastically (lowmem.rounding): rounded to nearest, as bitsandbytes' op and
-addmm_ on a bf16 weight do, an update under half a bf16 step of the weight is lost, and
-at GaLore's effective lr of 5e-5 most weights never move.
+rounded stochastically (lowmem.rounding): rounded to nearest, as addmm_ on a bf16
+weight does, an update under half a bf16 step of the weight is lost, and at
+GaLore's effective lr of 5e-5 most weights never move.
 These are the terms of `lowmem.memory.galore_state_bytes`, `adamw_state_bytes`,
 `gradient_bytes` and `galore_workspace_bytes`; `state_bytes()` counts the real tensors.
 """
@@ -78,12 +79,12 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from lowmem.memory import BF16_STEP_CHUNK
+from lowmem.memory import EIGHT_BIT_STEP_CHUNK
 from lowmem.rounding import generator, write_rounded_
 
 BLOCK = 256            # values per absmax block in bitsandbytes' 8-bit optimizers
 MIN_8BIT_SIZE = 4096   # smaller tensors keep fp32 moments (bitsandbytes' min_8bit_size)
-UPDATE_CHUNK = BF16_STEP_CHUNK   # values per 8-bit update call: bounds the CPU op's fp32 temporaries
+UPDATE_CHUNK = EIGHT_BIT_STEP_CHUNK   # values the 8-bit update works on at once: bounds its temporaries
 
 _EMBEDDING_NAMES = ("embed_tokens", "lm_head", "wte", "wpe", "embed_out", "word_embeddings")
 
@@ -155,45 +156,93 @@ def project_back_(weight: torch.Tensor, update: torch.Tensor, projection: torch.
         del w
 
 
-def reference_adam8bit_update(grad: torch.Tensor, target: torch.Tensor, state: dict, qmaps: tuple,
-                              step: int, lr: float, betas: tuple[float, float], eps: float,
-                              weight_decay: float) -> None:
-    """What the 8-bit update does, in plain PyTorch (the reference for the fused op).
+def _dequantize(codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor) -> torch.Tensor:
+    """fp32 values of blockwise 8-bit codes: qmap[code] · absmax of the code's block of BLOCK."""
+    values = qmap[codes.int()]
+    full = values.numel() // BLOCK * BLOCK
+    values[:full].view(-1, BLOCK).mul_(absmax[:full // BLOCK, None])
+    if full < values.numel():
+        values[full:].mul_(absmax[-1])
+    return values
+
+
+def quantize_stochastically_(values: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor,
+                             qmap: torch.Tensor, gen: torch.Generator | None) -> None:
+    """codes, absmax ← blockwise 8-bit `values` (fp32, overwritten), each rounded to one of the two
+    code values around it, up with the probability of its distance from the lower (unbiased);
+    `gen` None rounds to the nearer, as bitsandbytes does. `qmap` must be ascending (bitsandbytes'
+    dynamic maps are). absmax is each block's largest |value|, exact; a value beyond the map's
+    ends (−1 under the signed map, whose lowest code is −0.993) takes the end code."""
+    full = values.numel() // BLOCK * BLOCK
+    if full:
+        absmax[:full // BLOCK] = values[:full].view(-1, BLOCK).abs().amax(1)
+    if full < values.numel():
+        absmax[-1] = values[full:].abs().amax()
+    scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    values[:full].view(-1, BLOCK).div_(scale[:full // BLOCK, None])
+    if full < values.numel():
+        values[full:].div_(scale[-1])
+    del scale
+    values.clamp_(qmap[0], qmap[-1])
+    upper = torch.searchsorted(qmap, values, out_int32=True).clamp_(1, qmap.numel() - 1)
+    high = qmap[upper]
+    low = qmap[upper - 1]
+    # Where the value sits between its two codes, 0 at the lower and 1 at the upper.
+    values.sub_(low).div_(high.sub_(low))
+    del high, low
+    if gen is None:
+        down = values < 0.5
+    else:
+        down = values <= torch.rand(values.shape, device=values.device, generator=gen)
+    upper.sub_(down.int())
+    codes.copy_(upper)
+
+
+def adam8bit_update_(grad: torch.Tensor, target: torch.Tensor, state1: torch.Tensor, state2: torch.Tensor,
+                     absmax1: torch.Tensor, absmax2: torch.Tensor, qmaps: tuple, step: int, lr: float,
+                     betas: tuple[float, float], eps: float, weight_decay: float,
+                     gen: torch.Generator | None) -> None:
+    """One chunk of the 8-bit AdamW update; `grad` and `target` fp32, updated in place.
 
     M, V = dequantize(state1, absmax1), dequantize(state2, absmax2)      blocks of 256
     M ← β1·M + (1−β1)·g,  V ← β2·V + (1−β2)·g²
     target ← target·(1 − lr·λ) − lr/(1−β1ᵗ) · M / (√V/√(1−β2ᵗ) + ε)
-    state1, absmax1 = quantize(M);  state2, absmax2 = quantize(V)        nearest code value
-    """
-    F = _bnb()
+    state1, absmax1 = quantize(M)                                        to the nearest code
+    state2, absmax2 = quantize(V)                                        rounded stochastically
+
+    bitsandbytes' op rounds both to the nearest code. With β2 = 0.999 a step changes V by at
+    most 0.1%, less than half the gap between two codes (0.35% to 17% of the value), so V
+    rounded to nearest can only fall when its block's largest value falls: an element whose
+    gradients shrink while its block's largest stays keeps V high for good, and its updates
+    stay small (measured: V̂ 12× fp32 AdamW's after 3000 steps, docs/full-training.md).
+    Rounded stochastically, V follows fp32 AdamW's in expectation. M moves by up to 10% a step,
+    more than half a gap, and rounded stochastically it would add its noise to the update's
+    direction (measured on a small task: a loss 5-10% above fp32 AdamW's, against 6-20% below
+    it with M to nearest; BENCHMARKS.md), so it keeps bitsandbytes' rounding. `gen` draws V's noise, so a
+    resumed run rounds as the uninterrupted one; None rounds V to nearest too."""
     b1, b2 = betas
-    m = F.dequantize_blockwise(state["state1"], absmax=state["absmax1"], code=qmaps[0], blocksize=BLOCK)
-    v = F.dequantize_blockwise(state["state2"], absmax=state["absmax2"], code=qmaps[1], blocksize=BLOCK)
-    g = grad.float()
-    m.mul_(b1).add_(g, alpha=1 - b1)
-    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+    m = _dequantize(state1, absmax1, qmaps[0])
+    v = _dequantize(state2, absmax2, qmaps[1])
+    m.mul_(b1).add_(grad, alpha=1 - b1)
+    v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
     denom = (v.sqrt() / math.sqrt(1 - b2**step)).add_(eps)
-    result = target.float()
     if weight_decay:
-        result.mul_(1 - lr * weight_decay)
-    result.addcdiv_(m, denom, value=-lr / (1 - b1**step))
-    target.copy_(result)
-    q1, s1 = F.quantize_blockwise(m, code=qmaps[0], blocksize=BLOCK)
-    q2, s2 = F.quantize_blockwise(v, code=qmaps[1], blocksize=BLOCK)
-    state["state1"].copy_(q1)
-    state["absmax1"].copy_(s1.absmax)
-    state["state2"].copy_(q2)
-    state["absmax2"].copy_(s2.absmax)
+        target.mul_(1 - lr * weight_decay)
+    target.addcdiv_(m, denom, value=-lr / (1 - b1**step))
+    del denom
+    quantize_stochastically_(m, state1, absmax1, qmaps[0], None)
+    del m
+    quantize_stochastically_(v, state2, absmax2, qmaps[1], gen)
 
 
 def dequantized_moments(state: dict, qmaps: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, V) in fp32 from a tensor's optimizer state, 8-bit or not."""
     if "state1" not in state:
         return state["exp_avg"], state["exp_avg_sq"]
-    F = _bnb()
-    m = F.dequantize_blockwise(state["state1"], absmax=state["absmax1"], code=qmaps[0], blocksize=BLOCK)
-    v = F.dequantize_blockwise(state["state2"], absmax=state["absmax2"], code=qmaps[1], blocksize=BLOCK)
-    return m, v
+    shape = state["state1"].shape
+    m = _dequantize(state["state1"].reshape(-1), state["absmax1"], qmaps[0])
+    v = _dequantize(state["state2"].reshape(-1), state["absmax2"], qmaps[1])
+    return m.view(shape), v.view(shape)
 
 
 #: Parameters of a quantizer (L4Q's LSQ step sizes and offsets): matrices, but not weights.
@@ -218,7 +267,7 @@ class GaLoreAdamW8bit(torch.optim.Optimizer):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  *, rank: int | None = 128, update_gap: int = 200, scale: float = 0.25,
                  project_embeddings: bool = False, per_layer: bool = False, max_grad_norm: float = 0.0,
-                 min_8bit_size: int = MIN_8BIT_SIZE, seed: int = 0):
+                 min_8bit_size: int = MIN_8BIT_SIZE, seed: int = 0, stochastic_moments: bool = True):
         named = [(n, p) for n, p in named_params if p.requires_grad]
         if not named:
             raise ValueError("GaLoreAdamW8bit got no trainable parameters")
@@ -240,6 +289,7 @@ class GaLoreAdamW8bit(torch.optim.Optimizer):
         self.names = {p: n for n, p in named}
         self._index = {p: i for i, (_, p) in enumerate(named)}   # which noise a bf16 weight's rounding draws
         self.seed = seed
+        self.stochastic_moments = stochastic_moments   # False: V to nearest too, as bitsandbytes (benchmarks)
         self.per_layer = per_layer
         self.max_grad_norm = max_grad_norm
         self.min_8bit_size = min_8bit_size
@@ -336,10 +386,11 @@ class GaLoreAdamW8bit(torch.optim.Optimizer):
                 grad.mul_(torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0).to(grad.dtype))
         state["step"] = state.get("step", 0) + 1
         lr, wd = group["lr"], group["weight_decay"]
-        gen = generator(self.seed, state["step"], self._index[p], p.device) if p.dtype == torch.bfloat16 else None
+        # The noise of this tensor's step: its 8-bit V's rounding, then its bf16 weight's.
+        gen = generator(self.seed, state["step"], self._index[p], p.device)
         if group["galore"]:
             direction = torch.zeros_like(grad)          # becomes −lr·N
-            self._adam(state, grad, direction, group, weight_decay=0.0)
+            self._adam(state, grad, direction, group, weight_decay=0.0, gen=gen)
             project_back_(p, direction, state["projection"], group["scale"], decay=1 - lr * wd, gen=gen)
         else:
             self._adam(state, grad, p, group, weight_decay=wd, gen=gen)
@@ -348,11 +399,12 @@ class GaLoreAdamW8bit(torch.optim.Optimizer):
 
     def _adam(self, state: dict, grad: torch.Tensor, target: torch.Tensor, group: dict,
               weight_decay: float, gen: torch.Generator | None = None) -> None:
-        """target ← target·(1 − lr·λ) − lr·M̂/(√V̂ + ε) with the moments of `grad` in `state`; a
-        bf16 target given `gen` is updated in fp32 and rounded stochastically."""
+        """target ← target·(1 − lr·λ) − lr·M̂/(√V̂ + ε) with the moments of `grad` in `state`; an
+        8-bit V and a bf16 target are rounded stochastically with `gen`'s noise."""
         b1, b2 = group["betas"]
         lr, eps, step = group["lr"], group["eps"], state["step"]
         numel = grad.numel()
+        bf16 = target.dtype == torch.bfloat16
         if "state1" not in state and "exp_avg" not in state:
             if numel >= self.min_8bit_size:
                 blocks = math.ceil(numel / BLOCK)
@@ -368,28 +420,27 @@ class GaLoreAdamW8bit(torch.optim.Optimizer):
             m.mul_(b1).add_(g, alpha=1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
             denom = (v.sqrt() / math.sqrt(1 - b2**step)).add_(eps)
-            t = target.float() if gen is not None else target
+            t = target.float() if bf16 else target
             if weight_decay:
                 t.mul_(1 - lr * weight_decay)
             t.addcdiv_(m, denom, value=-lr / (1 - b1**step))
-            if gen is not None:
+            if bf16:
                 write_rounded_(target, t, gen)
             return
-        F = _bnb()
         flat_g = grad.reshape(-1) if grad.is_contiguous() else grad.contiguous().reshape(-1)
         flat_t = target.view(-1)
         s1, s2 = state["state1"].view(-1), state["state2"].view(-1)
-        for start in range(0, numel, UPDATE_CHUNK):
-            end = min(start + UPDATE_CHUNK, numel)
+        chunk = max(BLOCK, UPDATE_CHUNK // BLOCK * BLOCK)     # whole blocks, so each has one absmax
+        for start in range(0, numel, chunk):
+            end = min(start + chunk, numel)
             blocks = slice(start // BLOCK, math.ceil(end / BLOCK))
-            g, t = flat_g[start:end], flat_t[start:end]
-            if gen is not None:        # the op in fp32, then rounded stochastically into the bf16 weight
-                g, t = g.float(), t.float()
-            F.optimizer_update_8bit_blockwise(
-                "adam", g, t, s1[start:end], s2[start:end],
-                b1, b2, 0.0, 0.0, eps, step, lr, self.qmaps[0], self.qmaps[1],
-                state["absmax1"][blocks], state["absmax2"][blocks], weight_decay=weight_decay)
-            if gen is not None:
+            g, t = flat_g[start:end].float(), flat_t[start:end]
+            if bf16:                   # updated in fp32, then rounded stochastically into the bf16 weight
+                t = t.float()
+            adam8bit_update_(g, t, s1[start:end], s2[start:end], state["absmax1"][blocks],
+                             state["absmax2"][blocks], self.qmaps, step, lr, (b1, b2), eps, weight_decay,
+                             gen if self.stochastic_moments else None)
+            if bf16:
                 write_rounded_(flat_t[start:end], t, gen)
             del g, t
 

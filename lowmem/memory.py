@@ -116,7 +116,7 @@ class MemoryBreakdown:
     logits: int         # the loss: logits, log-probabilities and their gradients
     temporaries: int    # dequantized weights, one block's backward buffers, cuBLAS workspace
     overhead: int       # CUDA context + allocator fragmentation (0 on the CPU)
-    phase: str = "forward"   # when the peak happens: forward | backward | backward-end | optimizer
+    phase: str = "forward"   # when the peak happens: forward | backward | backward-end | optimizer | head update
     host: int = 0       # pinned CPU memory holding offloaded activations; not in total
 
     TERMS = ("weights", "adapters", "grads", "optimizer", "activations", "logits",
@@ -827,7 +827,8 @@ def galore_workspace_bytes(spec: ModelSpec, plan: Any) -> int:
     The fp32 copy of the gradient the SVD refresh factorises, the SVD factors
     (at most the same size), and the back-projected full-rank update (for bf16
     weights, rounded stochastically: fp32 rows of the weight and their noise, at most
-    12 bytes a value of 2²² at a time, inside the same bound).
+    12 bytes a value of 2²² at a time, inside the same bound). The 8-bit update of
+    the moments comes after, not beside them (eight_bit_step_bytes).
     """
     return 12 * spec.max_linear_numel() if plan.method == "galore" else 0
 
@@ -839,19 +840,38 @@ def galore_workspace_bytes(spec: ModelSpec, plan: Any) -> int:
 BF16_STEP_CHUNK = 1 << 22
 BF16_STEP_TEMPORARIES = 12
 
+#: The same for the 8-bit update (lowmem.galore.adam8bit_update_, full 8-bit AdamW and GaLore's
+#: moments): six 4-byte values an element while a moment is rounded (both moments in fp32, the
+#: upper code's index, the two codes around the moment and the index of one of them), and two
+#: more for a bf16 weight (its gradient and itself in fp32).
+EIGHT_BIT_STEP_CHUNK = 1 << 20
+EIGHT_BIT_STEP_TEMPORARIES = 24
+EIGHT_BIT_STEP_BF16 = 8
+
+
+def eight_bit_step_bytes(spec: ModelSpec, plan: Any) -> int:
+    """Temporaries of the 8-bit update of the largest trainable tensor, a chunk at a time:
+    (24, or 32 for bf16 weights) · min(max numel, 2²⁰)."""
+    per_value = EIGHT_BIT_STEP_TEMPORARIES + (EIGHT_BIT_STEP_BF16 if dense_dtype(plan) == "bf16" else 0)
+    return per_value * min(_max_numel(trainable_tensors(spec, plan)), EIGHT_BIT_STEP_CHUNK)
+
 
 def optimizer_step_bytes(spec: ModelSpec, plan: Any) -> int:
     """Temporaries of the optimizer step.
 
-        bf16 weights, 16- or 8-bit states: 12·min(max numel, 2²²) (updated in fp32 chunks and
+        bf16 weights, 16-bit states: 12·min(max numel, 2²²) (updated in fp32 chunks and
               rounded stochastically, lowmem.rounding)
-        CUDA: 0 (fused AdamW works in place); GaLore: galore_workspace_bytes.
+        8-bit states: eight_bit_step_bytes (the same, moments rounded stochastically too)
+        CUDA: 0 (fused AdamW works in place); GaLore: the larger of galore_workspace_bytes
+              and eight_bit_step_bytes (its moments, and the unprojected tensors, are 8-bit).
         CPU:  2·max numel·4 (the single-tensor AdamW makes two temporaries per tensor).
     """
     if plan.method == "galore":
-        return galore_workspace_bytes(spec, plan)
+        return max(galore_workspace_bytes(spec, plan), eight_bit_step_bytes(spec, plan))
     bits = _get(plan, "optimizer_state_bits", 32)
-    if bits == 16 or (bits == 8 and _is_full(plan) and dense_dtype(plan) == "bf16"):
+    if bits == 8 and _is_full(plan):
+        return eight_bit_step_bytes(spec, plan)
+    if bits == 16:
         return BF16_STEP_TEMPORARIES * min(_max_numel(trainable_tensors(spec, plan)), BF16_STEP_CHUNK)
     if _get(plan, "device", "cpu") == "cuda":
         return 0
@@ -1078,6 +1098,12 @@ def predict(spec: ModelSpec, plan: "Plan") -> MemoryBreakdown:
         ("optimizer", dict(grads=grads, activations=0, logits=0,
                            temporaries=optimizer_step_bytes(spec, plan))),
     ]
+    if per_layer and not spec.tied_embeddings:
+        # An untied head's gradient is whole first: its 8-bit update runs as backward begins,
+        # beside everything the forward saved and the loss's backward.
+        head = spec.vocab * spec.hidden * trainable_dtype_bytes(plan)
+        phases.append(("head update", dict(grads=kept + head, activations=saved, logits=logits_bytes(spec, plan),
+                                           temporaries=eight_bit_step_bytes(spec, plan))))
     best = None
     for phase, terms in phases:
         allocated = weights + adapters + optimizer + sum(terms.values())

@@ -6,6 +6,7 @@
                                      the block linears, 8-bit AdamW for the rest; per-layer
                                      updates inside backward when `plan.galore_per_layer`
     plan.optimizer_state_bits == 8   the same class projecting nothing: blockwise 8-bit AdamW
+                                     (bitsandbytes' states, rounded stochastically)
     plan.optimizer_state_bits == 16  BF16AdamW: a full run's bf16 weights and moments, the
                                      update in fp32 and rounded stochastically into the weights
     otherwise                        torch.optim.AdamW (fused on CUDA)

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from lowmem import galore
-from lowmem.galore import GaLoreAdamW8bit, dequantized_moments, reference_adam8bit_update
+from lowmem.galore import (BLOCK, GaLoreAdamW8bit, adam8bit_update_, dequantized_moments,
+                           quantize_stochastically_)
+from lowmem.rounding import generator
 from lowmem.loss import causal_lm_loss
 from lowmem.model import tiny_llama
 
@@ -83,68 +85,132 @@ def test_two_galore_steps_equal_the_papers_update_computed_by_hand(base_model, m
         if min_8bit > 1000:   # fp32 moments: the same numbers
             torch.testing.assert_close(params[name].detach(), expected, rtol=0, atol=1e-6)
             torch.testing.assert_close(moment1, m, rtol=0, atol=1e-7)
-        else:                 # 8-bit moments: within quantization error, blockwise
-            assert (moment1 - m).abs().max() <= 0.02 * m.abs().max()
-            assert (moment2 - v).abs().max() <= 0.02 * v.abs().max()
+        else:                 # 8-bit moments: within a code gap (≤ 1.4% of the absmax) a step, blockwise
+            assert (moment1 - m).abs().max() <= 0.03 * m.abs().max()
+            assert (moment2 - v).abs().max() <= 0.03 * v.abs().max()
             step2 = params[name].detach() - w[name]
             assert (step2 - (expected - w[name])).norm() < 0.03 * (expected - w[name]).norm()
         assert state["state1" if min_8bit < 1000 else "exp_avg"].shape == m.shape
 
 
-def test_the_fused_8bit_update_equals_its_plain_pytorch_reference(monkeypatch):
-    monkeypatch.setattr(galore, "UPDATE_CHUNK", 512)   # several chunks, the last one partial
+def test_the_8bit_update_goes_chunk_by_chunk_with_the_tensors_noise(monkeypatch):
+    """The optimizer's update of a tensor is adam8bit_update_ on each chunk of whole blocks (the
+    last one partial) in turn, with the noise of (seed, step, tensor): a resume rounds alike."""
+    monkeypatch.setattr(galore, "UPDATE_CHUNK", 512)
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(30, 100))   # a matrix, so weight decay applies
-    opt = GaLoreAdamW8bit([("w", p)], lr=1e-2, weight_decay=0.1, rank=None, min_8bit_size=256)
-    target, state = p.detach().clone(), None
+    opt = GaLoreAdamW8bit([("w", p)], lr=1e-2, weight_decay=0.1, rank=None, min_8bit_size=256, seed=3)
+    target, state = p.detach().clone().view(-1), None
     for step in (1, 2, 3):
         g = torch.randn(30, 100)
         p.grad = g.clone()
         opt.step()
         if state is None:
-            state = {k: torch.zeros_like(v) for k, v in opt.state[p].items() if torch.is_tensor(v)}
-        reference_adam8bit_update(g, target, state, opt.qmaps, step, 1e-2, (B1, B2), EPS, 0.1)
-        assert torch.equal(p.detach(), target)
+            state = {k: torch.zeros_like(v).view(-1) for k, v in opt.state[p].items() if torch.is_tensor(v)}
+        gen = generator(3, step, 0, torch.device("cpu"))
+        for start in range(0, 3000, 512):
+            end, blocks = min(start + 512, 3000), slice(start // BLOCK, math.ceil(min(start + 512, 3000) / BLOCK))
+            adam8bit_update_(g.view(-1)[start:end], target[start:end], state["state1"][start:end],
+                             state["state2"][start:end], state["absmax1"][blocks], state["absmax2"][blocks],
+                             opt.qmaps, step, 1e-2, (B1, B2), EPS, 0.1, gen)
+        assert torch.equal(p.detach().view(-1), target)
         for key in ("state1", "state2", "absmax1", "absmax2"):
-            assert torch.equal(opt.state[p][key], state[key]), key
+            assert torch.equal(opt.state[p][key].view(-1), state[key]), key
 
 
-@pytest.mark.gpu
-def test_on_cuda_the_fused_8bit_kernel_agrees_with_the_reference():
-    torch.manual_seed(0)
-    p = torch.nn.Parameter(torch.randn(30, 100, device="cuda"))
-    opt = GaLoreAdamW8bit([("w", p)], lr=1e-2, weight_decay=0.1, rank=None, min_8bit_size=256)
-    target, state = p.detach().clone(), None
-    for step in (1, 2, 3):
-        g = torch.randn(30, 100, device="cuda")
-        p.grad = g.clone()
-        opt.step()
-        if state is None:
-            state = {k: torch.zeros_like(v) for k, v in opt.state[p].items() if torch.is_tensor(v)}
-        reference_adam8bit_update(g, target, state, opt.qmaps, step, 1e-2, (B1, B2), EPS, 0.1)
-        # the kernel rounds to the code map its own way: moments agree to a code step
-        torch.testing.assert_close(p.detach(), target, rtol=0, atol=0.05 * 1e-2 * step)  # lr = 1e-2
-        m, _ = dequantized_moments(opt.state[p], opt.qmaps)
-        m_ref, _ = dequantized_moments(state, opt.qmaps)
-        assert (m - m_ref).abs().max() <= 0.02 * m_ref.abs().max()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_8bit_update_stays_within_the_temporaries_the_plan_counts(monkeypatch, dtype):
+    """memory.EIGHT_BIT_STEP_TEMPORARIES bytes a value of one chunk (8 more for a bf16 weight),
+    whatever the tensor's size."""
+    from lowmem import memory
+    from lowmem.measure import LiveTensorBytes
+
+    monkeypatch.setattr(galore, "UPDATE_CHUNK", 4096)
+    p = torch.nn.Parameter(torch.randn(64, 1000).to(dtype))        # 16 chunks, the last one partial
+    opt = GaLoreAdamW8bit([("w", p)], lr=1e-3, rank=None)
+    for step in range(2):                                           # the first creates the states
+        p.grad = torch.randn(64, 1000).to(dtype)
+        with LiveTensorBytes() as live:
+            opt.step()
+    per_value = memory.EIGHT_BIT_STEP_TEMPORARIES + (memory.EIGHT_BIT_STEP_BF16 if dtype == torch.bfloat16 else 0)
+    assert 0.9 * per_value * 4096 < live.growth <= per_value * 4096, (live.growth, live.peak_op)
 
 
-def test_other_tensors_follow_bitsandbytes_adamw8bit(base_model):
+def test_8bit_codes_round_to_a_neighbouring_code_unbiased_or_to_the_nearest(one_thread):
+    qmap = GaLoreAdamW8bit([("w", torch.nn.Parameter(torch.zeros(1)))], rank=None).qmaps[0]   # signed
+    x = torch.randn(300, generator=torch.Generator().manual_seed(0))       # a block and a partial one
+    codes, absmax = torch.zeros(300, dtype=torch.uint8), torch.zeros(2)
+    quantize_stochastically_(x.clone(), codes, absmax, qmap, None)
+    assert torch.equal(absmax, torch.stack([x[:256].abs().max(), x[256:].abs().max()]))
+    scaled = x / torch.cat([absmax[0].expand(256), absmax[1].expand(44)])
+    assert torch.equal(codes.long(), (scaled[:, None] - qmap).abs().argmin(1))       # nearest
+    draws = 2000
+    unit = x[:256]                               # one block, quantized 2000 times over
+    codes, absmax = torch.zeros(256 * draws, dtype=torch.uint8), torch.zeros(draws)
+    quantize_stochastically_(unit.repeat(draws), codes, absmax, qmap, torch.Generator().manual_seed(1))
+    got = qmap[codes.long()].view(draws, 256)
+    scaled = (unit / unit.abs().max()).clamp(qmap[0], 1)
+    upper = torch.searchsorted(qmap, scaled).clamp(1, 255)
+    low, high = qmap[upper - 1], qmap[upper]
+    assert ((got == low) | (got == high)).all()                           # one of its two neighbours
+    # unbiased: the mean of the draws is the value, within 4 standard errors (σ ≤ gap/2)
+    assert ((got.mean(0) - scaled).abs() <= 4 * (high - low) / (2 * draws**0.5) + 1e-7).all()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_8bit_moments_follow_fp32_adam_when_most_of_a_block_quiets_down(device, one_thread):
+    """One value in each block of 256 keeps large gradients; the others' fall fivefold after step
+    500. Rounded to nearest, their second moment cannot fall (a step moves it by 0.1%, under half a
+    code gap) and stays far above fp32 Adam's; rounded stochastically (as adam8bit_update_ rounds
+    V given noise) it follows it."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    n = 4096
+    loud = torch.arange(n, device=device) % BLOCK == 0
+    qmaps = tuple(q.to(device) for q in GaLoreAdamW8bit([("w", torch.nn.Parameter(torch.zeros(1)))],
+                                                        rank=None).qmaps)
+    runs = {mode: [torch.zeros(n, dtype=torch.uint8, device=device) for _ in range(2)]
+            + [torch.zeros(n // BLOCK, device=device) for _ in range(2)] for mode in ("nearest", "stochastic")}
+    v = torch.zeros(n, device=device)
+    noise = torch.Generator(device=device).manual_seed(0)
+    data = torch.Generator(device=device).manual_seed(1)
+    for step in range(1, 1001):
+        g = torch.randn(n, device=device, generator=data) * torch.where(loud, 10.0, 5.0 if step <= 500 else 1.0)
+        v.mul_(B2).addcmul_(g, g, value=1 - B2)
+        for mode, (s1, s2, a1, a2) in runs.items():
+            adam8bit_update_(g, torch.zeros(n, device=device), s1, s2, a1, a2, qmaps, step, 1e-3, (B1, B2), EPS,
+                             0.0, noise if mode == "stochastic" else None)
+    ratio = {mode: float(dequantized_moments(dict(state1=s1, state2=s2, absmax1=a1, absmax2=a2), qmaps)[1][~loud].mean()
+                         / v[~loud].mean()) for mode, (s1, s2, a1, a2) in runs.items()}
+    assert ratio["nearest"] > 1.5                       # the ratchet this rounding removes
+    assert abs(ratio["stochastic"] - 1) < 0.03, ratio
+
+
+def test_other_tensors_follow_fp32_adamw_nearer_than_bitsandbytes_adamw8bit(base_model):
+    """The unprojected tensors get 8-bit AdamW, as bitsandbytes' AdamW8bit, but with V rounded
+    stochastically (and M to its nearest code, which bitsandbytes' CPU op misses now and then):
+    after two steps nearer fp32 AdamW than AdamW8bit (measured: 2.4x)."""
     import bitsandbytes as bnb
 
     ours = fresh(base_model)
     opt = GaLoreAdamW8bit(ours.named_parameters(), lr=1e-3, weight_decay=0.1, rank=8)
     # the tied embedding / head, 256×64: not projected, 8-bit moments
-    embed = torch.nn.Parameter(ours.model.embed_tokens.weight.detach().clone())
-    ref = bnb.optim.AdamW8bit([embed], lr=1e-3, weight_decay=0.1, betas=(B1, B2), eps=EPS)
+    start = ours.model.embed_tokens.weight.detach().clone()
+    theirs, exact = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    ref = bnb.optim.AdamW8bit([theirs], lr=1e-3, weight_decay=0.1, betas=(B1, B2), eps=EPS)
+    fp32 = torch.optim.AdamW([exact], lr=1e-3, weight_decay=0.1, betas=(B1, B2), eps=EPS)
     for step in (1, 2):
         backward(ours, batch(step))
-        embed.grad = ours.model.embed_tokens.weight.grad.clone()
+        theirs.grad = ours.model.embed_tokens.weight.grad.clone()
+        exact.grad = theirs.grad.clone()
         opt.step()
         ref.step()
+        fp32.step()
         opt.zero_grad()
-    torch.testing.assert_close(ours.model.embed_tokens.weight, embed, rtol=0, atol=1e-7)
-    assert torch.equal(opt.state[ours.model.embed_tokens.weight]["state1"], ref.state[embed]["state1"])
+    assert "state1" in opt.state[ours.model.embed_tokens.weight]
+    moved = (exact - start).norm()
+    off_ours = (ours.model.embed_tokens.weight - exact).norm()
+    assert off_ours < 0.03 * moved and off_ours < (theirs - exact).norm()
 
 
 # ---------------------------------------------------------------- per-layer updates

@@ -159,8 +159,8 @@ def test_a_plan_with_16_bit_states_gets_it_and_counts_its_temporaries():
     small = dataclasses.replace(builtin_spec("smollm2-135m"), vocab=512)     # largest tensor: 1536 x 576
     assert memory.optimizer_step_bytes(small, plan) == memory.BF16_STEP_TEMPORARIES * 1536 * 576
     assert memory.optimizer_step_bytes(spec, dataclasses.replace(plan, optimizer_state_bits=32)) == 0
-    eight = dataclasses.replace(plan, optimizer_state_bits=8, optimizer="adamw8bit")   # rounds the same way
-    assert memory.optimizer_step_bytes(spec, eight) == memory.BF16_STEP_TEMPORARIES * memory.BF16_STEP_CHUNK
+    eight = dataclasses.replace(plan, optimizer_state_bits=8, optimizer="adamw8bit")   # its moments rounded too
+    assert memory.optimizer_step_bytes(spec, eight) == (memory.EIGHT_BIT_STEP_TEMPORARIES + 8) * memory.EIGHT_BIT_STEP_CHUNK
 
 
 @pytest.mark.gpu
