@@ -73,7 +73,7 @@ PY
 
 tests() {
     timeout 540 $PY -m pytest -m gpu -q -p no:cacheprovider --import-mode=append tests/test_kernels.py \
-        tests/test_kernels_cross_entropy.py tests/test_l4q.py tests/test_offload.py \
+        tests/test_kernels_cross_entropy.py tests/test_kernels_adam8bit.py tests/test_l4q.py tests/test_offload.py \
         tests/test_quant_nf4.py tests/test_galore.py tests/test_measure.py tests/test_loram.py \
         tests/test_memory.py 2>&1
 }

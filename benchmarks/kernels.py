@@ -16,6 +16,12 @@ cross-entropy (Llama-3's 128,256-token vocabulary, bf16, --tokens positions):
   whole loss     the same with chunk_size=0: the logits kept for backward (kernels)
                  vs F.cross_entropy on fp32 logits (reference)
 
+adam8bit (one optimizer step of a whole tensor, 2^20 values a call, V rounded stochastically):
+  8-bit step     an 8B up_proj (14336 x 4096) and the 8B embedding (128256 x 4096), bf16
+                 weight and gradient: adam8bit_step_ with kernels on vs off, and
+                 bitsandbytes' fused op (rounds to nearest; the speed lowmem gave up
+                 when it took the update over) on the same tensor
+
 Time is the median of --repeat runs between CUDA events after --warmup runs; memory
 is torch.cuda.max_memory_allocated() above what was allocated before the call (the
 call's temporaries and outputs). Ratios are reference / kernel.
@@ -38,7 +44,7 @@ import time
 
 import torch
 
-from lowmem.kernels import cross_entropy, l4q, runtime
+from lowmem.kernels import adam8bit, cross_entropy, l4q, runtime
 
 L4Q_SHAPES = {  # name: (out, in)
     "7b": [("8B q_proj", 4096, 4096), ("8B up_proj", 14336, 4096), ("8B down_proj", 4096, 14336)],
@@ -75,7 +81,8 @@ def compile_times() -> None:
     with tempfile.TemporaryDirectory() as cache:
         os.environ["LOWMEM_CACHE"] = cache
         try:
-            for source in (l4q.source(torch.bfloat16, torch.bfloat16), cross_entropy.source(torch.bfloat16)):
+            for source in (l4q.source(torch.bfloat16, torch.bfloat16), cross_entropy.source(torch.bfloat16),
+                           adam8bit.source(torch.bfloat16, torch.bfloat16)):
                 for arch in ("sm_80", "sm_90"):
                     t0 = time.perf_counter()
                     runtime.compile_source(source, arch, "cubin")
@@ -190,9 +197,58 @@ def bench_cross_entropy(args) -> None:
         torch.cuda.empty_cache()
 
 
+ADAM8BIT_SHAPES = {"7b": [("8B up_proj", 14336, 4096), ("8B embed", 128256, 4096)],
+                   "70b": [("70B up_proj", 28672, 8192)]}
+
+
+def bench_adam8bit(args) -> None:
+    import math
+
+    import bitsandbytes.functional as bnb_f
+
+    from lowmem.galore import GaLoreAdamW8bit
+    from lowmem.rounding import generator
+
+    print("\nadam8bit: one step of a whole bf16 tensor, 2^20 values a call, V rounded stochastically")
+    print(HEADER)
+    print("-" * len(HEADER))
+    shapes = ADAM8BIT_SHAPES["7b"] + ADAM8BIT_SHAPES["70b"] if args.shapes == "all" else ADAM8BIT_SHAPES[args.shapes]
+    qmaps = tuple(q.cuda() for q in GaLoreAdamW8bit([("w", torch.nn.Parameter(torch.zeros(1)))], rank=None).qmaps)
+    for name, rows, cols in shapes:
+        n, chunk = rows * cols, 1 << 20
+        weight = (torch.randn(n, device="cuda") * 0.02).to(torch.bfloat16)
+        grad = torch.randn(n, device="cuda").to(torch.bfloat16)
+        codes = [torch.zeros(n, dtype=torch.uint8, device="cuda") for _ in range(2)]
+        absmax = [torch.zeros(math.ceil(n / 256), device="cuda") for _ in range(2)]
+
+        def step_all():
+            gen = generator(0, 1, 0, weight.device)
+            for start in range(0, n, chunk):
+                end = min(start + chunk, n)
+                blocks = slice(start // 256, math.ceil(end / 256))
+                adam8bit.adam8bit_step_(grad[start:end], weight[start:end], codes[0][start:end], codes[1][start:end],
+                                        absmax[0][blocks], absmax[1][blocks], qmaps, 1, 1e-5, (0.9, 0.999), 1e-8,
+                                        0.0, gen)
+
+        def bnb_all():   # the fused op lowmem called before (nearest rounding; fp32 moments math)
+            for start in range(0, n, chunk):
+                end = min(start + chunk, n)
+                blocks = slice(start // 256, math.ceil(end / 256))
+                bnb_f.optimizer_update_8bit_blockwise(
+                    "adam", grad[start:end], weight[start:end], codes[0][start:end], codes[1][start:end],
+                    0.9, 0.999, 0.0, 0.0, 1e-8, 1, 1e-5, qmaps[0], qmaps[1], absmax[0][blocks], absmax[1][blocks])
+
+        with torch.no_grad():
+            compare(name, "8-bit step", step_all, step_all, args)
+            tb, mb = measure(bnb_all, args.warmup, args.repeat)
+        print(f"{'':<15}(bitsandbytes' fused op, to nearest: {tb:.3f} ms, {mb / MiB:.1f} MiB)")
+        del weight, grad, codes, absmax
+        torch.cuda.empty_cache()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--kernel", choices=["l4q", "cross-entropy", "all"], default="all")
+    ap.add_argument("--kernel", choices=["l4q", "cross-entropy", "adam8bit", "all"], default="all")
     ap.add_argument("--shapes", choices=["7b", "70b", "all"], default="all")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--group", type=int, default=128)
@@ -215,6 +271,8 @@ def main() -> int:
         bench_l4q(args)
     if args.kernel in ("cross-entropy", "all"):
         bench_cross_entropy(args)
+    if args.kernel in ("adam8bit", "all"):
+        bench_adam8bit(args)
     return 0
 
 

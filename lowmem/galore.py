@@ -21,14 +21,14 @@ Every other trainable tensor (norms, biases; embeddings and the head unless
 
 8-bit moments: bitsandbytes' blockwise dynamic quantization, as its AdamW8bit
 keeps them: M in the signed dynamic map, V in the unsigned one, one fp32 absmax
-per block of 256 values. The update (`adam8bit_update_`) dequantizes, updates in
-fp32 and re-quantizes, UPDATE_CHUNK values at a time, per tensor, so that it can
-run inside backward and on a projected gradient. Unlike bitsandbytes' op, which
+per block of 256 values. The update (lowmem.kernels.adam8bit: a fused kernel on
+CUDA, its PyTorch reference elsewhere) dequantizes, updates in fp32 and
+re-quantizes, UPDATE_CHUNK values at a time, per tensor, so that it can run
+inside backward and on a projected gradient. Unlike bitsandbytes' op, which
 rounds both moments to the nearest code, it rounds V stochastically between its
 two neighbouring codes: rounded to nearest, V at β2 = 0.999 cannot fall faster
 than its block's largest value, and an element whose gradients shrink keeps a
-large V and a small step (`adam8bit_update_` says why; docs/full-training.md has
-the figures). Tensors (or projected gradients) under `min_8bit_size` = 4096 values
+large V and a small step (docs/full-training.md has the figures). Tensors (or projected gradients) under `min_8bit_size` = 4096 values
 keep fp32 moments, as bitsandbytes does.
 
 Per-layer updates (`per_layer=True`): a post-accumulate-grad hook on each
@@ -79,10 +79,10 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from lowmem.kernels.adam8bit import BLOCK, adam8bit_step_, dequantize
 from lowmem.memory import EIGHT_BIT_STEP_CHUNK
 from lowmem.rounding import generator, write_rounded_
 
-BLOCK = 256            # values per absmax block in bitsandbytes' 8-bit optimizers
 MIN_8BIT_SIZE = 4096   # smaller tensors keep fp32 moments (bitsandbytes' min_8bit_size)
 UPDATE_CHUNK = EIGHT_BIT_STEP_CHUNK   # values the 8-bit update works on at once: bounds its temporaries
 
@@ -156,92 +156,13 @@ def project_back_(weight: torch.Tensor, update: torch.Tensor, projection: torch.
         del w
 
 
-def _dequantize(codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor) -> torch.Tensor:
-    """fp32 values of blockwise 8-bit codes: qmap[code] · absmax of the code's block of BLOCK."""
-    values = qmap[codes.int()]
-    full = values.numel() // BLOCK * BLOCK
-    values[:full].view(-1, BLOCK).mul_(absmax[:full // BLOCK, None])
-    if full < values.numel():
-        values[full:].mul_(absmax[-1])
-    return values
-
-
-def quantize_stochastically_(values: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor,
-                             qmap: torch.Tensor, gen: torch.Generator | None) -> None:
-    """codes, absmax ← blockwise 8-bit `values` (fp32, overwritten), each rounded to one of the two
-    code values around it, up with the probability of its distance from the lower (unbiased);
-    `gen` None rounds to the nearer, as bitsandbytes does. `qmap` must be ascending (bitsandbytes'
-    dynamic maps are). absmax is each block's largest |value|, exact; a value beyond the map's
-    ends (−1 under the signed map, whose lowest code is −0.993) takes the end code."""
-    full = values.numel() // BLOCK * BLOCK
-    if full:
-        absmax[:full // BLOCK] = values[:full].view(-1, BLOCK).abs().amax(1)
-    if full < values.numel():
-        absmax[-1] = values[full:].abs().amax()
-    scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    values[:full].view(-1, BLOCK).div_(scale[:full // BLOCK, None])
-    if full < values.numel():
-        values[full:].div_(scale[-1])
-    del scale
-    values.clamp_(qmap[0], qmap[-1])
-    upper = torch.searchsorted(qmap, values, out_int32=True).clamp_(1, qmap.numel() - 1)
-    high = qmap[upper]
-    low = qmap[upper - 1]
-    # Where the value sits between its two codes, 0 at the lower and 1 at the upper.
-    values.sub_(low).div_(high.sub_(low))
-    del high, low
-    if gen is None:
-        down = values < 0.5
-    else:
-        down = values <= torch.rand(values.shape, device=values.device, generator=gen)
-    upper.sub_(down.int())
-    codes.copy_(upper)
-
-
-def adam8bit_update_(grad: torch.Tensor, target: torch.Tensor, state1: torch.Tensor, state2: torch.Tensor,
-                     absmax1: torch.Tensor, absmax2: torch.Tensor, qmaps: tuple, step: int, lr: float,
-                     betas: tuple[float, float], eps: float, weight_decay: float,
-                     gen: torch.Generator | None) -> None:
-    """One chunk of the 8-bit AdamW update; `grad` and `target` fp32, updated in place.
-
-    M, V = dequantize(state1, absmax1), dequantize(state2, absmax2)      blocks of 256
-    M ← β1·M + (1−β1)·g,  V ← β2·V + (1−β2)·g²
-    target ← target·(1 − lr·λ) − lr/(1−β1ᵗ) · M / (√V/√(1−β2ᵗ) + ε)
-    state1, absmax1 = quantize(M)                                        to the nearest code
-    state2, absmax2 = quantize(V)                                        rounded stochastically
-
-    bitsandbytes' op rounds both to the nearest code. With β2 = 0.999 a step changes V by at
-    most 0.1%, less than half the gap between two codes (0.35% to 17% of the value), so V
-    rounded to nearest can only fall when its block's largest value falls: an element whose
-    gradients shrink while its block's largest stays keeps V high for good, and its updates
-    stay small (measured: V̂ 12× fp32 AdamW's after 3000 steps, docs/full-training.md).
-    Rounded stochastically, V follows fp32 AdamW's in expectation. M moves by up to 10% a step,
-    more than half a gap, and rounded stochastically it would add its noise to the update's
-    direction (measured on a small task: a loss 5-10% above fp32 AdamW's, against 6-20% below
-    it with M to nearest; BENCHMARKS.md), so it keeps bitsandbytes' rounding. `gen` draws V's noise, so a
-    resumed run rounds as the uninterrupted one; None rounds V to nearest too."""
-    b1, b2 = betas
-    m = _dequantize(state1, absmax1, qmaps[0])
-    v = _dequantize(state2, absmax2, qmaps[1])
-    m.mul_(b1).add_(grad, alpha=1 - b1)
-    v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-    denom = (v.sqrt() / math.sqrt(1 - b2**step)).add_(eps)
-    if weight_decay:
-        target.mul_(1 - lr * weight_decay)
-    target.addcdiv_(m, denom, value=-lr / (1 - b1**step))
-    del denom
-    quantize_stochastically_(m, state1, absmax1, qmaps[0], None)
-    del m
-    quantize_stochastically_(v, state2, absmax2, qmaps[1], gen)
-
-
 def dequantized_moments(state: dict, qmaps: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, V) in fp32 from a tensor's optimizer state, 8-bit or not."""
     if "state1" not in state:
         return state["exp_avg"], state["exp_avg_sq"]
     shape = state["state1"].shape
-    m = _dequantize(state["state1"].reshape(-1), state["absmax1"], qmaps[0])
-    v = _dequantize(state["state2"].reshape(-1), state["absmax2"], qmaps[1])
+    m = dequantize(state["state1"].reshape(-1), state["absmax1"], qmaps[0])
+    v = dequantize(state["state2"].reshape(-1), state["absmax2"], qmaps[1])
     return m.view(shape), v.view(shape)
 
 
@@ -434,15 +355,9 @@ class GaLoreAdamW8bit(torch.optim.Optimizer):
         for start in range(0, numel, chunk):
             end = min(start + chunk, numel)
             blocks = slice(start // BLOCK, math.ceil(end / BLOCK))
-            g, t = flat_g[start:end].float(), flat_t[start:end]
-            if bf16:                   # updated in fp32, then rounded stochastically into the bf16 weight
-                t = t.float()
-            adam8bit_update_(g, t, s1[start:end], s2[start:end], state["absmax1"][blocks],
-                             state["absmax2"][blocks], self.qmaps, step, lr, (b1, b2), eps, weight_decay,
-                             gen if self.stochastic_moments else None)
-            if bf16:
-                write_rounded_(flat_t[start:end], t, gen)
-            del g, t
+            adam8bit_step_(flat_g[start:end], flat_t[start:end], s1[start:end], s2[start:end],
+                           state["absmax1"][blocks], state["absmax2"][blocks], self.qmaps, step, lr, (b1, b2),
+                           eps, weight_decay, gen, stochastic=self.stochastic_moments)
 
     # ------------------------------------------------------------ checkpoints
 

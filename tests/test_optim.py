@@ -160,7 +160,7 @@ def test_a_plan_with_16_bit_states_gets_it_and_counts_its_temporaries():
     assert memory.optimizer_step_bytes(small, plan) == memory.BF16_STEP_TEMPORARIES * 1536 * 576
     assert memory.optimizer_step_bytes(spec, dataclasses.replace(plan, optimizer_state_bits=32)) == 0
     eight = dataclasses.replace(plan, optimizer_state_bits=8, optimizer="adamw8bit")   # its moments rounded too
-    assert memory.optimizer_step_bytes(spec, eight) == (memory.EIGHT_BIT_STEP_TEMPORARIES + 8) * memory.EIGHT_BIT_STEP_CHUNK
+    assert memory.optimizer_step_bytes(spec, eight) == (memory.EIGHT_BIT_STEP_TEMPORARIES + memory.EIGHT_BIT_STEP_BF16) * memory.EIGHT_BIT_STEP_CHUNK
 
 
 @pytest.mark.gpu
