@@ -27,7 +27,8 @@ import time
 
 import torch
 
-from lowmem.galore import BLOCK, GaLoreAdamW8bit, adam8bit_update_, dequantized_moments
+from lowmem.galore import BLOCK, GaLoreAdamW8bit, dequantized_moments
+from lowmem.kernels.adam8bit import adam8bit_step_
 from lowmem.loss import causal_lm_loss
 from lowmem.model import tiny_llama
 
@@ -51,8 +52,8 @@ def moments(steps: int) -> None:
         m.mul_(B1).add_(g, alpha=1 - B1)
         v.mul_(B2).addcmul_(g, g, value=1 - B2)
         for mode, (s1, s2, a1, a2) in states.items():
-            adam8bit_update_(g, torch.zeros(n), s1, s2, a1, a2, qmaps, step, 1e-3, (B1, B2), EPS, 0.0,
-                             noise if mode == "stochastic" else None)
+            adam8bit_step_(g, torch.zeros(n), s1, s2, a1, a2, qmaps, step, 1e-3, (B1, B2), EPS, 0.0, noise,
+                           stochastic=mode == "stochastic")
         if step in checks:
             def summary(m_, v_):
                 m_hat, v_hat = m_[~loud] / (1 - B1**step), v_[~loud] / (1 - B2**step)

@@ -850,11 +850,25 @@ EIGHT_BIT_STEP_BF16 = 4
 
 
 def eight_bit_step_bytes(spec: ModelSpec, plan: Any) -> int:
-    """Temporaries of the 8-bit update of the largest trainable tensor, a chunk at a time:
-    (28, or 32 for bf16 weights) · min(max numel, 2²⁰); the reference's, an upper bound for the
-    kernel's (4 or 8)."""
+    """Temporaries of the 8-bit update of the largest tensor it steps, a chunk at a time:
+    (28, or 32 for bf16 weights; 4 more under GaLore) · min(its numel, 2²⁰); the reference's,
+    an upper bound for the kernel's (4 or 8)."""
     per_value = EIGHT_BIT_STEP_TEMPORARIES + (EIGHT_BIT_STEP_BF16 if dense_dtype(plan) == "bf16" else 0)
-    return per_value * min(_max_numel(trainable_tensors(spec, plan)), EIGHT_BIT_STEP_CHUNK)
+    if plan.method == "galore":
+        per_value += 4      # a projected update's direction, −lr·N, an fp32 tensor of R's shape
+    return per_value * min(_eight_bit_numel(spec, plan), EIGHT_BIT_STEP_CHUNK)
+
+
+def _eight_bit_numel(spec: ModelSpec, plan: Any) -> int:
+    """The most values one 8-bit update steps: the largest trainable tensor, or under GaLore the
+    largest projected gradient R (r·max(m, n)) or unprojected tensor (the embeddings and head
+    unless galore.embeddings projects them; else a norm or bias vector)."""
+    if plan.method != "galore":
+        return _max_numel(trainable_tensors(spec, plan))
+    r = galore_rank(spec, plan)
+    projected = max(min(r, *shape) * max(shape) for shape, _ in galore_targets(spec, plan))
+    rest = spec.hidden if _get(plan, "galore_embeddings", False) else spec.vocab * spec.hidden
+    return max(projected, rest)
 
 
 def optimizer_step_bytes(spec: ModelSpec, plan: Any) -> int:
@@ -1099,11 +1113,16 @@ def predict(spec: ModelSpec, plan: "Plan") -> MemoryBreakdown:
         ("optimizer", dict(grads=grads, activations=0, logits=0,
                            temporaries=optimizer_step_bytes(spec, plan))),
     ]
-    if per_layer and not spec.tied_embeddings:
+    if per_layer and not spec.tied_embeddings and not _get(plan, "galore_embeddings", False):
         # An untied head's gradient is whole first: its 8-bit update runs as backward begins,
-        # beside everything the forward saved and the loss's backward.
+        # beside everything the forward saved and the loss's backward. (Projected, with
+        # galore.embeddings, its moments are R's, far smaller.)
+        # Of the loss then: the hidden states' gradient, and with the whole loss the logits'
+        # (the chunked loss's custom backward has freed its chunks when the head's sum lands).
         head = spec.vocab * spec.hidden * trainable_dtype_bytes(plan)
-        phases.append(("head update", dict(grads=kept + head, activations=saved, logits=logits_bytes(spec, plan),
+        n, c = plan.micro_batch * plan.seq_len, compute_bytes(plan)
+        loss = c * n * spec.hidden + (0 if _get(plan, "loss_chunk", 0) else c * n * spec.vocab)
+        phases.append(("head update", dict(grads=kept + head, activations=saved, logits=loss,
                                            temporaries=eight_bit_step_bytes(spec, plan))))
     best = None
     for phase, terms in phases:

@@ -120,7 +120,7 @@ def test_the_8bit_update_goes_chunk_by_chunk_with_the_tensors_noise(monkeypatch)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_8bit_update_stays_within_the_temporaries_the_plan_counts(monkeypatch, dtype):
-    """memory.EIGHT_BIT_STEP_TEMPORARIES bytes a value of one chunk (8 more for a bf16 weight),
+    """memory.EIGHT_BIT_STEP_TEMPORARIES bytes a value of one chunk (4 more for a bf16 weight),
     whatever the tensor's size."""
     from lowmem import memory
     from lowmem.measure import LiveTensorBytes

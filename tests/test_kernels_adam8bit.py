@@ -68,6 +68,33 @@ def test_the_second_moment_follows_fp32_adam_when_most_of_a_block_quiets_down(de
     assert abs(ratio["stochastic"] - 1) < 0.03, ratio
 
 
+def test_values_a_thousandfold_apart_in_a_block_keep_adams_update_size():
+    """Gradient scales log-uniform over 1e-3..1 inside each block, so V spans a millionfold: the
+    smallest sit below the lowest nonzero code. Rounded stochastically to a zero code, such a V
+    beside a nonzero M made the next update M/ε (update RMS 2000-9000x Adam's); a value above
+    zero takes at least the lowest nonzero code, and the update stays Adam's size."""
+    n = 4096
+    gen = torch.Generator().manual_seed(0)
+    scale = torch.exp(torch.empty(n).uniform_(math.log(1e-3), 0, generator=gen))
+    s1, s2 = torch.zeros(n, dtype=torch.uint8), torch.zeros(n, dtype=torch.uint8)
+    a1, a2 = torch.zeros(n // k8.BLOCK), torch.zeros(n // k8.BLOCK)
+    m, v = torch.zeros(n), torch.zeros(n)
+    noise = torch.Generator().manual_seed(1)
+    for step in range(1, 1001):
+        g = torch.randn(n, generator=gen) * scale * (5.0 if step <= 500 else 1.0)
+        m.mul_(B1).add_(g, alpha=1 - B1)
+        v.mul_(B2).addcmul_(g, g, value=1 - B2)
+        k8.adam8bit_step_(g, torch.zeros(n), s1, s2, a1, a2, QMAPS, step, 1e-3, (B1, B2), EPS, 0.0, noise)
+
+    def update_rms(m_, v_):
+        return float(((m_ / (1 - B1**1000)) / ((v_ / (1 - B2**1000)).sqrt() + EPS)).pow(2).mean().sqrt())
+
+    m8, v8 = dequantized_moments(dict(state1=s1, state2=s2, absmax1=a1, absmax2=a2), QMAPS)
+    assert (v8 > 0).all()
+    assert abs(update_rms(m8, v8) / update_rms(m, v) - 1) < 0.2
+    assert abs(float(v8.mean() / v.mean()) - 1) < 0.03
+
+
 def test_the_reference_is_adam_written_out_with_its_roundings():
     """One step from zero moments: M and V are β-weighted g and g², the weight moves by
     lr·M̂/(√V̂+ε) after decay, and the codes are the nearest (M) and the noise's pick (V)."""
@@ -115,6 +142,7 @@ def _state(n, seed):
     gen = torch.Generator().manual_seed(seed)
     blocks = math.ceil(n / k8.BLOCK)
     m, v = torch.randn(n, generator=gen) * 0.1, torch.rand(n, generator=gen) * 0.01
+    v[::7] *= 1e-7                  # below the lowest nonzero code: never rounded to zero
     codes1, codes2 = torch.zeros(n, dtype=torch.uint8), torch.zeros(n, dtype=torch.uint8)
     absmax1, absmax2 = torch.zeros(blocks), torch.zeros(blocks)
     k8.quantize_(m, codes1, absmax1, QMAPS[0], None)
@@ -138,6 +166,7 @@ def test_emulated_kernel_equals_the_reference(emulated, n, stochastic, decay, we
     theirs = [t.clone() for t in ours]
     for step in (3, 4, 5):
         g = (grad * step).to(grad_dtype)
+        g[::7] *= 1e-4                  # and their gradients small, so V stays there
         noise = torch.Generator().manual_seed(step)
         v_noise = torch.rand(n, generator=noise) if stochastic else None
         w_noise = torch.randint(0, 1 << 16, (n,), dtype=torch.int32, generator=noise) \

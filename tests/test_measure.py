@@ -104,6 +104,18 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("embeddings", [False, True], ids=["8-bit-head", "projected-head"])
+def test_galores_8bit_updates_are_predicted_with_a_tied_or_untied_head(tied, embeddings):
+    """Per-layer GaLore steps each tensor's 8-bit moments as its gradient completes: an untied
+    head's (its own phase, as backward begins) or, with galore.embeddings, its projection R's."""
+    spec = dataclasses.replace(SPEC, tied_embeddings=tied)
+    config, plan = plan_for("galore", "grad_checkpointing=true", f"galore.embeddings={str(embeddings).lower()}",
+                            spec=spec)
+    m = measured(spec, plan, config)
+    assert within_bounds(m), explain(m)
+
+
 @pytest.mark.parametrize("method,settings", [(c[0], c[1:]) for c in CASES], ids=["-".join(c) for c in CASES])
 def test_the_memory_model_predicts_the_measured_peak(method, settings):
     config, plan = plan_for(method, *settings)
