@@ -9,7 +9,7 @@
 #
 # Sections:
 #   check    the environment: torch, CUDA, bitsandbytes, NVRTC, why kernels would be off;
-#            both kernel modules compiled for this GPU and launched once against the reference
+#            the kernel modules compiled for this GPU and launched once against the reference
 #   tests    pytest -m gpu: the kernels against their references, loss and L4Q peaks, offloading,
 #            NF4, GaLore, the memory model against max_memory_allocated per method, and the
 #            pinned host memory of offloading against memory.pinned_host_bytes
@@ -68,6 +68,23 @@ targets = torch.randint(0, 3001, (37,), device="cuda")
 got = cross_entropy.cross_entropy_cuda(logits, targets)
 want = cross_entropy.cross_entropy_reference(logits, targets)
 print("cross_entropy bf16: max |kernel - reference| =", float((got - want).abs().max()))
+from lowmem.galore import GaLoreAdamW8bit
+from lowmem.kernels import adam8bit
+qmaps = tuple(q.cuda() for q in GaLoreAdamW8bit([("w", torch.nn.Parameter(torch.zeros(1)))], rank=None).qmaps)
+n = 1000
+runs = []
+for _ in range(2):   # kernel, reference: the same state and noise
+    torch.manual_seed(0)
+    state = [torch.zeros(n, dtype=torch.uint8, device="cuda") for _ in range(2)] + \
+            [torch.zeros(4, device="cuda") for _ in range(2)]
+    weight = torch.randn(n, device="cuda").to(torch.bfloat16)
+    grad, v_noise = torch.randn(n, device="cuda"), torch.rand(n, device="cuda")
+    w_noise = torch.randint(0, 1 << 16, (n,), dtype=torch.int32, device="cuda")
+    step = adam8bit.adam8bit_step_cuda if not runs else adam8bit.adam8bit_step_reference
+    step(grad, weight, *state, qmaps, 1, 1e-3, (0.9, 0.999), 1e-8, 0.0, v_noise, w_noise)
+    runs.append((weight.float(), state))
+print("adam8bit bf16: max |kernel - reference| weight =", float((runs[0][0] - runs[1][0]).abs().max()),
+      "codes differing:", int((runs[0][1][0] != runs[1][1][0]).sum() + (runs[0][1][1] != runs[1][1][1]).sum()))
 PY
 }
 
