@@ -1115,10 +1115,9 @@ def predict(spec: ModelSpec, plan: "Plan") -> MemoryBreakdown:
     ]
     if per_layer and not spec.tied_embeddings and not _get(plan, "galore_embeddings", False):
         # An untied head's gradient is whole first: its 8-bit update runs as backward begins,
-        # beside everything the forward saved and the loss's backward. (Projected, with
-        # galore.embeddings, its moments are R's, far smaller.)
-        # Of the loss then: the hidden states' gradient, and with the whole loss the logits'
-        # (the chunked loss's custom backward has freed its chunks when the head's sum lands).
+        # beside everything the forward saved and, of the loss, the hidden states' gradient and
+        # with the whole loss the logits' (the chunked loss's backward has freed its chunks when
+        # the head's sum lands). Projected (galore.embeddings), its moments are R's, far smaller.
         head = spec.vocab * spec.hidden * trainable_dtype_bytes(plan)
         n, c = plan.micro_batch * plan.seq_len, compute_bytes(plan)
         loss = c * n * spec.hidden + (0 if _get(plan, "loss_chunk", 0) else c * n * spec.vocab)

@@ -585,10 +585,10 @@ def quantize_streamed(model_dir: Path, updates: dict[str, WeightUpdate], out: Pa
         log(f"round-to-nearest {bits}-bit moved the merged weights by {error:.1%} on average "
             f"(‖Ŵ−W‖/‖W‖, the first {ERROR_ROWS} rows of each)")
         if error > ERROR_WARN:
-            log(f"warning: answers may be much worse than the run's: on the embedded 135M model, round-to-nearest "
-                f"moves the weights 10.0% at 4 bits and a merged QLoRA run's exact match fell from 55% to 37.5% "
-                f"(3 bits: 22.2%, 0%); --bits 8 moves them under 1%, and an L4Q run (--method l4q) learns its "
-                f"grid (52.5% at 4 bits)")
+            log("warning: answers may be much worse than the run's: on the embedded 135M model, round-to-nearest "
+                "moves the weights 10.0% at 4 bits and a merged QLoRA run's exact match fell from 55% to 37.5% "
+                "(3 bits: 22.2%, 0%); --bits 8 moves them under 1%, and an L4Q run (--method l4q) learns its "
+                "grid (52.5% at 4 bits)")
     return written
 
 
