@@ -490,7 +490,7 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
             # it has got, so that neither the console nor the dashboard looks stuck.
             nonlocal last
             now = time.monotonic()
-            if now - last < EVAL_REPORT_S:
+            if now - last < EVAL_REPORT_S or done == total:    # a phase's end: its next says more
                 return
             last = now
             what = "held-out loss" if phase == "loss" else "answers"

@@ -712,12 +712,12 @@ def test_elapsed_counts_the_first_evaluation_and_the_rate_does_not(tmp_path, tin
 @pytest.mark.parametrize("report_s", [0.0, 3600.0])
 def test_a_long_evaluation_says_how_far_it_has_got(tmp_path, tiny_model_dir, monkeypatch, report_s):
     """Each evaluation says it began (an event); past EVAL_REPORT_S each batch of the held-out
-    loss and of the generated answers reports done/total, as a line and an event."""
+    loss and of the generated answers but a phase's last reports done/total, as a line and an event."""
     import lowmem.trainer
 
     monkeypatch.setattr(lowmem.trainer, "EVAL_REPORT_S", report_s)
     records = [{"messages": [{"role": "user", "content": f"Say the number {i}."},
-                             {"role": "assistant", "content": str(i)}]} for i in range(60)]
+                             {"role": "assistant", "content": str(i)}]} for i in range(100)]
     data = write_jsonl(tmp_path / "many.jsonl", records)
     config = _config(tiny_model_dir, data, tmp_path, steps=1, eval_fraction=0.5, eval_generate=True,
                      max_new_tokens=2)
@@ -725,14 +725,14 @@ def test_a_long_evaluation_says_how_far_it_has_got(tmp_path, tiny_model_dir, mon
     train(*_start(config, "evals"), out=lines.append)
     events = read_events(tmp_path / "runs" / "evals")
     n = next(e for e in events if e["kind"] == "eval")["examples"]
-    assert n > 16                                  # more than one batch of the held-out loss
+    assert 40 < n < 64 and n % 16                  # batches of the loss: 16, 32, 48, n; of answers: 40, n
     before = [(e["phase"], e["done"], e["total"]) for e in events
               if e["kind"] == "evaluating" and e["label"] == "before"]
     said = [line for line in lines if line.startswith("eval (before, step 0): ") and "/" in line]
     if report_s:
         assert before == [("loss", 0, n)] and said == []
     else:
-        assert before == [("loss", 0, n), ("loss", 16, n), ("loss", n, n), ("answers", n, n)]
+        assert before == [("loss", 0, n), ("loss", 16, n), ("loss", 32, n), ("loss", 48, n), ("answers", 40, n)]
         assert said[0] == f"eval (before, step 0): held-out loss 16/{n} (0:00:00)"
     kinds = [e["kind"] for e in events]
     assert kinds.index("evaluating") < kinds.index("eval")
