@@ -18,7 +18,7 @@
 #   plans    the planner's peak against max_memory_allocated: each method's plan for
 #            Llama-3.1-8B at --vram 24G and 16G, and the 70B QLoRAM plan at 24G, each under an
 #            allocator capped at the card size (benchmarks/plan_vs_measured.py)
-#   kernels  kernel vs reference time and peak memory at 8B/70B shapes (benchmarks/kernels.py)
+#   kernels  kernel vs reference time and peak memory at 8B/70B shapes (benchmarks/kernel_speed.py)
 #   profile  one QLoRA and one L4Q step at 8B shapes (4 blocks) under torch.profiler, kernels
 #            on then off (benchmarks/profile_step.py): which op the next kernel should be
 #
@@ -107,7 +107,7 @@ plans() {
 }
 
 kernels() {
-    timeout 400 $PY benchmarks/kernels.py 2>&1
+    timeout 400 $PY benchmarks/kernel_speed.py 2>&1
 }
 
 profile() {

@@ -26,8 +26,8 @@ Time is the median of --repeat runs between CUDA events after --warmup runs; mem
 is torch.cuda.max_memory_allocated() above what was allocated before the call (the
 call's temporaries and outputs). Ratios are reference / kernel.
 
-    python benchmarks/kernels.py                        # every kernel, every shape
-    python benchmarks/kernels.py --kernel l4q --shapes 7b
+    python benchmarks/kernel_speed.py                        # every kernel, every shape
+    python benchmarks/kernel_speed.py --kernel l4q --shapes 7b
 
 Without CUDA it compiles the kernels a bf16 run uses (cold, then from the disk
 cache), prints those times and stops with status 2: every other figure needs a GPU.
