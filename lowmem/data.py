@@ -16,9 +16,10 @@ skipped. A record with several layouts' keys is read as the first of them in
 the order above (a "prompt" counts only with its "completion"), so "text" is
 read only when the record is none of the others; other keys are ignored.
 Every layout but text becomes chat messages and trains on the assistant's
-tokens only (labels are -100 elsewhere): the output, the completion (a
-conversational prompt's own assistant turns too, as in a chat record); text
-trains on every token. `embedded` is the shipped task dataset with its fixed
+tokens only (labels are -100 elsewhere): the output, the completion (not a
+conversational prompt's own assistant turns: they are context, as in TRL); a
+chat message marked "train": false stays out of the loss too. Text trains on
+every token. `embedded` is the shipped task dataset with its fixed
 held-out split.
 """
 
@@ -71,14 +72,23 @@ def _message_list(record: dict, key: str, where: str) -> list:
     return value
 
 
+def learned(message: dict) -> bool:
+    """Whether a chat message is in the loss: an assistant turn not marked "train": false."""
+    return message["role"] == "assistant" and message.get("train", True)
+
+
 def _checked_chat(messages: list, where: str) -> list[dict]:
     """The checks every conversation passes, whichever layout it was written in."""
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise DataError(f"{where}: each message needs a role ({', '.join(ROLES)}) "
                             f"and a text content, got {_shown(m)}")
+        if not isinstance(m.get("train", True), bool):
+            raise DataError(f"{where}: a message's 'train' must be true or false, got {_shown(m['train'], 40)}")
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: no assistant message, so nothing to learn from")
+    if not any(learned(m) for m in messages):
+        raise DataError(f'{where}: every assistant message has "train": false, so nothing to learn from')
     if messages[0]["role"] == "assistant":
         raise DataError(f"{where}: the conversation opens with the assistant, so nothing prompts its "
                         f"first answer; start with a user (or system) message")
@@ -119,6 +129,8 @@ def _from_prompt_completion(record: dict, where: str) -> list:
                         f"{'text' if isinstance(prompt, str) else 'a list'} and "
                         f"{'text' if isinstance(completion, str) else 'a list'}")
     prompt, completion = _message_list(record, "prompt", where), _message_list(record, "completion", where)
+    # Only the completion is learned: the prompt's own assistant turns are context, as in TRL.
+    prompt = [{**m, "train": False} if isinstance(m, dict) and m.get("role") == "assistant" else m for m in prompt]
     for m in completion:
         # The completion is what is learned; a user turn in it would be trained on as if it were an answer.
         if isinstance(m, dict) and m.get("role") != "assistant":
@@ -219,6 +231,7 @@ def read_records(path: Path) -> list[tuple[list[dict] | None, str | None]]:
 # ---------------------------------------------------------------- tokenizing
 
 def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]   # no "train" in templates
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
@@ -231,7 +244,8 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = F
 
 
 def tokenize_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """Token ids and labels; labels are the ids inside assistant turns, -100 elsewhere.
+    """Token ids and labels; labels are the ids inside learned assistant turns (`learned`),
+    -100 elsewhere.
 
     An assistant turn's span is the text between the rendering of the messages
     before it (with the generation prompt) and the rendering including it, so
@@ -240,7 +254,7 @@ def tokenize_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]
     full = render_chat(tokenizer, messages)
     spans = []
     for i, m in enumerate(messages):
-        if m["role"] == "assistant":
+        if learned(m):
             start = len(render_chat(tokenizer, messages[:i], add_generation_prompt=True))
             end = len(render_chat(tokenizer, messages[: i + 1]))
             spans.append((start, end))

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -104,7 +105,7 @@ SHAREGPT = [{"from": "system", "value": "Be brief."}, {"from": "human", "value":
 @pytest.mark.parametrize("record, chat", [
     ({"prompt": "Capital of France?", "completion": "Paris"}, CHAT[1:3]),
     ({"prompt": CHAT[:2], "completion": CHAT[2:3]}, CHAT[:3]),
-    ({"prompt": CHAT[:4], "completion": CHAT[4:]}, CHAT),
+    ({"prompt": CHAT[:4], "completion": CHAT[4:]}, CHAT[:2] + [{**CHAT[2], "train": False}] + CHAT[3:]),
     ({"prompt": CHAT[:2], "completion": [CHAT[2], {"role": "assistant", "content": "Rome"}]},
      CHAT[:3] + [{"role": "assistant", "content": "Rome"}]),
     ({"conversations": SHAREGPT}, CHAT),
@@ -122,9 +123,26 @@ def test_other_layouts_give_the_examples_of_the_same_chat(tmp_path, tokenizer, r
     same = build_examples(read_records(write_jsonl(tmp_path / "chat.jsonl", [{"messages": chat}])), tokenizer, 256)
     assert layout == same
     (ex,), _, _ = layout
-    learned = "".join(m["content"] + "<|im_end|>\n" for m in chat if m["role"] == "assistant")
+    learned = "".join(m["content"] + "<|im_end|>\n" for m in chat if m["role"] == "assistant" and m.get("train", 1))
     assert _learned_text(tokenizer, ex.input_ids, ex.labels) == learned
-    assert ex.answer == chat[-1]["content"] and list(ex.prompt) == chat[:-1]
+    assert ex.answer == chat[-1]["content"]
+    assert [(m["role"], m["content"]) for m in ex.prompt] == [(m["role"], m["content"]) for m in chat[:-1]]
+
+
+def test_an_assistant_turn_marked_train_false_is_context_not_loss(tmp_path, tokenizer):
+    marked = CHAT[:2] + [{**CHAT[2], "train": False}] + CHAT[3:]
+    (ex,), _, _ = build_examples(read_records(write_jsonl(tmp_path / "m.jsonl", [{"messages": marked}])),
+                                 tokenizer, 256)
+    (plain,), _, _ = build_examples(read_records(write_jsonl(tmp_path / "p.jsonl", [{"messages": CHAT}])),
+                                    tokenizer, 256)
+    assert ex.input_ids == plain.input_ids                       # the same text, "train" is not rendered
+    assert _learned_text(tokenizer, ex.input_ids, ex.labels) == "Rome<|im_end|>\n"
+    bad = [{"messages": CHAT[:2] + [{**CHAT[2], "train": "no"}]},
+           {"messages": CHAT[:2] + [{**CHAT[2], "train": False}]}]
+    for record, message in zip(bad, ["a message's 'train' must be true or false, got \"no\"",
+                                     'every assistant message has "train": false, so nothing to learn from']):
+        with pytest.raises(DataError, match=re.escape(f"bad.jsonl: line 1: {message}")):
+            read_records(write_jsonl(tmp_path / "bad.jsonl", [record]))
 
 
 def test_a_record_with_several_layouts_keys_is_read_as_the_first_layout_and_text_as_the_last(tmp_path):
