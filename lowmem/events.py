@@ -172,6 +172,15 @@ def iter_events(run_dir: Path) -> Iterator[dict]:
         offset = after
 
 
+def evaluation_progress(event: dict) -> str:
+    """How far an evaluation has got, from an `evaluating` event (or its fields): `scored 16/80
+    examples` (the held-out loss) or `generated 40/80 answers`."""
+    done, total = event.get("done", "?"), event.get("total", "?")
+    if event.get("phase") == "answers":
+        return f"generated {done}/{total} answers"
+    return f"scored {done}/{total} examples"
+
+
 def finished_steps(run_dir: Path) -> list[int]:
     """The steps at which the run's sessions ended `finished`, oldest first."""
     return [e["step"] for e in iter_events(run_dir)

@@ -36,7 +36,8 @@ from lowmem.config import RunConfig, format_size
 from lowmem.data import BatchStream, decoder_inputs, fingerprint, load_datasets
 from lowmem.errors import CheckpointError, ConfigError, DataError, DivergedError, ModelError
 from lowmem.evaluate import autocast_for, evaluate
-from lowmem.events import ControlReader, EventLog, finished_steps, is_number, run_dir_hint, this_host
+from lowmem.events import (ControlReader, EventLog, evaluation_progress, finished_steps, is_number, run_dir_hint,
+                           this_host)
 from lowmem.loss import causal_lm_loss, count_targets
 from lowmem.offload import OffloadActivations
 from lowmem.lora import save_adapter
@@ -473,7 +474,8 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
         message = "no held-out examples: evaluation is skipped (give --eval-data, or more data)"
         out(f"warning: {message}")
         events.emit("warning", message=message)
-    elif len(data.heldout) < FEW_HELDOUT:
+    elif len(data.heldout) < FEW_HELDOUT and len(data.heldout) != config.eval_max_examples:
+        # (Fewer because eval_max_examples asks for fewer, as the smoke preset does, is a choice.)
         message = (f"only {_examples(len(data.heldout), 'held-out')}: its loss and exact match move by "
                    f"chance; {FEW_HELDOUT} or more (--eval-data, or a larger eval_fraction) measure the run")
         out(f"warning: {message}")
@@ -493,8 +495,8 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
             if now - last < EVAL_REPORT_S or done == total:    # a phase's end: its next says more
                 return
             last = now
-            what = "held-out loss" if phase == "loss" else "answers"
-            out(f"eval ({label}, step {step}): {what} {done}/{total} ({_clock(now - began)})")
+            out(f"eval ({label}, step {step}): {evaluation_progress(dict(phase=phase, done=done, total=total))} "
+                f"({_clock(now - began)})")
             events.emit("evaluating", step=step, label=label, phase=phase, done=done, total=total)
 
         result = evaluate(model, tokenizer, data.heldout, device, generate_answers=config.eval_generate,

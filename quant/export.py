@@ -79,7 +79,8 @@ QUANT_CONFIG = "quantization.json"
 #: 10.0% and cost a third of its exact match; 8-bit stays under 1%).
 ERROR_ROWS = 64
 ERROR_WARN = 0.05
-#: Beside every export: where it came from, {"run", "method", "checkpoint", "step", "output"}.
+#: Beside every export: where it came from, {"run", "method", "checkpoint", "step", "output", "dtype"}
+#: (+ "bits", "group", and for round-to-nearest "weight_error", when quantized).
 ABOUT = "lowmem_export.json"
 FORMAT = "lowmem-intk"
 VERSION = 2
@@ -424,13 +425,14 @@ def _check_base(model_dir: Path, files: list[Path], config, updates: dict, sourc
 def _rewrite_streamed(model_dir: Path, updates: dict[str, WeightUpdate], source: Path, out: Path,
                       convert: Callable[[str, torch.Tensor, WeightUpdate], dict[str, torch.Tensor]], *,
                       dtype: torch.dtype, shard_bytes: int, log, extra: Callable[[Path], None] | None = None,
-                      weights: str = WEIGHTS, about: dict | None = None) -> Path:
+                      weights: str = WEIGHTS, about: dict | Callable[[], dict] | None = None) -> Path:
     """`model_dir`'s safetensors rewritten one tensor at a time into the folder `out`: each weight
     named in `updates` becomes what `convert(name, tensor, update)` returns ({name: tensor}),
     every other floating tensor is cast to `dtype` (integer buffers copied). Shards of at
     most `shard_bytes` with an index (one file, `weights`, when it all fits); the config (use_cache on,
     dtype; untied when the head got its own update), generation config and tokenizer go
-    beside; `extra(folder)` writes what else the format needs, and `about` goes in ABOUT.
+    beside; `extra(folder)` writes what else the format needs, and `about` (or what it returns,
+    once every tensor is written) goes in ABOUT.
     Alive at once: one base tensor, what it becomes, and the shard being filled."""
     from safetensors.torch import save_file
 
@@ -506,7 +508,7 @@ def _rewrite_streamed(model_dir: Path, updates: dict[str, WeightUpdate], source:
         if extra is not None:
             extra(folder)
         if about is not None:
-            (folder / ABOUT).write_text(json.dumps(about, indent=2) + "\n")
+            (folder / ABOUT).write_text(json.dumps(about() if callable(about) else about, indent=2) + "\n")
         left = f"; {skipped} tensor(s) the model does not define left out" if skipped else ""
         log(f"{len(updates)} weights updated, {len(names)} shard(s), {total / 2**30:.2f} GiB{left}")
 
@@ -577,18 +579,24 @@ def quantize_streamed(model_dir: Path, updates: dict[str, WeightUpdate], out: Pa
                 "modules": sorted(k.removesuffix(".weight") for k in updates), "source": meta_source or {}}
         (folder / QUANT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 
+    def about_with_error() -> dict | None:
+        if about is None or not errors:
+            return about
+        return {**about, "weight_error": round(sum(errors) / len(errors), 5)}   # ‖Ŵ−W‖/‖W‖, mean
+
     written = _rewrite_streamed(model_dir, updates, Path(source), out, convert, dtype=dtype,
                                 shard_bytes=shard_bytes, log=log, extra=None if dequantize else quant_config,
-                                weights=WEIGHTS if dequantize else INTK_WEIGHTS, about=about)
+                                weights=WEIGHTS if dequantize else INTK_WEIGHTS,
+                                about=None if about is None else about_with_error)
     if errors:
         error = sum(errors) / len(errors)
         log(f"round-to-nearest {bits}-bit moved the merged weights by {error:.1%} on average "
             f"(‖Ŵ−W‖/‖W‖, the first {ERROR_ROWS} rows of each)")
         if error > ERROR_WARN:
             log("warning: answers may be much worse than the run's: on the embedded 135M model, round-to-nearest "
-                "moves the weights 10.0% at 4 bits and a merged QLoRA run's exact match fell from 55% to 37.5% "
-                "(3 bits: 22.2%, 0%); --bits 8 moves them under 1%, and an L4Q run (--method l4q) learns its "
-                "grid (52.5% at 4 bits)")
+                "at 4 bits moved the weights 10.0% and a merged QLoRA run's exact match fell from 55% to 37.5% "
+                "(at 3 bits: 22.2%, and 0% exact match); --bits 8 moves them under 1%, and an L4Q run "
+                "(--method l4q) learns its grid (52.5% at 4 bits)")
     return written
 
 

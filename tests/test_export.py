@@ -309,7 +309,8 @@ def test_export_command_merges_a_lora_run(tmp_path, tiny_model_dir):
     about = {out: json.loads((tmp_path / out / "lowmem_export.json").read_text()) for out in ("m", "q")}
     assert about["m"] == {"run": str(run.resolve()), "method": "qlora", "checkpoint": "adapter", "step": None,
                           "output": "merged", "dtype": "float32"}
-    assert about["q"] == {**about["m"], "output": "quantized", "bits": 8, "group": 128}
+    weight_error = about["q"].pop("weight_error")
+    assert about["q"] == {**about["m"], "output": "quantized", "bits": 8, "group": 128} and 0 < weight_error < 0.01
 
 
 # ---------------------------------------------------------------- merging while the base streams

@@ -733,7 +733,7 @@ def test_a_long_evaluation_says_how_far_it_has_got(tmp_path, tiny_model_dir, mon
         assert before == [("loss", 0, n)] and said == []
     else:
         assert before == [("loss", 0, n), ("loss", 16, n), ("loss", 32, n), ("loss", 48, n), ("answers", 40, n)]
-        assert said[0] == f"eval (before, step 0): held-out loss 16/{n} (0:00:00)"
+        assert said[0] == f"eval (before, step 0): scored 16/{n} examples (0:00:00)"
     kinds = [e["kind"] for e in events]
     assert kinds.index("evaluating") < kinds.index("eval")
 

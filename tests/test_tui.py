@@ -518,14 +518,17 @@ async def test_a_running_evaluation_shows_how_far_it_has_got_until_its_result(li
         log = EventLog(live_run)
         log.emit("evaluating", step=25, label="periodic", phase="answers", done=40, total=64)
         await wait_until(pilot, lambda: app.state.evaluating is not None)
-        assert "evaluating answers 40/64" in panel_text(app, ProgressStrip)
+        assert "evaluating generated 40/64 answers" in panel_text(app, ProgressStrip)
         log.emit("eval", step=25, loss=1.2345, exact_match=0.5, examples=64)
         log.close()
         await wait_until(pilot, lambda: app.state.evaluating is None)
         strip = panel_text(app, ProgressStrip)
         assert "eval 1.234" in strip and "evaluating" not in strip
     event = {"kind": "evaluating", "step": 0, "label": "before", "phase": "loss", "done": 16, "total": 80}
-    assert plain_line(event) == "evaluating (before) @ step 0: held-out loss 16/80"
+    assert plain_line(event) == "evaluating (before) @ step 0: scored 16/80 examples"
+    assert plain_line({**event, "done": 0}) is None          # its start: the dashboard's, not the log's
+    assert plain_line({"kind": "eval", "step": 4, "loss": 0.25, "exact_match": 0.625, "examples": 80}) == \
+        "eval @ step 4: loss 0.25, exact match 62.5% of 80"
 
 
 # ---------------------------------------------------------------- sizes

@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 from lowmem.config import format_size
+from lowmem.events import evaluation_progress, is_number
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -66,12 +67,6 @@ def progress_line(event: dict) -> str:
     return "  ".join(parts)
 
 
-def evaluation_progress(event: dict) -> str:
-    """An `evaluating` event's progress: `held-out loss 16/80` or `answers 40/80`."""
-    what = "answers" if event.get("phase") == "answers" else "held-out loss"
-    return f"{what} {event.get('done', '?')}/{event.get('total', '?')}"
-
-
 def describe_event(event: dict) -> str | None:
     """One line for an event worth logging; None for `step` (the charts show those)."""
     kind = event.get("kind")
@@ -85,12 +80,15 @@ def describe_event(event: dict) -> str | None:
         return None
     if kind == "eval":
         text = f"eval @ {at}: loss {fmt_number(event.get('loss'))}"
-        if event.get("exact_match") is not None:
-            text += f", exact match {fmt_number(event['exact_match'], 3)}"
+        if is_number(event.get("exact_match")):
+            text += f", exact match {event['exact_match']:.1%}"
         if event.get("examples"):
-            text += f" ({event['examples']} examples)"
+            text += f" of {event['examples']}" if is_number(event.get("exact_match")) \
+                else f" ({event['examples']} examples)"
         return text
     if kind == "evaluating":
+        if not event.get("done"):
+            return None     # its start: the dashboard shows it; the log waits for progress
         return f"evaluating ({event.get('label', '?')}) @ {at}: {evaluation_progress(event)}"
     if kind == "checkpoint":
         return f"checkpoint @ {at}: {event.get('path', '')}"

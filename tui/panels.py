@@ -12,7 +12,9 @@ from rich.text import Text
 from textual.widget import Widget
 from textual.widgets import RichLog
 
-from .describe import describe_event, evaluation_progress, fmt_bytes, fmt_duration, fmt_number, fmt_rate
+from lowmem.events import evaluation_progress
+
+from .describe import describe_event, fmt_bytes, fmt_duration, fmt_number, fmt_rate
 from .state import RunState
 
 # At 90% of the budget a bar turns to the warning colour: allocator fragmentation and
