@@ -173,13 +173,20 @@ SOURCES = tuple(source(w, g) for w in DTYPES for g in DTYPES)
 
 # ---------------------------------------------------------------- reference (CPU, tests, fallback)
 
+def _by_block(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of flat `values`: its whole blocks as rows of BLOCK, and the partial last block
+    (empty when there is none; the last absmax is then a whole block's, and an op on the empty
+    view does nothing)."""
+    full = values.numel() // BLOCK * BLOCK
+    return values[:full].view(-1, BLOCK), values[full:]
+
+
 def dequantize(codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor) -> torch.Tensor:
     """fp32 values of blockwise 8-bit codes: qmap[code] · absmax of the code's block of BLOCK."""
     values = qmap[codes.int()]
-    full = values.numel() // BLOCK * BLOCK
-    values[:full].view(-1, BLOCK).mul_(absmax[:full // BLOCK, None])
-    if full < values.numel():
-        values[full:].mul_(absmax[-1])
+    blocks, tail = _by_block(values)
+    blocks.mul_(absmax[:len(blocks), None])
+    tail.mul_(absmax[-1])
     return values
 
 
@@ -188,19 +195,16 @@ def quantize_(values: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, q
     """codes, absmax ← blockwise 8-bit `values` (fp32, overwritten), each rounded to one of the two
     code values around it: the upper when its position between them is above `noise` (uniform
     in [0, 1): stochastic, unbiased, except that a value above zero never takes a zero code), or
-    above ½ (None: the nearest). `qmap` must be ascending
-    (bitsandbytes' dynamic maps are). absmax is each block's largest |value|, exact; a value
+    above ½ (None: the nearest). `qmap` must be ascending (bitsandbytes' dynamic maps are). absmax is each block's largest |value|, exact; a value
     beyond the map's ends (−1 under the signed map, whose lowest code is −0.993) takes the end code."""
-    full = values.numel() // BLOCK * BLOCK
-    if full:
-        absmax[:full // BLOCK] = values[:full].view(-1, BLOCK).abs().amax(1)
-    if full < values.numel():
-        absmax[-1] = values[full:].abs().amax()
+    blocks, tail = _by_block(values)
+    absmax[:len(blocks)] = blocks.abs().amax(1)
+    if tail.numel():
+        absmax[-1] = tail.abs().amax()
     scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    values[:full].view(-1, BLOCK).div_(scale[:full // BLOCK, None])
-    if full < values.numel():
-        values[full:].div_(scale[-1])
-    del scale
+    blocks.div_(scale[:len(blocks), None])
+    tail.div_(scale[-1])
+    del scale, blocks, tail
     values.clamp_(qmap[0], qmap[-1])
     upper = torch.searchsorted(qmap, values, out_int32=True).clamp_(1, qmap.numel() - 1)
     high = qmap[upper]

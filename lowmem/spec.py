@@ -176,7 +176,9 @@ class ModelSpec:
         runs: list[list] = []
         shapes: dict[float, BlockShape] = {}
         for r in ratios:
-            shape = shapes.get(r) or shapes.setdefault(r, self._pruned_block(r))
+            if r not in shapes:
+                shapes[r] = self._pruned_block(r)
+            shape = shapes[r]
             if runs and runs[-1][1] == shape:
                 runs[-1][0] += 1
             else:

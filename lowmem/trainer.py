@@ -495,9 +495,9 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
             if now - last < EVAL_REPORT_S or done == total:    # a phase's end: its next says more
                 return
             last = now
-            out(f"eval ({label}, step {step}): {evaluation_progress(dict(phase=phase, done=done, total=total))} "
-                f"({_clock(now - began)})")
-            events.emit("evaluating", step=step, label=label, phase=phase, done=done, total=total)
+            fields = dict(phase=phase, done=done, total=total)
+            out(f"eval ({label}, step {step}): {evaluation_progress(fields)} ({_clock(now - began)})")
+            events.emit("evaluating", step=step, label=label, **fields)
 
         result = evaluate(model, tokenizer, data.heldout, device, generate_answers=config.eval_generate,
                           max_new_tokens=config.max_new_tokens, progress=report)

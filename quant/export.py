@@ -557,12 +557,11 @@ def quantize_streamed(model_dir: Path, updates: dict[str, WeightUpdate], out: Pa
                              f"for groups of {group}")
         q = _quantize(w, step, offset, None, bits, group, scale_dtype)
         if u.step is None:
-            rows = slice(0, ERROR_ROWS)
-            sample = intk.dequantize(intk.codes(w[rows], q.scales[rows], None if q.offsets is None else q.offsets[rows],
-                                                bits, group), q.scales[rows],
-                                     None if q.offsets is None else q.offsets[rows], group)
-            errors.append(float((sample - w[rows].float()).norm() / w[rows].float().norm().clamp_min(1e-30)))
-            del sample
+            rows = w[:ERROR_ROWS].float()
+            scales, offsets = q.scales[:ERROR_ROWS], None if q.offsets is None else q.offsets[:ERROR_ROWS]
+            sample = intk.dequantize(intk.codes(rows, scales, offsets, bits, group), scales, offsets, group)
+            errors.append(float((sample - rows).norm() / rows.norm().clamp_min(1e-30)))
+            del sample, rows
         del w
         if dequantize:
             return {key: q.dequantized().to(dtype)}

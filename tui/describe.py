@@ -80,12 +80,10 @@ def describe_event(event: dict) -> str | None:
         return None
     if kind == "eval":
         text = f"eval @ {at}: loss {fmt_number(event.get('loss'))}"
-        if is_number(event.get("exact_match")):
-            text += f", exact match {event['exact_match']:.1%}"
-        if event.get("examples"):
-            text += f" of {event['examples']}" if is_number(event.get("exact_match")) \
-                else f" ({event['examples']} examples)"
-        return text
+        em, examples = event.get("exact_match"), event.get("examples")
+        if is_number(em):            # as training prints it: exact match 62.5% of 80
+            return text + f", exact match {em:.1%}" + (f" of {examples}" if examples else "")
+        return text + (f" ({examples} examples)" if examples else "")
     if kind == "evaluating":
         if not event.get("done"):
             return None     # its start: the dashboard shows it; the log waits for progress
