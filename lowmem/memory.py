@@ -32,7 +32,8 @@ Where the numbers come from:
 The step's peak is the largest of four moments: the loss (all activations
 alive, plus the logits), the last block's backward (activations, a recomputed
 block, its gradient buffers), the first block's backward (all gradients alive)
-and the optimizer step. The breakdown reports the terms alive at that moment
+and the optimizer step (and, with per-layer GaLore and an untied head, the head's
+update as backward begins). The breakdown reports the terms alive at that moment
 and names it in `phase`.
 
 Papers: QLoRA (Dettmers et al., 2023) for NF4 and double quantization; GaLore
@@ -821,16 +822,36 @@ def dequant_bytes(spec: ModelSpec, plan: Any) -> int:
     return 0
 
 
-def galore_workspace_bytes(spec: ModelSpec, plan: Any) -> int:
-    """GaLore's per-weight update buffers (one weight at a time): 12·max(out·in).
+def svd_refresh_bytes(shape: tuple[int, int], plan: Any) -> int:
+    """A GaLore projection's refresh: torch.linalg.svd of one m×n gradient (k = min(m, n)).
 
-    The fp32 copy of the gradient the SVD refresh factorises, the SVD factors
-    (at most the same size), and the back-projected full-rank update (for bf16
-    weights, rounded stochastically: fp32 rows of the weight and their noise, at most
-    12 bytes a value of 2²² at a time, inside the same bound). The 8-bit update of
-    the moments comes after, not beside them (eight_bit_step_bytes).
+        fp32 copy of a 16-bit gradient    4·m·n       (none when gradients are fp32)
+        the solver's copy and workspace   8·m·n + 16·k²
+        U, S, Vᵀ                          4·(m·k + k + k·n)
+
+    The solver's part is an upper estimate: on the CPU the whole refresh grew the process by
+    0.72-0.88 of this count, from 16384×256 to 4096×4096 (benchmarks/svd_refresh.py). Those
+    buffers are the solver's own, so `lowmem plan --measure` on the CPU, which counts tensors,
+    does not see them; on CUDA the allocator serves cuSOLVER's (not yet measured there).
     """
-    return 12 * spec.max_linear_numel() if plan.method == "galore" else 0
+    m, n = shape
+    k = min(m, n)
+    copy = 4 * m * n if trainable_dtype_bytes(plan) != 4 else 0
+    return copy + 8 * m * n + 16 * k * k + 4 * (m * k + k + k * n)
+
+
+def galore_workspace_bytes(spec: ModelSpec, plan: Any, embeddings: bool = True) -> int:
+    """GaLore's update buffers of one weight at a time: the largest projected weight's
+    gradient refresh (svd_refresh_bytes), of the block linears only unless `embeddings`.
+
+    The back-projected update comes after the refresh, not beside it, and is smaller (in
+    place; for bf16 weights fp32 rows and their noise, 8 bytes a value of 2²⁰ at a time), as
+    is the 8-bit update of the moments (eight_bit_step_bytes).
+    """
+    if plan.method != "galore":
+        return 0
+    targets = galore_targets(spec, plan if embeddings else None)
+    return max(svd_refresh_bytes(shape, plan) for shape, _ in targets)
 
 
 #: Elements an update of bf16 weights rounded stochastically works on at once, and its
@@ -1051,7 +1072,7 @@ def where_fits(plan: Any, need: int, host_available: int, host_need: int = 0,
 def predict(spec: ModelSpec, plan: "Plan") -> MemoryBreakdown:
     """The peak of one training step of `plan` on a model of shapes `spec`.
 
-    The step's memory peaks at one of four moments; each is the sum of the
+    The step's memory peaks at one of these moments; each is the sum of the
     terms alive then, and the largest is the step's peak:
 
     static      = weights + adapters + optimizer
@@ -1062,12 +1083,15 @@ def predict(spec: ModelSpec, plan: "Plan") -> MemoryBreakdown:
                   + one block's backward buffers + dequant + cuBLAS
                   + the head's gradient (full training; beside the kept ones when the
                   head is tied to the embeddings)            (the last block's backward)
+                  [+ per-layer GaLore: a block linear's gradient and its refresh]
     backward-end= static + all gradients + one block's backward buffers + dequant
-                  + cuBLAS [+ GaLore's update workspace]     (the first block's backward)
+                  + cuBLAS                                   (the first block's backward)
                   [+ 2·V·h·t, trained tied embeddings: the head's gradient, which waited
                   for the embedding's, and the embedding's, beside their sum (3·V·h·t when
-                  accumulating: the sum then goes onto a kept gradient)]
+                  accumulating: the sum then goes onto a kept gradient); per-layer GaLore:
+                  the larger of that and its refresh of the largest projected weight]
     optimizer   = static + all gradients + the step's temporaries
+    head update = per-layer GaLore with an untied head: its update as backward begins
     peak        = the largest, plus overhead (CUDA context + fragmentation)
 
     Between `backward` and `backward-end` gradients grow as activations are
@@ -1102,27 +1126,38 @@ def predict(spec: ModelSpec, plan: "Plan") -> MemoryBreakdown:
         backward_grads = kept
     else:
         backward_grads = max(kept, head_grad)   # an untied head's gradient goes into .grad at once
+    # Per-layer, the embeddings' update (a refresh's SVD, projected) runs once their gradient
+    # is in .grad: after a tied weight's two gradients were summed. Else the optimizer step.
+    end_update = max(tied_sum, galore_workspace_bytes(spec, plan)) if per_layer else tied_sum
+    refresh = 0
+    if per_layer:
+        # The last block's weights complete first: each one's gradient, and on a refresh step
+        # its SVD, beside everything the earlier blocks saved.
+        refresh = spec.max_linear_numel() * trainable_dtype_bytes(plan) + galore_workspace_bytes(
+            spec, plan, embeddings=False)
     phases = [
         ("forward", dict(grads=kept, activations=saved, logits=logits_bytes(spec, plan),
                          temporaries=dequant + workspace)),
         ("backward", dict(grads=backward_grads, activations=rebuilt, logits=0,
-                          temporaries=block_bwd + dequant + workspace)),
+                          temporaries=block_bwd + dequant + workspace + refresh)),
         ("backward-end", dict(grads=grads, activations=0, logits=0,
-                              temporaries=block_bwd + dequant + workspace
-                              + galore_workspace_bytes(spec, plan) + tied_sum)),
+                              temporaries=block_bwd + dequant + workspace + end_update)),
         ("optimizer", dict(grads=grads, activations=0, logits=0,
                            temporaries=optimizer_step_bytes(spec, plan))),
     ]
-    if per_layer and not spec.tied_embeddings and not _get(plan, "galore_embeddings", False):
-        # An untied head's gradient is whole first: its 8-bit update runs as backward begins,
-        # beside everything the forward saved and, of the loss, the hidden states' gradient and
-        # with the whole loss the logits' (the chunked loss's backward has freed its chunks when
-        # the head's sum lands). Projected (galore.embeddings), its moments are R's, far smaller.
+    if per_layer and not spec.tied_embeddings:
+        # An untied head's gradient is whole first: its update runs as backward begins, beside
+        # everything the forward saved and, of the loss, the hidden states' gradient and with
+        # the whole loss the logits' (the chunked loss's backward has freed its chunks when the
+        # head's sum lands). Projected (galore.embeddings), a refresh step factorises it first.
         head = spec.vocab * spec.hidden * trainable_dtype_bytes(plan)
         n, c = plan.micro_batch * plan.seq_len, compute_bytes(plan)
         loss = c * n * spec.hidden + (0 if _get(plan, "loss_chunk", 0) else c * n * spec.vocab)
+        update = eight_bit_step_bytes(spec, plan)
+        if _get(plan, "galore_embeddings", False):
+            update = max(update, svd_refresh_bytes((spec.vocab, spec.hidden), plan))
         phases.append(("head update", dict(grads=kept + head, activations=saved, logits=loss,
-                                           temporaries=eight_bit_step_bytes(spec, plan))))
+                                           temporaries=update)))
     best = None
     for phase, terms in phases:
         allocated = weights + adapters + optimizer + sum(terms.values())
