@@ -50,6 +50,18 @@ class Example:
 
 # ---------------------------------------------------------------- reading records
 
+class Record(tuple):
+    """(messages, None) or (None, text), and `where` it was read: the file and line or record
+    number that an error in a later stage (the chat template) names."""
+
+    where: str
+
+    def __new__(cls, messages: list[dict] | None, text: str | None, where: str = "a record"):
+        record = super().__new__(cls, (messages, text))
+        record.where = where
+        return record
+
+
 def embedded_paths() -> tuple[Path, Path]:
     folder = Path(str(resources.files("lowmem.datasets")))
     return folder / "tasks-train.jsonl", folder / "tasks-heldout.jsonl"
@@ -89,6 +101,10 @@ def _checked_chat(messages: list, where: str) -> list[dict]:
         raise DataError(f"{where}: no assistant message, so nothing to learn from")
     if not any(learned(m) for m in messages):
         raise DataError(f'{where}: every assistant message has "train": false, so nothing to learn from')
+    for m in messages:
+        if learned(m) and not m["content"].strip():
+            raise DataError(f"{where}: an assistant answer to learn is empty; the model would learn to "
+                            f'answer nothing. Fill it in, mark it "train": false, or leave the record out')
     if messages[0]["role"] == "assistant":
         raise DataError(f"{where}: the conversation opens with the assistant, so nothing prompts its "
                         f"first answer; start with a user (or system) message")
@@ -172,7 +188,7 @@ def _as_messages(record: dict, where: str) -> list[dict] | None:
                     f"'prompt'/'completion' or 'text', got keys {sorted(record)}")
 
 
-def read_records(path: Path) -> list[tuple[list[dict] | None, str | None]]:
+def read_records(path: Path) -> list[Record]:
     """(messages, None) or (None, text) per record; errors name the file and line."""
     path = Path(path)
     if path.is_dir():
@@ -193,7 +209,7 @@ def read_records(path: Path) -> list[tuple[list[dict] | None, str | None]]:
     if suffix == ".txt":
         if not text.strip():
             raise DataError(f"{path}: the file is empty")
-        return [(None, text)]
+        return [Record(None, text, str(path))]
     whole = None
     if suffix == ".json":
         try:
@@ -222,7 +238,7 @@ def read_records(path: Path) -> list[tuple[list[dict] | None, str | None]]:
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object")
         messages = _as_messages(record, where)
-        records.append((messages, None) if messages is not None else (None, record["text"]))
+        records.append(Record(messages, None, where) if messages is not None else Record(None, record["text"], where))
     if not records:
         raise DataError(f"{path}: no records; the dataset is empty")
     return records
@@ -249,15 +265,35 @@ def tokenize_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]
 
     An assistant turn's span is the text between the rendering of the messages
     before it (with the generation prompt) and the rendering including it, so
-    the end-of-turn marker is learned too.
+    the end-of-turn marker is learned too. Some templates render a turn otherwise
+    once more follow it (Qwen3 drops the empty reasoning block from earlier answers;
+    Mistral's puts the system prompt into the last user turn), so those renderings
+    are not prefixes of the whole: the turn's text is then found in the whole, after
+    the messages before it, with the end-of-turn marker its own rendering gives it.
+    A template that raises (roles that must alternate, no system role) raises DataError.
     """
-    full = render_chat(tokenizer, messages)
-    spans = []
-    for i, m in enumerate(messages):
-        if learned(m):
-            start = len(render_chat(tokenizer, messages[:i], add_generation_prompt=True))
-            end = len(render_chat(tokenizer, messages[: i + 1]))
-            spans.append((start, end))
+    from jinja2.exceptions import TemplateError
+
+    try:
+        full = render_chat(tokenizer, messages)
+        spans, cursor = [], 0       # cursor: where the next turn's text may start in `full`
+        for i, m in enumerate(messages):
+            if m["role"] == "system":     # some templates move it: it does not order the turns
+                continue
+            if not learned(m):
+                at = full.find(m["content"].strip(), cursor)
+                cursor = cursor if at < 0 else at + len(m["content"].strip())
+                continue
+            before = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
+            through = render_chat(tokenizer, messages[: i + 1])
+            if full.startswith(through) and through.startswith(before) and len(before) >= cursor:
+                span = (len(before), len(through))
+            else:
+                span = _found_turn(full, through, m["content"], cursor, i)
+            spans.append(span)
+            cursor = span[1]
+    except TemplateError as e:
+        raise DataError(f"the model's chat template refused this conversation: {e}") from None
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     labels = [tok if any(s <= a < e for s, e in spans) else IGNORE
@@ -265,12 +301,34 @@ def tokenize_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]
     return ids, labels
 
 
+def _found_turn(full: str, through: str, content: str, cursor: int, index: int) -> tuple[int, int]:
+    """The span of assistant message `index` in the whole rendering `full`, found by its text
+    at or after `cursor`, with as much of the end-of-turn marker that follows it in `through`
+    (the rendering that ends with it) as follows it in `full`."""
+    text = content.strip()
+    at, own = full.find(text, cursor), through.rfind(text)
+    if at < 0 or own < 0:
+        raise DataError(f"the model's chat template renders message {index + 1} (an assistant turn) "
+                        f"differently alone than in the whole conversation, and its text is not in the "
+                        f"whole, so lowmem cannot tell which tokens to learn")
+    end = at + len(text)
+    marker = through[own + len(text):]
+    n = 0
+    while n < len(marker) and end + n < len(full) and full[end + n] == marker[n]:
+        n += 1
+    return at, end + n
+
+
 def build_examples(records, tokenizer, seq_len: int) -> tuple[list[Example], int, int]:
     """Examples; how many were cut to seq_len; how many were dropped, their answers wholly past it."""
     examples, truncated, dropped = [], 0, 0
-    for messages, text in records:
+    for record in records:
+        messages, text = record
         if messages is not None:
-            ids, labels = tokenize_chat(tokenizer, messages)
+            try:
+                ids, labels = tokenize_chat(tokenizer, messages)
+            except DataError as e:
+                raise DataError(f"{getattr(record, 'where', 'a record')}: {e}") from None
             prompt = answer = None
             if messages[-1]["role"] == "assistant":
                 prompt, answer = tuple(messages[:-1]), messages[-1]["content"]

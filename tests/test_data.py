@@ -23,6 +23,60 @@ def test_chat_loss_is_only_on_assistant_turns(tokenizer):
     assert _learned_text(tokenizer, ids, labels) == "Paris<|im_end|>\nRome<|im_end|>\n"
 
 
+# A Qwen3-like template: only the answer after the last user turn gets a reasoning block, so an
+# earlier answer renders otherwise alone than inside the whole conversation.
+QWEN3_LIKE = """{%- set ns = namespace(last=0) -%}{%- for m in messages -%}{%- if m.role == 'user' -%}
+{%- set ns.last = loop.index0 -%}{%- endif -%}{%- endfor -%}{%- for m in messages -%}
+{%- if m.role == 'assistant' and loop.index0 > ns.last -%}
+{{ '<|im_start|>assistant\n<think>\n\n</think>\n\n' + m.content + '<|im_end|>\n' }}
+{%- else -%}{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{%- endif -%}{%- endfor -%}
+{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"""
+
+# A Mistral-like template: the system prompt goes into the last user turn.
+MISTRAL_LIKE = """{%- if messages[0].role == 'system' %}{%- set sys = messages[0].content %}
+{%- set msgs = messages[1:] %}{%- else %}{%- set sys = '' %}{%- set msgs = messages %}{%- endif %}
+{%- set ns = namespace(last=0) %}{%- for m in msgs %}{%- if m.role == 'user' %}{%- set ns.last = loop.index0 %}
+{%- endif %}{%- endfor %}<s>{%- for m in msgs %}{%- if m.role == 'user' %}
+{%- if loop.index0 == ns.last and sys %}[INST] {{ sys }}\n\n{{ m.content }}[/INST]
+{%- else %}[INST] {{ m.content }}[/INST]{%- endif %}{%- else %} {{ m.content }}</s>{%- endif %}{%- endfor %}"""
+
+
+@pytest.mark.parametrize("template, system, learned", [
+    (QWEN3_LIKE, [], "4<|im_end|>\n<think>\n\n</think>\n\nParis<|im_end|>\n"),
+    (MISTRAL_LIKE, [{"role": "system", "content": "Be terse."}], "4</s> Paris</s>"),
+], ids=["qwen3-like", "mistral-like"])
+def test_answers_are_found_where_a_template_renders_earlier_turns_otherwise(tokenizer, monkeypatch, template,
+                                                                            system, learned):
+    """Rendered alone, an earlier answer is not a prefix of the whole conversation; its span is found
+    by its text instead. Taken from the renderings' lengths, these learned the next user turn's
+    tokens (Qwen3-like) or the prompt and not the first answer (Mistral-like)."""
+    monkeypatch.setattr(tokenizer, "chat_template", template)
+    messages = system + [{"role": "user", "content": "4"}, {"role": "assistant", "content": "4"},
+                         {"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris"}]
+    ids, labels = tokenize_chat(tokenizer, messages)
+    assert _learned_text(tokenizer, ids, labels) == learned
+    first = next(i for i, l in enumerate(labels) if l != IGNORE)
+    assert "4" in tokenizer.decode(ids[:first])          # the user's "4" is not the one learned
+
+
+def test_a_chat_template_that_refuses_a_conversation_names_the_record(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setattr(tokenizer, "chat_template", "{%- for m in messages %}{%- if m.role == 'system' %}"
+                        "{{ raise_exception('System role not supported') }}{%- endif %}{{ m.content }}{%- endfor %}")
+    path = write_jsonl(tmp_path / "s.jsonl", [{"messages": CHAT[1:]}, {"messages": CHAT}])
+    with pytest.raises(DataError, match=r"s.jsonl: line 2: the model's chat template refused this conversation: "
+                                        r"System role not supported"):
+        build_examples(read_records(path), tokenizer, 256)
+
+
+def test_an_empty_answer_to_learn_is_refused(tmp_path):
+    path = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "Hi", "completion": "Hello"}, {"prompt": "Hi", "completion": " "}])
+    with pytest.raises(DataError, match=r"e.jsonl: line 2: an assistant answer to learn is empty"):
+        read_records(path)
+    unlearned = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "", "train": False},
+                 {"role": "user", "content": "Again"}, {"role": "assistant", "content": "Hello"}]
+    assert read_records(write_jsonl(tmp_path / "ok.jsonl", [{"messages": unlearned}])) == [(unlearned, None)]
+
+
 def test_instruction_records_become_a_user_turn_and_an_answer(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "i.jsonl", [{"instruction": "Add", "input": "2 and 3", "output": "5"}])
     (examples, _, _) = build_examples(read_records(path), tokenizer, 256)
