@@ -75,7 +75,11 @@ class RunLock:
         except ImportError:      # not a POSIX system: no lock, as before
             return self
         # An inherited descriptor is locked already: flock on it again succeeds, and checks that.
-        fd = self.inherited if self.inherited is not None else os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = self.inherited if self.inherited is not None else os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:      # a read-only file system, a run directory not ours
+            raise CheckpointError(f"{self.run_dir}: cannot be written ({e.strerror or e}), so no run can "
+                                  f"go on in it; a run directory must be writable") from None
         if self.inherited is not None:
             os.set_inheritable(fd, False)     # a program the trainer starts must not hold the run
         try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -34,7 +35,7 @@ from lowmem.checkpoint import (LATEST, RunLock, checkpoint_step, find_resumable,
                                write_run_file)
 from lowmem.config import RunConfig, format_size
 from lowmem.data import BatchStream, decoder_inputs, fingerprint, load_datasets
-from lowmem.errors import CheckpointError, ConfigError, DataError, DivergedError, ModelError
+from lowmem.errors import CheckpointError, ConfigError, DivergedError, ModelError
 from lowmem.evaluate import autocast_for, evaluate
 from lowmem.events import (ControlReader, EventLog, evaluation_progress, finished_steps, is_number, run_dir_hint,
                            this_host)
@@ -131,11 +132,19 @@ def write_run_files(run_dir: Path, config: RunConfig, plan: Plan) -> None:
     write_run_file(run_dir / "plan.yaml", yaml.safe_dump(plan.to_dict(), sort_keys=False))
 
 
-def read_run_files(run_dir: Path) -> tuple[RunConfig, Plan]:
-    """The config and plan a run directory was started (or last resumed) with; CheckpointError
+#: A resume's config (`lowmem train --resume RUN steps=N`), kept beside config.yaml until the
+#: trainer has taken the resume on (model, data and checkpoint loaded): it then becomes
+#: config.yaml, and a resume refused before that leaves config.yaml as it was.
+PENDING_CONFIG = "resume.yaml"
+
+
+def read_run_files(run_dir: Path, resume: bool = False) -> tuple[RunConfig, Plan]:
+    """The config and plan a run directory was started (or last resumed) with, or with `resume`
+    the config a resume asked for (PENDING_CONFIG) where there is one; CheckpointError
     naming plan.yaml when it is missing or damaged (each checkpoint keeps a copy)."""
     path = Path(run_dir) / "plan.yaml"
-    config = resumed_config(run_dir, {})
+    pending = resume and (Path(run_dir) / PENDING_CONFIG).is_file()
+    config = resumed_config(run_dir, {}, PENDING_CONFIG if pending else "config.yaml")
     try:
         plan = Plan.from_dict(yaml.safe_load(path.read_text()))
     except (OSError, UnicodeDecodeError, yaml.YAMLError, TypeError, ValueError, KeyError, AttributeError) as e:
@@ -160,11 +169,11 @@ def _copy_hint(run_dir: Path, name: str, unless: str | None = None) -> str:
     return f"; the newest checkpoint keeps a copy: cp {copies[-1]} {Path(run_dir) / name}"
 
 
-def resumed_config(run_dir: Path, requested: dict) -> RunConfig:
-    """The run's own config, with the few keys a resume may change applied on top."""
+def resumed_config(run_dir: Path, requested: dict, name: str = "config.yaml") -> RunConfig:
+    """The run's own config (`name`), with the few keys a resume may change applied on top."""
     from lowmem.config import read_yaml_layer, build_config
 
-    path = Path(run_dir) / "config.yaml"
+    path = Path(run_dir) / name
     if not path.is_file():
         raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml){run_dir_hint(run_dir)}")
     try:
@@ -329,6 +338,8 @@ def train(config: RunConfig, plan: Plan, run_dir: Path, *, resume: bool = False,
         try:
             return _train(config, plan, run_dir, events, resume, out, since)
         except BaseException as e:
+            # A resume refused (or stopped) before it was taken on leaves config.yaml as it was.
+            (run_dir / PENDING_CONFIG).unlink(missing_ok=True)
             if not isinstance(e, KeyboardInterrupt):
                 events.emit("error", message=f"{type(e).__name__}: {e}")
             else:
@@ -423,6 +434,7 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
     offload = OffloadActivations(device=device) if plan.offload_activations else None
 
     step, earlier = 0, 0.0
+    skipped = 0   # non-finite steps in a row, up to `step`
     if checkpoint is not None:
         named = dict(params)
         missing = set(named) - set(checkpoint["trainable"])
@@ -432,20 +444,14 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
             for name, tensor in checkpoint["trainable"].items():
                 named[name].copy_(tensor)
         load_optimizer_state(optimizer, checkpoint["optimizer"])
-        try:
-            stream.load_state_dict(checkpoint["state"]["data"])
-        except DataError:
-            # Refused: the run directory goes back to what it was before this resume asked for
-            # anything (`lowmem train --resume RUN steps=N` wrote steps into config.yaml).
-            if (folder / "config.yaml").is_file():
-                write_run_file(run_dir / "config.yaml", (folder / "config.yaml").read_text())
-            raise
+        stream.load_state_dict(checkpoint["state"]["data"])
         if checkpoint["state"].get("heldout", heldout_print) != heldout_print:   # older checkpoints: not kept
             message = ("the held-out data changed since the checkpoint was made: evaluations from "
                        "here on are not comparable with the earlier ones")
             out(f"warning: {message}")
             events.emit("warning", message=message)
         step = checkpoint["state"]["step"]
+        skipped = int(checkpoint["state"].get("skipped", 0))   # older checkpoints: not kept
         earlier = _seconds(checkpoint["state"].get("elapsed_s"))   # older checkpoints: not kept
         set_rng_state(checkpoint["rng"])
         prune_checkpoints(run_dir, config.keep_checkpoints, folder)   # what kills left behind
@@ -453,6 +459,10 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
             for message in set_aside_final_weights(run_dir, step):
                 out(f"note: {message}")
                 events.emit("warning", message=message)
+
+    if resume and (run_dir / PENDING_CONFIG).is_file():
+        # Taken on: what the resume asked for (steps=N) is the run's config from here.
+        os.replace(run_dir / PENDING_CONFIG, run_dir / "config.yaml")
 
     # Opened before `start` is written. Requests from before `began` are history; later ones
     # count, though they came while the model loaded (a dashboard's stop).
@@ -519,7 +529,7 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
         folder = save_checkpoint(
             run_dir, step, trainable={n: p for n, p in params}, optimizer=optimizer.state_dict(),
             state={"data": stream.state_dict(), "heldout": heldout_print,
-                   "elapsed_s": round(progress.elapsed(), 2)},
+                   "elapsed_s": round(progress.elapsed(), 2), "skipped": skipped},
             config=config.to_dict(), plan=plan.to_dict(),
             keep=config.keep_checkpoints,
             extra_dirs={"adapter": lambda d: save_adapter_for(model, plan, config, d, model_dir)} if adapted else None)
@@ -533,7 +543,6 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
         before = run_eval("before") if not resume else None
     reason = "finished"
     model.train()
-    skipped = 0   # diverged steps in a row
     with StopRequest() as stop:
         while step < config.steps:
             loss, grad_norm, tokens = train_step(model, optimizer, stream, plan, config, lr_at(step, config),
@@ -577,7 +586,7 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
     else:
         after = run_eval("after")
         if adapted:
-            save_adapter_for(model, plan, config, run_dir / "adapter", model_dir)
+            write_final(run_dir, "adapter", lambda d: save_adapter_for(model, plan, config, d, model_dir), folder)
             if plan.method == "l4q":
                 out(f"L4Q state saved to {run_dir / 'adapter'}; write the low-bit model with: "
                     f"lowmem export {run_dir} --quantized OUT")
@@ -585,8 +594,7 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
                 out(f"adapter saved to {run_dir / 'adapter'} (PEFT layout)")
         else:
             model.config.use_cache = True   # switched off for training; the saved model generates
-            model.save_pretrained(run_dir / "model")
-            tokenizer.save_pretrained(run_dir / "model")
+            write_final(run_dir, "model", lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d)), folder)
             out(f"model saved to {run_dir / 'model'}")
         if before is not None and after is not None:
             summary = f"held-out loss {before['loss']:.4f} -> {after['loss']:.4f}"
@@ -724,6 +732,30 @@ def obey_control(control: ControlReader, events: EventLog, checkpoint_now, step:
         if not paused or stop.signal:
             return None
         time.sleep(0.2)
+
+
+def write_final(run_dir: Path, name: str, write, checkpoint: Path) -> None:
+    """The run's end, adapter/ or model/, written whole or not at all: `write` fills a hidden
+    folder beside it, renamed into place when complete, so nothing (generate, export) ever
+    reads a half-written one. A full disk is a CheckpointError that says the run's newest
+    checkpoint holds what it trained and that a resume writes the end again."""
+    from safetensors import SafetensorError
+
+    target, tmp = run_dir / name, run_dir / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        if target.exists():     # the end written again (a resume from the last step's checkpoint)
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{target}: cannot be written ({getattr(e, 'strerror', None) or e}); the "
+                              f"checkpoint {checkpoint.name} holds everything trained: free space, then "
+                              f"`{train_command(f'--resume {run_dir}')}` writes it") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def save_adapter_for(model, plan: Plan, config: RunConfig, folder: Path, model_dir: Path) -> Path:

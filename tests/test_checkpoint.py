@@ -158,6 +158,21 @@ def test_a_save_clears_what_killed_writes_left_and_damaged_newer_ones_are_set_as
     assert not stale.exists()
 
 
+def test_a_run_directory_that_cannot_be_written_is_a_checkpoint_error(tmp_path, monkeypatch):
+    import errno
+
+    from lowmem import checkpoint
+    from lowmem.checkpoint import RunLock
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(checkpoint.os, "open", read_only)
+    with pytest.raises(CheckpointError, match=r"cannot be written \(Read-only file system\), so no run can go on"):
+        with RunLock(tmp_path):
+            pass
+
+
 def test_a_second_trainer_cannot_lock_a_run_directory_while_one_holds_it(tmp_path):
     from lowmem.checkpoint import RunLock, check_unlocked
 

@@ -141,6 +141,34 @@ def test_a_diverging_run_skips_non_finite_updates_then_stops_and_saves_nothing_a
         assert torch.equal(tensor, before[name]), name
 
 
+def test_a_resumed_run_counts_the_non_finite_steps_before_its_checkpoint(tmp_path, tiny_model_dir, tiny_chat_data):
+    """Stopped after a non-finite step and resumed, a run stops where the uninterrupted one did; the
+    count of such steps in a row was not in the checkpoint, so it took two more."""
+    from lowmem.errors import DivergedError
+
+    config = _config(tiny_model_dir, tiny_chat_data, tmp_path, steps=12, lr=1e30, warmup_steps=0,
+                     max_grad_norm=0, save_every=1, keep_checkpoints=2)
+
+    def last_step(run_dir):
+        return [e["step"] for e in read_events(run_dir) if e["kind"] == "step"][-1]
+
+    straight = _start(config, "straight")
+    with pytest.raises(DivergedError):
+        train(*straight, out=lambda m: None)
+    first_bad = next(e["step"] for e in read_events(straight[2])
+                     if e["kind"] == "step" and not math.isfinite(e["loss"] * e["grad_norm"]))
+    config_b, plan_b, run_b = _start(config, "stopped")
+
+    def stop_after_the_first_bad_step(message):
+        if message.startswith(f"step {first_bad:2d}/") or message.startswith(f"step {first_bad}/"):
+            send_control(run_b, "stop")
+
+    assert train(config_b, plan_b, run_b, out=stop_after_the_first_bad_step)["step"] == first_bad
+    with pytest.raises(DivergedError):
+        train(config_b, plan_b, run_b, resume=True, out=lambda m: None)
+    assert last_step(run_b) == last_step(straight[2])
+
+
 def test_a_galore_run_with_per_layer_updates_stops_at_its_first_non_finite_step(
         tmp_path, tiny_model_dir, tiny_chat_data, monkeypatch):
     """GaLore's per-layer updates apply in backward: the first non-finite step has reached the
@@ -203,11 +231,49 @@ def test_a_refused_resume_leaves_the_run_as_it_was_and_changed_heldout_data_is_s
     assert main(["train", "--resume", str(run_dir), "steps=4", "--no-tui"]) == 2
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["steps"] == 2    # as it was
     tiny_chat_data.write_text(original)
+    # Refused on loading the model (moved, say): config.yaml is as it was too, nothing is left over.
+    from lowmem import trainer
+    from lowmem.errors import ModelError
+
+    def moved(*args, **kwargs):
+        raise ModelError("the model folder is gone")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer, "load_model", moved)
+        assert main(["train", "--resume", str(run_dir), "steps=4", "--no-tui"]) == 2
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["steps"] == 2
+    assert sorted(p.name for p in run_dir.iterdir() if p.suffix == ".yaml") == ["config.yaml", "plan.yaml"]
     held.write_text(held.read_text().replace("number 1.", "number 9."))
     assert main(["train", "--resume", str(run_dir), "steps=4", "--no-tui"]) == 0
     warnings = [e["message"] for e in read_events(run_dir) if e["kind"] == "warning"]
     assert any(w.startswith("the held-out data changed since the checkpoint") for w in warnings)
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["steps"] == 4
+
+
+def test_a_full_disk_at_the_end_leaves_no_half_written_adapter_and_a_resume_writes_it(
+        tmp_path, tiny_model_dir, tiny_chat_data, monkeypatch):
+    from lowmem import trainer
+    from lowmem.errors import CheckpointError
+
+    config, plan, run_dir = _start(_config(tiny_model_dir, tiny_chat_data, tmp_path, steps=2), "full")
+    real = trainer.save_adapter_for
+
+    def disk_fills(model, plan, config, folder, model_dir):
+        if folder.parent != run_dir:      # a checkpoint's copy: that one fits
+            return real(model, plan, config, folder, model_dir)
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(b"cut sh")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trainer, "save_adapter_for", disk_fills)
+    with pytest.raises(CheckpointError, match=r"adapter: cannot be written \(No space left on device\); the "
+                                              r"checkpoint step-2 holds everything trained: free space, then "
+                                              r"`lowmem train --resume .*` writes it"):
+        train(config, plan, run_dir, out=lambda m: None)
+    assert not (run_dir / "adapter").exists() and not list(run_dir.glob(".adapter*"))
+    monkeypatch.setattr(trainer, "save_adapter_for", real)
+    assert train(config, plan, run_dir, resume=True, out=lambda m: None)["reason"] == "finished"
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
 
 
 def test_a_finished_run_trained_further_sets_its_old_adapter_aside_and_answers_with_its_newest(

@@ -102,7 +102,7 @@ def run(args) -> int:
             print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
             return 0
         from lowmem.checkpoint import RunLock, find_resumable, list_checkpoints, write_run_file
-        from lowmem.trainer import holds_nothing_trained, read_run_files
+        from lowmem.trainer import PENDING_CONFIG, holds_nothing_trained, read_run_files
 
         # Held from the checks to the end of training (the dashboard's trainer takes it over):
         # a second `lowmem train` on this run cannot rewrite config.yaml under this one.
@@ -137,7 +137,9 @@ def run(args) -> int:
                 # stopped after its last step's checkpoint but before its end (the final evaluation,
                 # the adapter) resumes into that end.
                 resume = True
-            write_run_file(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+            # A resume's config waits beside config.yaml until the trainer has taken the resume on.
+            write_run_file(run_dir / (PENDING_CONFIG if resume else "config.yaml"),
+                           yaml.safe_dump(config.to_dict(), sort_keys=False))
             if not use_dashboard(args.no_tui):
                 return train_here(run_dir, resume)
             trainer = start_trainer(run_dir, resume, lock)
@@ -225,7 +227,7 @@ def watch(run_dir: Path, trainer: tuple[subprocess.Popen, float]) -> int:
 def train_here(run_dir: Path, resume: bool, since: float | None = None) -> int:
     from lowmem.trainer import read_run_files, train
 
-    config, plan = read_run_files(run_dir)
+    config, plan = read_run_files(run_dir, resume)
     done = train(config, plan, run_dir, resume=resume, since=since)
     return 130 if done["reason"] == "interrupted" else 0
 
