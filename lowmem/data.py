@@ -274,6 +274,10 @@ def tokenize_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]
     """
     from jinja2.exceptions import TemplateError
 
+    if not getattr(tokenizer, "is_fast", True):
+        raise DataError(f"the model's tokenizer ({type(tokenizer).__name__}) has no fast version, which lowmem "
+                        f"needs to tell an answer's tokens from the prompt's; a tokenizer.json in the model "
+                        f"folder gives it one")
     try:
         full = render_chat(tokenizer, messages)
         spans, cursor = [], 0       # cursor: where the next turn's text may start in `full`

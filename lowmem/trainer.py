@@ -336,7 +336,10 @@ def train(config: RunConfig, plan: Plan, run_dir: Path, *, resume: bool = False,
     with RunLock(run_dir, reenter=True):   # `lowmem train` may hold it since its checks
         events = EventLog(run_dir)
         try:
-            return _train(config, plan, run_dir, events, resume, out, since)
+            try:
+                return _train(config, plan, run_dir, events, resume, out, since)
+            except torch.OutOfMemoryError as e:      # loading, an evaluation, a step
+                raise out_of_memory(e, plan, run_dir) from None
         except BaseException as e:
             # A resume refused (or stopped) before it was taken on leaves config.yaml as it was.
             (run_dir / PENDING_CONFIG).unlink(missing_ok=True)
@@ -545,8 +548,11 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
     model.train()
     with StopRequest() as stop:
         while step < config.steps:
-            loss, grad_norm, tokens = train_step(model, optimizer, stream, plan, config, lr_at(step, config),
-                                                 offload=offload)
+            try:
+                loss, grad_norm, tokens = train_step(model, optimizer, stream, plan, config, lr_at(step, config),
+                                                     offload=offload)
+            except torch.OutOfMemoryError as e:
+                raise out_of_memory(e, plan, run_dir, f" at step {step + 1}") from None
             step += 1
             skipped = skipped + 1 if not (math.isfinite(loss) and math.isfinite(grad_norm)) else 0
             progress.tokens += tokens
@@ -732,6 +738,24 @@ def obey_control(control: ControlReader, events: EventLog, checkpoint_now, step:
         if not paused or stop.signal:
             return None
         time.sleep(0.2)
+
+
+def out_of_memory(error: BaseException, plan: Plan, run_dir: Path, when: str = "") -> "BudgetError":
+    """A BudgetError for an allocation the device refused (`when`: " at step N"): the allocator's
+    words, what the plan predicted for the budget, what is kept, and what to do."""
+    from lowmem.planner import BudgetError
+
+    said = str(error).splitlines()[0] if str(error) else type(error).__name__
+    predicted = ""
+    if plan.breakdown is not None:
+        predicted = (f"the plan predicted a peak of {format_size(plan.breakdown.total)} ({plan.breakdown.phase})"
+                     + (f" for --vram {format_size(plan.vram)}" if plan.vram else "") + ", and ")
+    saved = list_checkpoints(run_dir)
+    kept = (f"the newest checkpoint, {saved[-1].name}, is intact: with the GPU freed, "
+            f"`{train_command(f'--resume {run_dir}')}` continues" if saved else "no checkpoint was written yet")
+    return BudgetError(f"out of GPU memory{when} ({said}); {predicted}whatever else runs on the GPU takes "
+                       f"from the budget too (nvidia-smi lists it). {kept[0].upper()}{kept[1:]}; or start "
+                       f"a new run with a smaller --vram or a larger safety_margin, which plans with more room")
 
 
 def write_final(run_dir: Path, name: str, write, checkpoint: Path) -> None:

@@ -276,6 +276,35 @@ def test_a_full_disk_at_the_end_leaves_no_half_written_adapter_and_a_resume_writ
     assert (run_dir / "adapter" / "adapter_config.json").is_file()
 
 
+def test_running_out_of_gpu_memory_is_one_line_with_the_plans_figure_and_the_checkpoint_kept(
+        tmp_path, tiny_model_dir, tiny_chat_data, monkeypatch):
+    from lowmem import trainer
+    from lowmem.planner import BudgetError
+
+    import dataclasses
+
+    from lowmem.spec import spec_for
+    from lowmem.memory import predict
+
+    config, plan, run_dir = _start(_config(tiny_model_dir, tiny_chat_data, tmp_path, steps=4, save_every=2), "oom")
+    plan = dataclasses.replace(plan, vram=2**30, breakdown=predict(spec_for(config.model), plan))
+    real, calls = trainer.train_step, {"n": 0}
+
+    def third_step_runs_out(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has ...\nmore")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_step", third_step_runs_out)
+    with pytest.raises(BudgetError, match=r"^out of GPU memory at step 3 \(CUDA out of memory\. Tried to allocate "
+                                          r"2\.00 GiB\. GPU 0 has \.\.\.\); the plan predicted a peak of .* \(.*\) for "
+                                          r"--vram 1\.00GiB, and whatever else runs on the GPU .* The newest checkpoint, step-2, is "
+                                          r"intact: with the GPU freed, `lowmem train --resume .*` continues; or"):
+        train(config, plan, run_dir, out=lambda m: None)
+    assert read_events(run_dir)[-1]["message"].startswith("BudgetError: out of GPU memory at step 3")
+
+
 def test_a_finished_run_trained_further_sets_its_old_adapter_aside_and_answers_with_its_newest(
         tmp_path, tiny_model_dir, tiny_chat_data):
     from lowmem.checkpoint import run_adapter_folder
