@@ -163,13 +163,16 @@ def _as_messages(record: dict, where: str) -> list[dict] | None:
     if "instruction" in record:
         for key, required in (("instruction", True), ("output", True), ("input", False)):
             value = record.get(key)
+            if required and key not in record:
+                raise DataError(f"{where}: an instruction record needs {key!r} (text), and this one has none")
             if (required or value is not None) and not isinstance(value, str):
                 raise DataError(f"{where}: an instruction record needs {key!r} as text"
                                 + ("" if required else " (or leave it out)") + f", got {_shown(value, 40)}")
         prompt = record["instruction"]
         if record.get("input"):
             prompt += "\n\n" + record["input"]
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
+        return _checked_chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}],
+                             where)
     if "conversations" in record:
         messages = _from_sharegpt(_message_list(record, "conversations", where), where)
         system = record.get("system")      # some ShareGPT files give the system prompt beside the turns
@@ -188,13 +191,14 @@ def _as_messages(record: dict, where: str) -> list[dict] | None:
                     f"'prompt'/'completion' or 'text', got keys {sorted(record)}")
 
 
-def read_records(path: Path) -> list[Record]:
-    """(messages, None) or (None, text) per record; errors name the file and line."""
+def read_records(path: Path, what: str = "data") -> list[Record]:
+    """(messages, None) or (None, text) per record; errors name the file and line (and `what`
+    the file is for, when it is missing: "data", "held-out data")."""
     path = Path(path)
     if path.is_dir():
-        raise DataError(f"{path} is a directory; expected a .jsonl, .json or .txt data file")
+        raise DataError(f"{path} is a directory; expected a .jsonl, .json or .txt {what} file")
     if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
+        raise DataError(f"{what} file {path} does not exist")
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".json", ".txt"):
         raise DataError(f"{path}: expected a .jsonl file (one JSON record per line), a .json list of "
@@ -216,12 +220,11 @@ def read_records(path: Path) -> list[Record]:
             whole = json.loads(text)
         except json.JSONDecodeError as e:
             if text.lstrip().startswith("["):
-                raise DataError(f"{path}: line {e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-    if isinstance(whole, dict) and text.strip().count("\n"):
-        # One object over several lines ({"data": [...]}, or a record pretty-printed): not a
-        # layout this reads, though each line alone would read as malformed.
-        raise DataError(f"{path}: holds one JSON object (keys {sorted(whole)[:5]}); a .json file holds a list "
-                        f"of records, [{{...}}, {{...}}], or one record per line")
+                raise DataError(f"{path}: line {e.lineno}: malformed JSON ({e.msg}; column {e.colno})") from None
+    if isinstance(whole, dict):
+        # One object ({"data": [...]}, or a lone record): a .json file is a list of records.
+        raise DataError(f"{path}: holds one JSON object (keys {sorted(whole)[:5]}), not a list; a .json file "
+                        f"holds a list of records, [{{...}}, {{...}}] (or name it .jsonl, one record per line)")
     if isinstance(whole, list):
         lines = [(f"{path}: record {i}", item) for i, item in enumerate(whole, 1)]
     else:
@@ -232,7 +235,7 @@ def read_records(path: Path) -> list[Record]:
             try:
                 lines.append((f"{path}: line {number}", json.loads(line)))
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {number}: malformed JSON ({e.msg} at column {e.colno})") from None
+                raise DataError(f"{path}: line {number}: malformed JSON ({e.msg}; column {e.colno})") from None
     records = []
     for where, record in lines:
         if not isinstance(record, dict):
@@ -401,10 +404,10 @@ def split_records(config) -> tuple[list, list]:
     eval_path = Path(config.eval_data).expanduser() if config.eval_data else None
     if config.data == "embedded":
         train_path, heldout_path = embedded_paths()
-        return read_records(train_path), read_records(eval_path or heldout_path)
+        return read_records(train_path), read_records(eval_path or heldout_path, "held-out data (--eval-data)")
     train_records = read_records(Path(config.data).expanduser())
     if eval_path is not None:
-        return train_records, read_records(eval_path)
+        return train_records, read_records(eval_path, "held-out data (--eval-data)")
     if len(train_records) == 1 and train_records[0][1] is not None and config.eval_fraction > 0:
         return split_text(train_records[0][1], config.eval_fraction)
     # A fixed split: the same records are held out on every run with this seed.

@@ -126,7 +126,15 @@ def resolve_model_dir(ref: str, log=print) -> Path:
 def load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        # Weights copied without the tokenizer's files are the usual cause.
+        files = sorted(p.name for p in Path(model_dir).glob("*token*"))
+        why = (f"it holds {', '.join(files)}, which did not load: {str(e).splitlines()[0][:200]}" if files
+               else "it has no tokenizer files")
+        raise ModelError(f"{model_dir}: cannot load the model's tokenizer ({why}); copy tokenizer.json and "
+                         f"tokenizer_config.json from where the weights came from into the folder") from None
     if tokenizer.pad_token is None:
         # Padding is masked out of attention and loss: any token will do, the end of text first.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)

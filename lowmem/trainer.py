@@ -408,11 +408,20 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
         data = load_datasets(config, tokenizer)
     notes = []
     if data.truncated:
-        notes.append(f"{data.truncated} examples were longer than seq_len={config.seq_len} and were cut to it")
+        notes.append(f"{data.truncated} {'example was' if data.truncated == 1 else 'examples were'} longer than "
+                     f"seq_len={config.seq_len} and cut to it")
     for count, which in ((data.dropped, "training"), (data.heldout_dropped, "held-out")):
         if count:
-            notes.append(f"{count} {which} examples were left out: at seq_len={config.seq_len} the prompt "
-                         f"leaves no answer token to learn from (raise seq_len to keep them)")
+            notes.append(f"{_examples(count, which)} {'was' if count == 1 else 'were'} left out: at "
+                         f"seq_len={config.seq_len} the prompt leaves no answer token to learn from (raise "
+                         f"seq_len to keep {'it' if count == 1 else 'them'})")
+    if config.eval_data and config.data != "embedded" and (
+            Path(config.eval_data).expanduser().resolve() == Path(config.data).expanduser().resolve()):
+        notes.append("the held-out data is the training data (--eval-data names the --data file): its loss and "
+                     "exact match say how well the run memorized, not how it does on examples it has not seen")
+    if not getattr(tokenizer, "chat_template", None) and any(e.prompt is not None for e in data.train):
+        notes.append("the model has no chat template, so conversations are laid out as '### User:' and "
+                     "'### Assistant:' turns; `lowmem generate` prompts the tuned model the same way")
     for message in notes:
         out(f"warning: {message}")
         events.emit("warning", message=message)

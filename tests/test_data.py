@@ -115,6 +115,10 @@ def test_long_chat_is_truncated_and_counted_and_one_with_no_answer_left_is_dropp
     ('{"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}',
      r"line 2: the conversation opens with the assistant"),
     ('{"instruction": null, "output": "x"}', r"line 2: an instruction record needs 'instruction' as text"),
+    ('{"instruction": "a"}', r"line 2: an instruction record needs 'output' \(text\), and this one has none"),
+    ('{"instruction": "a", "output": " "}', r"line 2: an assistant answer to learn is empty"),
+    ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"]}',
+     r"line 2: malformed JSON \(Expecting ',' delimiter; column \d+\)$"),
     ('{"instruction": "a", "input": 123, "output": "x"}', r"line 2: .*needs 'input' as text \(or leave it out\)"),
     ('{"conversations": []}', r"line 2: 'conversations' must be a non-empty list of messages, got \[\]"),
     ('{"conversations": [{"from": "robot", "value": "x"}]}',
@@ -330,11 +334,13 @@ def test_a_byte_order_mark_a_json_list_and_an_upper_case_suffix_are_read(tmp_pat
 
 def test_a_json_file_holding_one_object_says_what_a_json_file_holds(tmp_path):
     (tmp_path / "wrapped.json").write_text(json.dumps({"data": [{"text": "a"}]}, indent=1))
-    with pytest.raises(DataError, match=r"wrapped.json: holds one JSON object \(keys \['data'\]\); a .json file "
-                                        r"holds a list of records"):
+    with pytest.raises(DataError, match=r"wrapped.json: holds one JSON object \(keys \['data'\]\), not a list; a "
+                                        r".json file holds a list of records"):
         read_records(tmp_path / "wrapped.json")
-    (tmp_path / "one.json").write_text(json.dumps({"text": "a"}))          # one line: one record
-    assert read_records(tmp_path / "one.json") == [(None, "a")]
+    (tmp_path / "one.json").write_text(json.dumps({"text": "a"}))          # a lone record: surely not the dataset
+    with pytest.raises(DataError, match=r"one.json: holds one JSON object \(keys \['text'\]\), not a list; .*"
+                                        r"\(or name it .jsonl, one record per line\)"):
+        read_records(tmp_path / "one.json")
     (tmp_path / "lines.json").write_text(json.dumps({"text": "a"}) + "\n" + json.dumps({"text": "b"}) + "\n")
     assert read_records(tmp_path / "lines.json") == [(None, "a"), (None, "b")]
 

@@ -305,6 +305,28 @@ def test_running_out_of_gpu_memory_is_one_line_with_the_plans_figure_and_the_che
     assert read_events(run_dir)[-1]["message"].startswith("BudgetError: out of GPU memory at step 3")
 
 
+def test_a_run_says_when_its_held_out_data_is_its_training_data_and_when_chats_have_no_template(
+        tmp_path, tiny_model_dir, tiny_chat_data, monkeypatch):
+    from lowmem import trainer
+
+    real = trainer.load_model
+
+    def without_template(*args, **kwargs):
+        model, tokenizer, model_dir = real(*args, **kwargs)
+        tokenizer.chat_template = None
+        return model, tokenizer, model_dir
+
+    monkeypatch.setattr(trainer, "load_model", without_template)
+    config, plan, run_dir = _start(_config(tiny_model_dir, tiny_chat_data, tmp_path, steps=1,
+                                           eval_data=str(tiny_chat_data)), "same")
+    train(config, plan, run_dir, out=lambda m: None)
+    warned = [e["message"] for e in read_events(run_dir) if e["kind"] == "warning"]
+    assert any(w.startswith("the held-out data is the training data (--eval-data names the --data file)")
+               for w in warned)
+    assert any(w.startswith("the model has no chat template, so conversations are laid out as '### User:'")
+               for w in warned)
+
+
 def test_a_finished_run_trained_further_sets_its_old_adapter_aside_and_answers_with_its_newest(
         tmp_path, tiny_model_dir, tiny_chat_data):
     from lowmem.checkpoint import run_adapter_folder
