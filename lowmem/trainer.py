@@ -82,9 +82,9 @@ def new_run_dir(config: RunConfig) -> Path:
     import shutil
 
     name = config.name or datetime.now().strftime("%Y%m%d-%H%M%S")
-    if name in (".", "..") or "/" in name or "\\" in name:
-        raise ConfigError(f"key 'name': expected a folder name (no / or \\, not . or ..), got {name!r}: "
-                          f"runs_dir says where runs go")
+    if name in (".", "..") or "/" in name or "\\" in name or name != name.strip() or not name.isprintable():
+        raise ConfigError(f"key 'name': expected a folder name (no / or \\, not . or .., no spaces at its ends "
+                          f"or unprintable characters), got {name!r}: runs_dir says where runs go")
     run_dir = Path(config.runs_dir) / name
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"{run_dir} is a file, not a run directory; choose another --name or --runs-dir")

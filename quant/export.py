@@ -229,8 +229,10 @@ def check_outputs(outputs: dict[str, Path | None]) -> None:
             parent = parent.parent
         if not parent.is_dir():
             raise ModelError(f"{flag} {out}: {parent} is a file, so no folder can be made in it")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise ModelError(f"{flag} {out}: {parent} is not writable")
+        try:     # tried, not asked (os.access): root may write anywhere but /proc, a read-only mount
+            os.rmdir(tempfile.mkdtemp(prefix=".lowmem-probe-", dir=parent))
+        except OSError as e:
+            raise ModelError(f"{flag} {out}: no folder can be made in {parent} ({e.strerror or e})") from None
         if out.is_dir() and any(out.iterdir()):
             raise ModelError(f"{flag} {out} already exists and is not empty; choose another output folder")
         key = out.resolve()
@@ -503,7 +505,7 @@ def _rewrite_streamed(model_dir: Path, updates: dict[str, WeightUpdate], source:
             shutil.copy(model_dir / "generation_config.json", folder / "generation_config.json")
         try:
             load_tokenizer(model_dir).save_pretrained(folder)
-        except (OSError, ValueError):
+        except (OSError, ValueError, ModelError):
             log(f"note: no tokenizer in {model_dir}; the exported model has none either")
         if extra is not None:
             extra(folder)
@@ -592,7 +594,7 @@ def quantize_streamed(model_dir: Path, updates: dict[str, WeightUpdate], out: Pa
         log(f"round-to-nearest {bits}-bit moved the merged weights by {error:.1%} on average "
             f"(‖Ŵ−W‖/‖W‖, the first {ERROR_ROWS} rows of each)")
         if error > ERROR_WARN:
-            log("warning: answers may be much worse than the run's: on the embedded 135M model, round-to-nearest "
+            log(f"warning: at {bits} bits answers may be much worse than the run's: on the embedded 135M model, round-to-nearest "
                 "at 4 bits moved the weights 10.0% and a merged QLoRA run's exact match fell from 55% to 37.5% "
                 "(at 3 bits: 22.2%, and 0% exact match); --bits 8 moves them under 1%, and an L4Q run "
                 "(--method l4q) learns its grid (52.5% at 4 bits)")
@@ -606,7 +608,13 @@ def run_updates(folder: Path, method: str, bits: int | None, group: int | None
     refused); a LoRA/QLoRA/LoRAM adapter's A and B, round-to-nearest at `bits` / `group`
     (default 4 / 128)."""
     if method != "l4q":
-        return adapter_updates(folder), bits or 4, group or 128, "round-to-nearest"
+        updates = adapter_updates(folder)
+        widest = max((u.a.shape[1] for u in updates.values()), default=0)
+        if group is not None and group > widest:
+            # Each row would be one group, zero-padded to `group` values while it is quantized.
+            raise ValueError(f"--group {group} is wider than every weight's rows (the widest has {widest} "
+                             f"values); give at most {widest} (64 or 128 are usual)")
+        return updates, bits or 4, group or 128, "round-to-nearest"
     from lowmem.lora import scaling
     from lowmem.quant.l4q import L4Q_WEIGHTS, read_l4q_config
     from lowmem.quant.skeleton import load_safetensors

@@ -545,9 +545,10 @@ def test_lowmem_train_holds_the_run_from_its_checks_to_the_end_of_training(
 
 def test_a_run_name_that_is_not_one_folder_is_refused_before_anything_is_made(tmp_path, tiny_model_dir,
                                                                              tiny_chat_data, capsys):
-    for name in ("a/b", ".."):
+    for name in ("a/b", "..", " ", "run ", "a\tb"):
         assert _train_tiny(tiny_model_dir, tiny_chat_data, tmp_path / "runs", name) == 2
-        assert f"key 'name': expected a folder name (no / or \\, not . or ..), got {name!r}" in capsys.readouterr().err
+        assert (f"key 'name': expected a folder name (no / or \\, not . or .., no spaces at its ends or unprintable "
+                f"characters), got {name!r}") in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
 
 

@@ -676,7 +676,8 @@ def test_every_output_is_checked_before_any_is_written(tmp_path, capsys):
               "--merged's folder is inside --quantized's"),
              (["--merged", str(tmp_path / "w"), "--quantized", str(tmp_path / "w" / "sub")],
               "--quantized's folder is inside --merged's"),
-             (["--merged", str(tmp_path / "link")], "--merged .*link: a symbolic link is there"))
+             (["--merged", str(tmp_path / "link")], "--merged .*link: a symbolic link is there"),
+             (["--merged", "/proc/x"], r"--merged /proc/x: no folder can be made in /proc \("))
     (tmp_path / "empty").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "empty")
     for flags, says in cases:
@@ -737,7 +738,11 @@ def test_a_round_to_nearest_export_says_how_far_it_moved_the_weights_and_warns_w
              for bits, lines in said.items()}
     assert moved[8] < 1.0 < 5.0 < moved[3]
     assert not any(line.startswith("warning:") for line in said[8])
-    assert any(line.startswith("warning: answers may be much worse") for line in said[3])
+    assert any(line.startswith("warning: at 3 bits answers may be much worse") for line in said[3])
+    with pytest.raises(ValueError, match=r"--group 100000 is wider than every weight's rows \(the widest has \d+ "
+                                         r"values\); give at most \d+"):
+        export_run(run, quantized=tmp_path / "wide", bits=4, group=100000, log=lambda m: None)
+    assert not (tmp_path / "wide").exists()
 
 
 def test_an_unfinished_run_exports_its_newest_checkpoint_and_says_so(tmp_path, tiny_model_dir):
