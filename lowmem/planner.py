@@ -239,7 +239,7 @@ def plan_from_config(config: RunConfig) -> Plan:
         device=device,
         compute_dtype="bfloat16" if device == "cuda" else "float32",
         vram=config.vram,
-        reasons=("every choice pinned by the config",),
+        reasons=("no budget to plan for: the config as it stands (defaults and what you set)",),
         quant_bits=config.l4q.bits if l4q else None,
         quant_group=config.l4q.group if l4q else None,
         prune_ratio=config.loram.ratio if loram else 0.0,

@@ -35,10 +35,10 @@ from lowmem.checkpoint import (LATEST, RunLock, checkpoint_step, find_resumable,
                                write_run_file)
 from lowmem.config import RunConfig, format_size
 from lowmem.data import BatchStream, decoder_inputs, fingerprint, load_datasets
-from lowmem.errors import CheckpointError, ConfigError, DivergedError, ModelError
+from lowmem.errors import CheckpointError, ConfigError, DataError, DivergedError, ModelError
 from lowmem.evaluate import autocast_for, evaluate
-from lowmem.events import (ControlReader, EventLog, evaluation_progress, finished_steps, is_number, run_dir_hint,
-                           this_host)
+from lowmem.events import (ControlReader, EventLog, evaluation_progress, finished_steps, is_number, read_events,
+                           run_dir_hint, this_host)
 from lowmem.loss import causal_lm_loss, count_targets
 from lowmem.offload import OffloadActivations
 from lowmem.lora import save_adapter
@@ -456,7 +456,10 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
             for name, tensor in checkpoint["trainable"].items():
                 named[name].copy_(tensor)
         load_optimizer_state(optimizer, checkpoint["optimizer"])
-        stream.load_state_dict(checkpoint["state"]["data"])
+        try:
+            stream.load_state_dict(checkpoint["state"]["data"])
+        except DataError as e:
+            raise DataError(f"--data {config.data}: {e}") from None
         if checkpoint["state"].get("heldout", heldout_print) != heldout_print:   # older checkpoints: not kept
             message = ("the held-out data changed since the checkpoint was made: evaluations from "
                        "here on are not comparable with the earlier ones")
@@ -611,9 +614,12 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
             model.config.use_cache = True   # switched off for training; the saved model generates
             write_final(run_dir, "model", lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d)), folder)
             out(f"model saved to {run_dir / 'model'}")
+        if before is None and after is not None:   # resumed: the run's first evaluation, from its log
+            before = next((e for e in read_events(run_dir) if e.get("kind") == "eval" and e.get("label") == "before"),
+                          None)
         if before is not None and after is not None:
             summary = f"held-out loss {before['loss']:.4f} -> {after['loss']:.4f}"
-            if after["exact_match"] is not None:
+            if after["exact_match"] is not None and before.get("exact_match") is not None:
                 summary += f", exact match {before['exact_match']:.1%} -> {after['exact_match']:.1%}"
             out(summary)
     done = events.emit("done", step=step, reason=reason, resume=resume_cmd,

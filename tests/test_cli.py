@@ -172,6 +172,13 @@ def test_train_then_generate_with_the_run_adapter(tmp_path, tiny_model_dir, tiny
     load_adapter(model, tmp_path / "g" / "adapter")
     assert cli_answer == generate(model, tokenizer, [[{"role": "user", "content": "Say the number 3."}]],
                                   "cpu", 6)[0] + "\n"
+    # An adapter folder inside a run answers on the base as the run names it (the embedded model's
+    # name, not its cache folder, which the adapter records).
+    (tmp_path / "named").symlink_to(tiny_model_dir)
+    config = (tmp_path / "g" / "config.yaml").read_text()
+    (tmp_path / "g" / "config.yaml").write_text(config.replace(f"model: {tiny_model_dir}", f"model: {tmp_path / 'named'}"))
+    assert main(["generate", "hi", "--adapter", str(tmp_path / "g" / "adapter"), "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().err.startswith(f"{tmp_path / 'named'}: fp32 base on cpu")
     assert main(["generate", "hi", "--adapter", str(tmp_path)]) == 2
     assert "no adapter here" in capsys.readouterr().err
     (tmp_path / "early").mkdir()   # started, no checkpoint yet
@@ -681,3 +688,19 @@ def test_progress_bars_are_off_before_anything_that_draws_them_is_imported():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**env, "TQDM_DISABLE": "1"}).stdout
     assert out.strip() == "True"
+
+
+def test_bitsandbytes_advice_to_install_an_optional_cpu_kernel_is_not_shown():
+    """On a CPU with AVX-512 BF16, bitsandbytes warns that an optional kernel needs the `kernels`
+    package and tells users to install it; lowmem needs no such thing. (Elsewhere it never warns.)"""
+    import logging
+
+    import lowmem  # noqa: F401  (installs the filter)
+
+    record = logging.LogRecord("bitsandbytes.backends.cpu.ops", logging.WARNING, "ops.py", 1,
+                               "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...",
+                               ("No module named 'kernels'",), None)
+    other = logging.LogRecord("bitsandbytes.backends.cpu.ops", logging.WARNING, "ops.py", 1, "something else",
+                              (), None)
+    ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    assert not ops.filter(record) and ops.filter(other)

@@ -218,7 +218,7 @@ def test_the_divergence_advice_is_what_the_config_accepts(tmp_path):
 
 
 def test_a_refused_resume_leaves_the_run_as_it_was_and_changed_heldout_data_is_said(
-        tmp_path, tiny_model_dir, tiny_chat_data):
+        tmp_path, tiny_model_dir, tiny_chat_data, capsys):
     from lowmem.cli import main
 
     held = tmp_path / "held.jsonl"
@@ -228,7 +228,9 @@ def test_a_refused_resume_leaves_the_run_as_it_was_and_changed_heldout_data_is_s
     train(config, plan, run_dir, out=lambda m: None)
     original = tiny_chat_data.read_text()
     tiny_chat_data.write_text(original.replace("number 5.", "number 7."))        # same size, other tokens
+    capsys.readouterr()
     assert main(["train", "--resume", str(run_dir), "steps=4", "--no-tui"]) == 2
+    assert f"DataError: --data {tiny_chat_data}: the training data changed since" in capsys.readouterr().err
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["steps"] == 2    # as it was
     tiny_chat_data.write_text(original)
     # Refused on loading the model (moved, say): config.yaml is as it was too, nothing is left over.
@@ -348,8 +350,13 @@ def test_a_finished_run_trained_further_sets_its_old_adapter_aside_and_answers_w
     assert (run_dir / "adapter-step-2" / "adapter_model.safetensors").read_bytes() == final   # kept
     assert any(m.startswith("note: adapter/ from the end at step 2 is kept as adapter-step-2") for m in notes)
     assert run_adapter_folder(run_dir, ADAPTER_CONFIG)[0] == run_dir / "checkpoints" / "step-3" / "adapter"
-    train(longer, plan, run_dir, resume=True, out=lambda m: None)
+    said = []
+    train(longer, plan, run_dir, resume=True, out=said.append)
     assert run_adapter_folder(run_dir, ADAPTER_CONFIG)[0] == run_dir / "adapter"
+    # Its end compares with the run's first evaluation, as a run that was never stopped does.
+    first = next(e for e in read_events(run_dir) if e["kind"] == "eval" and e["label"] == "before")
+    assert [m for m in said if m.startswith("held-out loss ")] == [
+        f"held-out loss {first['loss']:.4f} -> {[e for e in read_events(run_dir) if e['kind'] == 'eval'][-1]['loss']:.4f}"]
     assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() != final
 
 

@@ -45,7 +45,8 @@ def add_config_flags(parser: argparse.ArgumentParser, unlisted: Iterable[str] = 
             text += f" [{'|'.join(map(str, meta['choices']))}]"
         if meta.get("unit"):
             text += f" ({meta['unit']})"
-        text += f" (default: {_default_text(key)})"
+        if "unset, " not in text:      # a key whose help says what it is when unset has no one default
+            text += f" (default: {_default_text(key)})"
         if key in unlisted:
             text = argparse.SUPPRESS
         kwargs: dict[str, Any] = {"dest": "cfg:" + key, "default": None, "help": text, "metavar": "V"}

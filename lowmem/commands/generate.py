@@ -57,6 +57,14 @@ def find_adapter(path: Path, note=None) -> tuple[Path, str | None]:
     if not path.exists():
         raise ModelError(f"--adapter {path}: no such folder")
     if (path / ADAPTER_CONFIG).is_file():
+        # Inside a run (adapter-step-N/, checkpoints/step-N/adapter/): the base as the run names it
+        # ("smollm2-135m" rather than the embedded model's cache folder); else the adapter's own.
+        run = next((d for d in (path.parent, path.parent.parent.parent) if (d / "config.yaml").is_file()), None)
+        if run is not None:
+            try:
+                return path, run_identity(run)[0]
+            except ModelError:
+                pass
         return path, read_adapter_config(path).get("base_model_name_or_path")
     if (path / "config.yaml").is_file():
         model, method = run_identity(path)

@@ -251,7 +251,7 @@ def render(plan: Plan, spec: ModelSpec, margin: float | None = None, prepare: di
         lines.append(f"  (host: {format_size(b.host)} of pinned CPU memory for offloaded activations)")
     lines.append("")
     if plan.vram is None:
-        lines.append("budget    none given (--vram): this is the plan the config pins, unchecked")
+        lines.append("budget    none given (--vram): this is the config as it stands, unchecked")
     else:
         usable = plan.usable or 0
         lines.append(f"budget    {format_size(b.total)} of {format_size(usable)} usable "
