@@ -104,7 +104,8 @@ def _checked_chat(messages: list, where: str) -> list[dict]:
     for m in messages:
         if learned(m) and not m["content"].strip():
             raise DataError(f"{where}: an assistant answer to learn is empty; the model would learn to "
-                            f'answer nothing. Fill it in, mark it "train": false, or leave the record out')
+                            f'answer nothing. Fill it in or leave the record out (in a chat, "train": false '
+                            f"keeps an answer out of the loss)")
     if messages[0]["role"] == "assistant":
         raise DataError(f"{where}: the conversation opens with the assistant, so nothing prompts its "
                         f"first answer; start with a user (or system) message")
@@ -263,17 +264,18 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = F
 
 
 def tokenize_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """Token ids and labels; labels are the ids inside learned assistant turns (`learned`),
-    -100 elsewhere.
+    """Token ids and labels; labels are the ids of tokens that overlap learned assistant turns
+    (`learned`), -100 elsewhere.
 
     An assistant turn's span is the text between the rendering of the messages
     before it (with the generation prompt) and the rendering including it, so
     the end-of-turn marker is learned too. Some templates render a turn otherwise
     once more follow it (Qwen3 drops the empty reasoning block from earlier answers;
     Mistral's puts the system prompt into the last user turn), so those renderings
-    are not prefixes of the whole: the turn's text is then found in the whole, after
-    the messages before it, with the end-of-turn marker its own rendering gives it.
-    A template that raises (roles that must alternate, no system role) raises DataError.
+    are not prefixes of the whole: the turn is then found by rendering the whole with a
+    marker in place of its text (_found_turn). A token that begins before an answer and
+    ends inside it (Mistral's " Paris") is the answer's. A template that raises (roles
+    that must alternate, no system role) raises DataError.
     """
     from jinja2.exceptions import TemplateError
 
@@ -283,43 +285,53 @@ def tokenize_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]
                         f"folder gives it one")
     try:
         full = render_chat(tokenizer, messages)
-        spans, cursor = [], 0       # cursor: where the next turn's text may start in `full`
+        spans = []
         for i, m in enumerate(messages):
-            if m["role"] == "system":     # some templates move it: it does not order the turns
-                continue
             if not learned(m):
-                at = full.find(m["content"].strip(), cursor)
-                cursor = cursor if at < 0 else at + len(m["content"].strip())
                 continue
             before = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
             through = render_chat(tokenizer, messages[: i + 1])
-            if full.startswith(through) and through.startswith(before) and len(before) >= cursor:
-                span = (len(before), len(through))
+            if full.startswith(through) and through.startswith(before):
+                spans.append((len(before), len(through)))
             else:
-                span = _found_turn(full, through, m["content"], cursor, i)
-            spans.append(span)
-            cursor = span[1]
+                spans.append(_found_turn(tokenizer, messages, full, i))
     except TemplateError as e:
         raise DataError(f"the model's chat template refused this conversation: {e}") from None
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
-    labels = [tok if any(s <= a < e for s, e in spans) else IGNORE
-              for tok, (a, _) in zip(ids, enc["offset_mapping"])]
+    labels = [tok if any(a < e and b > s for s, e in spans) else IGNORE
+              for tok, (a, b) in zip(ids, enc["offset_mapping"])]
     return ids, labels
 
 
-def _found_turn(full: str, through: str, content: str, cursor: int, index: int) -> tuple[int, int]:
-    """The span of assistant message `index` in the whole rendering `full`, found by its text
-    at or after `cursor`, with as much of the end-of-turn marker that follows it in `through`
-    (the rendering that ends with it) as follows it in `full`."""
-    text = content.strip()
-    at, own = full.find(text, cursor), through.rfind(text)
-    if at < 0 or own < 0:
-        raise DataError(f"the model's chat template renders message {index + 1} (an assistant turn) "
-                        f"differently alone than in the whole conversation, and its text is not in the "
-                        f"whole, so lowmem cannot tell which tokens to learn")
+#: Stands in for an answer's text to find where a template puts it: private-use characters,
+#: in no real text.
+ANSWER_MARK = "\ue000lowmem answer\ue001"
+
+
+def _found_turn(tokenizer, messages: list[dict], full: str, i: int) -> tuple[int, int]:
+    """The span of assistant message `i` in `full`, the whole conversation's rendering: where
+    the whole, rendered with ANSWER_MARK for the message's text, puts the mark (the same text
+    before it), the text as the template writes it (as given, or trimmed), and as much of the
+    end-of-turn marker that follows the mark in the rendering ending with it as follows the
+    answer in `full`."""
+    def unplaced(why: str) -> DataError:
+        return DataError(f"the model's chat template renders message {i + 1} (an assistant turn) otherwise "
+                         f"alone than in the whole conversation, and {why}, so lowmem cannot tell which "
+                         f"tokens to learn")
+
+    marked = messages[:i] + [{**messages[i], "content": ANSWER_MARK}]
+    whole = render_chat(tokenizer, marked + messages[i + 1:])
+    at = whole.find(ANSWER_MARK)
+    if at < 0 or whole.count(ANSWER_MARK) != 1 or whole[:at] != full[:at]:
+        raise unplaced("the template does not write the answer's text once, where it stands")
+    content = messages[i]["content"]
+    text = next((t for t in (content, content.strip()) if full.startswith(t, at)), None)
+    if text is None:
+        raise unplaced("the template changes the answer's text")
     end = at + len(text)
-    marker = through[own + len(text):]
+    own = render_chat(tokenizer, marked)
+    marker = own[own.find(ANSWER_MARK) + len(ANSWER_MARK):]
     n = 0
     while n < len(marker) and end + n < len(full) and full[end + n] == marker[n]:
         n += 1

@@ -57,9 +57,10 @@ Memory (bytes; r = rank, p = bytes of the parameter dtype):
     once:                      2·256·4                             the two code maps
     gradients, per-layer:      the largest single gradient; with accumulation also
                                4·Σ r·max(m,n) (fp32 ΣR) and the other tensors' gradients
-    update workspace:          ≤ 12·m·n for one weight (fp32 copy of G, the SVD factors
-                               on refresh steps; the update is added in place, no m×n
-                               temporary); the 8-bit update works on UPDATE_CHUNK
+    update workspace:          one weight's refresh on refresh steps (memory.svd_refresh_bytes:
+                               an fp32 copy of a 16-bit G, the solver's copy and workspace,
+                               the SVD factors); the update is added in place, no m×n
+                               temporary; the 8-bit update works on UPDATE_CHUNK
                                values at a time (memory.EIGHT_BIT_STEP_TEMPORARIES each)
 
 bf16 weights (a run on CUDA) are updated in fp32, UPDATE_CHUNK values at a time, and

@@ -132,6 +132,8 @@ def write_run_files(run_dir: Path, config: RunConfig, plan: Plan) -> None:
     write_run_file(run_dir / "plan.yaml", yaml.safe_dump(plan.to_dict(), sort_keys=False))
 
 
+HELDOUT_CHANGED = "the held-out data changed since the checkpoint was made"
+
 #: A resume's config (`lowmem train --resume RUN steps=N`), kept beside config.yaml until the
 #: trainer has taken the resume on (model, data and checkpoint loaded): it then becomes
 #: config.yaml, and a resume refused before that leaves config.yaml as it was.
@@ -338,10 +340,11 @@ def train(config: RunConfig, plan: Plan, run_dir: Path, *, resume: bool = False,
         try:
             try:
                 return _train(config, plan, run_dir, events, resume, out, since)
-            except torch.OutOfMemoryError as e:      # loading, an evaluation, a step
+            except torch.cuda.OutOfMemoryError as e:   # loading, an evaluation, a step
                 raise out_of_memory(e, plan, run_dir) from None
         except BaseException as e:
             # A resume refused (or stopped) before it was taken on leaves config.yaml as it was.
+            asked = pending_changes(run_dir)
             (run_dir / PENDING_CONFIG).unlink(missing_ok=True)
             if not isinstance(e, KeyboardInterrupt):
                 events.emit("error", message=f"{type(e).__name__}: {e}")
@@ -349,7 +352,7 @@ def train(config: RunConfig, plan: Plan, run_dir: Path, *, resume: bool = False,
                 # Stopped outside the loop (loading, an evaluation): say so, and tell readers the
                 # trainer is over, as the loop's own interruption does.
                 saved = list_checkpoints(run_dir)
-                resume_cmd = train_command(f"--resume {run_dir}")
+                resume_cmd = train_command(f"--resume {run_dir}{asked}")
                 if saved:
                     out(f"interrupted: `{resume_cmd}` continues from its newest checkpoint")
                 else:
@@ -359,6 +362,20 @@ def train(config: RunConfig, plan: Plan, run_dir: Path, *, resume: bool = False,
             raise
         finally:
             events.close()
+
+
+def pending_changes(run_dir: Path) -> str:
+    """" steps=200 ...": what a resume not yet taken on asked for beyond config.yaml, as the
+    key=value arguments that ask for it again; "" when there is none."""
+    try:
+        pending = yaml.safe_load((run_dir / PENDING_CONFIG).read_text())
+        current = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return ""
+    if not isinstance(pending, dict) or not isinstance(current, dict):
+        return ""
+    return "".join(f" {key}={yaml.safe_dump(pending[key]).splitlines()[0]}" for key in sorted(RESUMABLE_CHANGES)
+                   if key in pending and pending[key] != current.get(key))
 
 
 def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resume: bool, out,
@@ -461,8 +478,8 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
         except DataError as e:
             raise DataError(f"--data {config.data}: {e}") from None
         if checkpoint["state"].get("heldout", heldout_print) != heldout_print:   # older checkpoints: not kept
-            message = ("the held-out data changed since the checkpoint was made: evaluations from "
-                       "here on are not comparable with the earlier ones")
+            message = (f"{HELDOUT_CHANGED}: evaluations from here on are not comparable with the "
+                       f"earlier ones")
             out(f"warning: {message}")
             events.emit("warning", message=message)
         step = checkpoint["state"]["step"]
@@ -476,8 +493,9 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
                 events.emit("warning", message=message)
 
     if resume and (run_dir / PENDING_CONFIG).is_file():
-        # Taken on: what the resume asked for (steps=N) is the run's config from here.
-        os.replace(run_dir / PENDING_CONFIG, run_dir / "config.yaml")
+        # Taken on: the config this resume trains by (what it asked for, steps=N) is the run's from here.
+        write_run_file(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        (run_dir / PENDING_CONFIG).unlink()
 
     # Opened before `start` is written. Requests from before `began` are history; later ones
     # count, though they came while the model loaded (a dashboard's stop).
@@ -563,7 +581,7 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
             try:
                 loss, grad_norm, tokens = train_step(model, optimizer, stream, plan, config, lr_at(step, config),
                                                      offload=offload)
-            except torch.OutOfMemoryError as e:
+            except torch.cuda.OutOfMemoryError as e:
                 raise out_of_memory(e, plan, run_dir, f" at step {step + 1}") from None
             step += 1
             skipped = skipped + 1 if not (math.isfinite(loss) and math.isfinite(grad_norm)) else 0
@@ -614,9 +632,11 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
             model.config.use_cache = True   # switched off for training; the saved model generates
             write_final(run_dir, "model", lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d)), folder)
             out(f"model saved to {run_dir / 'model'}")
-        if before is None and after is not None:   # resumed: the run's first evaluation, from its log
-            before = next((e for e in read_events(run_dir) if e.get("kind") == "eval" and e.get("label") == "before"),
-                          None)
+        if before is None and after is not None:   # resumed: the run's first evaluation, from its log,
+            logged = read_events(run_dir)             # unless a resume changed the held-out data since
+            if not any(e.get("kind") == "warning" and str(e.get("message")).startswith(HELDOUT_CHANGED)
+                       for e in logged):
+                before = next((e for e in logged if e.get("kind") == "eval" and e.get("label") == "before"), None)
         if before is not None and after is not None:
             summary = f"held-out loss {before['loss']:.4f} -> {after['loss']:.4f}"
             if after["exact_match"] is not None and before.get("exact_match") is not None:
@@ -780,18 +800,21 @@ def write_final(run_dir: Path, name: str, write, checkpoint: Path) -> None:
     checkpoint holds what it trained and that a resume writes the end again."""
     from safetensors import SafetensorError
 
-    target, tmp = run_dir / name, run_dir / f".{name}.tmp"
+    target, tmp, old = run_dir / name, run_dir / f".{name}.tmp", run_dir / f".{name}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write(tmp)
         if target.exists():     # the end written again (a resume from the last step's checkpoint)
-            shutil.rmtree(target)
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
         os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"{target}: cannot be written ({getattr(e, 'strerror', None) or e}); the "
-                              f"checkpoint {checkpoint.name} holds everything trained: free space, then "
-                              f"`{train_command(f'--resume {run_dir}')}` writes it") from None
+                              f"checkpoint {checkpoint.name} holds everything trained: once the folder can be "
+                              f"written (a full disk, permissions), `{train_command(f'--resume {run_dir}')}` "
+                              f"writes it") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

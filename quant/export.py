@@ -775,12 +775,15 @@ def export_run(run_dir: Path, *, quantized: Path | None = None, dequantized: Pat
                 "step": step, "output": output, "dtype": _name(dtype)}
 
     checkpoint, step = _adapter_origin(Path(run_dir), folder)
+    # The quantization's choices are checked (run_updates) before anything is written.
+    quantizing = quantized is not None or dequantized is not None
+    if quantizing:
+        updates, bits, group, how = run_updates(folder, method, bits, group)
     try:
         if merged is not None:
             written.append(merge_streamed(model_dir, folder, merged, dtype=dtype, log=log, about=about("merged")))
             log(f"merged model (Hugging Face, {_name(dtype)}) written to {merged}")
-        if quantized is not None or dequantized is not None:
-            updates, bits, group, how = run_updates(folder, method, bits, group)
+        if quantizing:
             source = {"run": str(run_dir), "method": method, "quantizer": how, "checkpoint": checkpoint,
                       "step": step}
             # L4Q's learned step sizes and offsets are kept as trained: float16 would move its

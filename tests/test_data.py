@@ -41,22 +41,32 @@ MISTRAL_LIKE = """{%- if messages[0].role == 'system' %}{%- set sys = messages[0
 {%- else %}[INST] {{ m.content }}[/INST]{%- endif %}{%- else %} {{ m.content }}</s>{%- endif %}{%- endfor %}"""
 
 
-@pytest.mark.parametrize("template, system, learned", [
-    (QWEN3_LIKE, [], "4<|im_end|>\n<think>\n\n</think>\n\nParis<|im_end|>\n"),
-    (MISTRAL_LIKE, [{"role": "system", "content": "Be terse."}], "4</s> Paris</s>"),
-], ids=["qwen3-like", "mistral-like"])
+@pytest.mark.parametrize("template, system, answers, learned", [
+    (QWEN3_LIKE, [], ("4", "Paris"), "4<|im_end|>\n<think>\n\n</think>\n\nParis<|im_end|>\n"),
+    (QWEN3_LIKE, [], ("start", "end"), "start<|im_end|>\n<think>\n\n</think>\n\nend<|im_end|>\n"),
+    (QWEN3_LIKE, [{"role": "system", "content": "Say 4 to 4."}], ("4", "Paris"),
+     "4<|im_end|>\n<think>\n\n</think>\n\nParis<|im_end|>\n"),
+    (MISTRAL_LIKE, [{"role": "system", "content": "Be terse."}], ("4", "Paris"), "4</s> Paris</s>"),
+    (MISTRAL_LIKE, [{"role": "system", "content": "Be terse."}], ("Four", "Paris"), " Four</s> Paris</s>"),
+    (MISTRAL_LIKE, [{"role": "system", "content": "Answer Y or N."}], ("N", "Y"), " N</s> Y</s>"),
+], ids=["qwen3-like", "qwen3-like-marker-words", "qwen3-like-answer-in-system", "mistral-like",
+        "mistral-like-word", "mistral-like-letter-in-marker"])
 def test_answers_are_found_where_a_template_renders_earlier_turns_otherwise(tokenizer, monkeypatch, template,
-                                                                            system, learned):
-    """Rendered alone, an earlier answer is not a prefix of the whole conversation; its span is found
-    by its text instead. Taken from the renderings' lengths, these learned the next user turn's
-    tokens (Qwen3-like) or the prompt and not the first answer (Mistral-like)."""
+                                                                            system, answers, learned):
+    """Rendered alone, an earlier answer is not a prefix of the whole conversation; it is found where
+    the whole renders a mark in its place. Taken from the renderings' lengths, these learned the next
+    user turn's tokens (Qwen3-like) or the prompt and not the first answer (Mistral-like); found by
+    searching for its text, an answer matched inside a marker ("N" in [/INST], "start" in
+    <|im_start|>), the system prompt or the user's turn, and lost a first token that begins with
+    the template's space (" Four")."""
     monkeypatch.setattr(tokenizer, "chat_template", template)
-    messages = system + [{"role": "user", "content": "4"}, {"role": "assistant", "content": "4"},
-                         {"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris"}]
+    messages = system + [{"role": "user", "content": "4"}, {"role": "assistant", "content": answers[0]},
+                         {"role": "user", "content": "Capital of France?"},
+                         {"role": "assistant", "content": answers[1]}]
     ids, labels = tokenize_chat(tokenizer, messages)
     assert _learned_text(tokenizer, ids, labels) == learned
     first = next(i for i, l in enumerate(labels) if l != IGNORE)
-    assert "4" in tokenizer.decode(ids[:first])          # the user's "4" is not the one learned
+    assert tokenizer.decode(ids[:first]).endswith(("assistant\n", "[/INST]", "[/INST] "))
 
 
 def test_a_chat_template_that_refuses_a_conversation_names_the_record(tmp_path, tokenizer, monkeypatch):

@@ -240,15 +240,26 @@ def test_a_refused_resume_leaves_the_run_as_it_was_and_changed_heldout_data_is_s
     def moved(*args, **kwargs):
         raise ModelError("the model folder is gone")
 
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(trainer, "load_model", moved)
         assert main(["train", "--resume", str(run_dir), "steps=4", "--no-tui"]) == 2
+        # Stopped while it loads: the command it gives asks for steps=4 again.
+        patch.setattr(trainer, "load_model", interrupted)
+        capsys.readouterr()
+        assert main(["train", "--resume", str(run_dir), "steps=4", "--no-tui"]) == 130
+        assert f"interrupted: `lowmem train --resume {run_dir} steps=4` continues" in capsys.readouterr().out
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["steps"] == 2
     assert sorted(p.name for p in run_dir.iterdir() if p.suffix == ".yaml") == ["config.yaml", "plan.yaml"]
     held.write_text(held.read_text().replace("number 1.", "number 9."))
+    capsys.readouterr()
     assert main(["train", "--resume", str(run_dir), "steps=4", "--no-tui"]) == 0
     warnings = [e["message"] for e in read_events(run_dir) if e["kind"] == "warning"]
     assert any(w.startswith("the held-out data changed since the checkpoint") for w in warnings)
+    assert not [line for line in capsys.readouterr().out.splitlines()      # no before -> after across
+                if line.startswith("held-out loss ")]                      # other held-out data
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["steps"] == 4
 
 
@@ -269,7 +280,8 @@ def test_a_full_disk_at_the_end_leaves_no_half_written_adapter_and_a_resume_writ
 
     monkeypatch.setattr(trainer, "save_adapter_for", disk_fills)
     with pytest.raises(CheckpointError, match=r"adapter: cannot be written \(No space left on device\); the "
-                                              r"checkpoint step-2 holds everything trained: free space, then "
+                                              r"checkpoint step-2 holds everything trained: once the folder can "
+                                              r"be written \(a full disk, permissions\), "
                                               r"`lowmem train --resume .*` writes it"):
         train(config, plan, run_dir, out=lambda m: None)
     assert not (run_dir / "adapter").exists() and not list(run_dir.glob(".adapter*"))
@@ -295,10 +307,11 @@ def test_running_out_of_gpu_memory_is_one_line_with_the_plans_figure_and_the_che
     def third_step_runs_out(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has ...\nmore")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has ...\nmore")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(trainer, "train_step", third_step_runs_out)
+    monkeypatch.delattr(torch, "OutOfMemoryError", raising=False)    # torch 2.4 has only torch.cuda's
     with pytest.raises(BudgetError, match=r"^out of GPU memory at step 3 \(CUDA out of memory\. Tried to allocate "
                                           r"2\.00 GiB\. GPU 0 has \.\.\.\); the plan predicted a peak of .* \(.*\) for "
                                           r"--vram 1\.00GiB, and whatever else runs on the GPU .* The newest checkpoint, step-2, is "

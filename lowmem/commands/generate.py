@@ -59,7 +59,10 @@ def find_adapter(path: Path, note=None) -> tuple[Path, str | None]:
     if (path / ADAPTER_CONFIG).is_file():
         # Inside a run (adapter-step-N/, checkpoints/step-N/adapter/): the base as the run names it
         # ("smollm2-135m" rather than the embedded model's cache folder); else the adapter's own.
-        run = next((d for d in (path.parent, path.parent.parent.parent) if (d / "config.yaml").is_file()), None)
+        inside = [path.parent] if path.name == "adapter" or path.name.startswith("adapter-step-") else []
+        if path.name == "adapter" and path.parent.parent.name == "checkpoints":
+            inside = [path.parent.parent.parent]
+        run = next((d for d in inside if (d / "config.yaml").is_file()), None)
         if run is not None:
             try:
                 return path, run_identity(run)[0]
