@@ -340,9 +340,9 @@ def find_resumable(run_dir: Path, warn=print) -> Path:
         problems.append(f"{folder.name}: {problem}")
         warn(f"checkpoint {folder} is damaged ({problem}); trying the previous one")
     if problems:
-        raise CheckpointError(f"{run_dir} has no valid checkpoint to resume from; every one is damaged: "
+        raise CheckpointError(f"{run_dir} has no valid checkpoint; every one is damaged: "
                               + "; ".join(problems))
-    raise CheckpointError(f"{run_dir} has no checkpoint to resume from")
+    raise CheckpointError(f"{run_dir} has no checkpoint (none was written yet)")
 
 
 def set_aside_damaged(run_dir: Path, resumed: Path) -> list[Path]:

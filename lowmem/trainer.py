@@ -507,7 +507,10 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
                 total_params=n_total, train_examples=len(data.train),
                 heldout_examples=len(data.heldout), pid=os.getpid(), host=this_host(), resumed=resume,
                 **gpu)
-    out(f"{config.model}: {n_total / 1e6:.1f}M parameters, {n_trainable / 1e6:.2f}M trainable "
+    # With adapters, the model's own parameters (as `lowmem plan` counts them) and the adapters'.
+    sizes = (f"{(n_total - n_trainable) / 1e6:.1f}M parameters + {n_trainable / 1e6:.2f}M trainable in adapters"
+             if adapted else f"{n_total / 1e6:.1f}M parameters, {n_trainable / 1e6:.2f}M trainable")
+    out(f"{config.model}: {sizes} "
         f"({plan.method}{f', rank {plan.lora_rank}' if plan.lora_rank else ''}) on "
         f"{gpu.get('gpu', device)}"
         f"{'' if gpu.get('kernels', 'on') == 'on' else ' (lowmem.kernels off: ' + gpu['kernels'] + ')'}; "

@@ -139,7 +139,7 @@ def test_when_every_checkpoint_is_damaged_the_error_says_what_is_wrong_with_each
                                               r"step-1: rng.pt is missing"):
         find_resumable(tmp_path, warn=lambda m: None)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="has no checkpoint to resume from"):
+    with pytest.raises(CheckpointError, match=r"has no checkpoint \(none was written yet\)"):
         find_resumable(tmp_path / "empty")
 
 

@@ -334,7 +334,12 @@ def test_a_run_says_when_its_held_out_data_is_its_training_data_and_when_chats_h
     monkeypatch.setattr(trainer, "load_model", without_template)
     config, plan, run_dir = _start(_config(tiny_model_dir, tiny_chat_data, tmp_path, steps=1,
                                            eval_data=str(tiny_chat_data)), "same")
-    train(config, plan, run_dir, out=lambda m: None)
+    said = []
+    train(config, plan, run_dir, out=said.append)
+    # The model's own parameters as `lowmem plan` counts them, and the adapters' beside them.
+    start = next(e for e in read_events(run_dir) if e["kind"] == "start")
+    assert any(f"{(start['total_params'] - start['trainable_params']) / 1e6:.1f}M parameters + "
+               f"{start['trainable_params'] / 1e6:.2f}M trainable in adapters (lora, rank 4)" in m for m in said)
     warned = [e["message"] for e in read_events(run_dir) if e["kind"] == "warning"]
     assert any(w.startswith("the held-out data is the training data (--eval-data names the --data file)")
                for w in warned)
