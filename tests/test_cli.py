@@ -648,11 +648,11 @@ def test_a_run_named_where_its_directory_is_expected_is_pointed_at_runs(tmp_path
     (tmp_path / "runs" / "mine" / "config.yaml").write_text("steps: 2\n")
     monkeypatch.chdir(tmp_path)
     assert main(["monitor", "mine", "--no-tui"]) == 2
-    assert capsys.readouterr().err == "LowmemError: run directory mine does not exist (did you mean runs/mine?)\n"
+    assert capsys.readouterr().err == "CheckpointError: run directory mine does not exist (did you mean runs/mine?)\n"
     assert main(["train", "--resume", "mine", "--no-tui"]) == 2
     assert "mine is not a run directory (no config.yaml) (did you mean runs/mine?)" in capsys.readouterr().err
     assert main(["monitor", "other", "--no-tui"]) == 2
-    assert capsys.readouterr().err == "LowmemError: run directory other does not exist\n"
+    assert capsys.readouterr().err == "CheckpointError: run directory other does not exist\n"
 
 
 def test_a_real_model_planned_at_the_demos_seq_len_is_told_to_give_its_own(capsys):

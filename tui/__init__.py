@@ -28,7 +28,7 @@ def run_dashboard(run_dir: str | Path, *, poll_s: float = 0.5, since: float | No
 
     `poll_s` is the time between reads of the run directory. `since` is when `lowmem train`
     launched the trainer: events written before it are an earlier session's (a resume).
-    Raises LowmemError if the run directory does not exist.
+    Raises CheckpointError if the run directory does not exist.
     """
     from .app import DashboardApp
 

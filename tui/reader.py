@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from lowmem.errors import LowmemError
+from lowmem.errors import CheckpointError
 from lowmem.events import (EVENTS_FILE, READ_CHUNK, read_jsonl_tail, run_dir_hint, this_host, trainer_alive,
                            trainer_may_hold)
 
@@ -30,17 +30,17 @@ QUIET_S = 600.0
 
 
 def check_run_dir(run_dir: str | Path, *, require_run_files: bool = False) -> Path:
-    """The run directory as a Path, or a LowmemError that says what is wrong with it."""
+    """The run directory as a Path, or a CheckpointError that says what is wrong with it."""
     path = Path(run_dir)
     if not path.exists():
-        raise LowmemError(f"run directory {path} does not exist{run_dir_hint(path)}")
+        raise CheckpointError(f"run directory {path} does not exist{run_dir_hint(path)}")
     if not path.is_dir():
-        raise LowmemError(f"{path} is not a directory (expected a run directory such as runs/NAME)")
+        raise CheckpointError(f"{path} is not a directory (expected a run directory such as runs/NAME)")
     if path.resolve().parent.name == "checkpoints" and (path / "manifest.json").is_file():
-        raise LowmemError(f"{path} is a checkpoint, not a run: open its run directory "
+        raise CheckpointError(f"{path} is a checkpoint, not a run: open its run directory "
                           f"{path.resolve().parent.parent}")
     if require_run_files and not any((path / f).exists() for f in (EVENTS_FILE, CONFIG_FILE, PLAN_FILE)):
-        raise LowmemError(f"{path} is not a run directory: it has no {EVENTS_FILE}, "
+        raise CheckpointError(f"{path} is not a run directory: it has no {EVENTS_FILE}, "
                           f"{CONFIG_FILE} or {PLAN_FILE}")
     return path
 
