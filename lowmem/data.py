@@ -316,9 +316,9 @@ def _found_turn(tokenizer, messages: list[dict], full: str, i: int) -> tuple[int
     end-of-turn marker that follows the mark in the rendering ending with it as follows the
     answer in `full`."""
     def unplaced(why: str) -> DataError:
-        return DataError(f"the model's chat template renders message {i + 1} (an assistant turn) otherwise "
-                         f"alone than in the whole conversation, and {why}, so lowmem cannot tell which "
-                         f"tokens to learn")
+        return DataError(f"the model's chat template renders message {i + 1} (an assistant turn) differently "
+                         f"on its own than inside the whole conversation, and {why}, so lowmem cannot tell "
+                         f"which tokens to learn")
 
     marked = messages[:i] + [{**messages[i], "content": ANSWER_MARK}]
     whole = render_chat(tokenizer, marked + messages[i + 1:])
@@ -416,7 +416,8 @@ def split_records(config) -> tuple[list, list]:
     eval_path = Path(config.eval_data).expanduser() if config.eval_data else None
     if config.data == "embedded":
         train_path, heldout_path = embedded_paths()
-        return read_records(train_path), read_records(eval_path or heldout_path, "held-out data (--eval-data)")
+        return read_records(train_path), read_records(eval_path or heldout_path,
+                                                      "held-out data (--eval-data)" if eval_path else "held-out data")
     train_records = read_records(Path(config.data).expanduser())
     if eval_path is not None:
         return train_records, read_records(eval_path, "held-out data (--eval-data)")

@@ -128,8 +128,8 @@ def load_tokenizer(model_dir: Path):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    except (OSError, ValueError, TypeError) as e:
-        # Weights copied without the tokenizer's files are the usual cause.
+    except Exception as e:     # OSError, ValueError; the tokenizers library raises plain Exception
+        # Weights copied without the tokenizer's files are the usual cause; a damaged file another.
         files = sorted(p.name for p in Path(model_dir).glob("*token*"))
         why = (f"it holds {', '.join(files)}, which did not load: {str(e).splitlines()[0][:200]}" if files
                else "it has no tokenizer files")

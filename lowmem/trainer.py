@@ -79,8 +79,6 @@ def new_run_dir(config: RunConfig) -> Path:
     nothing trained: no checkpoint and no final weights, as a run stopped or failed before
     its first checkpoint leaves it. That one is emptied and used again, unless a trainer
     is working in it."""
-    import shutil
-
     name = config.name or datetime.now().strftime("%Y%m%d-%H%M%S")
     if name in (".", "..") or "/" in name or "\\" in name or name != name.strip() or not name.isprintable():
         raise ConfigError(f"key 'name': expected a folder name (no / or \\, not . or .., no spaces at its ends "
