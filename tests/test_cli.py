@@ -704,3 +704,25 @@ def test_bitsandbytes_advice_to_install_an_optional_cpu_kernel_is_not_shown():
                               (), None)
     ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
     assert not ops.filter(record) and ops.filter(other)
+
+
+def test_a_model_folder_without_a_working_tokenizer_is_one_line_before_any_run_is_made(
+        tmp_path, tiny_model_dir, tiny_chat_data, capsys):
+    import shutil
+
+    bare, damaged = tmp_path / "bare", tmp_path / "damaged"
+    for folder in (bare, damaged):
+        folder.mkdir()
+        for f in tiny_model_dir.iterdir():
+            if "token" not in f.name:
+                shutil.copy(f, folder / f.name)
+    (damaged / "tokenizer.json").write_text('{"model": "not a tokenizer"}')
+    (damaged / "tokenizer_config.json").write_text("{}")
+    for folder, why in ((bare, "it has no tokenizer files"),
+                        (damaged, "it holds tokenizer.json, tokenizer_config.json, which did not load: ")):
+        assert main(["train", "--model", str(folder), "--data", str(tiny_chat_data), "--runs-dir",
+                     str(tmp_path / "runs"), "--steps", "1", "--no-tui"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"ModelError: {folder}: cannot load the model's tokenizer ({why}") and len(
+            err.splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists()
