@@ -181,6 +181,41 @@ def evaluation_progress(event: dict) -> str:
     return f"scored {done}/{total} examples"
 
 
+def clock(seconds: float) -> str:
+    """h:mm:ss."""
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def step_line(event: dict) -> str:
+    """A `step` event (or its fields) as one line, the same in the trainer's console and in
+    `lowmem monitor --no-tui`: `step  3/50  loss 2.1034  lr 4.00e-04  grad 1.208  151 tok/s
+    peak 9.12GiB  0:00:31 elapsed  ETA 0:05:02` (on the CPU, the process's RSS for the peak)."""
+    from lowmem.config import format_size
+
+    def number(key: str, form: str) -> str:
+        value = event.get(key)
+        return format(value, form) if is_number(value) else "?"
+
+    steps = event.get("steps")
+    parts = [f"step {event.get('step', '?'):>{len(str(steps)) if steps else 1}}/{steps or '?'}",
+             f"loss {number('loss', '.4f')}", f"lr {number('lr', '.2e')}"]
+    if event.get("grad_norm") is not None:
+        parts.append(f"grad {number('grad_norm', '.3f')}")
+    if event.get("tokens_per_s") is not None:
+        parts.append(f"{number('tokens_per_s', ',.0f')} tok/s")
+    mem = event.get("mem") or {}
+    if mem.get("peak") is not None:
+        parts.append(f"peak {format_size(mem['peak'])}")
+    elif mem.get("rss") is not None:
+        parts.append(f"RSS {format_size(mem['rss'])}")
+    if is_number(event.get("elapsed_s")):
+        parts.append(f"{clock(event['elapsed_s'])} elapsed")
+    if is_number(event.get("eta_s")):
+        parts.append(f"ETA {clock(event['eta_s'])}")
+    return "  ".join(parts)
+
+
 def finished_steps(run_dir: Path) -> list[int]:
     """The steps at which the run's sessions ended `finished`, oldest first."""
     return [e["step"] for e in iter_events(run_dir)

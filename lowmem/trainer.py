@@ -37,8 +37,8 @@ from lowmem.config import RunConfig, format_size
 from lowmem.data import BatchStream, decoder_inputs, fingerprint, load_datasets
 from lowmem.errors import CheckpointError, ConfigError, DataError, DivergedError, ModelError
 from lowmem.evaluate import autocast_for, evaluate
-from lowmem.events import (ControlReader, EventLog, evaluation_progress, finished_steps, is_number, read_events,
-                           run_dir_hint, this_host)
+from lowmem.events import (ControlReader, EventLog, clock, evaluation_progress, finished_steps, is_number,
+                           read_events, run_dir_hint, step_line, this_host)
 from lowmem.loss import causal_lm_loss, count_targets
 from lowmem.offload import OffloadActivations
 from lowmem.lora import save_adapter
@@ -279,18 +279,15 @@ class Progress:
         finally:
             self.idle += time.perf_counter() - began
 
-    def line(self, step: int, loss: float, lr: float, grad_norm: float) -> tuple[str, dict]:
+    def fields(self, step: int) -> dict:
+        """A `step` event's timing fields: tokens, tokens_per_s, elapsed_s, eta_s."""
         elapsed = self.elapsed()
         training = max(time.perf_counter() - self.started - self.idle, 1e-9)
         done = step - self.start_step
         tok_s = self.tokens / training
         eta = training / done * (self.total_steps - step) if done else 0.0
-        fields = {"tokens": self.tokens, "tokens_per_s": round(tok_s, 1),
-                  "elapsed_s": round(elapsed, 2), "eta_s": round(eta, 1)}
-        text = (f"step {step:>{len(str(self.total_steps))}}/{self.total_steps}  loss {loss:.4f}  "
-                f"lr {lr:.2e}  grad {grad_norm:.3f}  {tok_s:,.0f} tok/s  "
-                f"{_clock(elapsed)} elapsed  ETA {_clock(eta)}")
-        return text, fields
+        return {"tokens": self.tokens, "tokens_per_s": round(tok_s, 1),
+                "elapsed_s": round(elapsed, 2), "eta_s": round(eta, 1)}
 
 
 #: Seconds between reports of how far an evaluation has got (a line, and an `evaluating` event).
@@ -313,11 +310,6 @@ def train_command(arguments: str) -> str:
 def _seconds(value) -> float:
     """A checkpoint's elapsed_s, or 0 where it has none (or not a time)."""
     return float(value) if is_number(value) and math.isfinite(value) and value >= 0 else 0.0
-
-
-def _clock(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def train(config: RunConfig, plan: Plan, run_dir: Path, *, resume: bool = False, out=print,
@@ -540,7 +532,7 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
                 return
             last = now
             fields = dict(phase=phase, done=done, total=total)
-            out(f"eval ({label}, step {step}): {evaluation_progress(fields)} ({_clock(now - began)})")
+            out(f"eval ({label}, step {step}): {evaluation_progress(fields)} ({clock(now - began)})")
             events.emit("evaluating", step=step, label=label, **fields)
 
         result = evaluate(model, tokenizer, data.heldout, device, generate_answers=config.eval_generate,
@@ -587,11 +579,10 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
             step += 1
             skipped = skipped + 1 if not (math.isfinite(loss) and math.isfinite(grad_norm)) else 0
             progress.tokens += tokens
-            text, fields = progress.line(step, loss, lr_at(step - 1, config), grad_norm)
-            events.emit("step", step=step, steps=config.steps, loss=loss, lr=lr_at(step - 1, config),
-                        grad_norm=grad_norm, mem=memstats.measure(device), **fields)
+            event = events.emit("step", step=step, steps=config.steps, loss=loss, lr=lr_at(step - 1, config),
+                                grad_norm=grad_norm, mem=memstats.measure(device), **progress.fields(step))
             if step % config.log_every == 0 or step == config.steps or skipped:
-                out(text)
+                out(step_line(event))
             if skipped:
                 diverged(step, loss, grad_norm, skipped, getattr(optimizer, "per_layer", False), config,
                          saved["folder"] if saved["step"] is not None else None, events, out)

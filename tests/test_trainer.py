@@ -347,6 +347,26 @@ def test_a_run_says_when_its_held_out_data_is_its_training_data_and_when_chats_h
                for w in warned)
 
 
+def test_the_console_and_lowmem_monitor_print_a_step_alike(tmp_path, tiny_model_dir, tiny_chat_data, capsys):
+    """One line for a step wherever it is read: the trainer's console, and the monitor replaying the
+    run (they differed: `lr 2.00e-03  grad 3.731 ... 0:00:24 elapsed` against `lr 0.002  |g| 3.73 ...
+    elapsed 0:24`); both give the memory."""
+    import re
+
+    from lowmem.commands.monitor import print_progress
+
+    config, plan, run_dir = _start(_config(tiny_model_dir, tiny_chat_data, tmp_path, steps=3), "alike")
+    said = []
+    train(config, plan, run_dir, out=said.append)
+    console = [m for m in said if m.startswith("step ")]
+    assert len(console) == 3 and all(re.fullmatch(r"step \d/3  loss \d+\.\d{4}  lr \d\.\d\de-\d\d  grad \d+\.\d{3}  "
+                                                  r"[\d,]+ tok/s  RSS [\d.]+[MG]iB  \d:\d\d:\d\d elapsed  "
+                                                  r"ETA \d:\d\d:\d\d", m) for m in console), console
+    capsys.readouterr()
+    assert print_progress(run_dir, poll_s=0.01, check_trainer=False) == 0
+    assert [m for m in capsys.readouterr().out.splitlines() if m.startswith("step ")] == console
+
+
 def test_a_finished_run_trained_further_sets_its_old_adapter_aside_and_answers_with_its_newest(
         tmp_path, tiny_model_dir, tiny_chat_data):
     from lowmem.checkpoint import run_adapter_folder
@@ -812,13 +832,13 @@ def test_time_paused_or_evaluating_is_not_training_time(monkeypatch):
     progress = trainer.Progress(total_steps=10, start_step=0)
     clock[0] += 2.0
     progress.tokens = 2000
-    _, fields = progress.line(2, 1.0, 1e-3, 1.0)
+    fields = progress.fields(2)
     assert fields["tokens_per_s"] == 1000.0 and fields["eta_s"] == 8.0
     with progress.aside():
         clock[0] += 60.0                         # paused a minute
     clock[0] += 1.0
     progress.tokens = 3000
-    _, fields = progress.line(3, 1.0, 1e-3, 1.0)
+    fields = progress.fields(3)
     assert fields["tokens_per_s"] == 1000.0 and fields["eta_s"] == 7.0
     assert fields["elapsed_s"] == 63.0           # the wall clock, pause included
 

@@ -589,7 +589,7 @@ def test_monitor_without_a_terminal_prints_progress_lines_and_returns_0_for_a_fi
     assert args.func(args) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "started qwen7b-alpaca: Qwen/Qwen2.5-7B · qlora · cuda, 60 steps (pid 4242)"
-    assert lines[1].startswith("step 1/60  loss 2.737  lr 4.0e-05  |g| 0.962  26,214 tok/s  peak 19.55GiB")
+    assert lines[1].startswith("step  1/60  loss 2.7370  lr 4.00e-05  grad 0.962  26,214 tok/s  peak 19.55GiB  0:00:")
     assert "checkpoint @ step 20: checkpoints/step-20" in lines
     assert lines[-1] == "done @ step 60: finished"
 

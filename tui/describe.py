@@ -10,7 +10,7 @@ import math
 from typing import Any
 
 from lowmem.config import format_size
-from lowmem.events import evaluation_progress, is_number
+from lowmem.events import evaluation_progress, is_number, step_line
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -45,26 +45,6 @@ def fmt_bytes(n: Any) -> str:
     if n is None or isinstance(n, bool) or not isinstance(n, (int, float)):
         return "-"
     return format_size(int(n))
-
-
-def progress_line(event: dict) -> str:
-    """A `step` event as a plain progress line."""
-    mem = event.get("mem") or {}
-    parts = [f"step {event.get('step', '?')}/{event.get('steps', '?')}",
-             f"loss {fmt_number(event.get('loss'))}",
-             f"lr {fmt_number(event.get('lr'), 3)}"]
-    if event.get("grad_norm") is not None:
-        parts.append(f"|g| {fmt_number(event.get('grad_norm'), 3)}")
-    if event.get("tokens_per_s") is not None:
-        parts.append(f"{fmt_rate(event.get('tokens_per_s'))} tok/s")
-    if mem.get("peak") is not None:
-        parts.append(f"peak {fmt_bytes(mem['peak'])}")
-    elif mem.get("rss") is not None:
-        parts.append(f"rss {fmt_bytes(mem['rss'])}")
-    parts.append(f"elapsed {fmt_duration(event.get('elapsed_s'))}")
-    if event.get("eta_s") is not None:
-        parts.append(f"eta {fmt_duration(event.get('eta_s'))}")
-    return "  ".join(parts)
 
 
 def describe_event(event: dict) -> str | None:
@@ -108,5 +88,5 @@ def describe_event(event: dict) -> str | None:
 def plain_line(event: dict) -> str | None:
     """What `lowmem monitor --no-tui` prints for an event."""
     if event.get("kind") == "step":
-        return progress_line(event)
+        return step_line(event)     # as the trainer's console prints it
     return describe_event(event)
