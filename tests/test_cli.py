@@ -726,3 +726,18 @@ def test_a_model_folder_without_a_working_tokenizer_is_one_line_before_any_run_i
         assert err.startswith(f"ModelError: {folder}: cannot load the model's tokenizer ({why}") and len(
             err.splitlines()) == 1, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_generate_out_of_gpu_memory_is_one_line_with_what_to_do(tiny_model_dir, capsys, monkeypatch):
+    from lowmem import evaluate
+
+    def runs_out(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB\nmore")
+
+    monkeypatch.setattr(evaluate, "generate", runs_out)
+    assert main(["generate", "hi", "--model", str(tiny_model_dir), "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == ("BudgetError: out of GPU memory while answering (CUDA out of memory. Tried to allocate "
+                       "20.00 MiB); whatever else runs on the GPU takes from the memory the prediction was held "
+                       "to (nvidia-smi lists it): free it, or answer with --base nf4, fewer --max-new-tokens, "
+                       "or --device cpu")

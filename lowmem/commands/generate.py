@@ -218,6 +218,20 @@ def choose_format(spec, budget: Budget, pinned: str, prompt_tokens: int, new_tok
 def run(args) -> int:
     import torch
 
+    try:
+        return _answer(args)
+    except torch.cuda.OutOfMemoryError as e:      # the prediction held, but the GPU is shared
+        from lowmem.planner import BudgetError
+
+        said = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BudgetError(f"out of GPU memory while answering ({said}); whatever else runs on the GPU takes "
+                          f"from the memory the prediction was held to (nvidia-smi lists it): free it, or "
+                          f"answer with --base nf4, fewer --max-new-tokens, or --device cpu") from None
+
+
+def _answer(args) -> int:
+    import torch
+
     from lowmem.config import format_size
     from lowmem.evaluate import generate, render_chat
     from lowmem.lora import load_adapter, read_adapter
