@@ -589,7 +589,10 @@ def past_context(spec: ModelSpec, seq_len: int) -> str | None:
 
 
 def _notes(plan: Plan, spec: ModelSpec, pinned: Iterable[str]) -> tuple[str, ...]:
-    return tuple(n for n in (unused_keys(plan.method, pinned), past_context(spec, plan.seq_len)) if n)
+    idle = None
+    if plan.device == "cpu" and plan.offload_activations and "offload" in set(pinned):
+        idle = "offload: set, but on the CPU the activations are in host memory already: it saves nothing"
+    return tuple(n for n in (unused_keys(plan.method, pinned), idle, past_context(spec, plan.seq_len)) if n)
 
 
 def _reasons(plan: Plan, spec: ModelSpec, config: Any, pinned: set[str]) -> tuple[str, ...]:
@@ -619,7 +622,14 @@ def _reasons(plan: Plan, spec: ModelSpec, config: Any, pinned: set[str]) -> tupl
             reasons.append(f"{text} {_show(value)}: pinned")
         elif value:
             without = predict(spec, dataclasses.replace(plan, **{attr: off})).total
-            reasons.append(f"{text} on: without it the peak would be {format_size(without)}")
+            reason = f"{text} on: without it the peak would be {format_size(without)}"
+            if key == "grad_checkpointing" and plan.offload_activations and plan.usable is not None \
+                    and without <= plan.usable:
+                # It fits without; chosen for speed: offloading alone moves every saved tensor to the
+                # host and back, with checkpointing only each block's input.
+                reason += (", which fits; with offloading on, recomputing the blocks is ranked faster than "
+                           "moving every saved tensor to the host and back (only each block's input crosses)")
+            reasons.append(reason)
         if key == "offload" and value and b.host and plan.host_usable is not None:
             reasons[-1] += f"; it pins {format_size(b.host)} of host RAM, of {_host_budget(plan, config)}"
     if "micro_batch" in pinned:

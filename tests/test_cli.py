@@ -741,3 +741,14 @@ def test_generate_out_of_gpu_memory_is_one_line_with_what_to_do(tiny_model_dir, 
                        "20.00 MiB); whatever else runs on the GPU takes from the memory the prediction was held "
                        "to (nvidia-smi lists it): free it, or answer with --base nf4, fewer --max-new-tokens, "
                        "or --device cpu")
+
+
+def test_train_help_names_every_key_a_resume_may_change(capsys):
+    from lowmem.trainer import RESUMABLE_CHANGES
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    start = text.index("--resume RUN_DIR continue")
+    resume = text[start:text.index("--print-config", start)]
+    assert all(key in resume for key in RESUMABLE_CHANGES), resume

@@ -148,7 +148,12 @@ def test_a_tight_budget_turns_checkpointing_on_and_says_what_it_saves():
     tight = make_plan(config(vram=parse_size("22G"), method="lora"), spec, {"method"}, device="cuda")
     assert not loose.grad_checkpointing and tight.grad_checkpointing
     reason = next(r for r in tight.reasons if r.startswith("activation checkpointing on"))
-    assert "without it the peak would be" in reason
+    assert "without it the peak would be" in reason and "which fits" not in reason
+    # With offloading pinned, checkpointing is taken for speed where the plan fits without it too.
+    offloaded = make_plan(config(vram=parse_size("24G"), method="lora", offload=True), spec, {"method", "offload"},
+                          device="cuda")
+    reason = next(r for r in offloaded.reasons if r.startswith("activation checkpointing on"))
+    assert ", which fits; with offloading on, recomputing the blocks is ranked faster" in reason
 
 
 def test_rejected_candidates_say_which_term_broke_the_budget_and_by_how_much(every_method):
@@ -576,6 +581,11 @@ def test_the_reasons_say_which_choices_were_pinned(every_method):
     assert any(r.startswith("the base is pruned by 50% (loram.ratio, pinned)") for r in loram.reasons)
     free = make_plan(config(vram=parse_size("6G")), spec, device="cuda")
     assert free.method == "loram" and any(r.startswith("nothing unpruned fits") for r in free.reasons)
+    # A pin that does nothing where the plan runs is said to.
+    cpu = make_plan(config(vram=parse_size("24G"), offload=True), spec, {"offload"}, device="cpu")
+    assert "offload: set, but on the CPU the activations are in host memory already: it saves nothing" in cpu.reasons
+    gpu = make_plan(config(vram=parse_size("24G"), offload=True), spec, {"offload"}, device="cuda")
+    assert not any(r.startswith("offload: set, but") for r in gpu.reasons)
 
 
 def test_a_better_method_refused_for_the_host_is_listed_as_such(every_method):

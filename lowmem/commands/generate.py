@@ -36,7 +36,8 @@ def register(sub) -> None:
     p.add_argument("--adapter", help="adapter folder or run directory")
     p.add_argument("--system", default=None, help="system message (default: none)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="answer length cap (default: 128)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to answer: auto takes the GPU when there is one (default: auto)")
     p.add_argument("--base", choices=("auto", "fp32", "bf16", "nf4"), default="auto",
                    help="how the base's block linears are held: auto takes the widest that fits the "
                         "budget (CUDA: bf16, then nf4; CPU: fp32, bf16, nf4); nf4 quantizes them while "

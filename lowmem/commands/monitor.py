@@ -26,8 +26,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Open the dashboard on a run directory. Keys: p pause/resume, s save, q quit, ? help.")
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the run directory, e.g. runs/NAME")
     parser.add_argument("--no-tui", action="store_true",
-                        help="print plain progress lines instead of the dashboard "
-                             "(the default when stdout is not a terminal, or CI is set)")
+                        help="print one plain line per event instead of the dashboard (the default when "
+                             "stdout is not a terminal, or CI is set): a finished run is replayed and the "
+                             "command exits; a live one is followed to its end. Exit status 0 when the run "
+                             "ended well, 1 after an error or a trainer that is gone")
     parser.add_argument("--poll", type=float, default=0.5, metavar="S",
                         help="seconds between reads of events.jsonl (default: 0.5)")
     parser.set_defaults(func=run)

@@ -43,7 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "plan", help="choose the plan that fits a memory budget and show its predicted memory",
         description="Choose the best plan that fits --vram (quality first, then speed) and show "
-                    "its predicted memory, term by term. Reads no weights.")
+                    "its predicted memory, term by term. Reads no weights. Every key you set (a flag, "
+                    "key=value, or a preset's) is pinned: the planner keeps it and chooses the rest, so "
+                    "leave micro_batch, grad_checkpointing, offload, loss_chunk or method out to let it "
+                    "choose them; the defaults listed are what it starts from.")
     parser.add_argument("--json", action="store_true",
                         help="print the plan as JSON (an error too, as {\"error\", \"kind\"}, exit status 2)")
     parser.add_argument("--list-models", action="store_true",
@@ -352,12 +355,13 @@ def _loram_prepare_note(plan: Plan, spec: ModelSpec, prepare: dict[str, Any]) ->
         return f"{auto}pruned by magnitude while the weights load, {beside}"
     if prep.streamed:
         scored = f"{auto}taylor scores computed one dense block at a time"
-        need = f"{format_size(prep.bytes)} and {format_size(prep.host_bytes)} of host RAM"
         then = f"then pruned while the weights load, {beside}"
         if prep.where == "cuda":
-            return f"{scored} on the GPU ({need}; within the budget), {then}"
+            return (f"{scored} on the GPU ({format_size(prep.bytes)} of the GPU, within the budget, and "
+                    f"{format_size(prep.host_bytes)} of host RAM), {then}")
         if prep.where == "cpu":
-            return f"{scored} on the host ({need}; {host} RAM available here), {then}"
+            return (f"{scored} on the host ({format_size(prep.bytes)} for the scoring and "
+                    f"{format_size(prep.host_bytes)} besides, of {host} RAM available here), {then}")
         return f"{auto}{prep.shortfall(plan)}; lowmem train will refuse ({prep.alternative()})"
     what = f"{auto}{prep.what} need {format_size(prep.bytes)}"
     if prep.where == "cuda":

@@ -31,7 +31,9 @@ def register(sub) -> None:
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a stopped run exactly from its newest valid checkpoint (a run stopped "
                         "before its first checkpoint starts over); steps=N trains it longer, its "
-                        "learning-rate schedule stretched to the new length")
+                        "learning-rate schedule stretched to the new length. A resume may change only "
+                        "steps, eval_every, eval_max_examples, eval_generate, max_new_tokens, save_every, "
+                        "save_minutes, keep_checkpoints and log_every")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config and exit (before planning: with --vram, `lowmem plan` "
                         "shows the method and settings the planner picks, and an unset lr follows that "
