@@ -559,7 +559,7 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
             config=config.to_dict(), plan=plan.to_dict(),
             keep=config.keep_checkpoints,
             extra_dirs={"adapter": lambda d: save_adapter_for(model, plan, config, d, model_dir)} if adapted else None)
-        events.emit("checkpoint", step=step, path=str(folder))
+        events.emit("checkpoint", step=step, path=str(folder.relative_to(run_dir)))   # however the run was named
         saved.update(step=step, folder=folder, at=time.monotonic())
         return folder
 

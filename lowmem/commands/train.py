@@ -230,7 +230,10 @@ def train_here(run_dir: Path, resume: bool, since: float | None = None) -> int:
     from lowmem.trainer import read_run_files, train
 
     config, plan = read_run_files(run_dir, resume)
-    done = train(config, plan, run_dir, resume=resume, since=since)
+    try:
+        done = train(config, plan, run_dir, resume=resume, since=since)
+    except KeyboardInterrupt:     # stopped while loading or evaluating: the trainer said how to go on
+        return 130
     return 130 if done["reason"] == "interrupted" else 0
 
 
