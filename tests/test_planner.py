@@ -430,7 +430,8 @@ def test_a_loram_plan_says_where_its_dense_model_is_pruned_and_what_that_needs(m
     _, out = run_plan(["--model", "llama-3.1-70b", "--vram", "24G"], capsys)        # criterion auto
     line = next(l for l in out.splitlines() if l.strip().startswith("prepare"))
     assert ("loram.criterion=auto chose taylor; taylor scores computed one dense block at a time on the GPU "
-            "(10.79GiB and 5.66GiB of host RAM; within the budget), then pruned while the weights load, one dense "
+            "(10.79GiB of the GPU, within the budget, and 5.66GiB of host RAM), then pruned while the weights load, "
+            "one dense "
             "block at a time (3.62GiB beside the pruned model)") in line
     _, out = run_plan(["--model", "llama-3.1-70b", "--vram", "24G", "loram.criterion=taylor",
                        "loram.align_steps=10"], capsys)
