@@ -75,10 +75,11 @@ def format_size(n: int | None) -> str:
 
 
 def _key(help: str, *, min: float | None = None, max: float | None = None, above: float | None = None,
-         choices: tuple | None = None, unit: str = "", size: bool = False) -> dict:
-    """`min`/`max` bound a number inclusively, `above` exclusively (a value that must be positive)."""
+         choices: tuple | None = None, unit: str = "", size: bool = False, derived: bool = False) -> dict:
+    """`min`/`max` bound a number inclusively, `above` exclusively (a value that must be positive);
+    `derived`: unset, the key follows others (its help says how), so it has no one default."""
     return {"help": help, "min": min, "max": max, "above": above, "choices": choices, "unit": unit,
-            "size": size}
+            "size": size, "derived": derived}
 
 
 @dataclass(frozen=True)
@@ -179,11 +180,11 @@ class RunConfig:
     steps: int = field(default=50, metadata=_key("optimizer steps", min=1))
     lr: float = field(default=2e-3, metadata=_key(
         "peak learning rate; unset, it follows the method: 2e-3 for adapters, 5e-5 full, 2e-4 GaLore",
-        above=0.0))
+        above=0.0, derived=True))
     schedule: str = field(default="cosine", metadata=_key(
         "learning-rate decay after warmup", choices=("cosine", "linear", "constant")))
     warmup_steps: int = field(default=5, metadata=_key(
-        "linear warmup steps; unset, a tenth of the steps up to 5", min=0))
+        "linear warmup steps; unset, a tenth of the steps up to 5", min=0, derived=True))
     min_lr_ratio: float = field(default=0.1, metadata=_key("final lr as a share of lr", min=0.0, max=1.0))
     weight_decay: float = field(default=0.0, metadata=_key("AdamW weight decay", min=0.0))
     adam_betas: tuple[float, ...] = field(default=(0.9, 0.999), metadata=_key("AdamW betas (two numbers)"))

@@ -45,7 +45,7 @@ def add_config_flags(parser: argparse.ArgumentParser, unlisted: Iterable[str] = 
             text += f" [{'|'.join(map(str, meta['choices']))}]"
         if meta.get("unit"):
             text += f" ({meta['unit']})"
-        if "unset, " not in text:      # a key whose help says what it is when unset has no one default
+        if not meta.get("derived"):     # unset, a derived key follows others: its help says how
             text += f" (default: {_default_text(key)})"
         if key in unlisted:
             text = argparse.SUPPRESS
