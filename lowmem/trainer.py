@@ -507,7 +507,11 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
         f"{len(data.train)} training and {_examples(len(data.heldout), 'held-out')}")
 
     if not data.heldout:
-        message = "no held-out examples: evaluation is skipped (give --eval-data, or more data)"
+        held = (f"{config.eval_data} gives" if config.eval_data else
+                "eval_fraction=0 holds" if config.eval_fraction == 0 else
+                f"eval_fraction={config.eval_fraction:g} of this data is under one record, so it holds")
+        message = (f"no held-out examples: {held} none out, and evaluation is skipped "
+                   f"(give --eval-data, or a larger eval_fraction)")
         out(f"warning: {message}")
         events.emit("warning", message=message)
     elif len(data.heldout) < FEW_HELDOUT and len(data.heldout) != config.eval_max_examples:

@@ -855,6 +855,17 @@ def test_a_handful_of_held_out_examples_is_warned_of_and_counted_right(tmp_path,
                       "(--eval-data, or a larger eval_fraction) measure the run"]
 
 
+def test_a_fraction_that_holds_out_no_record_says_why_evaluation_is_skipped(tmp_path, tiny_model_dir,
+                                                                          tiny_chat_data):
+    config = _config(tiny_model_dir, tiny_chat_data, tmp_path, steps=1, eval_fraction=0.01)
+    train(*_start(config, "none"), out=lambda m: None)
+    events = read_events(tmp_path / "runs" / "none")
+    assert [e["message"] for e in events if e["kind"] == "warning"] == [
+        "no held-out examples: eval_fraction=0.01 of this data is under one record, so it holds none out, "
+        "and evaluation is skipped (give --eval-data, or a larger eval_fraction)"]
+    assert not [e for e in events if e["kind"] == "eval"]
+
+
 def test_elapsed_counts_the_first_evaluation_and_the_rate_does_not(tmp_path, tiny_model_dir, tiny_chat_data,
                                                                    monkeypatch):
     import lowmem.trainer
