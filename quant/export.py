@@ -45,9 +45,10 @@ came from, and how it was written):
   (a 70B base merges in a few GiB of RAM), in shards with an index as
   `save_pretrained` writes them; `save_merged` does it from a loaded model.
 
-`export_run` does this for a run directory (`lowmem export RUN_DIR ...`), reading
-the base's safetensors one tensor at a time for all three (`merge_streamed`,
-`quantize_streamed`): nothing loads the whole model. `quantize_model` and
+`export_run` does this for a run directory (`lowmem export RUN_DIR ...`), writing
+every output asked for in one read of the base's safetensors, one tensor at a
+time (`export_streamed`; `merge_streamed` and `quantize_streamed` write one
+output): nothing loads the whole model. `quantize_model` and
 `save_quantized` / `save_dequantized` / `save_merged` do the same from a loaded
 model, and give the same tensors (tests).
 """
@@ -247,21 +248,34 @@ def check_outputs(outputs: dict[str, Path | None]) -> None:
 
 def _write_folder(out: Path, write: Callable[[Path], None]) -> Path:
     """Write into a temporary folder beside `out`, then rename: a failed export leaves nothing."""
-    out = Path(out)
-    check_outputs({"output": out})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _clear_killed_exports(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}@{this_host()}@{os.getpid()}@", dir=out.parent))
+    return _write_folders([out], lambda folders: write(folders[0]))[0]
+
+
+def _write_folders(outs: list[Path], write: Callable[[list[Path]], None]) -> list[Path]:
+    """_write_folder for several outputs written together: each into a temporary folder beside
+    it, all renamed once `write` is done; a failure leaves none of them."""
+    outs = [Path(out) for out in outs]
+    check_outputs({"output" if len(outs) == 1 else f"output {i + 1}": out for i, out in enumerate(outs)})
+    temporary: list[Path] = []
+    done: list[Path] = []
     try:
-        write(tmp)
-        share_modes(tmp)        # an exported model is for sharing
-        if out.exists():
-            out.rmdir()
-        os.rename(tmp, out)
+        for out in outs:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            _clear_killed_exports(out)
+            temporary.append(Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}@{this_host()}@{os.getpid()}@",
+                                                   dir=out.parent)))
+        write(temporary)
+        for tmp, out in zip(temporary, outs):
+            share_modes(tmp)        # an exported model is for sharing
+            if out.exists():
+                out.rmdir()
+            os.rename(tmp, out)
+            done.append(out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for folder in temporary + done:
+            shutil.rmtree(folder, ignore_errors=True)
         raise
-    return out
+    return outs
 
 
 def _clear_killed_exports(out: Path) -> None:
@@ -424,23 +438,69 @@ def _check_base(model_dir: Path, files: list[Path], config, updates: dict, sourc
                          f"other tensors; lowmem exports from bf16, fp16 or fp32 checkpoints only")
 
 
-def _rewrite_streamed(model_dir: Path, updates: dict[str, WeightUpdate], source: Path, out: Path,
-                      convert: Callable[[str, torch.Tensor, WeightUpdate], dict[str, torch.Tensor]], *,
-                      dtype: torch.dtype, shard_bytes: int, log, extra: Callable[[Path], None] | None = None,
-                      weights: str = WEIGHTS, about: dict | Callable[[], dict] | None = None) -> Path:
-    """`model_dir`'s safetensors rewritten one tensor at a time into the folder `out`: each weight
-    named in `updates` becomes what `convert(name, tensor, update)` returns ({name: tensor}),
-    every other floating tensor is cast to `dtype` (integer buffers copied). Shards of at
-    most `shard_bytes` with an index (one file, `weights`, when it all fits); the config (use_cache on,
-    dtype; untied when the head got its own update), generation config and tokenizer go
-    beside; `extra(folder)` writes what else the format needs, and `about` (or what it returns,
-    once every tensor is written) goes in ABOUT.
-    Alive at once: one base tensor, what it becomes, and the shard being filled."""
-    from safetensors.torch import save_file
+@dataclass
+class _Output:
+    """One folder a streamed export writes: its weights file name (`weights`, or shards of it
+    with an index), `extra(folder)` for what else its format needs, and `about` (or what it
+    returns once every tensor is written) for ABOUT."""
 
+    folder: Path
+    weights: str = WEIGHTS
+    extra: Callable[[Path], None] | None = None
+    about: dict | Callable[[], dict] | None = None
+
+
+class _Shards:
+    """The shards of one output as tensors arrive: a shard is saved once the next tensor would
+    take it past `limit` bytes."""
+
+    def __init__(self, folder: Path, weights: str, limit: int):
+        self.folder, self.weights, self.limit = folder, weights, limit
+        self.shard: dict[str, torch.Tensor] = {}
+        self.weight_map: dict[str, str] = {}
+        self.names: list[str] = []
+        self.size = self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.shard and self.size + nbytes > self.limit:
+            self.flush()
+        self.shard[name] = tensor.contiguous()
+        self.size += nbytes
+        self.total += nbytes
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if self.shard:
+            name = f"{self.weights.removesuffix('.safetensors')}-{len(self.names) + 1:05d}.safetensors"
+            save_file(self.shard, str(self.folder / name), metadata={"format": "pt"})
+            self.names.append(name)
+            self.weight_map.update({key: name for key in self.shard})
+            self.shard, self.size = {}, 0
+
+    def finish(self) -> None:
+        """The last shard saved; one shard named `weights`, several listed in an index."""
+        self.flush()
+        if len(self.names) == 1:
+            os.rename(self.folder / self.names[0], self.folder / self.weights)
+        else:
+            index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
+            (self.folder / f"{self.weights}.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _rewrite_streamed(model_dir: Path, updates: dict[str, WeightUpdate], source: Path, outputs: list[_Output],
+                      convert: Callable[[str, torch.Tensor, WeightUpdate], list[dict[str, torch.Tensor]]], *,
+                      dtype: torch.dtype, shard_bytes: int, log) -> list[Path]:
+    """`model_dir`'s safetensors rewritten one tensor at a time into each of `outputs`, in one
+    read of the base: each weight named in `updates` becomes, in output i, what
+    `convert(name, tensor, update)[i]` holds ({name: tensor}); every other floating tensor is
+    cast to `dtype` (integer buffers copied). Shards of at most `shard_bytes` with an index
+    (one file when it all fits); the config (use_cache on, dtype; untied when the head got
+    its own update), generation config and tokenizer go beside.
+    Alive at once: one base tensor, what it becomes, and each output's shard being filled."""
     from lowmem.model import load_tokenizer
-    from lowmem.quant.skeleton import (DTYPES, checkpoint_keys, empty_model, hf_config, read_tensors,
-                                       shard_files)
+    from lowmem.quant.skeleton import DTYPES, checkpoint_keys, empty_model, hf_config, read_tensors, shard_files
 
     model_dir = Path(model_dir)
     files = shard_files(model_dir)
@@ -451,21 +511,8 @@ def _rewrite_streamed(model_dir: Path, updates: dict[str, WeightUpdate], source:
     # loading the base drops them: the export holds what its loader expects, nothing else.
     defined = checkpoint_keys(empty_model(model_dir, torch.float32))
 
-    def write(folder: Path) -> None:
-        shard: dict[str, torch.Tensor] = {}
-        weight_map: dict[str, str] = {}
-        names: list[str] = []
-        size = total = 0
-
-        def flush() -> None:
-            nonlocal shard, size
-            if shard:
-                name = f"{weights.removesuffix('.safetensors')}-{len(names) + 1:05d}.safetensors"
-                save_file(shard, str(folder / name), metadata={"format": "pt"})
-                names.append(name)
-                weight_map.update({key: name for key in shard})
-                shard, size = {}, 0
-
+    def write(folders: list[Path]) -> None:
+        shards = [_Shards(folder, output.weights, shard_bytes) for folder, output in zip(folders, outputs)]
         skipped = 0
         for key, tensor in read_tensors(files):
             if key not in defined:
@@ -477,44 +524,40 @@ def _rewrite_streamed(model_dir: Path, updates: dict[str, WeightUpdate], source:
                     raise ModelError(f"{source}: the adapter of {key} is for a ({u.b.shape[0]} × {u.a.shape[1]}) "
                                      f"weight; the base in {model_dir} has {tuple(tensor.shape)}")
                 written = convert(key, tensor, u)
-            elif tensor.dtype in exact:
-                written = {key: tensor.to(dtype)}   # other tensors (integer buffers) are copied as they are
-            else:
-                written = {key: tensor}
+            else:   # other tensors (integer buffers) are copied as they are
+                written = [{key: tensor.to(dtype) if tensor.dtype in exact else tensor}] * len(outputs)
             del tensor
-            for name, t in written.items():
-                nbytes = t.numel() * t.element_size()
-                if shard and size + nbytes > shard_bytes:
-                    flush()
-                shard[name] = t.contiguous()
-                size += nbytes
-                total += nbytes
+            for into, tensors in zip(shards, written):
+                for name, t in tensors.items():
+                    into.add(name, t)
             del written
-        flush()
-        if len(names) == 1:
-            os.rename(folder / names[0], folder / weights)
-        else:
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (folder / f"{weights}.index.json").write_text(json.dumps(index, indent=2) + "\n")
         config.use_cache = True
         config.dtype = _name(dtype)
         if "lm_head.weight" in updates and getattr(config, "tie_word_embeddings", False):
             config.tie_word_embeddings = False   # the head got its own update: loading must not re-tie it
-        config.save_pretrained(folder)
-        if (model_dir / "generation_config.json").is_file():
-            shutil.copy(model_dir / "generation_config.json", folder / "generation_config.json")
         try:
-            load_tokenizer(model_dir).save_pretrained(folder)
+            tokenizer = load_tokenizer(model_dir)
         except (OSError, ValueError, ModelError):
+            tokenizer = None
             log(f"note: no tokenizer in {model_dir}; the exported model has none either")
-        if extra is not None:
-            extra(folder)
-        if about is not None:
-            (folder / ABOUT).write_text(json.dumps(about() if callable(about) else about, indent=2) + "\n")
         left = f"; {skipped} tensor(s) the model does not define left out" if skipped else ""
-        log(f"{len(updates)} weights updated, {len(names)} shard(s), {total / 2**30:.2f} GiB{left}")
+        for into, output in zip(shards, outputs):
+            folder = into.folder
+            into.finish()
+            config.save_pretrained(folder)
+            if (model_dir / "generation_config.json").is_file():
+                shutil.copy(model_dir / "generation_config.json", folder / "generation_config.json")
+            if tokenizer is not None:
+                tokenizer.save_pretrained(folder)
+            if output.extra is not None:
+                output.extra(folder)
+            if output.about is not None:
+                about = output.about() if callable(output.about) else output.about
+                (folder / ABOUT).write_text(json.dumps(about, indent=2) + "\n")
+            log(f"{output.folder}: {len(updates)} weights updated, {len(into.names)} shard(s), "
+                f"{into.total / 2**30:.2f} GiB{left}")
 
-    return _write_folder(out, write)
+    return _write_folders([output.folder for output in outputs], write)
 
 
 def merge_streamed(model_dir: Path, adapter: Path, out: Path, *, dtype: torch.dtype = torch.bfloat16,
@@ -528,9 +571,9 @@ def merge_streamed(model_dir: Path, adapter: Path, out: Path, *, dtype: torch.dt
     filled (at most `shard_bytes`). The base's tensor names are kept (a tied head
     stays tied); config, generation config and tokenizer files are copied.
     """
-    return _rewrite_streamed(model_dir, adapter_updates(Path(adapter)), Path(adapter), out,
-                             lambda key, w0, u: {key: u.merged(w0).to(dtype)},
-                             dtype=dtype, shard_bytes=shard_bytes, log=log, about=about)
+    return export_streamed(model_dir, adapter_updates(Path(adapter)), Path(adapter), merged=out, dtype=dtype,
+                           about=None if about is None else lambda output: about,
+                           shard_bytes=shard_bytes, log=log)[0]
 
 
 def quantize_streamed(model_dir: Path, updates: dict[str, WeightUpdate], out: Path, *, bits: int, group: int,
@@ -542,16 +585,37 @@ def quantize_streamed(model_dir: Path, updates: dict[str, WeightUpdate], out: Pa
     or with `dequantize` the quantized weights dequantized, as a Hugging Face folder in
     `dtype`. The same numbers as quantize_model + save_quantized / save_dequantized on the
     loaded model, without loading it. `source` names the adapter in errors."""
+    return export_streamed(model_dir, updates, Path(source), **{"dequantized" if dequantize else "quantized": out},
+                           bits=bits, group=group, dtype=dtype, scale_dtype=scale_dtype, meta_source=meta_source,
+                           about=None if about is None else lambda output: about,
+                           shard_bytes=shard_bytes, log=log)[0]
+
+
+def export_streamed(model_dir: Path, updates: dict[str, WeightUpdate], source: Path, *,
+                    merged: Path | None = None, quantized: Path | None = None, dequantized: Path | None = None,
+                    bits: int = 4, group: int = 128, dtype: torch.dtype = torch.bfloat16,
+                    scale_dtype: torch.dtype = torch.float16, meta_source: dict | None = None,
+                    about: Callable[[str], dict] | None = None, shard_bytes: int = SHARD_BYTES,
+                    log=print) -> list[Path]:
+    """`updates` merged into the base in `model_dir`, written in one read of the base to each
+    folder asked for: `merged`, a Hugging Face folder in `dtype`; `quantized`, the merged
+    weights quantized at `bits` / `group` as a `lowmem-intk` folder (module docstring); and
+    `dequantized`, those quantized weights dequantized, as a Hugging Face folder in `dtype`.
+    The same numbers as save_merged / quantize_model + save_quantized / save_dequantized on the
+    loaded model, without loading it; each merged weight is quantized once for both quantized
+    outputs. `about(output)` ("merged", "quantized", "dequantized") goes in each folder's ABOUT,
+    with the quantization's bits, group and measured weight error added. `source` names the
+    adapter in errors. Returns the folders in the order merged, quantized, dequantized."""
     if not updates:
-        raise ValueError("nothing to quantize: the adapter updates no weight")
+        raise ValueError("nothing to export: the adapter updates no weight")
+    quantizing = quantized is not None or dequantized is not None
     symmetric = {u.offset is None and u.step is not None for u in updates.values()}
-    if len(symmetric) > 1:
+    if quantizing and len(symmetric) > 1:
         raise ValueError("all exported layers must share symmetry")
 
     errors: list[float] = []     # round-to-nearest: each weight's ‖Ŵ − W‖/‖W‖ over its first rows
 
-    def convert(key: str, w0: torch.Tensor, u: WeightUpdate) -> dict[str, torch.Tensor]:
-        w = u.merged(w0)
+    def quantize(key: str, w: torch.Tensor, u: WeightUpdate) -> QuantizedWeight:
         step, offset = (u.step, u.offset) if u.step is not None else intk.minmax_params(w, bits, group)
         expected = (w.shape[0], intk.num_groups(w.shape[1], group))
         if tuple(step.shape) != expected:
@@ -563,15 +627,25 @@ def quantize_streamed(model_dir: Path, updates: dict[str, WeightUpdate], out: Pa
             scales, offsets = q.scales[:ERROR_ROWS], None if q.offsets is None else q.offsets[:ERROR_ROWS]
             sample = intk.dequantize(intk.codes(rows, scales, offsets, bits, group), scales, offsets, group)
             errors.append(float((sample - rows).norm() / rows.norm().clamp_min(1e-30)))
-            del sample, rows
-        del w
-        if dequantize:
-            return {key: q.dequantized().to(dtype)}
-        name = key.removesuffix(".weight")
-        parts = {f"{name}.qweight": q.qweight, f"{name}.scales": q.scales}
-        if q.offsets is not None:
-            parts[f"{name}.offsets"] = q.offsets
-        return parts
+        return q
+
+    def convert(key: str, w0: torch.Tensor, u: WeightUpdate) -> list[dict[str, torch.Tensor]]:
+        w = u.merged(w0)
+        written = []
+        if merged is not None:
+            written.append({key: w.to(dtype)})
+        if quantizing:
+            q = quantize(key, w, u)
+            del w
+            if quantized is not None:
+                name = key.removesuffix(".weight")
+                parts = {f"{name}.qweight": q.qweight, f"{name}.scales": q.scales}
+                if q.offsets is not None:
+                    parts[f"{name}.offsets"] = q.offsets
+                written.append(parts)
+            if dequantized is not None:
+                written.append({key: q.dequantized().to(dtype)})
+        return written
 
     def quant_config(folder: Path) -> None:
         meta = {"format": FORMAT, "version": VERSION, "bits": bits, "group_size": group,
@@ -580,15 +654,22 @@ def quantize_streamed(model_dir: Path, updates: dict[str, WeightUpdate], out: Pa
                 "modules": sorted(k.removesuffix(".weight") for k in updates), "source": meta_source or {}}
         (folder / QUANT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 
-    def about_with_error() -> dict | None:
-        if about is None or not errors:
-            return about
-        return {**about, "weight_error": round(sum(errors) / len(errors), 5)}   # ‖Ŵ−W‖/‖W‖, mean
+    def about_of(output: str) -> Callable[[], dict] | None:
+        if about is None:
+            return None
+        if output == "merged":
+            return lambda: about(output)
+        # ‖Ŵ−W‖/‖W‖, mean over the weights: known once every tensor is written.
+        return lambda: {**about(output), "bits": bits, "group": group,
+                        **({"weight_error": round(sum(errors) / len(errors), 5)} if errors else {})}
 
-    written = _rewrite_streamed(model_dir, updates, Path(source), out, convert, dtype=dtype,
-                                shard_bytes=shard_bytes, log=log, extra=None if dequantize else quant_config,
-                                weights=WEIGHTS if dequantize else INTK_WEIGHTS,
-                                about=None if about is None else about_with_error)
+    outputs = [_Output(merged, about=about_of("merged"))] if merged is not None else []
+    if quantized is not None:
+        outputs.append(_Output(quantized, INTK_WEIGHTS, quant_config, about_of("quantized")))
+    if dequantized is not None:
+        outputs.append(_Output(dequantized, about=about_of("dequantized")))
+    written = _rewrite_streamed(model_dir, updates, Path(source), outputs, convert, dtype=dtype,
+                                shard_bytes=shard_bytes, log=log)
     if errors:
         error = sum(errors) / len(errors)
         log(f"round-to-nearest {bits}-bit moved the merged weights by {error:.1%} on average "
@@ -757,8 +838,8 @@ def export_run(run_dir: Path, *, quantized: Path | None = None, dequantized: Pat
     `bits`/`group` choose the round-to-nearest quantization of a LoRA/QLoRA/LoRAM run
     (default 4 / 128, float16 scales); an L4Q run exports with the bits, groups and float32
     step sizes it trained, so that with `dtype` float32 it computes what it trained. Every
-    output is written while the base streams from its files, one tensor at a time
-    (`merge_streamed`, `quantize_streamed`), so a 70B base exports in a few GiB of RAM.
+    output is written in one read of the base from its files, one tensor at a time
+    (`export_streamed`), so a 70B base exports in a few GiB of RAM.
     """
     from lowmem.model import resolve_model_dir
 
@@ -768,41 +849,30 @@ def export_run(run_dir: Path, *, quantized: Path | None = None, dequantized: Pat
     if merged is not None and method == "l4q":
         raise ValueError("an L4Q model is exported quantized or dequantized, not merged unquantized")
     model_dir = resolve_model_dir(model_ref, log)
-    written: list[Path] = []
+    checkpoint, step = _adapter_origin(Path(run_dir), folder)
 
     def about(output: str) -> dict:
         return {"run": str(Path(run_dir).resolve()), "method": method, "checkpoint": checkpoint,
                 "step": step, "output": output, "dtype": _name(dtype)}
 
-    checkpoint, step = _adapter_origin(Path(run_dir), folder)
     # The quantization's choices are checked (run_updates) before anything is written.
     quantizing = quantized is not None or dequantized is not None
     if quantizing:
         updates, bits, group, how = run_updates(folder, method, bits, group)
-    try:
-        if merged is not None:
-            written.append(merge_streamed(model_dir, folder, merged, dtype=dtype, log=log, about=about("merged")))
-            log(f"merged model (Hugging Face, {_name(dtype)}) written to {merged}")
-        if quantizing:
-            source = {"run": str(run_dir), "method": method, "quantizer": how, "checkpoint": checkpoint,
-                      "step": step}
-            # L4Q's learned step sizes and offsets are kept as trained: float16 would move its
-            # grid, and the model would no longer be the one trained. Min-max ones are float16.
-            scales = torch.float32 if method == "l4q" else torch.float16
-            if quantized is not None:
-                written.append(quantize_streamed(model_dir, updates, quantized, bits=bits, group=group,
-                                                 source=folder, dtype=dtype, scale_dtype=scales,
-                                                 meta_source=source, log=log,
-                                                 about={**about("quantized"), "bits": bits, "group": group}))
-                log(f"{bits}-bit model ({how}, groups of {group}) written to {quantized}")
-            if dequantized is not None:
-                written.append(quantize_streamed(model_dir, updates, dequantized, bits=bits, group=group,
-                                                 source=folder, dequantize=True, dtype=dtype, scale_dtype=scales,
-                                                 log=log, about={**about("dequantized"), "bits": bits, "group": group}))
-                log(f"dequantized {bits}-bit model (Hugging Face, {_name(dtype)}) written to {dequantized}")
-    except BaseException:
-        # All or none: an output that failed left nothing (_write_folder); the ones before it go too.
-        for done in written:
-            shutil.rmtree(done, ignore_errors=True)
-        raise
+    else:
+        updates, how = adapter_updates(folder), None
+    # L4Q's learned step sizes and offsets are kept as trained: float16 would move its grid,
+    # and the model would no longer be the one trained. Min-max ones are float16.
+    source = {"run": str(run_dir), "method": method, "quantizer": how, "checkpoint": checkpoint, "step": step}
+    # One read of the base writes every output; all of them are written, or none (_write_folders).
+    written = export_streamed(model_dir, updates, folder, merged=merged, quantized=quantized,
+                              dequantized=dequantized, bits=bits or 4, group=group or 128, dtype=dtype,
+                              scale_dtype=torch.float32 if method == "l4q" else torch.float16,
+                              meta_source=source, about=about, log=log)
+    if merged is not None:
+        log(f"merged model (Hugging Face, {_name(dtype)}) written to {merged}")
+    if quantized is not None:
+        log(f"{bits}-bit model ({how}, groups of {group}) written to {quantized}")
+    if dequantized is not None:
+        log(f"dequantized {bits}-bit model (Hugging Face, {_name(dtype)}) written to {dequantized}")
     return written

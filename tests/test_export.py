@@ -654,7 +654,7 @@ def test_a_streamed_export_leaves_out_tensors_the_model_does_not_define(tmp_path
     assert stale not in _tensors(tmp_path / "q")
     assert any("1 tensor(s) the model does not define left out" in line for line in said)
     load_quantized_export(tmp_path / "q")
-    with pytest.raises(ValueError, match="nothing to quantize"):
+    with pytest.raises(ValueError, match="nothing to export"):
         quantize_streamed(tmp_path / "base", {}, tmp_path / "none", bits=4, group=32, source=tmp_path / "adapter")
 
 
@@ -822,13 +822,43 @@ def test_an_export_that_fails_on_its_second_output_removes_the_first(tmp_path, t
                     lambda d: save_adapter(model, d, rank=4, alpha=8.0, targets=("q_proj", "up_proj"),
                                            dropout=0.0, rslora=False, base_model=str(tiny_model_dir)))
 
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+    flush = export_module._Shards.flush
 
-    monkeypatch.setattr(export_module, "quantize_streamed", disk_full)
+    def disk_full(shards):
+        if shards.weights == export_module.INTK_WEIGHTS:
+            raise OSError(28, "No space left on device")
+        flush(shards)
+
+    monkeypatch.setattr(export_module._Shards, "flush", disk_full)
     with pytest.raises(OSError, match="No space left"):
         export_run(run, merged=tmp_path / "m", quantized=tmp_path / "q", log=lambda m: None)
-    assert not (tmp_path / "m").exists() and not (tmp_path / "q").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]     # no output, no temporary folder
+
+
+def test_every_output_of_an_export_comes_from_one_read_of_the_base(tmp_path, tiny_model_dir, monkeypatch):
+    """--merged, --quantized and --dequantized together read the base once, quantize each weight
+    once (one error figure, not one per output), and write what each would alone."""
+    import lowmem.quant.skeleton as skeleton
+
+    model = _lora_on(tiny_model_dir)
+    run = _fake_run(tmp_path / "run", tiny_model_dir, "lora",
+                    lambda d: save_adapter(model, d, rank=4, alpha=8.0, targets=("q_proj", "up_proj"),
+                                           dropout=0.0, rslora=False, base_model=str(tiny_model_dir)))
+    reads, read_tensors = [], skeleton.read_tensors
+    monkeypatch.setattr(skeleton, "read_tensors", lambda files: reads.append(files) or read_tensors(files))
+    said = []
+    outputs = {"merged": tmp_path / "m", "quantized": tmp_path / "q", "dequantized": tmp_path / "d"}
+    assert export_run(run, **outputs, log=said.append) == list(outputs.values())
+    assert len(reads) == 1
+    assert len([line for line in said if "moved the merged weights" in line]) == 1
+    for kind, out in outputs.items():
+        export_run(run, **{kind: tmp_path / f"alone-{kind}"}, log=lambda m: None)
+        together, alone = _tensors(out), _tensors(tmp_path / f"alone-{kind}")
+        assert together.keys() == alone.keys()
+        assert all(torch.equal(together[k], alone[k]) for k in alone), kind
+        about = json.loads((out / "lowmem_export.json").read_text())
+        assert about == json.loads((tmp_path / f"alone-{kind}" / "lowmem_export.json").read_text())
+        assert about["output"] == kind
 
 
 def test_a_bin_checkpoint_is_refused_with_a_conversion_that_works(tmp_path):
