@@ -297,39 +297,63 @@ def _unknown_model_message(ref: str) -> str:
 # ---------------------------------------------------------------- config.json
 
 def from_hf_config(config: dict[str, Any], source: str = "") -> ModelSpec:
-    """A spec from the dict of a Hugging Face `config.json`."""
+    """A spec from the dict of a Hugging Face `config.json`; a ModelError naming the key whose
+    value no such model could have."""
     where = f"{source}: " if source else ""
+    if not isinstance(config, dict):
+        raise ModelError(f"{where}expected a JSON object of the model's settings (a Hugging Face config.json); "
+                         f"found {type(config).__name__ if config is not None else 'null'}")
     family = config.get("model_type", "")
-    if family not in FAMILIES:
-        raise ModelError(f"{where}model_type '{family}' is not a Llama-style decoder; "
+    if not isinstance(family, str) or family not in FAMILIES:
+        raise ModelError(f"{where}model_type {family!r} is not a Llama-style decoder; "
                          f"lowmem plans and trains {', '.join(FAMILIES)} models")
     act = config.get("hidden_act", "silu")
     if act != "silu":
-        raise ModelError(f"{where}hidden_act '{act}': lowmem expects the SiLU-gated MLP of Llama models")
-    try:
-        hidden = int(config["hidden_size"])
-        heads = int(config["num_attention_heads"])
-        spec = ModelSpec(
-            name=config.get("_name_or_path") or Path(source).parent.name or family,
-            family=family,
-            layers=int(config["num_hidden_layers"]),
-            hidden=hidden,
-            intermediate=int(config["intermediate_size"]),
-            heads=heads,
-            kv_heads=int(config.get("num_key_value_heads") or heads),
-            head_dim=int(config.get("head_dim") or hidden // heads),
-            vocab=int(config["vocab_size"]),
-            tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-            # Qwen2 always has q/k/v biases; Llama only when attention_bias is set.
-            attention_bias=family == "qwen2" or bool(config.get("attention_bias", False)),
-            max_position=int(config.get("max_position_embeddings") or 0),
-            # Qwen2 configs carry a window they do not use unless use_sliding_window is set.
-            sliding_window=(int(config.get("sliding_window") or 0)
-                            if config.get("use_sliding_window", family == "mistral") else 0),
-            source=source or "config.json")
-    except KeyError as e:
-        raise ModelError(f"{where}config.json has no {e.args[0]!r}; cannot read the model's shapes") from None
-    return spec
+        raise ModelError(f"{where}hidden_act {act!r}: lowmem expects the SiLU-gated MLP of Llama models")
+
+    def whole(key: str, *, required: bool = True, least: int = 1) -> int | None:
+        """config[key], a whole number >= least; None where an optional key is absent or null."""
+        value = config.get(key)
+        if value is None:
+            if required:
+                raise ModelError(f"{where}{key!r} is {'null' if key in config else 'missing'}; "
+                                 f"cannot read the model's shapes")
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ModelError(f"{where}{key!r} must be a whole number, {least} or more; found {value!r}")
+        return value
+
+    layers, hidden, intermediate = whole("num_hidden_layers"), whole("hidden_size"), whole("intermediate_size")
+    heads, vocab = whole("num_attention_heads"), whole("vocab_size")
+    kv_heads = whole("num_key_value_heads", required=False) or heads
+    head_dim = whole("head_dim", required=False)
+    if head_dim is None:
+        if hidden % heads:
+            raise ModelError(f"{where}hidden_size {hidden} is not a multiple of num_attention_heads {heads}, "
+                             f"and no head_dim says how wide a head is")
+        head_dim = hidden // heads
+    if heads % kv_heads:
+        raise ModelError(f"{where}num_attention_heads {heads} is not a multiple of num_key_value_heads "
+                         f"{kv_heads}: each key/value head serves a whole group of query heads")
+    # Qwen2 configs carry a window they do not use unless use_sliding_window is set.
+    windowed = config.get("use_sliding_window", family == "mistral")
+    return ModelSpec(
+        name=name if isinstance(name := config.get("_name_or_path"), str) and name else
+        Path(source).parent.name or family,
+        family=family,
+        layers=layers,
+        hidden=hidden,
+        intermediate=intermediate,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        vocab=vocab,
+        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+        # Qwen2 always has q/k/v biases; Llama only when attention_bias is set.
+        attention_bias=family == "qwen2" or bool(config.get("attention_bias", False)),
+        max_position=whole("max_position_embeddings", required=False, least=0) or 0,
+        sliding_window=(whole("sliding_window", required=False, least=0) or 0) if windowed else 0,
+        source=source or "config.json")
 
 
 def from_config_file(path: Path) -> ModelSpec:

@@ -115,8 +115,44 @@ def test_config_missing_a_shape_names_the_key(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(
         {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
          "vocab_size": 100}))
-    with pytest.raises(ModelError, match="intermediate_size"):
+    with pytest.raises(ModelError, match="config.json: 'intermediate_size' is missing; cannot read"):
         spec_for(str(tmp_path))
+
+
+_SMALL = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 100}
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"num_hidden_layers": -3}, r"'num_hidden_layers' must be a whole number, 1 or more; found -3"),
+    ({"hidden_size": 0}, r"'hidden_size' must be a whole number, 1 or more; found 0"),
+    ({"num_hidden_layers": True}, r"'num_hidden_layers' must be .* found True"),
+    ({"num_hidden_layers": 2.5}, r"'num_hidden_layers' must be .* found 2.5"),
+    ({"vocab_size": "100"}, r"'vocab_size' must be .* found '100'"),
+    ({"num_hidden_layers": None}, r"'num_hidden_layers' is null; cannot read the model's shapes"),
+    ({"head_dim": -1}, r"'head_dim' must be"),
+    ({"num_attention_heads": 6}, r"hidden_size 64 is not a multiple of num_attention_heads 6, and no head_dim"),
+    ({"num_key_value_heads": 3}, r"num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    ({"model_type": ["llama"]}, r"model_type \['llama'\] is not a Llama-style decoder"),
+], ids=["negative", "zero", "bool", "fraction", "string", "null", "head-dim", "heads", "kv-heads", "type"])
+def test_a_config_no_model_could_have_is_refused_naming_the_key(tmp_path, change, message):
+    (tmp_path / "config.json").write_text(json.dumps({**_SMALL, **change}))
+    with pytest.raises(ModelError, match=f"config.json: {message}"):
+        spec_for(str(tmp_path))
+
+
+@pytest.mark.parametrize("text", ["[1, 2, 3]", "null", '"llama"'])
+def test_a_config_that_is_not_a_json_object_is_refused(tmp_path, text):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ModelError, match="config.json: expected a JSON object of the model's settings"):
+        spec_for(str(tmp_path))
+
+
+def test_optional_shapes_may_be_null_or_absent(tmp_path):
+    spec = from_hf_config({**_SMALL, "num_key_value_heads": None, "head_dim": None, "max_position_embeddings": None,
+                           "num_attention_heads": 8, "_name_or_path": None})
+    assert (spec.kv_heads, spec.head_dim, spec.max_position, spec.name) == (8, 8, 0, "llama")
+    assert from_hf_config({**_SMALL, "num_attention_heads": 6, "head_dim": 16}).head_dim == 16
 
 
 def test_a_file_that_is_not_gguf_is_refused(tmp_path):
