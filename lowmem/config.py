@@ -57,12 +57,16 @@ def parse_size(text: str | int | float) -> int:
         if not m:
             raise ValueError(f"expected a size like 24G, 24GB, 24GiB, 500M or 0.5T, got {text!r}")
         number, unit, suffix = m.groups()
-    if not unit and not suffix and float(number) < 1024:   # `vram: 24` in YAML as well as --vram 24
-        said = str(text).strip()
-        hint = f"did you mean {said}G? " if float(number) > 0 else ""
+    size = int(float(number) * _UNITS[unit.upper()])
+    said = str(text).strip()
+    if not unit and not suffix and size < 2**20:   # `vram: 24` in YAML as well as --vram 24
+        hint = f"did you mean {said}G? " if size > 0 else ""
         raise ValueError(f"{said!r} has no unit: {hint}sizes are like 24G or 500M (a bare number "
-                         f"counts bytes, and so must be 1024 or more)")
-    return int(float(number) * _UNITS[unit.upper()])
+                         f"counts bytes, and a memory budget is 1M or more)")
+    if 0 < size < 2**20:     # `24B`, `24KB`: no memory budget is that small
+        raise ValueError(f"{said!r} is {format_size(size)}: did you mean {number}G? sizes are like 24G "
+                         f"or 500M, and a memory budget is 1M or more")
+    return size
 
 
 def format_size(n: int | None) -> str:
@@ -260,6 +264,14 @@ def _section_of(key: str) -> str | None:
     return next((k for k in all_keys() if k.startswith(key + ".")), None)
 
 
+def bad_run_name(name: str) -> str | None:
+    """Why `name` cannot be a run directory's name (a folder directly under runs_dir), or None."""
+    if name in (".", "..") or "/" in name or "\\" in name or name != name.strip() or not name.isprintable():
+        return (f"expected a folder name (no / or \\, not . or .., no spaces at its ends or unprintable "
+                f"characters), got {name!r}: runs_dir says where runs go")
+    return None
+
+
 def _coerce(key: str, f: dataclasses.Field, value: Any, where: str) -> Any:
     """Convert `value` to the field's type and check its range, or raise ConfigError."""
     meta, ftype = f.metadata, str(f.type)
@@ -330,6 +342,10 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, where: str) -> Any:
             raise bad("text")
         value = str(value)
 
+    if key == "name" and value:
+        why = bad_run_name(value)
+        if why:
+            raise ConfigError(f"{where}key 'name': {why}")
     if key == "lora.targets":
         from lowmem.spec import LINEARS
 
@@ -391,6 +407,9 @@ def build_config(layers: Iterable[tuple[dict[str, Any], dict[str, str]]], *, res
     for key, expected in REQUIRED_TEXT.items():
         # Checked once merged: a preset may leave one empty for a flag to fill (`--model`).
         if key in merged and not merged[key].strip():
+            if layer_of[key] < presets:      # left for the user to give, as the preset's comment says
+                raise ConfigError(f"{set_at[key]}this preset leaves '{key}' for you to give: {expected} "
+                                  f"(--{key} or {key}=…)")
             raise ConfigError(f"{set_at[key]}key '{key}' is empty: expected {expected} "
                               f"(--{key} or {key}=…)")
     # Unset keys whose good value depends on others.

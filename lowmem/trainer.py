@@ -33,7 +33,7 @@ from lowmem import memstats
 from lowmem.checkpoint import (LATEST, RunLock, checkpoint_step, find_resumable, list_checkpoints, load_checkpoint,
                                prune_checkpoints, save_checkpoint, set_aside_damaged, set_rng_state,
                                write_run_file)
-from lowmem.config import RunConfig, format_size
+from lowmem.config import RunConfig, bad_run_name, format_size
 from lowmem.data import BatchStream, decoder_inputs, fingerprint, load_datasets
 from lowmem.errors import CheckpointError, ConfigError, DataError, DivergedError, ModelError
 from lowmem.evaluate import autocast_for, evaluate
@@ -80,9 +80,8 @@ def new_run_dir(config: RunConfig) -> Path:
     its first checkpoint leaves it. That one is emptied and used again, unless a trainer
     is working in it."""
     name = config.name or datetime.now().strftime("%Y%m%d-%H%M%S")
-    if name in (".", "..") or "/" in name or "\\" in name or name != name.strip() or not name.isprintable():
-        raise ConfigError(f"key 'name': expected a folder name (no / or \\, not . or .., no spaces at its ends "
-                          f"or unprintable characters), got {name!r}: runs_dir says where runs go")
+    if bad_run_name(name):
+        raise ConfigError(f"key 'name': {bad_run_name(name)}")
     run_dir = Path(config.runs_dir) / name
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"{run_dir} is a file, not a run directory; choose another --name or --runs-dir")

@@ -377,6 +377,18 @@ def _train_tiny(tiny_model_dir, data, runs, name, *extra):
                  "--name", name, "--steps", "2", "--micro-batch", "2", "--no-eval-generate", "--no-tui", *extra])
 
 
+def test_a_model_of_ones_own_without_data_is_told_it_trains_on_the_demo_tasks(tmp_path, tiny_model_dir,
+                                                                              tiny_chat_data, monkeypatch, capsys):
+    import lowmem.commands.train as train_command
+
+    monkeypatch.setattr(train_command, "train_here", lambda run_dir, resume: 0)
+    note = "note: no --data: this run trains on lowmem's embedded demo tasks, not on your data"
+    assert _train_tiny(tiny_model_dir, "embedded", tmp_path, "demo") == 0
+    assert note in capsys.readouterr().err
+    assert _train_tiny(tiny_model_dir, tiny_chat_data, tmp_path, "own") == 0
+    assert note not in capsys.readouterr().err
+
+
 def test_a_run_stopped_after_its_last_checkpoint_resumes_into_its_end(tmp_path, tiny_model_dir, tiny_chat_data,
                                                                      capsys):
     """Ctrl-C during the final evaluation leaves the last step's checkpoint but no adapter and no

@@ -8,13 +8,13 @@ from lowmem.errors import ConfigError
 
 @pytest.mark.parametrize("text, expected", [
     ("24G", 24 * 2**30), ("24GB", 24 * 2**30), ("24GiB", 24 * 2**30), ("24gib", 24 * 2**30),
-    ("500M", 500 * 2**20), ("0.5T", 2**39), ("1024", 1024), (" 12 G ", 12 * 2**30),
+    ("500M", 500 * 2**20), ("0.5T", 2**39), ("1048576", 2**20), (" 12 G ", 12 * 2**30), ("1M", 2**20),
 ])
 def test_sizes_accept_the_usual_spellings(text, expected):
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["24X", "G", "", "-3G", "24 GiBs"])
+@pytest.mark.parametrize("text", ["24X", "G", "", "-3G", "24 GiBs", "24B", "24KB", "1048575"])
 def test_sizes_reject_what_is_not_a_size(text):
     with pytest.raises(ValueError):
         parse_size(text)
@@ -73,6 +73,8 @@ def test_bad_yaml_names_the_line(tmp_path):
     ("lora.targets=model.layers.0.self_attn.q_proj", "'model.layers.0.self_attn.q_proj' names one block's "
                                                      r"projection; .* give its name \(q_proj\)"),
     ("steps=1:30", "key 'steps': expected a whole number, got '1:30'"),
+    ("name=a/b", r"override 'name=a/b': key 'name': expected a folder name \(no / .*got 'a/b'"),
+    ("name=..", "key 'name': expected a folder name"),
 ])
 def test_bad_values_are_refused_with_the_key_and_what_was_expected(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -91,7 +93,8 @@ def test_every_shipped_preset_is_valid():
         try:
             assert isinstance(load_config(name), RunConfig)
         except ConfigError as e:       # a preset for your own model asks for it
-            assert "key 'model' is empty" in str(e) and name == "chat-lora-cuda", (name, e)
+            assert "chat-lora-cuda.yaml: line 3: this preset leaves 'model' for you to give: a model" in str(e) \
+                and name == "chat-lora-cuda", (name, e)
             assert load_config(name, {"model": "./my-llama"}).model == "./my-llama"
 
 
@@ -153,11 +156,13 @@ def test_a_preset_that_is_not_utf8_or_is_a_directory_is_a_one_line_error(tmp_pat
 
 
 def test_a_size_without_a_unit_is_refused_where_it_would_be_a_few_bytes():
-    with pytest.raises(ValueError, match=r"'24' has no unit: did you mean 24G\? sizes are like 24G .*1024 or more"):
+    with pytest.raises(ValueError, match=r"'24' has no unit: did you mean 24G\? sizes are like 24G .*a memory budget is 1M or more"):
         parse_size("24")
     with pytest.raises(ValueError, match="'24' has no unit"):
         parse_size(24)                                  # `vram: 24` in a preset
     assert parse_size("24G") == 24 * 2**30 and parse_size("1048576") == 2**20 and parse_size(2**20) == 2**20
+    with pytest.raises(ValueError, match=r"'24B' is 24B: did you mean 24G\? .*a memory budget is 1M or more"):
+        parse_size("24B")
 
 
 def test_a_key_given_twice_in_a_preset_is_refused_with_both_lines(tmp_path):

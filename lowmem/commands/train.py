@@ -152,6 +152,11 @@ def run(args) -> int:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
     preflight(config)
+    from lowmem.model import EMBEDDED_NAMES
+
+    if config.data == "embedded" and config.model.strip().lower() not in EMBEDDED_NAMES:
+        print("note: no --data: this run trains on lowmem's embedded demo tasks, not on your data "
+              "(give --data FILE.jsonl)", file=sys.stderr)
     config = with_absolute_paths(config)
     pinned = pinned_keys(args)
     spec = spec_for(config.model)
