@@ -35,7 +35,7 @@ from typing import Any, Iterable
 
 from lowmem.config import RunConfig, format_size
 from lowmem.errors import ConfigError, LowmemError
-from lowmem.memory import MemoryBreakdown, predict
+from lowmem.memory import MemoryBreakdown, gradient_bytes, predict
 from lowmem.spec import LINEARS, ModelSpec
 
 #: Default share of the budget kept free for what the model does not predict.
@@ -638,6 +638,12 @@ def _reasons(plan: Plan, spec: ModelSpec, config: Any, pinned: set[str]) -> tupl
         reasons.append(f"micro_batch {plan.micro_batch} x grad_accum {plan.grad_accum} x seq_len "
                        f"{plan.seq_len} = {plan.tokens_per_step} tokens per optimizer step "
                        f"(target {target_tokens(config)})")
+    if plan.galore_per_layer and plan.grad_accum > 1:
+        alone = gradient_bytes(spec, dataclasses.replace(plan, grad_accum=1))
+        reasons.append(f"grad_accum {plan.grad_accum}: between micro-batches GaLore keeps each weight's projected "
+                       f"gradient (rank {plan.galore_rank}, fp32) and the other parameters' gradients, "
+                       f"{format_size(b.grads)} of gradients, where grad_accum 1 holds one weight's at a time, "
+                       f"at most {format_size(alone)}")
     return tuple(reasons) + _notes(plan, spec, pinned)
 
 
@@ -741,6 +747,20 @@ def _failure_message(config: RunConfig, spec: ModelSpec, pinned: set[str], devic
     shorter = _largest_fitting_seq_len(config, spec, pinned, device)
     if shorter is not None:
         fixes.append(f"seq_len={shorter.seq_len} ({shorter.label}, {format_size(shorter.breakdown.total)})")
+    if "micro_batch" not in pinned:
+        # Fewer sequences per step, as a shorter seq_len is fewer tokens: where accumulating costs
+        # memory of its own (GaLore keeps projected gradients), the search's way of keeping the
+        # tokens per step, a smaller micro-batch accumulated, is not smaller.
+        mb = small.micro_batch // 2
+        while mb >= 1:
+            fewer = config.replace(micro_batch=mb, grad_accum=small.grad_accum)
+            plan = _fits(fewer, spec, pinned | {"micro_batch", "grad_accum"}, device)
+            if plan is not None:
+                fixes.append(f"micro_batch={mb} grad_accum={plan.grad_accum} ({plan.label}, "
+                             f"{format_size(plan.breakdown.total)}; {plan.tokens_per_step} tokens per step, "
+                             f"not {small.tokens_per_step})")
+                break
+            mb //= 2
     if small.lora_rank and small.lora_rank > 1:
         rank = small.lora_rank // 2
         while rank >= 1:

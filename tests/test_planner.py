@@ -14,9 +14,9 @@ import yaml
 
 import lowmem.config
 from lowmem.commands import plan as plan_command
-from lowmem.config import GaloreConfig, LoraConfig, RunConfig, parse_size
+from lowmem.config import GaloreConfig, LoraConfig, RunConfig, format_size, parse_size
 from lowmem.errors import ConfigError, LowmemError
-from lowmem.memory import MemoryBreakdown
+from lowmem.memory import MemoryBreakdown, gradient_bytes
 from lowmem.planner import BudgetError, Plan, make_plan, plan_from_config, quality
 from lowmem.spec import builtin_spec
 
@@ -737,3 +737,26 @@ def test_loram_that_would_prune_nothing_is_refused_and_per_block_ratios_count_at
     assert trained.params == spec.pruned(0.0, 1, 1, (0.9, 0.9)).params < spec.params
     assert memory.predict(spec, per_block).weights < memory.predict(spec, dataclasses.replace(
         per_block, prune_layer_ratios=())).weights
+
+
+def test_where_accumulating_costs_memory_a_smaller_step_is_suggested_and_the_cost_explained(every_method):
+    """GaLore's per-layer updates accumulate projected gradients: the search keeps the tokens
+    per step by accumulating, which is larger, so the suggestion of fewer sequences per step
+    comes from the failure message; a plan that accumulates says what it keeps."""
+    spec = builtin_spec("llama-3.1-8b")
+    cfg = RunConfig(vram=parse_size("27.4G"), method="galore")
+    with pytest.raises(BudgetError) as refused:
+        make_plan(cfg, spec, {"method"}, device="cuda")
+    mb, accum, tokens = map(int, re.search(r"micro_batch=(\d+) grad_accum=(\d+) \(galore, [\d.]+GiB; (\d+) tokens "
+                                          r"per step, not \d+\)", str(refused.value)).groups())
+    fitted = make_plan(cfg.replace(micro_batch=mb, grad_accum=accum), spec,
+                       {"method", "micro_batch", "grad_accum"}, device="cuda")
+    assert fitted.tokens_per_step == tokens < cfg.micro_batch * cfg.grad_accum * cfg.seq_len
+    accumulating = make_plan(cfg.replace(vram=parse_size("40G"), micro_batch=1, grad_accum=8), spec,
+                             {"method", "micro_batch", "grad_accum"}, device="cuda")
+    kept = [r for r in accumulating.reasons if r.startswith("grad_accum 8: between micro-batches GaLore keeps")]
+    alone = gradient_bytes(spec, dataclasses.replace(accumulating, grad_accum=1))
+    assert alone * 4 < accumulating.breakdown.grads
+    assert len(kept) == 1 and kept[0].endswith(f"{format_size(accumulating.breakdown.grads)} of gradients, where "
+                                               f"grad_accum 1 holds one weight's at a time, at most {format_size(alone)}")
+    assert not [r for r in fitted.reasons if "between micro-batches" in r]
