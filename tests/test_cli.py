@@ -622,6 +622,9 @@ def test_a_plan_for_a_gpu_this_machine_lacks_says_where_train_would_run(monkeypa
     assert plan["device"] == "cuda"
     said = any("which this machine lacks" in r and "device=cpu" in r for r in plan["reasons"])
     assert said is not has_cuda
+    assert main(["plan", "--model", "smollm2-135m"]) == 0
+    device_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("device "))
+    assert ("not this machine, which has no CUDA GPU (device=cpu plans for it)" in device_line) is not has_cuda
     assert main(["plan", "--model", "smollm2-135m", "device=cpu", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)["plan"]
     assert plan["device"] == "cpu" and not any("lacks" in r for r in plan["reasons"])

@@ -239,7 +239,9 @@ def render(plan: Plan, spec: ModelSpec, margin: float | None = None, prepare: di
     assert b is not None
     lines = [f"model     {spec.name}: {spec.params:,} parameters, {spec.layers} layers, hidden "
              f"{spec.hidden}, vocab {spec.vocab} ({spec.source or 'built-in'})",
-             f"device    {plan.device} ({plan.compute_dtype} compute){_context_note(plan)}{_kernels_note(plan)}", ""]
+             f"device    {plan.device} ({plan.compute_dtype} compute){_context_note(plan)}{_kernels_note(plan)}"
+             f"{'; not this machine, which has no CUDA GPU (device=cpu plans for it)' if NO_CUDA_HERE in plan.reasons else ''}",
+             ""]
     lines.append(f"plan      {plan.label}")
     for key, value in _plan_rows(plan, spec, prepare):
         lines.append(f"  {key:<18}{value}")
