@@ -786,6 +786,9 @@ def _failure_message(config: RunConfig, spec: ModelSpec, pinned: set[str], devic
         fixes.append(f"a host with {_gib_up(blocked.breakdown.host / (1 - margin))}G of RAM free "
                      f"(host_ram= plans for one)")
     message = head + ". Changes that fit: " + "; ".join(fixes)
+    beyond = past_context(spec, config.seq_len)
+    if beyond:
+        message += ". And " + beyond.removeprefix("warning: ")
     missing = [m for m in ("qlora", "loram") if m not in available_methods()]
     if missing and "method" not in pinned:
         message += f". Not in this build yet, and smaller: {', '.join(missing)}"

@@ -760,3 +760,14 @@ def test_where_accumulating_costs_memory_a_smaller_step_is_suggested_and_the_cos
     assert len(kept) == 1 and kept[0].endswith(f"{format_size(accumulating.breakdown.grads)} of gradients, where "
                                                f"grad_accum 1 holds one weight's at a time, at most {format_size(alone)}")
     assert not [r for r in fitted.reasons if "between micro-batches" in r]
+
+
+def test_a_refusal_at_a_length_past_the_models_context_says_so_too():
+    spec = builtin_spec("smollm2-135m")
+    past = RunConfig(vram=parse_size("1G"), seq_len=spec.max_position + 808)
+    with pytest.raises(BudgetError, match=rf"\. And seq_len {past.seq_len} is past .* context of "
+                                          rf"{spec.max_position} tokens"):
+        make_plan(past, spec, device="cuda")
+    with pytest.raises(BudgetError) as within:
+        make_plan(past.replace(seq_len=spec.max_position, vram=parse_size("600M")), spec, device="cuda")
+    assert "is past" not in str(within.value)
