@@ -79,6 +79,14 @@ def _unknown_option(command: argparse.ArgumentParser, option: str) -> str:
     starting = [o for o in known if o.startswith(flag)]
     close = ([dashed] if dashed in known else starting if 1 <= len(starting) <= 3
              else difflib.get_close_matches(flag, known, n=1, cutoff=0.7))
+    from lowmem.config import all_keys
+
+    section = flag[2:].replace("-", "_")
+    keys = [key for key in all_keys() if key.startswith(section + ".")]
+    if keys and dashed not in known:       # `--lora 8`: a section of keys, set as key=value
+        hint = ", ".join(f"{key}=…" for key in keys[:3]) + (", ..." if len(keys) > 3 else "")
+        return (f"lowmem {command.prog.split()[-1]}: unknown option {flag}: {section} is a section of keys, "
+                f"given as key=value ({hint})")
     hint = (f" (did you mean {' or '.join(close)}?)" if close
             else f"; `lowmem {command.prog.split()[-1]} --help` lists them")
     return f"lowmem {command.prog.split()[-1]}: unknown option {flag}{hint}"

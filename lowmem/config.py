@@ -162,7 +162,8 @@ class RunConfig:
         "held-out data file; empty = the embedded held-out split, or eval_fraction of --data"))
     eval_fraction: float = field(default=0.05, metadata=_key(
         "share of --data held out when no eval_data is given", min=0.0, max=0.5))
-    runs_dir: str = field(default="runs", metadata=_key("folder that holds run directories"))
+    runs_dir: str = field(default="runs", metadata=_key(
+        "folder that holds run directories (a relative one is under the current folder)"))
     name: str = field(default="", metadata=_key(
         "run name (a folder directly under runs_dir, so no / or \\); empty = timestamp"))
     method: str = field(default="lora", metadata=_key("training method", choices=METHODS))
@@ -312,6 +313,8 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, where: str) -> Any:
     elif ftype == "bool":
         if isinstance(value, str) and value.lower() in ("true", "false", "on", "off", "yes", "no", "1", "0"):
             value = value.lower() in ("true", "on", "yes", "1")
+        elif type(value) is int and value in (0, 1):     # `grad_checkpointing=1` reads as the number 1
+            value = bool(value)
         if not isinstance(value, bool):
             raise bad("true or false")
     elif ftype == "int":
@@ -342,6 +345,9 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, where: str) -> Any:
             raise bad("text")
         value = str(value)
 
+    if key == "runs_dir" and not value.strip():
+        raise ConfigError(f"{where}key 'runs_dir' is empty: expected the folder that holds run directories "
+                          f"(default: runs, under the current folder; . for the current folder itself)")
     if key == "name" and value:
         why = bad_run_name(value)
         if why:
@@ -361,6 +367,9 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, where: str) -> Any:
         # Every block's projection of that name gets one: a dotted path names no more than its
         # last part, and the plan counts adapters by that name.
         value = tuple(dict.fromkeys(t.rsplit(".", 1)[-1] for t in value))
+    if meta.get("choices") and isinstance(value, str) and value not in meta["choices"] \
+            and value.lower() in meta["choices"]:
+        value = value.lower()           # method=LoRA
     if meta.get("choices") and value not in meta["choices"]:
         raise ConfigError(f"{where}key '{key}': expected one of {', '.join(map(str, meta['choices']))}, "
                           f"got {value!r}")
@@ -526,8 +535,10 @@ def read_yaml_layer(text: str, source: str) -> tuple[dict, dict]:
         node = yaml.compose(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        line = f"line {mark.line + 1}: " if mark else ""
+        line = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        if "'\\t'" in problem:
+            problem += " (YAML indents with spaces: replace the tab)"
         raise ConfigError(f"{source}: {line}bad YAML: {problem}") from None
     if node is None:
         return {}, {}
@@ -545,6 +556,9 @@ def parse_overrides(items: Iterable[str]) -> tuple[dict, dict]:
             raise ConfigError(f"override '{item}': expected key=value, e.g. lora.rank=16")
         key, raw = item.split("=", 1)
         key = key.strip()
+        if key in values:
+            before = origins[key].removeprefix("override ").removesuffix(": ")
+            raise ConfigError(f"override '{item}': {key} is given twice ({before} before it); give it once")
         field_ = all_keys().get(key)
         if field_ is not None and str(field_.type) == "str" and raw.strip()[:1] not in ("'", '"'):
             # Text as typed: name=007 is "007", not 7; null and ~ clear it, as in YAML.
@@ -578,6 +592,7 @@ def find_preset(name_or_path: str) -> Path:
             raise ConfigError(f"preset file {path} does not exist")
         return path
     presets = list_presets()
+    name_or_path = next((name for name in presets if name.lower() == name_or_path.lower()), name_or_path)
     if name_or_path not in presets:
         close = difflib.get_close_matches(name_or_path, presets, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""

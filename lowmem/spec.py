@@ -445,6 +445,10 @@ def spec_for(model_ref: str) -> ModelSpec:
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             return from_gguf(ggufs[0])
+        if ggufs:
+            raise ModelError(f"{path}: no config.json, and {len(ggufs)} .gguf files ({ggufs[0].name}, "
+                             f"{ggufs[1].name}{', ...' if len(ggufs) > 2 else ''}): give the one to use, "
+                             f"e.g. --model {ggufs[0]}")
         raise ModelError(f"{path}: no config.json here (nor a single .gguf file); "
                          "expected a Hugging Face model directory")
     if path.is_file():

@@ -36,6 +36,17 @@ def test_a_preset_that_is_not_utf8_is_one_line_in_presets_show_too(tmp_path, cap
     assert capsys.readouterr().err == f"ConfigError: {tmp_path / 'p.yaml'}: not UTF-8 text (byte 9: invalid start byte); save it as UTF-8\n"
 
 
+def test_presets_show_checks_a_file_as_train_would_read_it(tmp_path, capsys):
+    (tmp_path / "dup.yaml").write_text("steps: 3\nsteps: 4\n")
+    assert main(["presets", "show", str(tmp_path / "dup.yaml")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "steps: 3\nsteps: 4\n"
+    assert captured.err == f"ConfigError: {tmp_path / 'dup.yaml'}: line 2: 'steps' is given twice (also on line 1); keep one\n"
+    assert main(["presets", "show", "chat-lora-cuda"]) == 0     # leaves the model to give: fine
+    assert main(["presets", "list", "smoke"]) == 2
+    assert "`list` takes no name; show one with `lowmem presets show smoke`" in capsys.readouterr().err
+
+
 def test_presets_name_alone_shows_it(capsys):
     assert main(["presets", "smoke"]) == 0
     assert "steps: 4" in capsys.readouterr().out
@@ -48,6 +59,8 @@ def test_presets_name_alone_shows_it(capsys):
     (["--lr", "-1e-3"], "ConfigError: --lr: key 'lr': expected a number above 0, got -0.001"),
     (["--stpes", "10"], "lowmem train: unknown option --stpes (did you mean --steps?)"),
     (["--lora.rank", "4"], "lowmem train: unknown option --lora.rank (did you mean --lora-rank?)"),
+    (["--lora", "8"], "lowmem train: unknown option --lora: lora is a section of keys, given as key=value "
+                      "(lora.rank=…, lora.alpha=…"),
     (["--lora_rank", "4"], "lowmem train: unknown option --lora_rank (did you mean --lora-rank?)"),
     (["--save", "10"], "lowmem train: unknown option --save (did you mean --save-every or --save-minutes?)"),
     (["lr=1e-3", "--steps", "3", "lora-rank=4"],          # an override after an option, as one before

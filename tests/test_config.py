@@ -42,7 +42,7 @@ def test_unknown_yaml_key_names_the_file_the_line_and_the_fix(tmp_path):
 def test_bad_yaml_names_the_line(tmp_path):
     preset = tmp_path / "p.yaml"
     preset.write_text("steps: 10\nlr: [1,\n")
-    with pytest.raises(ConfigError, match=r"p\.yaml: line \d+: bad YAML"):
+    with pytest.raises(ConfigError, match=r"p\.yaml: line \d+, column \d+: bad YAML"):
         load_config(str(preset))
 
 
@@ -75,6 +75,7 @@ def test_bad_yaml_names_the_line(tmp_path):
     ("steps=1:30", "key 'steps': expected a whole number, got '1:30'"),
     ("name=a/b", r"override 'name=a/b': key 'name': expected a folder name \(no / .*got 'a/b'"),
     ("name=..", "key 'name': expected a folder name"),
+    ("runs_dir=", r"key 'runs_dir' is empty: expected the folder that holds run directories \(default: runs"),
 ])
 def test_bad_values_are_refused_with_the_key_and_what_was_expected(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -278,3 +279,22 @@ def test_a_folder_named_like_a_preset_does_not_hide_it(tmp_path, monkeypatch):
     (tmp_path / "mine").mkdir()
     with pytest.raises(ConfigError, match="mine is a directory; expected a preset YAML file"):
         load_config("mine")
+
+
+def test_the_same_key_twice_on_the_command_line_is_refused_naming_both():
+    with pytest.raises(ConfigError, match=r"override 'steps=6': steps is given twice \('steps=5' before it\)"):
+        load_config(overrides=["steps=5", "steps=6"])
+
+
+def test_a_tab_in_a_preset_is_located_and_explained(tmp_path):
+    (tmp_path / "tab.yaml").write_text("steps: 3\nlora:\n\trank: 4\n")
+    with pytest.raises(ConfigError, match=r"tab.yaml: line 3, column 1: bad YAML: .*'\\t'.*indents with spaces"):
+        load_config(str(tmp_path / "tab.yaml"))
+
+
+def test_names_and_switches_are_read_as_people_type_them():
+    assert load_config("DEMO-CPU") == load_config("demo-cpu")
+    config = load_config(overrides=["method=LoRA", "schedule=Linear", "grad_checkpointing=1", "packing=0"])
+    assert (config.method, config.schedule, config.grad_checkpointing, config.packing) == ("lora", "linear", True, False)
+    with pytest.raises(ConfigError, match="key 'grad_checkpointing': expected true or false, got 2"):
+        load_config(overrides=["grad_checkpointing=2"])

@@ -196,3 +196,11 @@ def test_more_pruning_never_leaves_more_parameters():
     counts = [spec.pruned(r / 20).params for r in range(0, 20)]
     assert counts == sorted(counts, reverse=True)
     assert spec.pruned(0.0) is spec
+
+
+def test_a_folder_of_several_gguf_files_asks_which(tmp_path):
+    for name in ("a-Q4.gguf", "a-Q8.gguf"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(ModelError, match=r"no config.json, and 2 .gguf files \(a-Q4.gguf, a-Q8.gguf\): give the one "
+                                         r"to use, e.g. --model .*a-Q4.gguf"):
+        spec_for(str(tmp_path))

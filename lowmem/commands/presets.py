@@ -16,6 +16,11 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    if args.action == "list" and args.name:
+        from lowmem.errors import ConfigError
+
+        raise ConfigError(f"lowmem presets list {args.name}: `list` takes no name; show one with "
+                          f"`lowmem presets show {args.name}`")
     if args.action not in ("list", "show"):
         if args.name:
             from lowmem.errors import ConfigError
@@ -28,11 +33,22 @@ def run(args) -> int:
             return 2
         path = find_preset(args.name)
         try:
-            print(path.read_text(encoding="utf-8"), end="")
+            text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             from lowmem.errors import ConfigError
 
             raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+        print(text, end="")
+        # Shown as it is, then checked as `train --preset` reads it: a file of one's own that
+        # would be refused says why (a shipped preset that leaves the model to give is fine).
+        from lowmem.config import load_config
+        from lowmem.errors import ConfigError
+
+        try:
+            load_config(str(path))
+        except ConfigError as e:
+            if "this preset leaves" not in str(e):
+                raise
         return 0
     presets = list_presets()
     width = max(map(len, presets), default=0)
