@@ -69,6 +69,15 @@ def parse_size(text: str | int | float) -> int:
     return size
 
 
+def size_text(n: int) -> str | int:
+    """`n` bytes as parse_size reads them, in the largest unit that holds it whole (24G, 500M),
+    else the number of bytes."""
+    for unit in ("T", "G", "M", "K"):
+        if n >= _UNITS[unit] and n % _UNITS[unit] == 0:
+            return f"{n // _UNITS[unit]}{unit}"
+    return n
+
+
 def format_size(n: int | None) -> str:
     if n is None:
         return "-"
@@ -221,7 +230,12 @@ class RunConfig:
     loram: LoramConfig = field(default_factory=LoramConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(self)
+        """Plain values for YAML; a size as it is typed (24G), which parse_size reads back."""
+        plain = _to_plain(self)
+        for f in fields(self):
+            if f.metadata.get("size") and plain[f.name] is not None:
+                plain[f.name] = size_text(plain[f.name])
+        return plain
 
     def replace(self, **changes: Any) -> "RunConfig":
         return dataclasses.replace(self, **changes)

@@ -298,3 +298,13 @@ def test_names_and_switches_are_read_as_people_type_them():
     assert (config.method, config.schedule, config.grad_checkpointing, config.packing) == ("lora", "linear", True, False)
     with pytest.raises(ConfigError, match="key 'grad_checkpointing': expected true or false, got 2"):
         load_config(overrides=["grad_checkpointing=2"])
+
+
+def test_sizes_are_written_as_typed_and_read_back_the_same():
+    config = load_config(overrides=["vram=24G", "host_ram=1536M"])
+    plain = config.to_dict()
+    assert (plain["vram"], plain["host_ram"]) == ("24G", "1536M")
+    assert load_config(overrides=[f"vram={plain['vram']}", f"host_ram={plain['host_ram']}"]) == config
+    odd = config.replace(vram=24 * 2**30 + 1).to_dict()["vram"]
+    assert odd == 24 * 2**30 + 1 and load_config(overrides=[f"vram={odd}"]).vram == odd
+    assert RunConfig().to_dict()["vram"] is None

@@ -167,8 +167,16 @@ class RunState:
     def budget(self) -> int | None:
         """The memory budget in bytes: the plan's, else the config's, else the device's size."""
         for source in (self.plan, self.config):
-            if is_number(source.get("vram")) and source["vram"] > 0:
-                return int(source["vram"])
+            vram = source.get("vram")
+            if isinstance(vram, str):           # a config.yaml writes sizes as typed: 24G
+                from lowmem.config import parse_size
+
+                try:
+                    vram = parse_size(vram)
+                except ValueError:
+                    continue
+            if is_number(vram) and vram > 0:
+                return int(vram)
         if self.device == "cuda" and is_number(self.mem.get("device_total")):
             return int(self.mem["device_total"])
         return None
