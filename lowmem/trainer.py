@@ -227,6 +227,24 @@ def _value(config: RunConfig, key: str):
     return config
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (kill, `timeout`, a scheduler) stops the trainer as Ctrl-C does wherever the step
+    loop's StopRequest is not listening: while the model loads, in an evaluation, at the end."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:      # not the main thread (a test runner's)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class StopRequest:
     """Set by SIGINT/SIGTERM: the current step finishes, then a checkpoint is written."""
 
@@ -324,7 +342,7 @@ def train(config: RunConfig, plan: Plan, run_dir: Path, *, resume: bool = False,
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory {run_dir} does not exist")
-    with RunLock(run_dir, reenter=True):   # `lowmem train` may hold it since its checks
+    with RunLock(run_dir, reenter=True), _terminate_as_interrupt():   # `lowmem train` may hold it since its checks
         events = EventLog(run_dir)
         try:
             try:

@@ -572,6 +572,27 @@ def test_sigint_finishes_the_step_checkpoints_and_says_how_to_resume(tmp_path, t
     assert list_checkpoints(tmp_path / "sig")[-1].name == f"step-{done['step']}"
 
 
+def test_sigterm_before_the_step_loop_stops_the_run_as_ctrl_c_does(tmp_path, tiny_model_dir, tiny_chat_data):
+    """`timeout` or a scheduler's SIGTERM during the model's loading or the first evaluation: the
+    run says it was interrupted and how to start it over, as Ctrl-C there does (it was killed
+    with no word, and no `done` for a dashboard)."""
+    config = _config(tiny_model_dir, tiny_chat_data, tmp_path, steps=2)
+    said = []
+
+    def out(message):
+        said.append(message)
+        if "training and" in message:       # the start line: the first evaluation comes next
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        train(*_start(config, "term"), out=out)
+    assert signal.getsignal(signal.SIGTERM) is previous
+    done = read_events(tmp_path / "runs" / "term")[-1]
+    assert (done["kind"], done["reason"], done["step"]) == ("done", "interrupted", 0)
+    assert said[-1].startswith("interrupted before a checkpoint was written: `lowmem train --resume")
+
+
 @pytest.mark.parametrize("method, extra", [
     ("qlora", {}),
     ("l4q", {"lora.dropout": 0.0, "l4q.group": 16}),
