@@ -576,8 +576,14 @@ def unused_keys(method: str, pinned: Iterable[str]) -> str | None:
     if not unused:
         return None
     readers = sorted({m for k in unused for m in SECTION_METHODS[k.split(".", 1)[0]]})
+    from lowmem.config import all_keys
+
+    own = [section for section, methods in SECTION_METHODS.items() if method in methods]
+    meant = [f"{section}.{k.split('.', 1)[1]}" for k in unused for section in own
+             if f"{section}.{k.split('.', 1)[1]}" in all_keys()]
     return (f"{', '.join(unused)}: set, but a {method} run does not use {'it' if len(unused) == 1 else 'them'} "
-            f"(method={' or method='.join(readers)} would)")
+            f"(method={' or method='.join(readers)} would)"
+            + (f"; did you mean {' and '.join(dict.fromkeys(meant))}?" if meant else ""))
 
 
 def past_context(spec: ModelSpec, seq_len: int) -> str | None:
@@ -592,7 +598,8 @@ def _notes(plan: Plan, spec: ModelSpec, pinned: Iterable[str]) -> tuple[str, ...
     idle = None
     if plan.device == "cpu" and plan.offload_activations and "offload" in set(pinned):
         idle = "offload: set, but on the CPU the activations are in host memory already: it saves nothing"
-    return tuple(n for n in (unused_keys(plan.method, pinned), idle, past_context(spec, plan.seq_len)) if n)
+    warnings = (idle and f"warning: {idle}", past_context(spec, plan.seq_len))
+    return tuple(n for n in warnings if n)     # the trainer repeats them where its run is watched
 
 
 def _reasons(plan: Plan, spec: ModelSpec, config: Any, pinned: set[str]) -> tuple[str, ...]:
@@ -648,7 +655,7 @@ def _reasons(plan: Plan, spec: ModelSpec, config: Any, pinned: set[str]) -> tupl
 
 
 def make_plan(config: RunConfig, spec: ModelSpec, pinned: Iterable[str] | None = None,
-              device: str | None = None) -> Plan:
+              device: str | None = None, typed: Iterable[str] | None = None) -> Plan:
     """The plan for `config` on a model of shapes `spec`.
 
     Without a budget (`config.vram` is None) it is the config's own plan with
@@ -656,8 +663,15 @@ def make_plan(config: RunConfig, spec: ModelSpec, pinned: Iterable[str] | None =
     predicted peak fits `vram · (1 − safety_margin)`; `pinned` holds the dotted
     config keys the user set, which the search never changes. `device` is
     where the plan will run (default: `config.device` resolved on this machine).
+    `typed` (default `pinned`): the keys the user typed, not a preset's, of which those the
+    plan's method does not read are warned of.
     """
-    pinned = set(pinned or ())
+    plan = _make_plan(config, spec, set(pinned or ()), device)
+    unused = unused_keys(plan.method, pinned or () if typed is None else typed)
+    return plan if unused is None else dataclasses.replace(plan, reasons=(*plan.reasons, f"warning: {unused}"))
+
+
+def _make_plan(config: RunConfig, spec: ModelSpec, pinned: set[str], device: str | None) -> Plan:
     if config.method == "l4q" and config.lora.dropout > 0:
         raise ConfigError(f"lora.dropout={config.lora.dropout} with method l4q: L4Q quantizes W0 + s·BA as one "
                           f"weight, so adapter dropout has nothing to act on; set lora.dropout=0")

@@ -522,6 +522,12 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
         f"{gpu.get('gpu', device)}"
         f"{'' if gpu.get('kernels', 'on') == 'on' else ' (lowmem.kernels off: ' + gpu['kernels'] + ')'}; "
         f"{len(data.train)} training and {_examples(len(data.heldout), 'held-out')}")
+    if not resume:
+        # What the plan warned of (keys another method reads, seq_len past the context), said
+        # where the run is watched: the dashboard's event log, the console.
+        for note in (r for r in plan.reasons if r.startswith("warning: ")):
+            out(note)
+            events.emit("warning", message=note.removeprefix("warning: "))
 
     if not data.heldout:
         held = (f"{config.eval_data} gives" if config.eval_data else

@@ -584,9 +584,10 @@ def test_the_reasons_say_which_choices_were_pinned(every_method):
     assert free.method == "loram" and any(r.startswith("nothing unpruned fits") for r in free.reasons)
     # A pin that does nothing where the plan runs is said to.
     cpu = make_plan(config(vram=parse_size("24G"), offload=True), spec, {"offload"}, device="cpu")
-    assert "offload: set, but on the CPU the activations are in host memory already: it saves nothing" in cpu.reasons
+    assert "warning: offload: set, but on the CPU the activations are in host memory already: it saves nothing" \
+        in cpu.reasons
     gpu = make_plan(config(vram=parse_size("24G"), offload=True), spec, {"offload"}, device="cuda")
-    assert not any(r.startswith("offload: set, but") for r in gpu.reasons)
+    assert not any(r.startswith("warning: offload: set, but") for r in gpu.reasons)
 
 
 def test_a_better_method_refused_for_the_host_is_listed_as_such(every_method):
@@ -703,12 +704,18 @@ def test_a_setting_of_a_method_the_plan_does_not_use_is_named_in_why():
                        loram=lowmem.config.LoramConfig(ratio=0.3))
     plan = make_plan(config, spec, {"loram.ratio", "l4q.bits", "lora.rank"}, device="cuda")
     assert plan.method == "lora"
-    assert plan.reasons[-1] == ("l4q.bits, loram.ratio: set, but a lora run does not use them "
+    assert plan.reasons[-1] == ("warning: l4q.bits, loram.ratio: set, but a lora run does not use them "
                                 "(method=l4q or method=loram would)")
     full = make_plan(config.replace(vram=None, method="full"), spec, {"method", "lora.rank"}, device="cuda")
-    assert full.reasons[-1] == "lora.rank: set, but a full run does not use it (method=l4q or method=lora or " \
+    assert full.reasons[-1] == "warning: lora.rank: set, but a full run does not use it (method=l4q or method=lora or " \
                                "method=loram or method=qlora would)"
     assert not any("set, but" in r for r in make_plan(config, spec, {"lora.rank"}, device="cuda").reasons)
+    galore = make_plan(config.replace(vram=None, method="galore"), spec, {"method", "lora.rank"}, device="cuda")
+    assert galore.reasons[-1].endswith("; did you mean galore.rank?")
+    # A preset's keys for other methods are the preset's business: only the keys typed are warned of.
+    assert not any("set, but" in r for r in make_plan(config.replace(vram=None, method="galore"), spec,
+                                                      {"method", "lora.rank"}, device="cuda",
+                                                      typed={"method"}).reasons)
 
 
 def test_a_seq_len_past_the_models_context_is_warned_about():

@@ -16,7 +16,8 @@ import yaml
 from lowmem.checkpoint import checkpoint_step, list_checkpoints
 from lowmem.config import load_config
 from lowmem.events import read_events, send_control
-from lowmem.planner import plan_from_config
+from lowmem.planner import make_plan, plan_from_config
+from lowmem.spec import spec_for
 from lowmem.trainer import lr_at, new_run_dir, train, write_run_files
 from tests.conftest import write_jsonl
 
@@ -570,6 +571,23 @@ def test_sigint_finishes_the_step_checkpoints_and_says_how_to_resume(tmp_path, t
     done = read_events(tmp_path / "sig")[-1]
     assert done["kind"] == "done" and done["reason"] == "interrupted"
     assert list_checkpoints(tmp_path / "sig")[-1].name == f"step-{done['step']}"
+
+
+def test_what_the_plan_warned_of_is_said_where_the_run_is_watched(tmp_path, tiny_model_dir, tiny_chat_data):
+    """A key the method does not read, as the plan warns of it, reaches the console and the
+    event log the dashboard shows (it was in plan.yaml only); a resume does not repeat it."""
+    config = _config(tiny_model_dir, tiny_chat_data, tmp_path, steps=1)
+    config, plan, run_dir = _start(config, "noted")
+    plan = make_plan(config, spec_for(config.model), {"galore.rank"}, device="cpu")
+    said = []
+    train(config, plan, run_dir, out=said.append)
+    warning = ("galore.rank: set, but a lora run does not use it (method=galore would); "
+               "did you mean lora.rank?")
+    assert f"warning: {warning}" in said
+    assert [e["message"] for e in read_events(run_dir) if e["kind"] == "warning"][0] == warning
+    said.clear()
+    train(config.replace(steps=2), plan, run_dir, resume=True, out=said.append)
+    assert f"warning: {warning}" not in said
 
 
 def test_sigterm_before_the_step_loop_stops_the_run_as_ctrl_c_does(tmp_path, tiny_model_dir, tiny_chat_data):

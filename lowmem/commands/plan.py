@@ -72,10 +72,15 @@ TRAINING_ONLY = ("data", "eval_data", "eval_fraction", "runs_dir", "name", "step
                  "keep_checkpoints", "log_every")
 
 
+def typed_keys(args: argparse.Namespace) -> set[str]:
+    """Config keys the user typed: by flag or by key=value."""
+    keys = {k[4:] for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
+    return keys | set(parse_overrides(args.overrides or ())[0])
+
+
 def pinned_keys(args: argparse.Namespace) -> set[str]:
     """Config keys the user set: by flag, by key=value, or in the preset."""
-    keys = {k[4:] for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
-    keys |= set(parse_overrides(args.overrides or ())[0])
+    keys = typed_keys(args)
     if getattr(args, "preset", None):
         path = find_preset(args.preset)
         keys |= set(read_yaml_layer(path.read_text(), str(path))[0])
@@ -106,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         config = config_from_args(args)
         spec = spec_for(config.model)
         pinned = pinned_keys(args)
-        plan = make_plan(config, spec, pinned, device=planning_device(config.device))
+        plan = make_plan(config, spec, pinned, device=planning_device(config.device), typed=typed_keys(args))
         notes = []
         if "seq_len" not in pinned and spec.name != "smollm2-135m":
             notes.append(f"seq_len {config.seq_len} is the default, sized for the embedded demo's short "

@@ -90,8 +90,8 @@ def preflight(config) -> None:
 
 def run(args) -> int:
     from lowmem.commands.monitor import use_dashboard
-    from lowmem.commands.plan import pinned_keys
-    from lowmem.planner import make_plan, past_context
+    from lowmem.commands.plan import pinned_keys, typed_keys
+    from lowmem.planner import make_plan
     from lowmem.spec import spec_for
     from lowmem.trainer import new_run_dir, resumed_config, train_command, write_run_files
 
@@ -160,10 +160,7 @@ def run(args) -> int:
     config = with_absolute_paths(config)
     pinned = pinned_keys(args)
     spec = spec_for(config.model)
-    plan = make_plan(config, spec, pinned)
-    warning = past_context(spec, plan.seq_len)
-    if warning:
-        print(warning, file=sys.stderr)
+    plan = make_plan(config, spec, pinned, typed=typed_keys(args))
     if "lr" not in pinned and default_lr(plan.method) != config.lr:
         # The planner chose another method than the config's: its learning rate goes with it.
         print(f"lr {default_lr(plan.method):g}: the default for {plan.method} (set lr to choose)", file=sys.stderr)
