@@ -72,7 +72,9 @@ def run_side(side: str, steps: int, micro_batch: int, seq_len: int, checkpointin
             return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
 
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from lowmem.model import checkpointing as enable_checkpointing
+
+        enable_checkpointing(model)
         model.enable_input_require_grads()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -269,11 +269,22 @@ def prepare_for_training(model: nn.Module, plan) -> list[str]:
         for p in model.parameters():
             p.requires_grad_(True)
     if plan.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointing(model)
         # With a frozen embedding the checkpointed blocks' inputs need grads, or
         # backward never reaches the adapters inside them.
         model.enable_input_require_grads()
     return names
+
+
+def checkpointing(model: nn.Module) -> None:
+    """Activation checkpointing on every block, non-reentrant: transformers 5.x names it
+    activation_checkpointing_enable (its gradient_checkpointing_enable warns that it is going);
+    older releases have only gradient_checkpointing_enable."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -27,7 +27,7 @@ from lowmem.config import LoraConfig, RunConfig
 from lowmem.lora import apply_lora
 from lowmem.loss import causal_lm_loss
 from lowmem.memory import MemoryBreakdown, predict
-from lowmem.model import prepare_for_training
+from lowmem.model import checkpointing as enable_checkpointing, prepare_for_training
 from lowmem.planner import Plan, plan_from_config
 from lowmem.spec import builtin_spec, from_hf_config
 
@@ -203,7 +203,7 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 def _checkpointed(model: torch.nn.Module, plan: Plan) -> torch.nn.Module:
     if plan.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
         model.enable_input_require_grads()
     return model
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lowmem.loss import causal_lm_loss
-from lowmem.model import tiny_llama
+from lowmem.model import checkpointing as enable_checkpointing, tiny_llama
 from lowmem.offload import OffloadActivations, activation_offloading
 
 LAYERS, ROWS, LENGTH, HIDDEN = 3, 2, 16, 64
@@ -22,7 +22,7 @@ def base_model():
 def gradients(model, offload=None, checkpointing=False):
     model = copy.deepcopy(model)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.train()
     ids = torch.randint(0, 256, (ROWS, LENGTH), generator=torch.Generator().manual_seed(0))
     with offload if offload is not None else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
@@ -117,7 +117,7 @@ def test_disabled_offloading_is_a_plain_context():
 @pytest.mark.gpu
 def test_on_cuda_offloading_lowers_peak_memory_and_keeps_gradients(base_model):
     model = copy.deepcopy(base_model).cuda()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     ids = torch.randint(0, 256, (8, 1024), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
 
     def run(offload):
