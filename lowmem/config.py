@@ -322,8 +322,8 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, where: str) -> Any:
             raise bad("a list of finite numbers")
         if key == "adam_betas" and (len(value) != 2 or not all(0 <= b < 1 for b in value)):
             raise bad("two numbers in [0, 1)")
-        if key == "loram.layer_ratios" and not all(0 <= r < 1 for r in value):
-            raise bad("prune ratios in [0, 1)")
+        if key == "loram.layer_ratios" and not all(0 <= r <= 0.95 for r in value):
+            raise bad("prune ratios from 0 to 0.95, as loram.ratio")
     elif ftype == "bool":
         if isinstance(value, str) and value.lower() in ("true", "false", "on", "off", "yes", "no", "1", "0"):
             value = value.lower() in ("true", "on", "yes", "1")

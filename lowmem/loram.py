@@ -196,8 +196,8 @@ def prepare_pruned(model: nn.Module, *, ratio: float, criterion: str = "taylor",
                           keep_last=keep_last, layer_ratios=layer_ratios, loss_chunk=loss_chunk)
     after = sum(p.numel() for p in model.parameters())
     pruned_blocks = sum(index_map.is_pruned(i) for i in range(index_map.layers))
-    log(f"LoRAM: pruned {pruned_blocks} of {index_map.layers} blocks ({index_map.criterion}, ratio "
-        f"{index_map.ratio:.0%}): {before:,} -> {after:,} parameters ({before / after:.2f}x)")
+    log(f"LoRAM: pruned {pruned_blocks} of {index_map.layers} blocks ({index_map.criterion}, "
+        f"{index_map.ratio_text()}): {before:,} -> {after:,} parameters ({before / after:.2f}x)")
     if align_steps > 0:
         losses = align(model, align_batches or [], align_steps, lr=align_lr, subset=align_subset)
         log(f"LoRAM: aligned {align_steps} steps on plain text: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
@@ -469,7 +469,7 @@ def load_streamed_loram(model_dir: Path, plan, config, device: str, dtype: torch
     if not resume:
         index_map.save(index_path)
     pruned = sum(index_map.is_pruned(i) for i in range(index_map.layers))
-    how = "re-applied from its index map" if resume else f"({index_map.criterion}, ratio {index_map.ratio:.0%})"
+    how = "re-applied from its index map" if resume else f"({index_map.criterion}, {index_map.ratio_text()})"
     log(f"LoRAM: pruned {pruned} of {index_map.layers} blocks {how} while loading, one dense block at a "
         f"time{' (NF4)' if nf4 else ''}: {index_map.params_removed():,} weights removed")
     return model

@@ -684,6 +684,10 @@ def _make_plan(config: RunConfig, spec: ModelSpec, pinned: set[str], device: str
     if ratios and len(ratios) > spec.layers:
         raise ConfigError(f"loram.layer_ratios has {len(ratios)} values but {spec.name} has {spec.layers} "
                           f"blocks: give at most one ratio per block, in block order")
+    if config.method == "loram" and config.loram.ratio == 0 and not any(ratios):
+        raise ConfigError("loram.ratio=0 prunes nothing, so LoRAM would train LoRA on the whole model: "
+                          "method=lora does that without the scoring and the recovery; or give a ratio "
+                          "(default 0.5)")
     keep = config.loram.keep_first + config.loram.keep_last
     if config.method == "loram" and not ratios and keep >= spec.layers:
         raise ConfigError(f"loram.keep_first={config.loram.keep_first} and loram.keep_last="

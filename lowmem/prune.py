@@ -101,6 +101,15 @@ class IndexMap:
         k = self.keep[i]
         return (len(k.heads), len(k.kv_heads), len(k.channels)) != (self.heads, self.kv_heads, self.intermediate)
 
+    def ratio_text(self) -> str:
+        """"ratio 50%", or "ratios 30% to 90% by block" where loram.layer_ratios gave blocks their
+        own (read from the MLP channels each pruned block lost)."""
+        shares = {len(self.keep[i].channels) for i in range(self.layers) if self.is_pruned(i)}
+        if len(shares) <= 1:
+            return f"ratio {self.ratio:.0%}"
+        least = 1 - max(shares) / self.intermediate
+        return f"ratios {least:.0%} to {self.ratio:.0%} by block"
+
     def kept_indices(self, i: int, proj: str) -> torch.Tensor:
         """Original indices kept along the pruned side of block i's `proj` (rows or columns)."""
         k, d = self.keep[i], self.head_dim

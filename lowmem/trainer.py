@@ -645,6 +645,9 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
             if plan.method == "l4q":
                 out(f"L4Q state saved to {run_dir / 'adapter'}; write the low-bit model with: "
                     f"lowmem export {run_dir} --quantized OUT")
+            elif plan.method == "loram":
+                out(f"adapter saved to {run_dir / 'adapter'} (PEFT layout), recovered to the full model's shapes: "
+                    f"lowmem generate --adapter {run_dir} answers with the full model")
             else:
                 out(f"adapter saved to {run_dir / 'adapter'} (PEFT layout)")
         else:
@@ -660,6 +663,8 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
             summary = f"held-out loss {before['loss']:.4f} -> {after['loss']:.4f}"
             if after["exact_match"] is not None and before.get("exact_match") is not None:
                 summary += f", exact match {before['exact_match']:.1%} -> {after['exact_match']:.1%}"
+            if plan.method == "loram":
+                summary += " (the pruned model the run trained; the full one with the recovered adapter is not evaluated)"
             out(summary)
     done = events.emit("done", step=step, reason=reason, resume=resume_cmd,
                        peak_rss=memstats.measure(device)["peak_rss"])

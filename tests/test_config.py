@@ -68,8 +68,9 @@ def test_bad_yaml_names_the_line(tmp_path):
     ("lora=4", r"'lora' is a section, not a value: set its keys, as lora.rank=…"),
     ("steps=4 warmup_steps=9", "warmup_steps': 9 warmup steps in a run of 4 steps: .* give at most 4"),
     ("seed=18446744073709551616", "key 'seed': 18446744073709551616 is above the maximum 9223372036854775807"),
-    ("loram.layer_ratios=0,1.0", r"key 'loram.layer_ratios': expected prune ratios in \[0, 1\)"),
-    ("loram.layer_ratios=-0.5", r"expected prune ratios in \[0, 1\)"),
+    ("loram.layer_ratios=0,1.0", r"key 'loram.layer_ratios': expected prune ratios from 0 to 0.95, as loram.ratio"),
+    ("loram.layer_ratios=0.5,0.99", r"expected prune ratios from 0 to 0.95"),
+    ("loram.layer_ratios=-0.5", r"expected prune ratios from 0 to 0.95"),
     ("lora.targets=model.layers.0.self_attn.q_proj", "'model.layers.0.self_attn.q_proj' names one block's "
                                                      r"projection; .* give its name \(q_proj\)"),
     ("steps=1:30", "key 'steps': expected a whole number, got '1:30'"),

@@ -98,6 +98,9 @@ def test_per_layer_ratios_override_the_global_ratio_and_the_kept_outer_layers():
     model = _model()
     index_map = prune(model, 0.5, criterion="magnitude", layer_ratios={1: 0.0})
     assert not index_map.is_pruned(1) and index_map.is_pruned(2)
+    assert index_map.ratio_text() == "ratio 50%"
+    index_map = prune(_model(), 0.5, criterion="magnitude", layer_ratios={1: 0.25, 2: 0.75})
+    assert index_map.ratio_text() == "ratios 25% to 75% by block"     # what the run's summary line says
 
 
 def test_pruned_parameter_count_matches_the_planners_spec():

@@ -737,6 +737,12 @@ def test_loram_that_would_prune_nothing_is_refused_and_per_block_ratios_count_at
     with pytest.raises(ConfigError, match=r"loram.keep_first=15 and loram.keep_last=15 keep all 30 blocks of "
                                           r"smollm2-135m whole, so LoRAM would prune nothing"):
         make_plan(config, spec, {"method"})
+    with pytest.raises(ConfigError, match=r"loram.ratio=0 prunes nothing, so LoRAM would train LoRA on the whole "
+                                          r"model: method=lora does that"):
+        make_plan(RunConfig(method="loram", device="cpu", loram=lowmem.config.LoramConfig(ratio=0.0)), spec,
+                  {"method", "loram.ratio"})
+    assert make_plan(RunConfig(method="loram", device="cpu", loram=lowmem.config.LoramConfig(
+        ratio=0.0, layer_ratios=(0.9, 0.9))), spec, {"method", "loram.ratio"}).prune_layer_ratios == (0.9, 0.9)
     per_block = plan_from_config(RunConfig(method="loram", device="cpu",
                                            loram=lowmem.config.LoramConfig(ratio=0.0, layer_ratios=(0.9, 0.9))))
     assert per_block.label == "loram 0% (per block) fp32"

@@ -622,7 +622,12 @@ def test_sigterm_before_the_step_loop_stops_the_run_as_ctrl_c_does(tmp_path, tin
 ])
 def test_every_adapter_method_trains_and_resumes_exactly(tmp_path, tiny_model_dir, tiny_chat_data, method, extra):
     config = _config(tiny_model_dir, tiny_chat_data, tmp_path, steps=4, method=method, **extra)
-    train(*_start(config, "straight"), out=lambda m: None)
+    said = []
+    train(*_start(config, "straight"), out=said.append)
+    # A LoRAM run's evaluation is of the pruned model it trains, and its summary says so.
+    summary = next(m for m in said if m.startswith("held-out loss "))
+    assert summary.endswith("(the pruned model the run trained; the full one with the recovered adapter is not "
+                            "evaluated)") is (method == "loram")
     config_b, plan_b, run_b = _start(config, "stopped")
 
     def stop_after_step_2(message):
