@@ -102,7 +102,13 @@ def resolve_model_dir(ref: str, log=print) -> Path:
         return convert_gguf(path, log)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelError(f"{path} has no config.json; expected a Hugging Face model directory")
+            run = ""
+            if (path / "config.yaml").is_file():      # a run directory
+                run = (f": it is a run directory; its model is {path / 'model'}" if (path / "model").is_dir() else
+                       f": it is a run directory, whose adapter `lowmem generate --adapter {path}` answers with"
+                       if (path / "adapter").is_dir() else
+                       ": it is a run directory that has not written its model yet")
+            raise ModelError(f"{path} has no config.json; expected a Hugging Face model directory{run}")
         return path
     if path.exists():
         raise ModelError(f"{path}: expected a model directory or a .gguf file")

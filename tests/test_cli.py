@@ -780,3 +780,21 @@ def test_train_help_names_every_key_a_resume_may_change(capsys):
     start = text.index("--resume RUN_DIR continue")
     resume = text[start:text.index("--print-config", start)]
     assert all(key in resume for key in RESUMABLE_CHANGES), resume
+
+
+def test_a_run_directory_given_as_a_model_points_at_what_it_holds(tmp_path):
+    from lowmem.errors import ModelError
+    from lowmem.model import resolve_model_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("method: galore\n")
+    with pytest.raises(ModelError, match="it is a run directory that has not written its model yet"):
+        resolve_model_dir(str(run))
+    (run / "model").mkdir()
+    with pytest.raises(ModelError, match=f"has no config.json; .*: it is a run directory; its model is {run / 'model'}"):
+        resolve_model_dir(str(run))
+    (run / "model").rmdir()
+    (run / "adapter").mkdir()
+    with pytest.raises(ModelError, match=f"whose adapter `lowmem generate --adapter {run}` answers with"):
+        resolve_model_dir(str(run))
