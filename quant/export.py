@@ -830,10 +830,66 @@ def _adapter_origin(run_dir: Path, folder: Path) -> tuple[str, int | None]:
     return folder.name, steps[-1] if steps else None
 
 
+def model_updates(model_dir: Path) -> dict[str, WeightUpdate]:
+    """{weight name: no update} for every block projection of the model in `model_dir`: what
+    quantizes a full or GaLore run's own model, whose weights are already the trained ones."""
+    from lowmem.quant.skeleton import _header, shard_files
+    from lowmem.spec import LINEARS
+
+    updates = {}
+    for path in shard_files(model_dir):
+        for key, info in _header(path)[0].items():
+            shape = info.get("shape") if isinstance(info, dict) else None
+            if key.endswith(".weight") and key.rsplit(".", 2)[-2] in LINEARS and shape and len(shape) == 2:
+                updates[key] = WeightUpdate(torch.zeros(0, shape[1]), torch.zeros(shape[0], 0), 0.0)
+    return updates
+
+
+def _export_trained_model(run_dir: Path, method: str, quantized: Path | None, dequantized: Path | None,
+                          merged: Path | None, bits: int | None, group: int | None, dtype: torch.dtype,
+                          log) -> list[Path]:
+    """A full or GaLore run's model (run_dir/model), its block projections quantized
+    round-to-nearest: the same outputs as an adapter run's, from weights that are already merged."""
+    from lowmem.events import finished_steps
+
+    model_dir = run_dir / "model"
+    if merged is not None:
+        raise ValueError(f"a {method} run's model is a full model already, with nothing to merge: {model_dir}")
+    if not (model_dir / "config.json").is_file():
+        raise ModelError(f"{run_dir}: a {method} run writes its model to {model_dir} when it finishes, and it has "
+                         f"not: finish it (lowmem train --resume {run_dir}), then export")
+    updates = model_updates(model_dir)
+    if not updates:
+        raise ModelError(f"{model_dir}: its safetensors hold no block projection (q_proj, ..., down_proj) "
+                         f"to quantize")
+    widest = max(u.a.shape[1] for u in updates.values())
+    if group is not None and group > widest:
+        raise ValueError(f"--group {group} is wider than every weight's rows (the widest has {widest} "
+                         f"values); give at most {widest} (64 or 128 are usual)")
+    bits, group = bits or 4, group or 128
+    steps = finished_steps(run_dir)
+    step = steps[-1] if steps else None
+
+    def about(output: str) -> dict:
+        return {"run": str(run_dir.resolve()), "method": method, "checkpoint": "model", "step": step,
+                "output": output, "dtype": _name(dtype)}
+
+    source = {"run": str(run_dir), "method": method, "quantizer": "round-to-nearest", "checkpoint": "model",
+              "step": step}
+    written = export_streamed(model_dir, updates, model_dir, quantized=quantized, dequantized=dequantized,
+                              bits=bits, group=group, dtype=dtype, meta_source=source, about=about, log=log)
+    if quantized is not None:
+        log(f"{bits}-bit model (round-to-nearest, groups of {group}) written to {quantized}")
+    if dequantized is not None:
+        log(f"dequantized {bits}-bit model (Hugging Face, {_name(dtype)}) written to {dequantized}")
+    return written
+
+
 def export_run(run_dir: Path, *, quantized: Path | None = None, dequantized: Path | None = None,
                merged: Path | None = None, bits: int | None = None, group: int | None = None,
                dtype: torch.dtype = torch.bfloat16, log=print) -> list[Path]:
-    """Write the asked-for outputs of a LoRA, QLoRA, LoRAM or L4Q run; returns their folders.
+    """Write the asked-for outputs of a run; returns their folders. A full or GaLore run's own
+    model is quantized (--quantized, --dequantized; _export_trained_model).
 
     `bits`/`group` choose the round-to-nearest quantization of a LoRA/QLoRA/LoRAM run
     (default 4 / 128, float16 scales); an L4Q run exports with the bits, groups and float32
@@ -841,8 +897,12 @@ def export_run(run_dir: Path, *, quantized: Path | None = None, dequantized: Pat
     output is written in one read of the base from its files, one tensor at a time
     (`export_streamed`), so a 70B base exports in a few GiB of RAM.
     """
+    from lowmem.checkpoint import run_identity
     from lowmem.model import resolve_model_dir
 
+    trained = run_identity(Path(run_dir))[1]
+    if trained in ("full", "galore"):
+        return _export_trained_model(Path(run_dir), trained, quantized, dequantized, merged, bits, group, dtype, log)
     model_ref, method, folder, why = run_adapter(Path(run_dir), warn=lambda m: log(f"warning: {m}"))
     if why:
         log(f"{why}: exporting its checkpoint {folder.parent.name}")

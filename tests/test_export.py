@@ -881,3 +881,39 @@ def test_a_bin_checkpoint_is_refused_with_a_conversion_that_works(tmp_path):
     subprocess.run([sys.executable, "-c", argv[2]], check=True, capture_output=True)
     tensors = dict(read_tensors(shard_files(tmp_path / "old-st")))
     assert torch.equal(tensors["model.embed_tokens.weight"], model.model.embed_tokens.weight)
+
+
+def test_a_full_runs_own_model_is_quantized_as_a_lora_run_with_nothing_learned_would_be(tmp_path, tiny_model_dir):
+    """A full or GaLore run has no adapter: its model/ is quantized round-to-nearest, every block
+    projection, the same tensors as a LoRA run on that model whose update is zero."""
+    import shutil
+
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "config.yaml").write_text(yaml.safe_dump({"model": str(tiny_model_dir), "method": "galore"}))
+    (full / "plan.yaml").write_text(yaml.safe_dump({"method": "galore"}))
+    with pytest.raises(ModelError, match="writes its model to .* when it finishes, and it has not: finish it"):
+        export_run(full, quantized=tmp_path / "early", log=lambda m: None)
+    shutil.copytree(tiny_model_dir, full / "model")
+    with pytest.raises(ValueError, match="a galore run's model is a full model already, with nothing to merge"):
+        export_run(full, merged=tmp_path / "m", log=lambda m: None)
+
+    model = _lora_on(full / "model", targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                               "down_proj"))
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.zero_()
+    lora = _fake_run(tmp_path / "lora", full / "model", "lora",
+                     lambda d: save_adapter(model, d, rank=4, alpha=8.0, targets=("q_proj", "k_proj", "v_proj",
+                                                                                 "o_proj", "gate_proj", "up_proj",
+                                                                                 "down_proj"),
+                                            dropout=0.0, rslora=False, base_model=str(full / "model")))
+    export_run(full, quantized=tmp_path / "q", dequantized=tmp_path / "d", bits=3, group=32, log=lambda m: None)
+    export_run(lora, quantized=tmp_path / "lq", dequantized=tmp_path / "ld", bits=3, group=32, log=lambda m: None)
+    for ours, theirs in (("q", "lq"), ("d", "ld")):
+        a, b = _tensors(tmp_path / ours), _tensors(tmp_path / theirs)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    meta = read_quant_config(tmp_path / "q")
+    assert (meta["bits"], meta["group_size"], len(meta["modules"])) == (3, 32, 7 * 2)   # 2 blocks
+    assert meta["source"]["method"] == "galore" and meta["source"]["checkpoint"] == "model"
+    load_quantized_export(tmp_path / "q")

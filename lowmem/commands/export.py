@@ -13,23 +13,26 @@ DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 def register(sub) -> None:
     p = sub.add_parser(
         "export", help="write a run's model: low-bit (--quantized), dequantized, or adapter merged",
-        description="Export the model of a LoRA, QLoRA, LoRAM or L4Q run directory. --quantized writes "
+        description="Export the model of a run directory. --quantized writes "
                     "the adapter merged into packed low-bit integers with per-group scales (an L4Q run "
                     "uses its learned step sizes; a LoRA/QLoRA/LoRAM run is round-to-nearest "
                     "quantized); `lowmem generate --model OUT` runs it. --dequantized writes the same "
                     "weights as a Hugging Face model folder; --merged writes the adapter merged into "
-                    "the full-precision base (a LoRAM run's recovered adapter: the full model), "
-                    "reading the base one tensor at a time, so it needs little memory at any size. "
-                    "Layouts: docs/quantization.md.")
+                    "the full-precision base (a LoRAM run's recovered adapter: the full model). A full or "
+                    "GaLore run's own model (RUN/model) is quantized round-to-nearest by --quantized and "
+                    "--dequantized. Every output is written reading the base one tensor at a time, so it "
+                    "needs little memory at any size. Layouts: docs/quantization.md.")
     p.add_argument("run_dir", help="run directory (runs/NAME)")
     p.add_argument("--quantized", metavar="OUT", help="folder for the packed low-bit model (lowmem-intk)")
     p.add_argument("--dequantized", metavar="OUT", help="folder for the quantized weights as a HF model")
     p.add_argument("--merged", metavar="OUT", help="folder for the adapter merged into the base (HF model, "
                                                     "written while the base streams: little memory)")
     p.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=None,
-                   help="round-to-nearest bits for a LoRA/QLoRA/LoRAM run (default: 4; an L4Q run uses its own)")
+                   help="round-to-nearest bits for a LoRA/QLoRA/LoRAM/full/GaLore run (default: 4; an L4Q run uses "
+                        "its own)")
     p.add_argument("--group", type=int, default=None,
-                   help="weights per scale for a LoRA/QLoRA/LoRAM run (default: 128; an L4Q run uses its own)")
+                   help="weights per scale for a LoRA/QLoRA/LoRAM/full/GaLore run (default: 128; an L4Q run uses "
+                        "its own)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16",
                    help="dtype of the unquantized tensors and of --dequantized/--merged weights (default: bf16)")
     p.set_defaults(func=run)
