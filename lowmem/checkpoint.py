@@ -375,6 +375,17 @@ def load_checkpoint(folder: Path) -> dict[str, Any]:
     }
 
 
+def run_holding(folder: Path) -> Path | None:
+    """The run directory a folder of its weights is part of (RUN/adapter, RUN/adapter-step-N,
+    RUN/model, RUN/model-step-N, RUN/checkpoints/step-N/adapter), or None."""
+    folder = Path(folder)
+    inside = [folder.parent] if folder.name in ("adapter", "model") or folder.name.startswith(
+        ("adapter-step-", "model-step-")) else []
+    if folder.name == "adapter" and folder.parent.parent.name == "checkpoints":
+        inside = [folder.parent.parent.parent]
+    return next((d for d in inside if (d / "config.yaml").is_file()), None)
+
+
 def run_identity(run_dir: Path) -> tuple[str, str]:
     """(model reference, method) of a run directory, read from its config.yaml and plan.yaml;
     ModelError naming the file that is missing, unreadable or lacks the key."""

@@ -826,6 +826,8 @@ def _adapter_origin(run_dir: Path, folder: Path) -> tuple[str, int | None]:
 
     if folder.parent.parent.name == "checkpoints":
         return folder.parent.name, checkpoint_step(folder.parent)
+    if folder.name.startswith("adapter-step-") and folder.name.removeprefix("adapter-step-").isdigit():
+        return folder.name, int(folder.name.removeprefix("adapter-step-"))
     steps = finished_steps(run_dir)
     return folder.name, steps[-1] if steps else None
 
@@ -845,16 +847,48 @@ def model_updates(model_dir: Path) -> dict[str, WeightUpdate]:
     return updates
 
 
+def _run_and_folder(path: Path) -> tuple[Path, Path | None]:
+    """(run directory, the folder of weights to export or None for the run's own): `path` is a
+    run directory, or one of its adapter/, adapter-step-N/, model-step-N/ or checkpoints/step-N/
+    folders (an earlier end a longer run kept, a checkpoint)."""
+    from lowmem.checkpoint import run_holding
+
+    if (path / "config.yaml").is_file():
+        return path, None
+    folder = path / "adapter" if path.parent.name == "checkpoints" else path
+    run = run_holding(folder)
+    if run is None:
+        raise ModelError(f"{path} is not a run directory (no config.yaml), nor an adapter-step-N, model-step-N "
+                         f"or checkpoints/step-N folder of one")
+    return run, folder
+
+
+def _has_adapter(folder: Path, method: str) -> None:
+    from lowmem.lora import ADAPTER_CONFIG
+    from lowmem.quant.l4q import L4Q_CONFIG
+
+    marker = L4Q_CONFIG if method == "l4q" else ADAPTER_CONFIG
+    if method not in ("lora", "qlora", "loram", "l4q"):
+        raise ModelError(f"{folder}: a '{method}' run has no adapter to export")
+    if not (folder / marker).is_file():
+        raise ModelError(f"{folder}: no {marker} here; a {method} run's adapter folder holds one")
+
+
 def _export_trained_model(run_dir: Path, method: str, quantized: Path | None, dequantized: Path | None,
                           merged: Path | None, bits: int | None, group: int | None, dtype: torch.dtype,
-                          log) -> list[Path]:
-    """A full or GaLore run's model (run_dir/model), its block projections quantized
-    round-to-nearest: the same outputs as an adapter run's, from weights that are already merged."""
+                          log, model_dir: Path | None = None) -> list[Path]:
+    """A full or GaLore run's model (run_dir/model, or `model_dir`: a model-step-N it kept), its
+    block projections quantized round-to-nearest: the same outputs as an adapter run's, from
+    weights that are already merged."""
     from lowmem.events import finished_steps
 
-    model_dir = run_dir / "model"
+    given = model_dir is not None
+    model_dir = model_dir or run_dir / "model"
     if merged is not None:
         raise ValueError(f"a {method} run's model is a full model already, with nothing to merge: {model_dir}")
+    if given and not model_dir.name.startswith("model"):
+        raise ModelError(f"{model_dir}: a {method} run's checkpoints hold its weights for resuming, not a model "
+                         f"to export; export its model/ (or a model-step-N/ it kept)")
     if not (model_dir / "config.json").is_file():
         raise ModelError(f"{run_dir}: a {method} run writes its model to {model_dir} when it finishes, and it has "
                          f"not: finish it (lowmem train --resume {run_dir}), then export")
@@ -868,13 +902,14 @@ def _export_trained_model(run_dir: Path, method: str, quantized: Path | None, de
                          f"values); give at most {widest} (64 or 128 are usual)")
     bits, group = bits or 4, group or 128
     steps = finished_steps(run_dir)
-    step = steps[-1] if steps else None
+    step = (int(model_dir.name.removeprefix("model-step-")) if model_dir.name.startswith("model-step-")
+            else steps[-1] if steps else None)
 
     def about(output: str) -> dict:
-        return {"run": str(run_dir.resolve()), "method": method, "checkpoint": "model", "step": step,
+        return {"run": str(run_dir.resolve()), "method": method, "checkpoint": model_dir.name, "step": step,
                 "output": output, "dtype": _name(dtype)}
 
-    source = {"run": str(run_dir), "method": method, "quantizer": "round-to-nearest", "checkpoint": "model",
+    source = {"run": str(run_dir), "method": method, "quantizer": "round-to-nearest", "checkpoint": model_dir.name,
               "step": step}
     written = export_streamed(model_dir, updates, model_dir, quantized=quantized, dequantized=dequantized,
                               bits=bits, group=group, dtype=dtype, meta_source=source, about=about, log=log)
@@ -900,10 +935,16 @@ def export_run(run_dir: Path, *, quantized: Path | None = None, dequantized: Pat
     from lowmem.checkpoint import run_identity
     from lowmem.model import resolve_model_dir
 
-    trained = run_identity(Path(run_dir))[1]
+    run_dir, given = _run_and_folder(Path(run_dir))
+    trained = run_identity(run_dir)[1]
     if trained in ("full", "galore"):
-        return _export_trained_model(Path(run_dir), trained, quantized, dequantized, merged, bits, group, dtype, log)
-    model_ref, method, folder, why = run_adapter(Path(run_dir), warn=lambda m: log(f"warning: {m}"))
+        return _export_trained_model(run_dir, trained, quantized, dequantized, merged, bits, group, dtype, log,
+                                     model_dir=given)
+    if given is None:
+        model_ref, method, folder, why = run_adapter(run_dir, warn=lambda m: log(f"warning: {m}"))
+    else:
+        model_ref, method, folder, why = *run_identity(run_dir), given, ""
+        _has_adapter(folder, method)
     if why:
         log(f"{why}: exporting its checkpoint {folder.parent.name}")
     if merged is not None and method == "l4q":

@@ -917,3 +917,51 @@ def test_a_full_runs_own_model_is_quantized_as_a_lora_run_with_nothing_learned_w
     assert (meta["bits"], meta["group_size"], len(meta["modules"])) == (3, 32, 7 * 2)   # 2 blocks
     assert meta["source"]["method"] == "galore" and meta["source"]["checkpoint"] == "model"
     load_quantized_export(tmp_path / "q")
+
+
+def test_an_earlier_end_or_a_checkpoint_of_a_run_exports_as_its_own_adapter_would(tmp_path, tiny_model_dir, capsys):
+    """RUN/adapter-step-N (the end a longer run kept), RUN/checkpoints/step-N and RUN/model-step-N
+    export with the run's base and say which they are; another folder is refused by name."""
+    import shutil
+
+    from lowmem.cli import main
+
+    model = _lora_on(tiny_model_dir)
+    save = lambda d: save_adapter(model, d, rank=4, alpha=8.0, targets=("q_proj", "up_proj"),  # noqa: E731
+                                  dropout=0.0, rslora=False, base_model=str(tiny_model_dir))
+    run = _fake_run(tmp_path / "run", tiny_model_dir, "lora", save)
+    save(run / "adapter-step-4")
+    (run / "checkpoints" / "step-6").mkdir(parents=True)
+    save(run / "checkpoints" / "step-6" / "adapter")
+    export_run(run, merged=tmp_path / "own", log=lambda m: None)
+    for given, name, step in ((run / "adapter-step-4", "adapter-step-4", 4),
+                              (run / "checkpoints" / "step-6", "step-6", 6)):
+        export_run(given, merged=tmp_path / name, log=lambda m: None)
+        about = json.loads((tmp_path / name / "lowmem_export.json").read_text())
+        assert (about["run"], about["checkpoint"], about["step"]) == (str(run.resolve()), name, step)
+        ours, own = _tensors(tmp_path / name), _tensors(tmp_path / "own")
+        assert all(torch.equal(ours[k], own[k]) for k in own)
+    (tmp_path / "loose").mkdir()
+    assert main(["export", str(tmp_path / "loose"), "--merged", str(tmp_path / "x")]) == 2
+    assert "loose is not a run directory (no config.yaml), nor an adapter-step-N" in capsys.readouterr().err
+
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "config.yaml").write_text(yaml.safe_dump({"model": str(tiny_model_dir), "method": "full"}))
+    (full / "plan.yaml").write_text(yaml.safe_dump({"method": "full"}))
+    shutil.copytree(tiny_model_dir, full / "model-step-4")
+    export_run(full / "model-step-4", quantized=tmp_path / "fq", log=lambda m: None)
+    assert read_quant_config(tmp_path / "fq")["source"]["checkpoint"] == "model-step-4"
+
+
+def test_generate_points_an_l4q_adapter_folder_at_export(tmp_path):
+    from lowmem.commands.generate import find_adapter
+
+    model = _trained_l4q()
+    save_l4q_state(model, tmp_path / "adapter-step-4")
+    with pytest.raises(ModelError, match=r"adapter-step-4: an L4Q adapter lives in its quantized weights; write "
+                                         r"them with `lowmem export RUN_DIR \(the run that trained it\) --quantized"):
+        find_adapter(tmp_path / "adapter-step-4")
+    (tmp_path / "config.yaml").write_text("model: m\n")            # inside its run: export the folder itself
+    with pytest.raises(ModelError, match=r"`lowmem export .*adapter-step-4 --quantized OUT`, then answer"):
+        find_adapter(tmp_path / "adapter-step-4")

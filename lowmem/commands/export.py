@@ -22,7 +22,8 @@ def register(sub) -> None:
                     "GaLore run's own model (RUN/model) is quantized round-to-nearest by --quantized and "
                     "--dequantized. Every output is written reading the base one tensor at a time, so it "
                     "needs little memory at any size. Layouts: docs/quantization.md.")
-    p.add_argument("run_dir", help="run directory (runs/NAME)")
+    p.add_argument("run_dir", help="run directory (runs/NAME), or one of its folders: adapter-step-N or "
+                                   "model-step-N (an earlier end a longer run kept), checkpoints/step-N")
     p.add_argument("--quantized", metavar="OUT", help="folder for the packed low-bit model (lowmem-intk)")
     p.add_argument("--dequantized", metavar="OUT", help="folder for the quantized weights as a HF model")
     p.add_argument("--merged", metavar="OUT", help="folder for the adapter merged into the base (HF model, "

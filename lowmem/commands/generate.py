@@ -52,18 +52,16 @@ def register(sub) -> None:
 def find_adapter(path: Path, note=None) -> tuple[Path, str | None]:
     """(adapter folder, base model recorded by the run or None). A run that has not finished, or
     lost its adapter/, answers with its newest valid checkpoint, which `note` is told."""
-    from lowmem.checkpoint import run_adapter_folder, run_identity
+    from lowmem.checkpoint import run_adapter_folder, run_holding, run_identity
     from lowmem.lora import ADAPTER_CONFIG, read_adapter_config
+    from lowmem.quant.l4q import L4Q_CONFIG
 
     if not path.exists():
         raise ModelError(f"--adapter {path}: no such folder")
     if (path / ADAPTER_CONFIG).is_file():
         # Inside a run (adapter-step-N/, checkpoints/step-N/adapter/): the base as the run names it
         # ("smollm2-135m" rather than the embedded model's cache folder); else the adapter's own.
-        inside = [path.parent] if path.name == "adapter" or path.name.startswith("adapter-step-") else []
-        if path.name == "adapter" and path.parent.parent.name == "checkpoints":
-            inside = [path.parent.parent.parent]
-        run = next((d for d in inside if (d / "config.yaml").is_file()), None)
+        run = run_holding(path)
         if run is not None:
             try:
                 return path, run_identity(run)[0]
@@ -86,6 +84,10 @@ def find_adapter(path: Path, note=None) -> tuple[Path, str | None]:
         if folder != path / "adapter" and note is not None:
             note(f"{why}: answering with its checkpoint {folder.parent.name}")
         return folder, model
+    if (path / L4Q_CONFIG).is_file():
+        source = path if run_holding(path) is not None else "RUN_DIR (the run that trained it)"
+        raise ModelError(f"{path}: an L4Q adapter lives in its quantized weights; write them with "
+                         f"`lowmem export {source} --quantized OUT`, then answer with --model OUT")
     raise ModelError(f"{path}: no adapter here (expected {ADAPTER_CONFIG}, or a run directory with one)")
 
 
