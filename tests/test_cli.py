@@ -798,3 +798,18 @@ def test_a_run_directory_given_as_a_model_points_at_what_it_holds(tmp_path):
     (run / "adapter").mkdir()
     with pytest.raises(ModelError, match=f"whose adapter `lowmem generate --adapter {run}` answers with"):
         resolve_model_dir(str(run))
+
+
+def test_a_console_whose_reader_went_away_does_not_end_the_run():
+    """`lowmem train | head`: once head exits, the trainer's lines go nowhere and it trains on (a
+    BrokenPipeError ended the run)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom lowmem.commands.train import _console\n"
+            "for i in range(20):\n    _console('step ' + 'x' * 10000)\n"
+            "print('trained on', file=sys.stderr)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()                      # the reader is gone before the first line
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and err.decode().strip() == "trained on", err.decode()

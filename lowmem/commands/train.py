@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import os
 import sys
 import time
 from pathlib import Path
@@ -228,12 +229,23 @@ def watch(run_dir: Path, trainer: tuple[subprocess.Popen, float]) -> int:
     return code
 
 
+def _console(message: str) -> None:
+    """print, unless whatever read the output has gone (`lowmem train | head`): the run goes on
+    without a console, its events.jsonl and checkpoints as they were, rather than die of it."""
+    try:
+        print(message, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())    # and Python's own flush at exit finds nowhere to fail
+        os.close(devnull)
+
+
 def train_here(run_dir: Path, resume: bool, since: float | None = None) -> int:
     from lowmem.trainer import read_run_files, train
 
     config, plan = read_run_files(run_dir, resume)
     try:
-        done = train(config, plan, run_dir, resume=resume, since=since)
+        done = train(config, plan, run_dir, resume=resume, since=since, out=_console)
     except KeyboardInterrupt:     # stopped while loading or evaluating: the trainer said how to go on
         return 130
     return 130 if done["reason"] == "interrupted" else 0
