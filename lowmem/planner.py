@@ -291,11 +291,18 @@ def host_ram(config: Any) -> int:
     return int(given) if given else available_ram()
 
 
+_AVAILABLE: list[tuple[float, int]] = []      # (when, bytes): the last reading
+
+
 def available_ram() -> int:
-    """RAM available on this machine now (psutil: free plus reclaimable caches)."""
+    """RAM available on this machine now (psutil: free plus reclaimable caches). Read at most
+    once a minute, so one plan and what it prints cite one figure."""
     import psutil
 
-    return psutil.virtual_memory().available
+    now = time.monotonic()
+    if not _AVAILABLE or now - _AVAILABLE[0][0] > 60:
+        _AVAILABLE[:] = [(now, psutil.virtual_memory().available)]
+    return _AVAILABLE[0][1]
 
 
 def target_tokens(config: Any) -> int:

@@ -424,9 +424,7 @@ def test_a_cuda_run_reports_whether_its_kernels_run(monkeypatch, tmp_path):
 
 
 def test_a_loram_plan_says_where_its_dense_model_is_pruned_and_what_that_needs(monkeypatch, capsys):
-    import psutil
-
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 64 * 2**30})())
+    monkeypatch.setattr("lowmem.planner.available_ram", lambda: 64 * 2**30)
     _, out = run_plan(["--model", "llama-3.1-70b", "--vram", "24G"], capsys)        # criterion auto
     line = next(l for l in out.splitlines() if l.strip().startswith("prepare"))
     assert ("loram.criterion=auto chose taylor; taylor scores computed one dense block at a time on the GPU "
@@ -438,13 +436,13 @@ def test_a_loram_plan_says_where_its_dense_model_is_pruned_and_what_that_needs(m
     line = next(l for l in out.splitlines() if l.strip().startswith("prepare"))
     assert "taylor scoring and alignment need" in line and "this machine's available RAM (64.00GiB); lowmem train will refuse" in line
     assert "(without loram.align_steps, taylor scores one dense block at a time and prunes while loading)" in line
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 2**30})())
+    monkeypatch.setattr("lowmem.planner.available_ram", lambda: 2**30)
     _, out = run_plan(["--model", "llama-3.1-70b", "--vram", "12G", "--method", "loram", "loram.criterion=taylor",
                        "loram.ratio=0.9"], capsys)
     line = next(l for l in out.splitlines() if l.strip().startswith("prepare"))
     assert "taylor scores computed one dense block at a time need" in line and "lowmem train will refuse " \
         "(loram.criterion=magnitude needs no scoring: it prunes while loading, one dense block" in line
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 64 * 2**30})())
+    monkeypatch.setattr("lowmem.planner.available_ram", lambda: 64 * 2**30)
     _, out = run_plan(["--model", "llama-3.2-1b", "--vram", "2G", "--method", "loram", "loram.criterion=magnitude",
                        "loram.align_steps=5"], capsys)
     line = next(l for l in out.splitlines() if l.strip().startswith("prepare"))
@@ -455,9 +453,7 @@ def test_a_loram_plan_says_where_its_dense_model_is_pruned_and_what_that_needs(m
 
 
 def test_a_cpu_loram_plan_says_how_it_prepares_and_when_the_ram_is_short(monkeypatch, capsys):
-    import psutil
-
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 16 * 2**30})())
+    monkeypatch.setattr("lowmem.planner.available_ram", lambda: 16 * 2**30)
 
     def prepare_line(*argv):
         _, out = run_plan(["--method", "loram", "--device", "cpu", *argv], capsys)
@@ -473,9 +469,7 @@ def test_a_cpu_loram_plan_says_how_it_prepares_and_when_the_ram_is_short(monkeyp
 
 
 def test_plan_json_carries_the_loram_preparation(monkeypatch, capsys):
-    import psutil
-
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 64 * 2**30})())
+    monkeypatch.setattr("lowmem.planner.available_ram", lambda: 64 * 2**30)
     _, out = run_plan(["--model", "llama-3.1-70b", "--vram", "24G", "--json"], capsys)
     prepare = json.loads(out)["loram_prepare"]
     assert (prepare["criterion"], prepare["chosen"]) == ("taylor", "auto: its block-by-block scoring fits")

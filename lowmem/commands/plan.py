@@ -345,9 +345,9 @@ def _plan_rows(plan: Plan, spec: ModelSpec, prepare: dict[str, Any] | None = Non
 
 
 def _host_available() -> int:
-    import psutil
+    from lowmem.planner import available_ram
 
-    return psutil.virtual_memory().available
+    return available_ram()
 
 
 def _loram_prepare_note(plan: Plan, spec: ModelSpec, prepare: dict[str, Any]) -> str:
