@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -292,6 +293,7 @@ def host_ram(config: Any) -> int:
 
 
 _AVAILABLE: list[tuple[float, int]] = []      # (when, bytes): the last reading
+_clock = time.monotonic
 
 
 def available_ram() -> int:
@@ -299,7 +301,7 @@ def available_ram() -> int:
     once a minute, so one plan and what it prints cite one figure."""
     import psutil
 
-    now = time.monotonic()
+    now = _clock()
     if not _AVAILABLE or now - _AVAILABLE[0][0] > 60:
         _AVAILABLE[:] = [(now, psutil.virtual_memory().available)]
     return _AVAILABLE[0][1]
@@ -807,6 +809,12 @@ def _failure_message(config: RunConfig, spec: ModelSpec, pinned: set[str], devic
                      f"{_gib_up(small.breakdown.host / (1 - margin))}G of RAM free (host_ram= plans for one)")
     elif not host_only:
         fixes.append(f"--vram {_gib_up(small.breakdown.total / (1 - margin))}G or more")
+        smaller = outcome.smallest_any
+        if smaller is not None and smaller.breakdown.total < small.breakdown.total:
+            # Offloading would need less of the device, but more host RAM than the plan may pin.
+            fixes.append(f"--vram {_gib_up(smaller.breakdown.total / (1 - margin))}G or more on a host with "
+                         f"{_gib_up(smaller.breakdown.host / (1 - margin))}G of RAM free for offloaded "
+                         f"activations ({smaller.label}, {_knobs(smaller)}; host_ram= plans for one)")
     if blocked is not None:
         fixes.append(f"a host with {_gib_up(blocked.breakdown.host / (1 - margin))}G of RAM free "
                      f"(host_ram= plans for one)")

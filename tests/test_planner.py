@@ -778,3 +778,37 @@ def test_a_refusal_at_a_length_past_the_models_context_says_so_too():
     with pytest.raises(BudgetError) as within:
         make_plan(past.replace(seq_len=spec.max_position, vram=parse_size("600M")), spec, device="cuda")
     assert "is past" not in str(within.value)
+
+
+def test_the_ram_available_is_read_once_a_minute(monkeypatch):
+    """One plan, one figure: its host budget and its LoRAM preparation cite the same reading."""
+    import psutil
+
+    import lowmem.planner as planner
+
+    monkeypatch.undo()                    # the real reading, not the suite's 64 GiB
+    readings = iter([5 * 2**30, 7 * 2**30])
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": next(readings)})())
+    monkeypatch.setattr(planner, "_AVAILABLE", [])
+    clock = [100.0]
+    monkeypatch.setattr(planner, "_clock", lambda: clock[0])
+    assert planner.available_ram() == 5 * 2**30
+    clock[0] += 59
+    assert planner.available_ram() == 5 * 2**30
+    clock[0] += 2
+    assert planner.available_ram() == 7 * 2**30
+
+
+def test_a_refusal_that_more_host_ram_would_shrink_says_how_much(every_method):
+    """The smallest plan the host can hold does not offload; with more RAM free, offloading needs
+    less of the card: the message gives both, and the second fits as said."""
+    spec = builtin_spec("llama-3.1-8b")
+    cfg = RunConfig(vram=parse_size("1G"), host_ram=parse_size("1G"), seq_len=8192)
+    with pytest.raises(BudgetError) as refused:
+        make_plan(cfg, spec, device="cuda")
+    vram, host = re.search(r"--vram ([\d.]+)G or more on a host with ([\d.]+)G of RAM free for offloaded "
+                           r"activations \(", str(refused.value)).groups()
+    plain = float(re.search(r"Changes that fit: .*?--vram ([\d.]+)G or more;", str(refused.value)).group(1))
+    assert float(vram) < plain
+    fitted = make_plan(cfg.replace(vram=parse_size(f"{vram}G"), host_ram=parse_size(f"{host}G")), spec, device="cuda")
+    assert fitted.offload_activations
