@@ -503,7 +503,10 @@ class _Outcome:
     smallest_any: Plan | None = None  # the smallest candidate, host or not
 
 
-def _search(config: Any, spec: ModelSpec, pinned: set[str], device: str) -> _Outcome:
+def _search(config: Any, spec: ModelSpec, pinned: set[str], device: str,
+            preset: frozenset[str] = frozenset()) -> _Outcome:
+    """The best plan of those that fit, or why none does; `preset`: the pinned keys a preset set
+    (the reasons say so)."""
     margin = safety_margin(config)
     usable = int(config.vram * (1 - margin))
     host = host_ram(config)
@@ -569,7 +572,7 @@ def _search(config: Any, spec: ModelSpec, pinned: set[str], device: str) -> _Out
                                   None if reference is None else getattr(reference, term)))
     if chosen is not None:
         chosen = dataclasses.replace(chosen, rejected=tuple(rejected),
-                                     reasons=_reasons(chosen, spec, config, pinned))
+                                     reasons=_reasons(chosen, spec, config, pinned, preset))
     return _Outcome(chosen, tuple(rejected), smallest, host_blocked, smallest_any)
 
 
@@ -611,10 +614,12 @@ def _notes(plan: Plan, spec: ModelSpec, pinned: Iterable[str]) -> tuple[str, ...
     return tuple(n for n in warnings if n)     # the trainer repeats them where its run is watched
 
 
-def _reasons(plan: Plan, spec: ModelSpec, config: Any, pinned: set[str]) -> tuple[str, ...]:
+def _reasons(plan: Plan, spec: ModelSpec, config: Any, pinned: set[str],
+             preset: frozenset[str] = frozenset()) -> tuple[str, ...]:
     """Why each choice: the method, and what each slower setting saves."""
     b = plan.breakdown
-    which = "the method you pinned, and it" if "method" in pinned else "the best method of this build that"
+    which = ("the method the preset pinned, and it" if "method" in preset else
+             "the method you pinned, and it" if "method" in pinned else "the best method of this build that")
     reasons = [f"{plan.label}: {which} fits "
                f"{format_size(plan.vram)} ({format_size(plan.usable)} usable after the "
                f"{plan.safety_margin:.0%} safety margin); predicted peak {format_size(b.total)}"]
@@ -635,7 +640,7 @@ def _reasons(plan: Plan, spec: ModelSpec, config: Any, pinned: set[str]) -> tupl
     for key, attr, off, text in faster:
         value = getattr(plan, attr)
         if key in pinned:
-            reasons.append(f"{text} {_show(value)}: pinned")
+            reasons.append(f"{text} {_show(value)}: pinned{' by the preset' if key in preset else ''}")
         elif value:
             without = predict(spec, dataclasses.replace(plan, **{attr: off})).total
             reason = f"{text} on: without it the peak would be {format_size(without)}"
@@ -649,7 +654,7 @@ def _reasons(plan: Plan, spec: ModelSpec, config: Any, pinned: set[str]) -> tupl
         if key == "offload" and value and b.host and plan.host_usable is not None:
             reasons[-1] += f"; it pins {format_size(b.host)} of host RAM, of {_host_budget(plan, config)}"
     if "micro_batch" in pinned:
-        reasons.append(f"micro_batch {plan.micro_batch}: pinned")
+        reasons.append(f"micro_batch {plan.micro_batch}: pinned{' by the preset' if 'micro_batch' in preset else ''}")
     else:
         reasons.append(f"micro_batch {plan.micro_batch} x grad_accum {plan.grad_accum} x seq_len "
                        f"{plan.seq_len} = {plan.tokens_per_step} tokens per optimizer step "
@@ -675,12 +680,14 @@ def make_plan(config: RunConfig, spec: ModelSpec, pinned: Iterable[str] | None =
     `typed` (default `pinned`): the keys the user typed, not a preset's, of which those the
     plan's method does not read are warned of.
     """
-    plan = _make_plan(config, spec, set(pinned or ()), device)
-    unused = unused_keys(plan.method, pinned or () if typed is None else typed)
+    pinned = set(pinned or ())
+    plan = _make_plan(config, spec, pinned, device, frozenset(pinned - set(typed)) if typed is not None else frozenset())
+    unused = unused_keys(plan.method, pinned if typed is None else typed)
     return plan if unused is None else dataclasses.replace(plan, reasons=(*plan.reasons, f"warning: {unused}"))
 
 
-def _make_plan(config: RunConfig, spec: ModelSpec, pinned: set[str], device: str | None) -> Plan:
+def _make_plan(config: RunConfig, spec: ModelSpec, pinned: set[str], device: str | None,
+               preset: frozenset[str]) -> Plan:
     if config.method == "l4q" and config.lora.dropout > 0:
         raise ConfigError(f"lora.dropout={config.lora.dropout} with method l4q: L4Q quantizes W0 + s·BA as one "
                           f"weight, so adapter dropout has nothing to act on; set lora.dropout=0")
@@ -718,7 +725,7 @@ def _make_plan(config: RunConfig, spec: ModelSpec, pinned: set[str], device: str
     if "method" in pinned and config.method not in available_methods():
         raise BudgetError(f"method '{config.method}' is not in this build "
                           f"(available: {', '.join(available_methods())})")
-    outcome = _search(config, spec, pinned, device)
+    outcome = _search(config, spec, pinned, device, preset)
     if outcome.plan is not None:
         return outcome.plan
     raise BudgetError(_failure_message(config, spec, pinned, device, outcome))

@@ -812,3 +812,13 @@ def test_a_refusal_that_more_host_ram_would_shrink_says_how_much(every_method):
     assert float(vram) < plain
     fitted = make_plan(cfg.replace(vram=parse_size(f"{vram}G"), host_ram=parse_size(f"{host}G")), spec, device="cuda")
     assert fitted.offload_activations
+
+
+def test_a_choice_a_preset_pinned_says_so():
+    spec = builtin_spec("smollm2-135m")
+    cfg = RunConfig(vram=parse_size("4G"), method="lora", micro_batch=2, grad_accum=1)
+    by_preset = make_plan(cfg, spec, {"method", "micro_batch"}, device="cuda", typed=set())
+    assert "micro_batch 2: pinned by the preset" in by_preset.reasons
+    assert by_preset.reasons[0].startswith("lora: the method the preset pinned, and it fits")
+    typed = make_plan(cfg, spec, {"method", "micro_batch"}, device="cuda", typed={"method", "micro_batch"})
+    assert "micro_batch 2: pinned" in typed.reasons and typed.reasons[0].startswith("lora: the method you pinned")
