@@ -634,26 +634,32 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
     if reason == "stopped" and step >= config.steps:
         reason = "finished"     # a stop during the last step: every step is done, the end follows
     resume_cmd = None
+    closing: list[str] = []     # the run's last words, kept in its `done` event for a dashboard's console
+
+    def say(message: str) -> None:
+        closing.append(message)
+        out(message)
+
     if step < config.steps or reason == "interrupted":
         resume_cmd = train_command(f"--resume {run_dir}")
-        out(f"{'stopped' if reason == 'stopped' else 'interrupted'} at step {step}/{config.steps}; "
+        say(f"{'stopped' if reason == 'stopped' else 'interrupted'} at step {step}/{config.steps}; "
             f"checkpoint {folder}; continue with: {resume_cmd}")
     else:
         after = run_eval("after")
         if adapted:
             write_final(run_dir, "adapter", lambda d: save_adapter_for(model, plan, config, d, model_dir), folder)
             if plan.method == "l4q":
-                out(f"L4Q state saved to {run_dir / 'adapter'}; write the low-bit model with: "
+                say(f"L4Q state saved to {run_dir / 'adapter'}; write the low-bit model with: "
                     f"lowmem export {run_dir} --quantized OUT")
             elif plan.method == "loram":
-                out(f"adapter saved to {run_dir / 'adapter'} (PEFT layout), recovered to the full model's shapes: "
+                say(f"adapter saved to {run_dir / 'adapter'} (PEFT layout), recovered to the full model's shapes: "
                     f"lowmem generate --adapter {run_dir} answers with the full model")
             else:
-                out(f"adapter saved to {run_dir / 'adapter'} (PEFT layout)")
+                say(f"adapter saved to {run_dir / 'adapter'} (PEFT layout)")
         else:
             model.config.use_cache = True   # switched off for training; the saved model generates
             write_final(run_dir, "model", lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d)), folder)
-            out(f"model saved to {run_dir / 'model'}")
+            say(f"model saved to {run_dir / 'model'}")
         if before is None and after is not None:   # resumed: the run's first evaluation, from its log,
             logged = read_events(run_dir)             # unless a resume changed the held-out data since
             if not any(e.get("kind") == "warning" and str(e.get("message")).startswith(HELDOUT_CHANGED)
@@ -665,9 +671,9 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
                 summary += f", exact match {before['exact_match']:.1%} -> {after['exact_match']:.1%}"
             if plan.method == "loram":
                 summary += " (the pruned model the run trained; the full one with the recovered adapter is not evaluated)"
-            out(summary)
+            say(summary)
     done = events.emit("done", step=step, reason=reason, resume=resume_cmd,
-                       peak_rss=memstats.measure(device)["peak_rss"])
+                       peak_rss=memstats.measure(device)["peak_rss"], closing=closing)
     out(f"run directory: {run_dir}  (peak memory {format_size(done['peak_rss'])} RSS)")
     return done
 

@@ -585,7 +585,7 @@ def test_a_run_name_that_is_not_one_folder_is_refused_before_anything_is_made(tm
 
 
 def test_the_dashboards_trainer_takes_the_run_over_with_no_moment_free(tmp_path, tiny_model_dir, tiny_chat_data,
-                                                                      monkeypatch):
+                                                                      monkeypatch, capsys):
     """Behind the dashboard the trainer is another process, still importing torch when the
     dashboard opens: the run is held all that time (it was free until the trainer took it)."""
     import lowmem.commands.monitor as monitor
@@ -611,6 +611,27 @@ def test_the_dashboards_trainer_takes_the_run_over_with_no_moment_free(tmp_path,
     assert len(seen) == 2 and all("is in use by a trainer (pid" in message for message in seen), seen
     check_unlocked(tmp_path / "handed")        # the trainer let it go when it ended
     assert train_command.finished(tmp_path / "handed", 2)
+    # Once the dashboard closes, the console gets the trainer's last words (they went to its log).
+    out = capsys.readouterr().out.splitlines()
+    assert out[-4].startswith(f"adapter saved to {tmp_path / 'handed' / 'adapter'} (PEFT layout)")
+    assert out[-3].startswith("held-out loss ") and " -> " in out[-3]
+    assert out[-2].startswith(f"run directory: {tmp_path / 'handed'}  (peak memory ")
+    assert out[-1] == f"trainer output: {tmp_path / 'handed' / 'trainer.log'}"
+
+
+def test_a_trainer_that_died_behind_the_dashboard_is_said_to_have_and_what_is_kept(tmp_path, capsys):
+    import lowmem.commands.train as train_command
+    from lowmem.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    run.mkdir()
+    assert train_command._closing(run, 0.0, -9) == 137
+    assert ("the trainer ended without finishing (killed by SIGKILL); no checkpoint was written; start it over "
+            f"with: lowmem train --resume {run}") in capsys.readouterr().err
+    save_checkpoint(run, 3, trainable={"w": torch.zeros(2)}, optimizer={}, state={}, config={}, plan={}, keep=1)
+    assert train_command._closing(run, 0.0, 1) == 1
+    assert (f"(exit status 1); its newest checkpoint is {run / 'checkpoints' / 'step-3'}; continue with: "
+            f"lowmem train --resume {run}") in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="expandable segments are Linux-only")

@@ -1084,3 +1084,16 @@ def test_a_long_log_is_read_a_chunk_at_a_time_and_its_end_waits_for_the_last_chu
     assert sum(n for n, _, _ in polls) == len(whole)
     assert not any(gone for _, _, gone in polls) and reader._done   # the `done` was found, not "gone"
     assert sum(len(u.events) for u in follow(run, poll_s=60)) == len(whole)   # no sleep while behind
+
+
+def test_a_finished_runs_done_line_carries_its_last_words_and_a_stopped_ones_its_resume():
+    from lowmem.tui.describe import plain_line
+
+    done = {"kind": "done", "step": 20, "reason": "finished", "resume": None,
+            "closing": ["adapter saved to runs/a/adapter (PEFT layout)", "held-out loss 2.7853 -> 0.5716"]}
+    assert plain_line(done) == ("done @ step 20: finished; adapter saved to runs/a/adapter (PEFT layout); "
+                                "held-out loss 2.7853 -> 0.5716")
+    stopped = {**done, "reason": "stopped", "resume": "lowmem train --resume runs/a",
+               "closing": ["stopped at step 20/40; checkpoint runs/a/checkpoints/step-20; continue with: ..."]}
+    assert plain_line(stopped) == "done @ step 20: stopped; resume with: lowmem train --resume runs/a"
+    assert plain_line({k: v for k, v in done.items() if k != "closing"}) == "done @ step 20: finished"

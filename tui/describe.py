@@ -81,7 +81,12 @@ def describe_event(event: dict) -> str | None:
         return f"error: {event.get('message', '')}"
     if kind == "done":
         text = f"done @ {at}: {event.get('reason', 'finished')}"
-        return text + (f"; resume with: {event['resume']}" if event.get("resume") else "")
+        if event.get("resume"):
+            return text + f"; resume with: {event['resume']}"
+        # A finished run's last words: where its weights went, the held-out summary.
+        closing = event.get("closing")
+        return text + "".join(f"; {line}" for line in closing if isinstance(line, str)) \
+            if isinstance(closing, list) else text
     return f"{kind}: " + ", ".join(f"{k}={v}" for k, v in event.items() if k not in ("t", "kind"))
 
 

@@ -9,8 +9,9 @@ training in this process with plain progress lines.
 from __future__ import annotations
 
 import json
-import subprocess
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from lowmem.commands import add_config_flags, config_from_args
-from lowmem.config import default_lr, parse_overrides
+from lowmem.config import default_lr, format_size, parse_overrides
 from lowmem.errors import CheckpointError, ConfigError, ModelError
 
 
@@ -222,11 +223,38 @@ def watch(run_dir: Path, trainer: tuple[subprocess.Popen, float]) -> int:
         code = proc.wait()
     except KeyboardInterrupt:
         # The trainer has its own session, so the Ctrl-C did not reach it: say where it is.
-        print(f"no longer waiting: the trainer (pid {proc.pid}) goes on; watch it with: "
+        going = "is stopping" if outcome == "stop" else "goes on"
+        print(f"no longer waiting: the trainer (pid {proc.pid}) {going}; watch it with: "
               f"lowmem monitor {run_dir}", file=sys.stderr)
         return 130
+    return _closing(run_dir, launched, code)
+
+
+def _closing(run_dir: Path, launched: float, code: int) -> int:
+    """What the trainer said last, once the dashboard has closed on it (its console was the
+    dashboard): where the weights went, the held-out summary, how to continue; or, for a trainer
+    that died without a word, that it did and what is kept. Returns the exit status."""
+    from lowmem.checkpoint import list_checkpoints
+    from lowmem.events import is_number, read_events
+    from lowmem.trainer import train_command
+
+    done = next((e for e in reversed(read_events(run_dir)) if e.get("kind") == "done"
+                 and isinstance(e.get("t"), (int, float)) and e["t"] >= launched), None)
+    if done is not None:
+        for line in done.get("closing") or ():
+            print(line)
+        peak = done.get("peak_rss")
+        print(f"run directory: {run_dir}" + (f"  (peak memory {format_size(peak)} RSS)" if is_number(peak) else ""))
+    elif code != 0:
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() \
+            else f"exit status {code}"
+        saved = list_checkpoints(run_dir)
+        kept = (f"its newest checkpoint is {saved[-1]}; continue with: " if saved else
+                "no checkpoint was written; start it over with: ")
+        print(f"the trainer ended without finishing ({how}); {kept}{train_command(f'--resume {run_dir}')}",
+              file=sys.stderr)
     print(f"trainer output: {run_dir / 'trainer.log'}")
-    return code
+    return 128 - code if code < 0 else code      # killed by signal N: 128 + N, as a shell says
 
 
 def _console(message: str) -> None:
