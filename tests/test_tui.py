@@ -90,7 +90,7 @@ def recorded_events(*, steps: int = 60, upto: int | None = None, finished: bool 
                    "peak": int(min(19.5 + 0.05 * step, 21.9) * GiB), "rss": int(3.2 * GiB),
                    "device_free": int(61.0 * GiB), "device_total": 80 * GiB}
         else:
-            mem = {"rss": int((1.1 + 0.001 * step) * GiB)}
+            mem = {"rss": int((1.1 + 0.001 * step) * GiB), "peak_rss": int((1.2 + 0.001 * step) * GiB)}
         events.append(dict(t=round(t, 3), kind="step", step=step, steps=steps, loss=recorded_loss(step),
                            lr=recorded_lr(step, steps), grad_norm=round(0.8 + 0.3 * math.cos(step), 3),
                            tokens=65536 * step, tokens_per_s=26214.4, elapsed_s=round(t - t0, 3),
@@ -289,6 +289,8 @@ async def test_panels_degrade_when_the_plan_has_no_breakdown_and_config_is_missi
         memory = panel_text(app, MemoryPanel)
         assert "budget      none set" in memory and "planned" not in memory
         assert "measured · cpu · step 60" in memory and "rss" in memory and "1.16GiB" in memory
+        # A CPU run's peak is its resident set's, the figure its plan predicts.
+        assert next(line for line in memory.splitlines() if line.startswith("peak rss")).endswith("1.26GiB")
         assert "on        grad ckpt" in panel_text(app, PlanPanel)
 
 
@@ -977,13 +979,14 @@ async def test_offloaded_bytes_are_a_host_row_and_plan_keys_show(tmp_path):
     """The plan's `host` is pinned CPU memory, not a device term; GaLore's per-layer updates
     and L4Q's group size are shown under the keys the planner writes."""
     plan = dict(PLAN, method="l4q", base_format="bf16", quant_group=64, galore_per_layer=True, extra={},
-                breakdown=dict(BREAKDOWN, host=int(4.25 * GiB)))
+                breakdown=dict(BREAKDOWN, host=int(4.25 * GiB), temporaries=0))
     run = write_recorded_run(tmp_path / "run", plan=plan)
     app = DashboardApp(run, poll_s=0.05)
     async with app.run_test(size=(120, 48)) as pilot:
         await wait_until(pilot, loaded(app))
         memory = panel_text(app, MemoryPanel)
         assert "host pinned 4.25GiB" in memory
+        assert "temporaries" not in memory and "activations" in memory     # a term planned at 0 takes no row
         assert not any(line.startswith("host ") and "─" in line or "█" in line and line.startswith("host")
                        for line in memory.splitlines())
         plan_text = panel_text(app, PlanPanel)

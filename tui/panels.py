@@ -258,7 +258,8 @@ class MemoryPanel(Panel):
         rows: list[tuple[str, str, object]] = []
         budget = s.budget
         rows.append(("note", "budget", fmt_bytes(budget) if budget else "none set"))
-        terms = [(k, v) for k, v in breakdown.items() if k != "total"]
+        # Terms the plan puts at nothing (no gradients to keep, no temporaries) take no row.
+        terms = [(k, v) for k, v in breakdown.items() if k != "total" and v != 0]
         total = breakdown.get("total", sum(v for _, v in terms) if terms else None)
         if terms or total is not None:
             rows.append(("heading", "planned", None))
@@ -280,6 +281,9 @@ class MemoryPanel(Panel):
         if mem.get("outside") is not None:
             # The CUDA context and anything else on the GPU: the plan's "overhead" less fragmentation.
             rows.append(("text", "context", fmt_bytes(mem["outside"])))
+        if mem.get("peak_rss") is not None and s.device == "cpu":
+            # On the CPU the run's memory is its resident set: its peak is what the plan predicts.
+            rows.append(("bar", "peak rss", mem["peak_rss"]))
         if mem.get("rss") is not None:
             # On a GPU run the RSS is host memory and is not measured against the VRAM budget.
             rows.append(("bar", "rss", mem["rss"]) if s.device == "cpu" else ("text", "host rss", fmt_bytes(mem["rss"])))
