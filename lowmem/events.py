@@ -265,13 +265,18 @@ def trainer_may_hold(run_dir: Path) -> bool:
     trainer, or one on this host that has ended. A trainer on another host (shared storage)
     cannot be checked from here, so it may. Reads the lock file only: taking the lock, even
     for a moment, could refuse a trainer starting at that instant."""
-    try:
-        words = (Path(run_dir) / LOCK).read_text().split()
-    except OSError:
-        return False
+    words = lock_words(run_dir)
     if len(words) != 4 or words[0] != "pid" or not words[1].isdigit():
         return False
     return words[3] != this_host() or trainer_alive(int(words[1]), None)
+
+
+def lock_words(run_dir: Path) -> list[str]:
+    """The run's lock file as words, `pid N on HOST`, or [] when there is none to read."""
+    try:
+        return (Path(run_dir) / LOCK).read_text().split()
+    except OSError:
+        return []
 
 
 # A process whose creation time is later than this after the `start` event is a

@@ -773,9 +773,14 @@ def test_a_run_no_trainer_took_is_declared_gone_after_the_grace_not_followed_for
     assert not reader.poll().trainer_gone            # within the grace a trainer may still come
     monkeypatch.setattr(reader_module, "START_GRACE_S", 0.0)
     (run / LOCK).write_text(f"pid {os.getpid()} on {this_host()}")
-    assert not reader.poll().trainer_gone and not reader.over
+    update = reader.poll()
+    assert not update.trainer_gone and not reader.over
+    # The wait is said once, naming who holds the run (it was silent, for ever on another host).
+    assert update.quiet == (f"no `start` event after 0 s: waiting for the trainer that holds the run "
+                            f"(pid {os.getpid()} on {this_host()}) to load and begin")
     (run / LOCK).write_text(f"pid {dead_pid()} on {this_host()}-elsewhere")   # cannot be checked here
-    assert not reader.poll().trainer_gone and not reader.over
+    update = reader.poll()
+    assert not update.trainer_gone and not reader.over and update.quiet is None
     (run / LOCK).write_text(f"pid {dead_pid()} on {this_host()}")
     assert reader.poll().trainer_gone and reader.over
 

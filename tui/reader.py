@@ -14,8 +14,8 @@ from typing import Any
 import yaml
 
 from lowmem.errors import CheckpointError
-from lowmem.events import (EVENTS_FILE, READ_CHUNK, read_jsonl_tail, run_dir_hint, this_host, trainer_alive,
-                           trainer_may_hold)
+from lowmem.events import (EVENTS_FILE, READ_CHUNK, lock_words, read_jsonl_tail, run_dir_hint, this_host,
+                           trainer_alive, trainer_may_hold)
 
 CONFIG_FILE = "config.yaml"
 PLAN_FILE = "plan.yaml"
@@ -114,11 +114,18 @@ class RunReader:
                 if not self._done:
                     update.trainer_gone = self._gone = True
         elif (self.check_trainer and self._pid is None and not (self._done or self._error or self._gone)
-              and time.monotonic() - self._opened > START_GRACE_S and not self._started_elsewhere
-              and not trainer_may_hold(self.run_dir)):
-            # No `start` yet, and no trainer holds the run: it died loading (or was never
-            # started), and nothing will come. The grace lets a trainer just launched get there.
-            update.trainer_gone = self._gone = True
+              and time.monotonic() - self._opened > START_GRACE_S and not self._started_elsewhere):
+            if not trainer_may_hold(self.run_dir):
+                # No `start` yet, and no trainer holds the run: it died loading (or was never
+                # started), and nothing will come. The grace lets a trainer just launched get there.
+                update.trainer_gone = self._gone = True
+            elif not self._quiet:
+                # A trainer holds the run but has not started: loading a large model, or on a
+                # host this one cannot check. Said once; its `start` ends the wait.
+                self._quiet = True
+                holder = " ".join(lock_words(self.run_dir)) or "a trainer"
+                update.quiet = (f"no `start` event after {START_GRACE_S:.0f} s: waiting for the trainer that holds "
+                                f"the run ({holder}) to load and begin")
         elif self._started_elsewhere and not (self._done or self._error or self._paused):
             quiet = time.monotonic() - self._heard
             if quiet > QUIET_S and not self._quiet:
