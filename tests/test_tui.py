@@ -338,6 +338,9 @@ async def test_q_or_ctrl_c_on_a_live_run_asks_and_stop_sends_a_stop_request(live
         await wait_until(pilot, loaded(app))
         await pilot.press(key)
         assert type(app.screen).__name__ == "QuitScreen"
+        question = str(app.screen.query_one("#quit-question").render())
+        assert question.startswith("The run is still training.")
+        assert f"reattach with lowmem monitor {live_run}" in question        # the run's own folder
         await pilot.press("escape")                # cancel: still here, nothing sent
         assert type(app.screen).__name__ == "DashboardScreen"
         await pilot.press(key, key)                # asked once, not twice
@@ -894,6 +897,8 @@ async def test_a_resumed_run_waits_for_its_new_trainer_not_the_old_done(tmp_path
         assert control_requests(run) == []
         await pilot.press("q")
         assert type(app.screen).__name__ == "QuitScreen"
+        assert str(app.screen.query_one("#quit-question").render()).startswith(
+            "The run is loading: the trainer has not begun.")
         await pilot.press("escape")
         log = EventLog(run)
         log.emit("start", run="qwen7b-alpaca", steps=60, pid=os.getpid(), resumed=True)

@@ -238,7 +238,9 @@ class DashboardApp(App[str]):
 
         # A pause sent and not yet acknowledged counts: detaching would leave the run paused.
         paused = self.state.paused if self.pause_wanted is None else self.pause_wanted
-        self.push_screen(QuitScreen(paused=paused), chosen)
+        state = ("pausing (the pause is sent, not yet done)" if paused and not self.state.paused else
+                 "loading: the trainer has not begun" if self.state.status == "waiting" else None)
+        self.push_screen(QuitScreen(paused=paused, run_dir=str(self.run_dir), state=state), chosen)
 
     def closing_result(self) -> str:
         """What closing means when no choice was asked: 'finished', 'closed' or 'detach'."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.markup import escape
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -31,14 +32,14 @@ Reattach to a detached run with [b]lowmem monitor RUN_DIR[/b].
 
 
 QUIT_QUESTION = """\
-[b]The run is still training.[/b] Close the dashboard and…
-  [b]d[/b]    detach: the run goes on; reattach with lowmem monitor RUN_DIR
+[b]The run is {state}.[/b] Close the dashboard and…
+  [b]d[/b]    detach: the run goes on; reattach with lowmem monitor {run_dir}
   [b]s[/b]    stop: the trainer saves a checkpoint, then stops
   [b]esc[/b]  cancel: stay here"""
 
 QUIT_QUESTION_PAUSED = """\
-[b]The run is paused.[/b] Close the dashboard and…
-  [b]d[/b]    detach: it stays paused; reattach with lowmem monitor RUN_DIR, p resumes
+[b]The run is {state}.[/b] Close the dashboard and…
+  [b]d[/b]    detach: it stays paused; reattach with lowmem monitor {run_dir}, p resumes
   [b]r[/b]    resume it, then detach: the run goes on
   [b]s[/b]    stop: the trainer saves a checkpoint, then stops
   [b]esc[/b]  cancel: stay here"""
@@ -64,13 +65,17 @@ class QuitScreen(ModalScreen[str | None]):
         Binding("escape,c", "choose(None)", "Cancel"),
     ]
 
-    def __init__(self, paused: bool = False) -> None:
+    def __init__(self, paused: bool = False, run_dir: str = "RUN_DIR", state: str | None = None) -> None:
+        """`state`: what the question says the run is (default: paused, or still training)."""
         super().__init__()
         self.paused = paused
+        self.run_dir = run_dir
+        self.state = state or ("paused" if paused else "still training")
 
     def compose(self) -> ComposeResult:
         with Vertical(id="quit-dialog"):
-            yield Static(QUIT_QUESTION_PAUSED if self.paused else QUIT_QUESTION, id="quit-question")
+            question = QUIT_QUESTION_PAUSED if self.paused else QUIT_QUESTION
+            yield Static(question.format(state=self.state, run_dir=escape(str(self.run_dir))), id="quit-question")
             with Horizontal(id="quit-buttons"):
                 yield Button("Detach", variant="primary", id="detach")
                 if self.paused:
