@@ -28,8 +28,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-tui", action="store_true",
                         help="print one plain line per event instead of the dashboard (the default when "
                              "stdout is not a terminal, or CI is set): a finished run is replayed and the "
-                             "command exits; a live one is followed to its end. Exit status 0 when the run "
-                             "ended well, 1 after an error or a trainer that is gone")
+                             "command exits; a live one is followed to its end. Exit status: 0 when the run "
+                             "reached its `done` (finished, or stopped or interrupted with a checkpoint to "
+                             "resume: its reason says which), 1 after an error or a trainer that is gone, "
+                             "2 when RUN_DIR is not a run directory or an option is wrong")
     parser.add_argument("--poll", type=float, default=0.5, metavar="S",
                         help="seconds between reads of events.jsonl (default: 0.5)")
     parser.set_defaults(func=run)
