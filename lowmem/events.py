@@ -121,13 +121,15 @@ def _well_typed(record: dict) -> bool:
 READ_CHUNK = 4 << 20
 
 
-def read_jsonl_tail(path: Path, offset: int = 0, limit: int | None = None) -> tuple[list[dict], int]:
+def read_jsonl_tail(path: Path, offset: int = 0, limit: int | None = None,
+                    skipped: list[int] | None = None) -> tuple[list[dict], int]:
     """Complete JSON lines of `path` from byte `offset`; returns them and the new offset.
 
     With `limit`, it reads about that many bytes (at least one whole line, when there is
     one); the returned offset says where to go on. A last line without its newline is left
     for the next call; a complete line that is not a JSON object, or whose fields have types
-    no trainer writes, is skipped (it cannot become one later).
+    no trainer writes, is skipped (it cannot become one later), and its byte offset put in
+    `skipped` when one is given.
     """
     try:
         with open(path, "rb") as f:
@@ -149,15 +151,19 @@ def read_jsonl_tail(path: Path, offset: int = 0, limit: int | None = None) -> tu
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
     end = data.rfind(b"\n") + 1
     records = []
-    for line in data[:end].splitlines():
+    at = offset
+    for line in data[:end].split(b"\n"):
+        start, at = at, at + len(line) + 1
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except ValueError:   # not JSON, or not UTF-8 (the NUL bytes a power loss leaves)
-            continue
+            record = None
         if isinstance(record, dict) and _well_typed(record):
             records.append(record)
+        elif skipped is not None:
+            skipped.append(start)
     return records, offset + end
 
 

@@ -1110,3 +1110,30 @@ def test_a_finished_runs_done_line_carries_its_last_words_and_a_stopped_ones_its
                "closing": ["stopped at step 20/40; checkpoint runs/a/checkpoints/step-20; continue with: ..."]}
     assert plain_line(stopped) == "done @ step 20: stopped; resume with: lowmem train --resume runs/a"
     assert plain_line({k: v for k, v in done.items() if k != "closing"}) == "done @ step 20: finished"
+
+
+def test_a_damaged_event_log_is_said_to_be(tmp_path):
+    """Lines that are not events are skipped and counted; a trainer that ended without `done`
+    is explained by the file where it can be: cut short, or not there at all."""
+    events = recorded_events(upto=5, finished=False, pid=dead_pid())
+    run = write_recorded_run(tmp_path / "run", events)
+    with open(run / EVENTS_FILE, "ab") as f:
+        f.write(b"not json\n[1, 2, 3]\n\x00\xff\n")
+        f.write(b'{"t": 9.0, "kind": "done", "step": 5, "reas')          # the `done` cut short
+    reader, problems = RunReader(run), []
+    for _ in range(20):                        # read in chunks, to the end
+        update = reader.poll()
+        problems += update.problems
+        if update.trainer_gone:
+            break
+    assert update.trainer_gone
+    assert any(p.startswith(f"{EVENTS_FILE}: 3 lines that are not an event skipped (from byte ") for p in problems)
+    assert any(p.startswith(f"{EVENTS_FILE} ends in an incomplete line (") for p in problems)
+
+    empty = write_recorded_run(tmp_path / "gone", [])
+    (empty / EVENTS_FILE).unlink()
+    (empty / "adapter").mkdir()
+    reader = RunReader(empty)
+    reader._opened -= 60                       # past the grace a starting trainer gets
+    update = reader.poll()
+    assert update.trainer_gone and f"there is no {EVENTS_FILE} in {empty}" in " ".join(update.problems)

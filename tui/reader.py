@@ -113,12 +113,14 @@ class RunReader:
                     self._read_events(update)
                 if not self._done:
                     update.trainer_gone = self._gone = True
+                    self._why_silent(update)
         elif (self.check_trainer and self._pid is None and not (self._done or self._error or self._gone)
               and time.monotonic() - self._opened > START_GRACE_S and not self._started_elsewhere):
             if not trainer_may_hold(self.run_dir):
                 # No `start` yet, and no trainer holds the run: it died loading (or was never
                 # started), and nothing will come. The grace lets a trainer just launched get there.
                 update.trainer_gone = self._gone = True
+                self._why_silent(update)
             elif not self._quiet:
                 # A trainer holds the run but has not started: loading a large model, or on a
                 # host this one cannot check. Said once; its `start` ends the wait.
@@ -158,7 +160,12 @@ class RunReader:
         if info is not None:
             self._inode = info.st_ino
         before = self.offset
-        events, self.offset = read_jsonl_tail(path, self.offset, READ_CHUNK)
+        skipped: list[int] = []
+        events, self.offset = read_jsonl_tail(path, self.offset, READ_CHUNK, skipped)
+        if skipped:
+            update.problems.append(f"{EVENTS_FILE}: {len(skipped)} line{'s' if len(skipped) > 1 else ''} that "
+                                   f"{'are' if len(skipped) > 1 else 'is'} not an event skipped (from byte "
+                                   f"{skipped[0]}): the file is damaged")
         self.behind = update.behind = info is not None and before < self.offset < info.st_size
         if self.offset and not self._first:
             self._first = self._head(path)
@@ -188,6 +195,20 @@ class RunReader:
             if self._quiet:
                 self._quiet, update.quiet = False, ""
         update.events.extend(events)
+
+    def _why_silent(self, update: Update) -> None:
+        """What the events file itself says about a trainer that ended without `done`: that
+        there is none, or that it ends in a line cut short (a `done` may have been in it)."""
+        path = self.run_dir / EVENTS_FILE
+        try:
+            size = path.stat().st_size
+        except OSError:
+            update.problems.append(f"there is no {EVENTS_FILE} in {self.run_dir}: the run wrote none, "
+                                   f"or it was removed")
+            return
+        if size > self.offset:
+            update.problems.append(f"{EVENTS_FILE} ends in an incomplete line ({size - self.offset} bytes "
+                                   f"with no newline): it was cut short")
 
     @staticmethod
     def _head(path: Path) -> bytes:
