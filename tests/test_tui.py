@@ -1137,3 +1137,19 @@ def test_a_damaged_event_log_is_said_to_be(tmp_path):
     reader._opened -= 60                       # past the grace a starting trainer gets
     update = reader.poll()
     assert update.trainer_gone and f"there is no {EVENTS_FILE} in {empty}" in " ".join(update.problems)
+
+
+@synchronous
+async def test_a_terminal_too_small_for_the_panels_says_so_and_the_keys_still_work(live_run):
+    app = DashboardApp(live_run, poll_s=0.05)
+    async with app.run_test(size=(40, 10)) as pilot:
+        await wait_until(pilot, loaded(app))
+        note = app.screen.query_one("#too-small")
+        assert note.display and not app.screen.query_one("#main").display
+        assert f"lowmem monitor {live_run} --no-tui" in str(note.render())
+        await pilot.resize_terminal(80, 24)
+        await pilot.pause(0.1)
+        assert not note.display and app.screen.query_one("#main").display
+        await pilot.resize_terminal(40, 10)
+        await pilot.press("p")
+        await wait_until(pilot, lambda: control_requests(live_run) == ["pause"])

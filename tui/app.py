@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+from rich.markup import escape
 from textual import events, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -19,7 +20,7 @@ from textual.containers import Horizontal, Vertical
 from textual.geometry import Size
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Footer
+from textual.widgets import Footer, Static
 from textual.worker import get_current_worker
 
 from lowmem.events import CONTROL_FILE, send_control
@@ -38,6 +39,9 @@ COMPACT_HEIGHT = 32
 # Below this height the plan panel gives its rows to memory (the title still names model and
 # method): the planned total and the measured peak must stay on screen.
 SHORT_HEIGHT = 20
+# Below this the panels cannot show a figure whole: a note says so, and what still works.
+TINY_WIDTH = 60
+TINY_HEIGHT = 14
 
 
 class RunUpdated(Message):
@@ -63,6 +67,10 @@ class DashboardScreen(Screen):
                 yield LineChart("waiting for the first step", id="loss")
                 yield LineChart("no learning rate yet", id="lr", y_format=lambda y: fmt_number(y, 2))
         yield EventLogPanel(id="log")
+        yield Static(f"The terminal is too small for the panels (at least {TINY_WIDTH}×{TINY_HEIGHT}; 80×24 shows "
+                     f"them all). The keys still work: p pause, s save, q quit. For plain lines instead: "
+                     f"lowmem monitor {escape(str(getattr(self.app, 'run_dir', 'RUN_DIR')))} --no-tui.",
+                     id="too-small")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -77,6 +85,7 @@ class DashboardScreen(Screen):
     def _fit(self, size: Size) -> None:
         self.set_class(size.width < COMPACT_WIDTH or size.height < COMPACT_HEIGHT, "-compact")
         self.set_class(size.height < SHORT_HEIGHT, "-short")
+        self.set_class(size.width < TINY_WIDTH or size.height < TINY_HEIGHT, "-tiny")
 
     def show(self, state: RunState, pending: list[str], new_events: list[dict], restarted: bool = False,
              more: bool = False) -> None:
