@@ -220,7 +220,7 @@ async def test_panels_show_the_values_of_a_recorded_run(finished_run):
         progress = panel_text(app, ProgressStrip)
         # elapsed comes from the last step's elapsed_s: 20 s load + 60 × 2.5 s + 30 s paused + 2 × 5 s eval.
         for expected in ("step 60/60", "100%", "elapsed 3:30", "eta -", "26,214 tok/s",
-                         f"loss {recorded_loss(60):.4g}", "eval 1.128", "exact 0.5", "lr 2.0e-05"):
+                         f"loss {recorded_loss(60):.4g}", "eval 1.128", "exact 50.0%", "lr 2.00e-05"):
             assert expected in progress
         plan = panel_text(app, PlanPanel)
         for expected in ("Qwen/Qwen2.5-7B", "qlora", "nf4", "r64 α16 · 7 targets", "4×8 · seq 2048",
@@ -546,7 +546,7 @@ async def test_80x24_keeps_every_essential_figure_and_resizes_both_ways(finished
         assert app.screen.has_class("-compact")
         screen = screen_text(app)
         for expected in ("FINISHED", "step 60/60", "elapsed 3:30", "eta", "loss 1.008", "eval 1.128",
-                         "lr 2.0e-05", "qlora · nf4", "r64 · batch 4×8 · seq 2048", "on: grad ckpt",
+                         "lr 2.00e-05", "qlora · nf4", "r64 · batch 4×8 · seq 2048", "on: grad ckpt",
                          "budget      24.00GiB", "plan total", "18.08GiB", "peak", "21.90GiB",
                          "step 60 ", "done @ step 60", "p Pause/resume", "q Quit", "? Help"):
             assert expected in screen, expected
@@ -814,7 +814,7 @@ async def test_a_diverged_run_shows_nan_and_the_chart_leaves_those_steps_out(tmp
         log.emit("step", step=9, steps=60, loss=float("nan"), lr=1e-4, grad_norm=float("nan"))
         log.close()
         await wait_until(pilot, lambda: app.state.step == 9)
-        assert "loss nan" in panel_text(app, ProgressStrip) and "|g| nan" in panel_text(app, ProgressStrip)
+        assert "loss nan" in panel_text(app, ProgressStrip) and "grad nan" in panel_text(app, ProgressStrip)
         assert "step 8" in panel_text(app, "#loss")                       # the last finite step
     assert app.state.loss[6] != app.state.loss[6]                          # kept as nan, not dropped
 

@@ -12,7 +12,7 @@ from rich.text import Text
 from textual.widget import Widget
 from textual.widgets import RichLog
 
-from lowmem.events import evaluation_progress
+from lowmem.events import evaluation_progress, is_number
 
 from .describe import describe_event, fmt_bytes, fmt_duration, fmt_number, fmt_rate
 from .state import RunState
@@ -136,11 +136,14 @@ class ProgressStrip(Panel):
             line2.append_text(Text.assemble(("  evaluating ", label), evaluation_progress(s.evaluating)))
         elif s.last_eval is not None:
             line2.append_text(Text.assemble(("  eval ", label), fmt_number(s.last_eval.get("loss"))))
-            if s.last_eval.get("exact_match") is not None:
-                line2.append_text(Text.assemble(("  exact ", label), fmt_number(s.last_eval["exact_match"], 3)))
-        line2.append_text(Text.assemble(("  lr ", label), fmt_number(last.get("lr"), 3)))
-        if last.get("grad_norm") is not None:
-            line2.append_text(Text.assemble(("  |g| ", label), fmt_number(last["grad_norm"], 3)))
+            em = s.last_eval.get("exact_match")
+            if is_number(em):        # as the console and the event log say it: a share of the examples
+                line2.append_text(Text.assemble(("  exact ", label), f"{em:.1%}"))
+        # The learning rate and gradient norm as the console's step line writes them.
+        lr = last.get("lr")
+        line2.append_text(Text.assemble(("  lr ", label), f"{lr:.2e}" if is_number(lr) else "-"))
+        if is_number(last.get("grad_norm")):
+            line2.append_text(Text.assemble(("  grad ", label), f"{last['grad_norm']:.3f}"))
         if self.pending:
             line2.append(f"  ⧗ sent: {', '.join(self.pending)}",
                          self.get_component_rich_style("progress--pending"))
