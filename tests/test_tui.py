@@ -1153,3 +1153,18 @@ async def test_a_terminal_too_small_for_the_panels_says_so_and_the_keys_still_wo
         await pilot.resize_terminal(40, 10)
         await pilot.press("p")
         await wait_until(pilot, lambda: control_requests(live_run) == ["pause"])
+
+
+def test_a_resume_command_names_the_run_as_the_reader_was_given_it(tmp_path, monkeypatch):
+    """The trainer wrote `--resume runs/a` from its own folder; read from elsewhere, the command
+    names the run so that it works from here."""
+    events = recorded_events(upto=3, finished=False, pid=dead_pid())
+    events.append(dict(t=events[-1]["t"] + 1, kind="done", step=3, reason="stopped",
+                       resume="lowmem train --resume runs/a"))
+    run = write_recorded_run(tmp_path / "elsewhere" / "runs" / "a", events)
+    monkeypatch.chdir(tmp_path)
+    done = [e for e in RunReader(run).poll().events if e["kind"] == "done"]
+    assert done[0]["resume"] == f"lowmem train --resume {run}"
+    monkeypatch.chdir(tmp_path / "elsewhere")              # where the trainer ran: as it wrote it
+    done = [e for e in RunReader(Path("runs/a")).poll().events if e["kind"] == "done"]
+    assert done[0]["resume"] == "lowmem train --resume runs/a"

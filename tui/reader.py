@@ -186,6 +186,7 @@ class RunReader:
                 self._done = self._error = self._gone = False
             elif kind == "done":
                 self._done = True
+                self._resume_from_here(event)
             elif kind == "error":
                 self._error = True
             elif kind in ("paused", "resumed"):
@@ -195,6 +196,21 @@ class RunReader:
             if self._quiet:
                 self._quiet, update.quiet = False, ""
         update.events.extend(events)
+
+    def _resume_from_here(self, event: dict) -> None:
+        """The `done` event's resume command names the run as its trainer was given it, maybe
+        relative to another folder: from here it names the run as this reader was given it."""
+        command = event.get("resume")
+        if not isinstance(command, str) or " --resume " not in command:
+            return
+        head, _, rest = command.partition(" --resume ")
+        named, space, tail = rest.partition(" ")
+        try:
+            same = Path(named).resolve() == self.run_dir.resolve()
+        except OSError:
+            same = False
+        if not same:
+            event["resume"] = f"{head} --resume {self.run_dir}{space}{tail}"
 
     def _why_silent(self, update: Update) -> None:
         """What the events file itself says about a trainer that ended without `done`: that
