@@ -674,8 +674,13 @@ def _train(config: RunConfig, plan: Plan, run_dir: Path, events: EventLog, resum
             say(summary)
     done = events.emit("done", step=step, reason=reason, resume=resume_cmd,
                        peak_rss=memstats.measure(device)["peak_rss"], closing=closing)
-    out(f"run directory: {run_dir}  (peak memory {format_size(done['peak_rss'])} RSS)")
+    out(run_dir_line(run_dir, done["peak_rss"]))
     return done
+
+
+def run_dir_line(run_dir: Path, peak_rss) -> str:
+    """A run's last console line, from the trainer or, behind the dashboard, `lowmem train`."""
+    return f"run directory: {run_dir}" + (f"  (peak memory {format_size(peak_rss)} RSS)" if is_number(peak_rss) else "")
 
 
 def loram_preparation(config: RunConfig, plan: Plan, out=print):

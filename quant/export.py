@@ -682,6 +682,15 @@ def export_streamed(model_dir: Path, updates: dict[str, WeightUpdate], source: P
     return written
 
 
+def _check_group(updates: dict[str, WeightUpdate], group: int | None) -> None:
+    """ValueError for a round-to-nearest --group wider than every weight's rows: each row would be
+    one group, zero-padded to `group` values while it is quantized."""
+    widest = max((u.a.shape[1] for u in updates.values()), default=0)
+    if group is not None and group > widest:
+        raise ValueError(f"--group {group} is wider than every weight's rows (the widest has {widest} "
+                         f"values); give at most {widest} (64 or 128 are usual)")
+
+
 def run_updates(folder: Path, method: str, bits: int | None, group: int | None
                 ) -> tuple[dict[str, WeightUpdate], int, int, str]:
     """(updates, bits, group, quantizer) of a run's adapter `folder` for quantize_streamed: an L4Q
@@ -690,11 +699,7 @@ def run_updates(folder: Path, method: str, bits: int | None, group: int | None
     (default 4 / 128)."""
     if method != "l4q":
         updates = adapter_updates(folder)
-        widest = max((u.a.shape[1] for u in updates.values()), default=0)
-        if group is not None and group > widest:
-            # Each row would be one group, zero-padded to `group` values while it is quantized.
-            raise ValueError(f"--group {group} is wider than every weight's rows (the widest has {widest} "
-                             f"values); give at most {widest} (64 or 128 are usual)")
+        _check_group(updates, group)
         return updates, bits or 4, group or 128, "round-to-nearest"
     from lowmem.lora import scaling
     from lowmem.quant.l4q import L4Q_WEIGHTS, read_l4q_config
@@ -874,19 +879,17 @@ def _has_adapter(folder: Path, method: str) -> None:
         raise ModelError(f"{folder}: no {marker} here; a {method} run's adapter folder holds one")
 
 
-def _export_trained_model(run_dir: Path, method: str, quantized: Path | None, dequantized: Path | None,
-                          merged: Path | None, bits: int | None, group: int | None, dtype: torch.dtype,
-                          log, model_dir: Path | None = None) -> list[Path]:
-    """A full or GaLore run's model (run_dir/model, or `model_dir`: a model-step-N it kept), its
-    block projections quantized round-to-nearest: the same outputs as an adapter run's, from
-    weights that are already merged."""
+def _trained_model(run_dir: Path, method: str, given: Path | None, merged: Path | None,
+                   group: int | None) -> tuple[Path, dict[str, WeightUpdate], int | None]:
+    """(model folder, its updates (none: model_updates), the step it ends) of a full or GaLore
+    run: run_dir/model, or `given`, a model-step-N it kept. Its block projections are then
+    quantized round-to-nearest, the same outputs as an adapter run's from weights already merged."""
     from lowmem.events import finished_steps
 
-    given = model_dir is not None
-    model_dir = model_dir or run_dir / "model"
+    model_dir = given or run_dir / "model"
     if merged is not None:
         raise ValueError(f"a {method} run's model is a full model already, with nothing to merge: {model_dir}")
-    if given and not model_dir.name.startswith("model"):
+    if given is not None and not model_dir.name.startswith("model"):
         raise ModelError(f"{model_dir}: a {method} run's checkpoints hold its weights for resuming, not a model "
                          f"to export; export its model/ (or a model-step-N/ it kept)")
     if not (model_dir / "config.json").is_file():
@@ -896,35 +899,18 @@ def _export_trained_model(run_dir: Path, method: str, quantized: Path | None, de
     if not updates:
         raise ModelError(f"{model_dir}: its safetensors hold no block projection (q_proj, ..., down_proj) "
                          f"to quantize")
-    widest = max(u.a.shape[1] for u in updates.values())
-    if group is not None and group > widest:
-        raise ValueError(f"--group {group} is wider than every weight's rows (the widest has {widest} "
-                         f"values); give at most {widest} (64 or 128 are usual)")
-    bits, group = bits or 4, group or 128
+    _check_group(updates, group)
+    if model_dir.name.startswith("model-step-"):
+        return model_dir, updates, int(model_dir.name.removeprefix("model-step-"))
     steps = finished_steps(run_dir)
-    step = (int(model_dir.name.removeprefix("model-step-")) if model_dir.name.startswith("model-step-")
-            else steps[-1] if steps else None)
-
-    def about(output: str) -> dict:
-        return {"run": str(run_dir.resolve()), "method": method, "checkpoint": model_dir.name, "step": step,
-                "output": output, "dtype": _name(dtype)}
-
-    source = {"run": str(run_dir), "method": method, "quantizer": "round-to-nearest", "checkpoint": model_dir.name,
-              "step": step}
-    written = export_streamed(model_dir, updates, model_dir, quantized=quantized, dequantized=dequantized,
-                              bits=bits, group=group, dtype=dtype, meta_source=source, about=about, log=log)
-    if quantized is not None:
-        log(f"{bits}-bit model (round-to-nearest, groups of {group}) written to {quantized}")
-    if dequantized is not None:
-        log(f"dequantized {bits}-bit model (Hugging Face, {_name(dtype)}) written to {dequantized}")
-    return written
+    return model_dir, updates, steps[-1] if steps else None
 
 
 def export_run(run_dir: Path, *, quantized: Path | None = None, dequantized: Path | None = None,
                merged: Path | None = None, bits: int | None = None, group: int | None = None,
                dtype: torch.dtype = torch.bfloat16, log=print) -> list[Path]:
     """Write the asked-for outputs of a run; returns their folders. A full or GaLore run's own
-    model is quantized (--quantized, --dequantized; _export_trained_model).
+    model is quantized (--quantized, --dequantized; _trained_model).
 
     `bits`/`group` choose the round-to-nearest quantization of a LoRA/QLoRA/LoRAM run
     (default 4 / 128, float16 scales); an L4Q run exports with the bits, groups and float32
@@ -936,36 +922,37 @@ def export_run(run_dir: Path, *, quantized: Path | None = None, dequantized: Pat
     from lowmem.model import resolve_model_dir
 
     run_dir, given = _run_and_folder(Path(run_dir))
-    trained = run_identity(run_dir)[1]
-    if trained in ("full", "galore"):
-        return _export_trained_model(run_dir, trained, quantized, dequantized, merged, bits, group, dtype, log,
-                                     model_dir=given)
-    if given is None:
-        model_ref, method, folder, why = run_adapter(run_dir, warn=lambda m: log(f"warning: {m}"))
+    method = run_identity(run_dir)[1]
+    if method in ("full", "galore"):
+        model_dir, updates, step = _trained_model(run_dir, method, given, merged, group)
+        folder, checkpoint, how = model_dir, model_dir.name, "round-to-nearest"
+        bits, group = bits or 4, group or 128
     else:
-        model_ref, method, folder, why = *run_identity(run_dir), given, ""
-        _has_adapter(folder, method)
-    if why:
-        log(f"{why}: exporting its checkpoint {folder.parent.name}")
-    if merged is not None and method == "l4q":
-        raise ValueError("an L4Q model is exported quantized or dequantized, not merged unquantized")
-    model_dir = resolve_model_dir(model_ref, log)
-    checkpoint, step = _adapter_origin(Path(run_dir), folder)
+        if given is None:
+            model_ref, method, folder, why = run_adapter(run_dir, warn=lambda m: log(f"warning: {m}"))
+        else:
+            model_ref, method, folder, why = *run_identity(run_dir), given, ""
+            _has_adapter(folder, method)
+        if why:
+            log(f"{why}: exporting its checkpoint {folder.parent.name}")
+        if merged is not None and method == "l4q":
+            raise ValueError("an L4Q model is exported quantized or dequantized, not merged unquantized")
+        model_dir = resolve_model_dir(model_ref, log)
+        checkpoint, step = _adapter_origin(Path(run_dir), folder)
+        # The quantization's choices are checked (run_updates) before anything is written.
+        if quantized is not None or dequantized is not None:
+            updates, bits, group, how = run_updates(folder, method, bits, group)
+        else:
+            updates, how = adapter_updates(folder), None
 
     def about(output: str) -> dict:
         return {"run": str(Path(run_dir).resolve()), "method": method, "checkpoint": checkpoint,
                 "step": step, "output": output, "dtype": _name(dtype)}
 
-    # The quantization's choices are checked (run_updates) before anything is written.
-    quantizing = quantized is not None or dequantized is not None
-    if quantizing:
-        updates, bits, group, how = run_updates(folder, method, bits, group)
-    else:
-        updates, how = adapter_updates(folder), None
-    # L4Q's learned step sizes and offsets are kept as trained: float16 would move its grid,
-    # and the model would no longer be the one trained. Min-max ones are float16.
     source = {"run": str(run_dir), "method": method, "quantizer": how, "checkpoint": checkpoint, "step": step}
     # One read of the base writes every output; all of them are written, or none (_write_folders).
+    # L4Q's learned step sizes and offsets are kept as trained: float16 would move its grid,
+    # and the model would no longer be the one trained. Min-max ones are float16.
     written = export_streamed(model_dir, updates, folder, merged=merged, quantized=quantized,
                               dequantized=dequantized, bits=bits or 4, group=group or 128, dtype=dtype,
                               scale_dtype=torch.float32 if method == "l4q" else torch.float16,

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from lowmem.commands import add_config_flags, config_from_args
-from lowmem.config import default_lr, format_size, parse_overrides
+from lowmem.config import default_lr, parse_overrides
 from lowmem.errors import CheckpointError, ConfigError, ModelError
 
 
@@ -235,16 +235,16 @@ def _closing(run_dir: Path, launched: float, code: int) -> int:
     dashboard): where the weights went, the held-out summary, how to continue; or, for a trainer
     that died without a word, that it did and what is kept. Returns the exit status."""
     from lowmem.checkpoint import list_checkpoints
-    from lowmem.events import is_number, read_events
-    from lowmem.trainer import train_command
+    from lowmem.events import read_events
+    from lowmem.trainer import run_dir_line, train_command
+    from lowmem.tui.reader import is_history
 
-    done = next((e for e in reversed(read_events(run_dir)) if e.get("kind") == "done"
-                 and isinstance(e.get("t"), (int, float)) and e["t"] >= launched), None)
+    done = next((e for e in reversed(read_events(run_dir))
+                 if e.get("kind") == "done" and not is_history(e, launched)), None)
     if done is not None:
         for line in done.get("closing") or ():
             print(line)
-        peak = done.get("peak_rss")
-        print(f"run directory: {run_dir}" + (f"  (peak memory {format_size(peak)} RSS)" if is_number(peak) else ""))
+        print(run_dir_line(run_dir, done.get("peak_rss")))
     elif code != 0:
         how = f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() \
             else f"exit status {code}"
